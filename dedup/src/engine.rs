@@ -1,0 +1,323 @@
+//! The engine: the public face of the merge state, and the scanner thread that drives it.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use memfd::Memfd;
+use parking_lot::{Condvar, Mutex};
+use rustix::time::{ClockId, clock_gettime};
+
+use crate::pagemap::Pagemap;
+use crate::quiesce::{Owner, OwnerGuard};
+use crate::region::{Region, RegionId};
+use crate::stable::StableStore;
+use crate::state::{Audit, MergeState, Visit};
+use crate::{Error, Knobs, PAGE_SIZE, RunMode, Stats};
+
+/// How an engine starts.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Start the background scanner thread. Without it, passes run only when asked
+    /// ([`Engine::scan_pass`]); tests use that for exact, repeatable steps.
+    pub scanner: bool,
+    /// Initial settings.
+    pub knobs: Knobs,
+    /// Address space reserved for the stable store's view; bounds the stable pages.
+    pub stable_capacity_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scanner: true,
+            knobs: Knobs::default(),
+            stable_capacity_bytes: 64 << 30,
+        }
+    }
+}
+
+/// The merge engine. Cloning gives another handle to the same engine; the scanner stops when
+/// the last handle and the last region handle are gone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    /// Joins the scanner when the last engine handle goes.
+    _scanner: Arc<ScannerThread>,
+}
+
+/// What the engine's handles, region handles and scanner thread share.
+pub(crate) struct Shared {
+    state: Mutex<MergeState>,
+    /// Signalled when the knobs change or the engine shuts down, to wake a sleeping scanner.
+    wake: Condvar,
+    /// Set when the last engine handle is dropped.
+    shutdown: Mutex<bool>,
+    /// CPU time spent by the scanner thread, in nanoseconds.
+    scanner_cpu_ns: AtomicU64,
+    /// Failures the scanner met (it cannot return them); the last one is kept.
+    errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+struct ScannerThread {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for ScannerThread {
+    fn drop(&mut self) {
+        *self.shared.shutdown.lock() = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A region registered with the engine. Dropping it unregisters the region and releases all
+/// its sharing; drop it before unmapping the region.
+pub struct RegionHandle {
+    region: Arc<Region>,
+    shared: Arc<Shared>,
+}
+
+/// What a merge-now call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeNowReport {
+    /// Pages of the range that map a stable page afterwards.
+    pub pages_merged: u64,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Result<Self, Error> {
+        config.knobs.validate()?;
+        let stable = StableStore::new(config.stable_capacity_bytes)?;
+        let pagemap = Pagemap::open().map_err(Error::Pagemap)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(MergeState::new(stable, pagemap, config.knobs)),
+            wake: Condvar::new(),
+            shutdown: Mutex::new(false),
+            scanner_cpu_ns: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        });
+        let thread = if config.scanner {
+            let scanner_shared = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("samepage-scan".into())
+                    .spawn(move || scanner_shared.scan_loop())
+                    .map_err(Error::SpawnScanner)?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            _scanner: Arc::new(ScannerThread {
+                shared: shared.clone(),
+                thread: Mutex::new(thread),
+            }),
+            shared,
+        })
+    }
+
+    /// Registers `len` bytes at `base` for merging.
+    ///
+    /// # Safety
+    /// `[base, base + len)` is a `MAP_SHARED` mapping of `memfd` from offset 0 that stays
+    /// mapped until the returned handle is dropped; it may grow in place (then call
+    /// [`RegionHandle::set_len`]). The owner writes it only while holding its guard
+    /// ([`crate::quiesce`]), and nothing else maps the memfd's pages for writing.
+    pub unsafe fn register(
+        &self,
+        owner: &Owner,
+        memfd: Arc<Memfd>,
+        base: *mut u8,
+        len: usize,
+    ) -> Result<RegionHandle, Error> {
+        let base = base as usize;
+        if base % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Unaligned { base, len });
+        }
+        let region = Arc::new(Region::new(owner.clone(), memfd, base, len));
+        self.shared.state.lock().add_region(region.clone());
+        Ok(RegionHandle {
+            region,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Merges what can be merged in `range` (bytes, page-aligned) of `region` now, without
+    /// waiting for its pages to stay unchanged for a pass. The guard proves the owner is not
+    /// writing; matches in other owners' regions are merged when those owners are quiescent.
+    pub fn merge_now(
+        &self,
+        guard: &OwnerGuard,
+        region: &RegionHandle,
+        range: Range<usize>,
+    ) -> Result<MergeNowReport, Error> {
+        let pages = region.checked_pages(guard, range)?;
+        let mut state = self.shared.state.lock();
+        state.scan_range(guard.quiescent(), region.id(), pages.clone(), Visit::Now)?;
+        Ok(MergeNowReport {
+            pages_merged: state.merged_pages(region.id(), pages),
+        })
+    }
+
+    /// Gives every merged page of `region` back to it (for memory that must not be shared,
+    /// such as secrets): afterwards the region is one mapping of its own memfd again.
+    pub fn unmerge_region(&self, guard: &OwnerGuard, region: &RegionHandle) -> Result<(), Error> {
+        region.checked_pages(guard, 0..0)?;
+        self.shared
+            .state
+            .lock()
+            .unmerge_region(guard.quiescent(), region.id())
+    }
+
+    /// Unmerges every region whose owner is quiescent, in the calling thread; returns how many
+    /// regions were busy (and still hold merged pages).
+    pub fn unmerge_all(&self) -> Result<usize, Error> {
+        self.shared.state.lock().unmerge_all()
+    }
+
+    /// Runs scanner batches in the calling thread until the current pass completes.
+    pub fn scan_pass(&self) -> Result<(), Error> {
+        loop {
+            if self.shared.state.lock().scan_batch()? {
+                return Ok(());
+            }
+        }
+    }
+
+    pub fn knobs(&self) -> Knobs {
+        self.shared.state.lock().knobs.clone()
+    }
+
+    /// Changes the settings; the scanner picks them up at once.
+    pub fn set_knobs(&self, knobs: Knobs) -> Result<(), Error> {
+        knobs.validate()?;
+        self.shared.state.lock().knobs = knobs;
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.shared.state.lock().stats();
+        stats.scanner_cpu_ns = self.shared.scanner_cpu_ns.load(Ordering::Relaxed);
+        stats.errors = self.shared.errors.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Walks every page record and stable page and checks that they agree.
+    pub fn audit(&self) -> Audit {
+        self.shared.state.lock().audit()
+    }
+
+    /// The last failure the background scanner met, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().clone()
+    }
+}
+
+impl Shared {
+    /// The scanner thread: KSM's `ksmd`.
+    fn scan_loop(&self) {
+        let cpu_start = thread_cpu_ns();
+        loop {
+            if *self.shutdown.lock() {
+                return;
+            }
+            let (run, sleep) = {
+                let knobs = &self.state.lock().knobs;
+                (knobs.run, knobs.sleep)
+            };
+            let result = match run {
+                RunMode::Stop => {
+                    self.sleep(Duration::from_secs(3600));
+                    continue;
+                }
+                RunMode::Merge => self.state.lock().scan_batch().map(|_| ()),
+                RunMode::UnmergeAll => {
+                    let mut state = self.state.lock();
+                    match state.unmerge_all() {
+                        Ok(0) => {
+                            state.knobs.run = RunMode::Stop;
+                            Ok(())
+                        }
+                        Ok(_busy) => Ok(()),
+                        Err(error) => Err(error),
+                    }
+                }
+            };
+            self.scanner_cpu_ns
+                .store(thread_cpu_ns() - cpu_start, Ordering::Relaxed);
+            if let Err(error) = result {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                *self.last_error.lock() = Some(error.to_string());
+            }
+            if !sleep.is_zero() {
+                self.sleep(sleep);
+            }
+        }
+    }
+
+    /// Sleeps up to `duration`, waking early for new knobs or shutdown.
+    fn sleep(&self, duration: Duration) {
+        let mut shutdown = self.shutdown.lock();
+        if !*shutdown {
+            self.wake.wait_for(&mut shutdown, duration);
+        }
+    }
+}
+
+fn thread_cpu_ns() -> u64 {
+    let now = clock_gettime(ClockId::ThreadCPUTime);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+impl RegionHandle {
+    pub fn id(&self) -> RegionId {
+        self.region.id
+    }
+
+    /// Records that the owner grew the region in place to `len` bytes. Call with the owner's
+    /// guard held, after the new range is mapped.
+    pub fn set_len(&self, len: usize) {
+        self.region.set_len(len);
+    }
+
+    /// The pages of byte range `range`, after checking the guard and the range.
+    fn checked_pages(
+        &self,
+        guard: &OwnerGuard,
+        range: Range<usize>,
+    ) -> Result<Range<usize>, Error> {
+        if guard.owner() != self.region.owner.id() {
+            return Err(Error::WrongOwner(self.id()));
+        }
+        let len = self.region.len();
+        if range.start > range.end
+            || range.end > len
+            || range.start % PAGE_SIZE != 0
+            || range.end % PAGE_SIZE != 0
+        {
+            return Err(Error::OutOfRange {
+                region: self.id(),
+                range,
+                len,
+            });
+        }
+        Ok(range.start / PAGE_SIZE..range.end / PAGE_SIZE)
+    }
+}
+
+impl Drop for RegionHandle {
+    fn drop(&mut self) {
+        // Releasing stable pages can only fail to punch a hole, which leaks memory of the
+        // stable store but no data; the region is going away either way.
+        let _ = self.shared.state.lock().remove_region(self.region.id);
+    }
+}

@@ -1,0 +1,75 @@
+//! Run-time settings of the engine, named after `/sys/kernel/mm/ksm/` so that operators who
+//! know KSM find their way.
+
+use std::time::Duration;
+
+use crate::Error;
+
+/// What the scanner does, as KSM's `run` file: 0 stop, 1 merge, 2 unmerge everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// Keep merged pages, scan nothing.
+    Stop,
+    /// Scan and merge.
+    Merge,
+    /// Give every merged page back to its region, then stop.
+    UnmergeAll,
+}
+
+/// The scanner's settings. All can change while it runs ([`crate::Engine::set_knobs`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Knobs {
+    pub run: RunMode,
+    /// Pages looked at per batch (KSM `pages_to_scan`).
+    pub pages_to_scan: usize,
+    /// Pause between batches (KSM `sleep_millisecs`).
+    pub sleep: Duration,
+    /// Share of `vm.max_map_count`, in percent, that the engine's own mappings may use.
+    pub map_budget_percent: u8,
+    /// Free pages of zeros by punching them out of their region's memfd instead of merging
+    /// them (KSM `use_zero_pages`).
+    pub use_zero_pages: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Self {
+            run: RunMode::Merge,
+            pages_to_scan: 4096,
+            sleep: Duration::from_millis(20),
+            map_budget_percent: 50,
+            use_zero_pages: true,
+        }
+    }
+}
+
+impl Knobs {
+    pub const PAGES_TO_SCAN: std::ops::RangeInclusive<usize> = 1..=1 << 24;
+    pub const MAP_BUDGET_PERCENT: std::ops::RangeInclusive<u8> = 1..=90;
+
+    /// Refuses values outside the accepted ranges, naming the range.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !Self::PAGES_TO_SCAN.contains(&self.pages_to_scan) {
+            return Err(Error::InvalidKnob {
+                knob: "pages_to_scan",
+                value: self.pages_to_scan as u64,
+                accepted: "1 to 16777216",
+            });
+        }
+        if !Self::MAP_BUDGET_PERCENT.contains(&self.map_budget_percent) {
+            return Err(Error::InvalidKnob {
+                knob: "map_budget_percent",
+                value: u64::from(self.map_budget_percent),
+                accepted: "1 to 90",
+            });
+        }
+        if self.sleep > Duration::from_secs(60) {
+            return Err(Error::InvalidKnob {
+                knob: "sleep_millisecs",
+                value: self.sleep.as_millis() as u64,
+                accepted: "0 to 60000",
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! The quiescence contract: who may remap which page, and when.
+//!
+//! Merging replaces the mapping under a page of somebody else's memory. That is only sound
+//! while nobody can write the page: a write that lands between "compare the bytes" and "map
+//! the stable copy" would be lost, and a write that lands between "copy the page out" and
+//! "remap it" during an unmerge would be lost too. samepage never stops a running instance to
+//! merge it; instead every region has an [`Owner`], and the rules are:
+//!
+//! 1. **The owner writes only while it holds its gate.** Whoever runs guest code, or reads or
+//!    writes a region's memory from the host, or grows it, first takes an [`OwnerGuard`] with
+//!    [`Owner::enter`] and keeps it for the whole time. An instance that is not running holds
+//!    no guard: it is *quiescent*.
+//! 2. **The engine changes a region's mappings only while it holds that region's gate.** The
+//!    background scanner never waits for a gate: it try-locks, and when an owner is busy it
+//!    skips that owner's regions for this batch and counts the skip (`regions_busy_skips`).
+//!    Because the scanner never blocks on a gate, an owner may call into the engine while it
+//!    holds its own gate (for example the merge-now host call) without risk of deadlock.
+//! 3. **Calls made by the owner prove quiescence with the guard.** Engine entry points that
+//!    remap on behalf of an owner ([`crate::Engine::merge_now`],
+//!    [`crate::Engine::unmerge_region`]) take `&OwnerGuard` and refuse a guard of another owner.
+//! 4. **Stable pages are immutable once mapped.** The engine writes a stable page only before
+//!    its first sharer maps it, and keeps its own view of the stable memfd read-only, so a
+//!    stray write through that view faults instead of corrupting every sharer.
+//!
+//! The kernel does the rest: a sharer's mapping of a stable page is `MAP_PRIVATE`, so a write
+//! by the instance (with its guard held, by rule 1) takes a copy-on-write fault and never
+//! reaches the stable page or any other sharer.
+//!
+//! Every system call that changes a region's mapping lives in [`crate::remap`] and takes a
+//! [`Quiescent`] token, which only this module can produce from a held gate.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::lock_api::ArcMutexGuard;
+use parking_lot::{Mutex, RawMutex};
+
+/// Identifies the tenant a region belongs to: pages merge only within one domain.
+pub type DomainId = u32;
+
+/// Identifies an owner for as long as the process runs (ids are never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerId(u64);
+
+/// Something that writes a set of regions, typically one wasm instance and its store.
+#[derive(Clone, Debug)]
+pub struct Owner {
+    /// Unique id, used to recognise a guard as this owner's.
+    id: OwnerId,
+    /// Tenant domain: the engine merges pages only between regions of the same domain.
+    domain: DomainId,
+    /// Held while the owner may write its regions (rule 1).
+    gate: Arc<Mutex<()>>,
+}
+
+/// Proof that an owner is quiescent for the engine: while it lives, the owner cannot write.
+///
+/// Owned (not borrowed) so that an embedder can keep it inside the object that runs the
+/// instance, across threads.
+pub struct OwnerGuard {
+    owner: OwnerId,
+    _gate: ArcMutexGuard<RawMutex, ()>,
+}
+
+/// A token that a region's gate is held by the party about to remap it. Only this module
+/// creates one; [`crate::remap`] demands one for every mapping change.
+#[derive(Clone, Copy)]
+pub(crate) struct Quiescent<'a> {
+    owner: OwnerId,
+    _held: std::marker::PhantomData<&'a OwnerGuard>,
+}
+
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
+impl Owner {
+    /// A new owner in `domain`.
+    pub fn new(domain: DomainId) -> Self {
+        Self {
+            id: OwnerId(NEXT_OWNER.fetch_add(1, Ordering::Relaxed)),
+            domain,
+            gate: Arc::new(Mutex::new(())),
+        }
+    }
+
+    pub fn id(&self) -> OwnerId {
+        self.id
+    }
+
+    pub fn domain(&self) -> DomainId {
+        self.domain
+    }
+
+    /// Takes the gate before running guest code or touching the owner's memory (rule 1).
+    /// Waits at most for one scanner batch over this owner's regions.
+    pub fn enter(&self) -> OwnerGuard {
+        OwnerGuard {
+            owner: self.id,
+            _gate: self.gate.lock_arc(),
+        }
+    }
+
+    /// The scanner's side of rule 2: the gate if it is free right now, else `None`.
+    pub(crate) fn try_enter(&self) -> Option<OwnerGuard> {
+        self.gate.try_lock_arc().map(|gate| OwnerGuard {
+            owner: self.id,
+            _gate: gate,
+        })
+    }
+}
+
+impl OwnerGuard {
+    pub fn owner(&self) -> OwnerId {
+        self.owner
+    }
+
+    pub(crate) fn quiescent(&self) -> Quiescent<'_> {
+        Quiescent {
+            owner: self.owner,
+            _held: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Quiescent<'_> {
+    pub(crate) fn owner(&self) -> OwnerId {
+        self.owner
+    }
+}
+
+impl std::fmt::Debug for OwnerGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnerGuard")
+            .field("owner", &self.owner)
+            .finish()
+    }
+}

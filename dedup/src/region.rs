@@ -1,0 +1,81 @@
+//! Regions: memfd-backed mappings registered for merging.
+//!
+//! A region is `len` bytes at `base`, mapped `MAP_SHARED` from offset 0 of its memfd. The
+//! engine may replace any page of it by a `MAP_PRIVATE` mapping of a stable page, and later
+//! put the region's own memfd page back; the owner sees the same bytes throughout. A region
+//! may grow (wasm `memory.grow`) but never moves or shrinks while registered.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use memfd::Memfd;
+
+use crate::quiesce::Owner;
+
+/// Identifies a region for as long as the process runs (ids are never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionId(pub(crate) u64);
+
+static NEXT_REGION: AtomicU64 = AtomicU64::new(1);
+
+/// A registered region as the engine sees it. Shared by the engine and the owner's
+/// [`crate::RegionHandle`].
+pub(crate) struct Region {
+    pub(crate) id: RegionId,
+    /// Whose gate must be held to remap this region (see [`crate::quiesce`]).
+    pub(crate) owner: Owner,
+    /// The region's own backing file: every page not merged lives here.
+    pub(crate) memfd: Arc<Memfd>,
+    /// Start of the mapping; fixed for the region's life.
+    pub(crate) base: usize,
+    /// Accessible bytes, a multiple of the page size. Changed only by the owner under its
+    /// gate, so a reader holding the gate sees a length that stays put.
+    len: AtomicUsize,
+}
+
+impl Region {
+    pub(crate) fn new(owner: Owner, memfd: Arc<Memfd>, base: usize, len: usize) -> Self {
+        Self {
+            id: RegionId(NEXT_REGION.fetch_add(1, Ordering::Relaxed)),
+            owner,
+            memfd,
+            base,
+            len: AtomicUsize::new(len),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_len(&self, len: usize) {
+        self.len.store(len, Ordering::Release);
+    }
+
+    /// Address of page `index`.
+    pub(crate) fn page_addr(&self, index: usize) -> usize {
+        self.base + index * crate::PAGE_SIZE
+    }
+
+    /// The bytes of page `index`.
+    ///
+    /// # Safety
+    /// The caller holds the owner's gate (so nobody writes the page) and `index` is below
+    /// `len() / PAGE_SIZE`.
+    pub(crate) unsafe fn page(&self, index: usize) -> &[u8] {
+        // SAFETY: the page lies inside the registered, accessible mapping (caller's bound),
+        // and the gate held by the caller keeps writers out while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.page_addr(index) as *const u8, crate::PAGE_SIZE) }
+    }
+
+    /// The bytes of pages `range`; same contract as [`Region::page`].
+    pub(crate) unsafe fn pages(&self, range: std::ops::Range<usize>) -> &[u8] {
+        // SAFETY: as for `page`, over a range the caller bounds by `len()`.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.page_addr(range.start) as *const u8,
+                range.len() * crate::PAGE_SIZE,
+            )
+        }
+    }
+}

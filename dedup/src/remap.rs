@@ -1,0 +1,114 @@
+//! Every system call that changes what a region maps. Each takes a [`Quiescent`] token for
+//! the region's owner: see [`crate::quiesce`] for the rules that make these calls sound.
+
+use std::io;
+use std::os::fd::AsFd;
+
+use rustix::fs::{FallocateFlags, fallocate};
+use rustix::mm::{MapFlags, ProtFlags, mmap};
+
+use crate::PAGE_SIZE;
+use crate::quiesce::Quiescent;
+use crate::region::Region;
+
+fn check_owner(q: Quiescent<'_>, region: &Region) {
+    // A token for the wrong owner would let the engine remap memory that someone may be
+    // writing; engine code never builds one, and this catches it if it ever does.
+    assert_eq!(
+        q.owner(),
+        region.owner.id(),
+        "remap of region {:?} without its owner's gate",
+        region.id
+    );
+}
+
+/// Maps `count` stable pages starting at `slot` of `stable` over the region's pages starting
+/// at `first`, copy-on-write. The caller has checked that the region's bytes there equal the
+/// stable pages' bytes, under the same token.
+pub(crate) fn map_stable(
+    q: Quiescent<'_>,
+    region: &Region,
+    first: usize,
+    count: usize,
+    stable: impl AsFd,
+    slot: u64,
+) -> io::Result<()> {
+    check_owner(q, region);
+    // SAFETY: the range lies inside the region's mapping (the caller bounds it by the length
+    // read under the gate), which the engine is allowed to replace (module contract); the
+    // owner cannot touch it meanwhile (the token); and the new pages hold the same bytes.
+    unsafe {
+        mmap(
+            region.page_addr(first) as *mut _,
+            count * PAGE_SIZE,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+            stable,
+            slot * PAGE_SIZE as u64,
+        )?;
+    }
+    Ok(())
+}
+
+/// Gives the region back its own pages `first..first + count`: copies what the owner sees
+/// there (stable pages, or private copies a write made) into the region's memfd, then maps
+/// the memfd over the range again. Adjacent pieces of the memfd mapping merge back into one.
+pub(crate) fn restore_own(
+    q: Quiescent<'_>,
+    region: &Region,
+    first: usize,
+    count: usize,
+) -> io::Result<()> {
+    check_owner(q, region);
+    // SAFETY: the token keeps the owner from writing, so the bytes stay as read; the range is
+    // inside the mapping (caller's bound).
+    let bytes = unsafe { region.pages(first..first + count) };
+    let mut done = 0;
+    while done < bytes.len() {
+        done += rustix::io::pwrite(
+            region.memfd.as_file(),
+            &bytes[done..],
+            (first * PAGE_SIZE + done) as u64,
+        )?;
+    }
+    // SAFETY: as for `map_stable`; the memfd now holds exactly the bytes the owner saw.
+    unsafe {
+        mmap(
+            region.page_addr(first) as *mut _,
+            count * PAGE_SIZE,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED | MapFlags::FIXED,
+            region.memfd.as_file(),
+            (first * PAGE_SIZE) as u64,
+        )?;
+    }
+    Ok(())
+}
+
+/// Frees the region's own memfd pages `first..first + count`. Called once the region no
+/// longer maps them (they were replaced by stable pages), or for a page of zeros, which
+/// reads back as zeros from the hole.
+pub(crate) fn punch_own(
+    q: Quiescent<'_>,
+    region: &Region,
+    first: usize,
+    count: usize,
+) -> io::Result<()> {
+    check_owner(q, region);
+    punch(
+        region.memfd.as_file(),
+        (first * PAGE_SIZE) as u64,
+        count * PAGE_SIZE,
+    )
+}
+
+/// Punches a hole of `len` bytes at `offset` in `fd`, keeping its size.
+pub(crate) fn punch(fd: impl AsFd, offset: u64, len: usize) -> io::Result<()> {
+    fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len as u64,
+    )?;
+    Ok(())
+}

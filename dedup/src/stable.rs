@@ -1,0 +1,291 @@
+//! The stable store: one memfd holding every stable page, the nodes that describe them, and
+//! the stable index that finds them by content.
+//!
+//! A stable page is a page of the stable memfd (a *slot*) that one or more region pages map
+//! copy-on-write. The pages of a run merged together get contiguous slots, so a region page
+//! run maps with one `mmap`, and a later sharer of the same run finds the next page's stable
+//! copy in the next slot without an index lookup.
+//!
+//! The index is keyed by (domain, xxh3 of the content). A key names one content: a lookup
+//! always confirms the full bytes before anybody maps the page, and a stable page whose
+//! content collides with an indexed one of other bytes is left out of the index (it keeps
+//! its sharers, it just takes no new ones).
+//!
+//! The engine keeps a read-only view of the whole memfd: comparisons read stable pages there,
+//! and no write can reach a published stable page through it (quiescence rule 4).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::AsFd;
+
+use memfd::{Memfd, MemfdOptions};
+use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
+
+use crate::quiesce::DomainId;
+use crate::{Error, PAGE_SIZE, remap};
+
+/// Index of a page in the stable memfd.
+pub(crate) type Slot = u32;
+
+/// Content key of the stable and unstable indexes.
+pub(crate) type ContentKey = (DomainId, u64);
+
+/// A slot in use: one stable page.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StableNode {
+    /// Index key of the content (the domain of its sharers and the xxh3 of its bytes).
+    pub(crate) key: ContentKey,
+    /// Region pages mapping this page that have not written it (yet).
+    pub(crate) sharers: u32,
+    /// Whether the index finds this page (false after a checksum collision).
+    pub(crate) indexed: bool,
+}
+
+pub(crate) struct StableStore {
+    /// The pages themselves.
+    memfd: Memfd,
+    /// Read-only view of `capacity` slots of the memfd.
+    view: *mut u8,
+    /// Slots the view covers; allocation fails beyond it.
+    capacity: Slot,
+    /// Per slot, its node while in use (`None` for free slots).
+    nodes: Vec<Option<StableNode>>,
+    /// Free slots below `nodes.len()`, as extents start -> length, coalesced.
+    free: BTreeMap<Slot, Slot>,
+    /// Content key -> the stable page of that content.
+    index: HashMap<ContentKey, Slot>,
+    /// Slots in use, i.e. `pages_shared`.
+    in_use: u64,
+    /// Sum of sharers over slots in use.
+    sharers: u64,
+}
+
+// SAFETY: `view` points into a mapping this store owns; it is only read, and the store is
+// only used under the engine's state lock.
+unsafe impl Send for StableStore {}
+
+impl StableStore {
+    pub(crate) fn new(capacity_bytes: usize) -> Result<Self, Error> {
+        let memfd = MemfdOptions::new()
+            .close_on_exec(true)
+            .create("samepage-stable")
+            .map_err(|e| Error::StableMemfd(io::Error::other(e)))?;
+        let capacity = (capacity_bytes / PAGE_SIZE).min(Slot::MAX as usize) as Slot;
+        let bytes = capacity as usize * PAGE_SIZE;
+        memfd
+            .as_file()
+            .set_len(bytes as u64)
+            .map_err(Error::StableMemfd)?;
+        // SAFETY: a fresh mapping chosen by the kernel; nothing else refers to that range.
+        let view = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                bytes,
+                ProtFlags::READ,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                memfd.as_file(),
+                0,
+            )
+        }
+        .map_err(|e| Error::StableReserve {
+            bytes,
+            source: e.into(),
+        })?;
+        Ok(Self {
+            memfd,
+            view: view.cast(),
+            capacity,
+            nodes: Vec::new(),
+            free: BTreeMap::new(),
+            index: HashMap::new(),
+            in_use: 0,
+            sharers: 0,
+        })
+    }
+
+    pub(crate) fn fd(&self) -> impl AsFd + '_ {
+        self.memfd.as_file()
+    }
+
+    /// The bytes of a slot in use.
+    pub(crate) fn page(&self, slot: Slot) -> &[u8] {
+        debug_assert!(self.node(slot).is_some());
+        // SAFETY: the slot is below `capacity`, so inside the view; a slot in use was written
+        // before use and is immutable (quiescence rule 4), so the bytes stay put.
+        unsafe { std::slice::from_raw_parts(self.view.add(slot as usize * PAGE_SIZE), PAGE_SIZE) }
+    }
+
+    pub(crate) fn node(&self, slot: Slot) -> Option<&StableNode> {
+        self.nodes.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    /// The indexed stable page with `key`, if its bytes equal `content`.
+    pub(crate) fn lookup(&self, key: ContentKey, content: &[u8]) -> Option<Slot> {
+        let slot = *self.index.get(&key)?;
+        (self.page(slot) == content).then_some(slot)
+    }
+
+    pub(crate) fn contains_key(&self, key: &ContentKey) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// Publishes `bytes` (whole pages) as new stable pages in contiguous slots, with no
+    /// sharers yet, and indexes each under its key. `None` when the store is full.
+    pub(crate) fn publish(
+        &mut self,
+        bytes: &[u8],
+        keys: &[ContentKey],
+    ) -> io::Result<Option<Slot>> {
+        let count = keys.len() as Slot;
+        let Some(first) = self.allocate(count) else {
+            return Ok(None);
+        };
+        let mut written = 0;
+        while written < bytes.len() {
+            written += rustix::io::pwrite(
+                self.memfd.as_file(),
+                &bytes[written..],
+                first as u64 * PAGE_SIZE as u64 + written as u64,
+            )?;
+        }
+        for (i, &key) in keys.iter().enumerate() {
+            let slot = first + i as Slot;
+            let indexed = !self.index.contains_key(&key);
+            if indexed {
+                self.index.insert(key, slot);
+            }
+            self.nodes[slot as usize] = Some(StableNode {
+                key,
+                sharers: 0,
+                indexed,
+            });
+            self.in_use += 1;
+        }
+        Ok(Some(first))
+    }
+
+    /// Records one more sharer of `slot`.
+    pub(crate) fn add_sharer(&mut self, slot: Slot) {
+        let node = self.nodes[slot as usize]
+            .as_mut()
+            .expect("sharer of a free slot");
+        node.sharers += 1;
+        self.sharers += 1;
+    }
+
+    /// Records that one sharer of `slot` left; frees the page when it was the last.
+    pub(crate) fn drop_sharer(&mut self, slot: Slot) -> io::Result<()> {
+        let node = self.nodes[slot as usize]
+            .as_mut()
+            .expect("sharer of a free slot");
+        node.sharers -= 1;
+        self.sharers -= 1;
+        if node.sharers == 0 {
+            let node = self.nodes[slot as usize].take().expect("checked above");
+            if node.indexed {
+                self.index.remove(&node.key);
+            }
+            self.in_use -= 1;
+            remap::punch(
+                self.memfd.as_file(),
+                slot as u64 * PAGE_SIZE as u64,
+                PAGE_SIZE,
+            )?;
+            self.release(slot, 1);
+        }
+        Ok(())
+    }
+
+    /// Frees a published run that never got a sharer (a merge that failed half-way).
+    pub(crate) fn unpublish(&mut self, first: Slot, count: Slot) -> io::Result<()> {
+        for slot in first..first + count {
+            let node = self.nodes[slot as usize]
+                .take()
+                .expect("unpublish of a free slot");
+            debug_assert_eq!(node.sharers, 0);
+            if node.indexed {
+                self.index.remove(&node.key);
+            }
+            self.in_use -= 1;
+        }
+        remap::punch(
+            self.memfd.as_file(),
+            first as u64 * PAGE_SIZE as u64,
+            count as usize * PAGE_SIZE,
+        )?;
+        self.release(first, count);
+        Ok(())
+    }
+
+    /// `pages_shared`: stable pages in use.
+    pub(crate) fn pages_shared(&self) -> u64 {
+        self.in_use
+    }
+
+    /// `pages_sharing`: sharers beyond the first of each page.
+    pub(crate) fn pages_sharing(&self) -> u64 {
+        self.sharers - self.in_use
+    }
+
+    pub(crate) fn metadata_bytes(&self) -> usize {
+        self.nodes.capacity() * size_of::<Option<StableNode>>()
+            + self.index.capacity() * (size_of::<ContentKey>() + size_of::<Slot>())
+            + self.free.len() * 2 * size_of::<Slot>()
+    }
+
+    /// Every slot in use with its node, for checks that walk the store.
+    pub(crate) fn nodes(&self) -> impl Iterator<Item = (Slot, &StableNode)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, node)| node.as_ref().map(|node| (slot as Slot, node)))
+    }
+
+    /// First fit among free extents, else fresh slots at the end.
+    fn allocate(&mut self, count: Slot) -> Option<Slot> {
+        let fit = self
+            .free
+            .iter()
+            .find(|&(_, &len)| len >= count)
+            .map(|(&start, &len)| (start, len));
+        if let Some((start, len)) = fit {
+            self.free.remove(&start);
+            if len > count {
+                self.free.insert(start + count, len - count);
+            }
+            return Some(start);
+        }
+        let start = self.nodes.len() as Slot;
+        if start.checked_add(count)? > self.capacity {
+            return None;
+        }
+        self.nodes.resize(start as usize + count as usize, None);
+        Some(start)
+    }
+
+    fn release(&mut self, start: Slot, count: Slot) {
+        let mut start = start;
+        let mut len = count;
+        if let Some((&before, &before_len)) = self.free.range(..start).next_back()
+            && before + before_len == start
+        {
+            self.free.remove(&before);
+            start = before;
+            len += before_len;
+        }
+        if let Some(after_len) = self.free.remove(&(start + len)) {
+            len += after_len;
+        }
+        self.free.insert(start, len);
+    }
+}
+
+impl Drop for StableStore {
+    fn drop(&mut self) {
+        // SAFETY: the view was mapped in `new` with this length and nothing borrows it now
+        // (borrows of pages end with the `&self` they came from).
+        unsafe {
+            let _ = munmap(self.view.cast(), self.capacity as usize * PAGE_SIZE);
+        }
+    }
+}

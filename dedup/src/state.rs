@@ -1,0 +1,831 @@
+//! The merge state: per-page records, the unstable index and the merge algorithm. Everything
+//! here runs under the engine's state lock, with the gate of the region being changed held.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Arc;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::pagemap::{PageBacking, Pagemap};
+use crate::quiesce::{OwnerGuard, Quiescent};
+use crate::region::{Region, RegionId};
+use crate::stable::{ContentKey, Slot, StableStore};
+use crate::{Error, Knobs, PAGE_SIZE, Stats, remap};
+
+/// Runs shorter than this are not merged while the map-count budget is tight (more than
+/// three quarters used): an isolated page costs two mappings and saves one page.
+const TIGHT_MIN_RUN: usize = 16;
+
+/// Mappings kept free below `vm.max_map_count` for the rest of the process (wasmtime's code
+/// and reservations, thread stacks, new instances) between two readings of the real count.
+const MAP_COUNT_MARGIN: u64 = 2048;
+
+/// What the engine remembers of one page of a region.
+#[derive(Clone, Copy, Debug, Default)]
+struct PageRecord {
+    /// xxh3 of the content at the last visit (valid when `SEEN`).
+    checksum: u64,
+    /// The stable slot this page maps, plus one; zero when the page maps its own memfd.
+    stable: u32,
+    /// `SEEN`, `VOLATILE`, `ZERO`.
+    flags: u8,
+}
+
+const SEEN: u8 = 1;
+const VOLATILE: u8 = 2;
+const ZERO: u8 = 4;
+
+impl PageRecord {
+    fn slot(&self) -> Option<Slot> {
+        self.stable.checked_sub(1)
+    }
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// A registered region and the engine's records of its pages.
+struct RegionPages {
+    region: Arc<Region>,
+    /// One record per page up to the region's length at the last visit.
+    pages: Vec<PageRecord>,
+    /// Mappings the engine's merges split this region's mapping into, beyond the first.
+    vmas: u64,
+}
+
+/// A page in the unstable index: unchanged for one pass, matched nothing yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PageRef {
+    region: RegionId,
+    page: usize,
+}
+
+/// How a visit treats a page that has not been seen unchanged for a pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Visit {
+    /// KSM's rule: merge only pages whose checksum did not change since the last pass.
+    Scan,
+    /// The owner says the range is ready: merge at once.
+    Now,
+}
+
+/// Where the scanner resumes.
+#[derive(Default)]
+struct Cursor {
+    region: Option<RegionId>,
+    page: usize,
+}
+
+/// Counters kept by the state (the rest of [`crate::Stats`] is derived).
+#[derive(Default)]
+struct Counters {
+    pages_scanned: u64,
+    full_scans: u64,
+    pages_skipped_map_budget: u64,
+    regions_busy_skips: u64,
+    pages_volatile: u64,
+    zero_pages: u64,
+    merges_this_pass: u64,
+    merges_last_pass: u64,
+}
+
+pub(crate) struct MergeState {
+    regions: BTreeMap<RegionId, RegionPages>,
+    cursor: Cursor,
+    stable: StableStore,
+    /// This pass's unchanged pages that matched nothing, by content key. Rebuilt every pass;
+    /// entries may be stale (the page changed or merged since) and are checked before use.
+    unstable: HashMap<ContentKey, PageRef>,
+    pagemap: Pagemap,
+    /// Backing of the pages of the range being visited, from page `backing_from` on.
+    backing: Vec<PageBacking>,
+    backing_from: usize,
+    counters: Counters,
+    /// Mappings the engine holds: the stable view plus every region's `vmas`.
+    vmas: u64,
+    /// `vm.max_map_count`, read at start.
+    max_map_count: u64,
+    /// Mappings in the whole process at the last reading of `/proc/self/maps`, and our
+    /// `vmas` at that time.
+    process_maps: (u64, u64),
+    pub(crate) knobs: Knobs,
+}
+
+/// Pages that would fill every mapping count we may spend: see [`MergeState::budget_allows`].
+fn map_budget(knobs: &Knobs, max_map_count: u64) -> u64 {
+    max_map_count * u64::from(knobs.map_budget_percent) / 100
+}
+
+fn zero_page_hash() -> u64 {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| xxh3_64(&[0; PAGE_SIZE]))
+}
+
+impl MergeState {
+    pub(crate) fn new(stable: StableStore, pagemap: Pagemap, knobs: Knobs) -> Self {
+        let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(65_530);
+        let mut state = Self {
+            regions: BTreeMap::new(),
+            cursor: Cursor::default(),
+            stable,
+            unstable: HashMap::new(),
+            pagemap,
+            backing: Vec::new(),
+            backing_from: 0,
+            counters: Counters::default(),
+            vmas: 1,
+            max_map_count,
+            process_maps: (0, 0),
+            knobs,
+        };
+        state.read_process_maps();
+        state
+    }
+
+    pub(crate) fn add_region(&mut self, region: Arc<Region>) {
+        self.regions.insert(
+            region.id,
+            RegionPages {
+                region,
+                pages: Vec::new(),
+                vmas: 0,
+            },
+        );
+    }
+
+    /// Forgets a region whose owner is about to unmap it: releases its sharing without
+    /// touching its mapping.
+    pub(crate) fn remove_region(&mut self, id: RegionId) -> Result<(), Error> {
+        let Some(record) = self.regions.remove(&id) else {
+            return Err(Error::UnknownRegion(id));
+        };
+        self.vmas -= record.vmas;
+        let mut result = Ok(());
+        for page in &record.pages {
+            if let Some(slot) = page.slot()
+                && let Err(source) = self.stable.drop_sharer(slot)
+            {
+                result = Err(Error::Remap { region: id, source });
+            }
+            self.forget_flags(page.flags);
+        }
+        if self.cursor.region == Some(id) {
+            self.cursor.page = 0;
+        }
+        result
+    }
+
+    /// Pages of `range` in region `id` that map a stable page.
+    pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> u64 {
+        self.regions.get(&id).map_or(0, |record| {
+            let end = range.end.min(record.pages.len());
+            let start = range.start.min(end);
+            record.pages[start..end]
+                .iter()
+                .filter(|p| p.stable != 0)
+                .count() as u64
+        })
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let page_records: usize = self.regions.values().map(|r| r.pages.capacity()).sum();
+        Stats {
+            pages_shared: self.stable.pages_shared(),
+            pages_sharing: self.stable.pages_sharing(),
+            pages_unshared: self.unstable.len() as u64,
+            pages_volatile: self.counters.pages_volatile,
+            pages_scanned: self.counters.pages_scanned,
+            full_scans: self.counters.full_scans,
+            vmas: self.vmas,
+            pages_skipped_map_budget: self.counters.pages_skipped_map_budget,
+            regions_busy_skips: self.counters.regions_busy_skips,
+            metadata_bytes: (page_records * size_of::<PageRecord>()
+                + self.stable.metadata_bytes()
+                + self.unstable.capacity() * size_of::<(ContentKey, PageRef)>())
+                as u64,
+            regions: self.regions.len() as u64,
+            merges_last_pass: self.counters.merges_last_pass,
+            zero_pages: self.counters.zero_pages,
+            map_budget: map_budget(&self.knobs, self.max_map_count),
+            scanner_cpu_ns: 0,
+            errors: 0,
+        }
+    }
+
+    /// One scanner batch: visits up to `pages_to_scan` pages from the cursor on, region by
+    /// region, skipping regions whose owner is busy. Returns whether a full pass ended.
+    pub(crate) fn scan_batch(&mut self) -> Result<bool, Error> {
+        let mut budget = self.knobs.pages_to_scan;
+        let mut pass_ended = false;
+        while budget > 0 {
+            let Some(id) = self.cursor_region() else {
+                return Ok(pass_ended);
+            };
+            let region = self.regions[&id].region.clone();
+            let pages = region.len() / PAGE_SIZE;
+            let start = self.cursor.page;
+            let Some(guard) = region.owner.try_enter() else {
+                self.counters.regions_busy_skips += 1;
+                budget = budget.saturating_sub(pages.saturating_sub(start).max(1));
+                pass_ended |= self.advance_region(id);
+                continue;
+            };
+            let end = pages.min(start + budget);
+            let result = self.scan_range(guard.quiescent(), id, start..end, Visit::Scan);
+            drop(guard);
+            budget -= (end - start).max(1);
+            if end >= pages {
+                pass_ended |= self.advance_region(id);
+            } else {
+                self.cursor.page = end;
+            }
+            result?;
+        }
+        Ok(pass_ended)
+    }
+
+    /// The region the cursor is in, or the first one at or after it.
+    fn cursor_region(&mut self) -> Option<RegionId> {
+        let from = self.cursor.region.unwrap_or(RegionId(0));
+        let id = match self.regions.range(from..).next() {
+            Some((&id, _)) => id,
+            None => {
+                // Every region past the cursor went away: the pass is over.
+                if self.cursor.region.is_some() {
+                    self.end_pass();
+                }
+                *self.regions.keys().next()?
+            }
+        };
+        if self.cursor.region != Some(id) {
+            self.cursor = Cursor {
+                region: Some(id),
+                page: 0,
+            };
+        }
+        Some(id)
+    }
+
+    /// Moves the cursor past region `id`; ends the pass when it was the last.
+    fn advance_region(&mut self, id: RegionId) -> bool {
+        let next = self
+            .regions
+            .range(RegionId(id.0 + 1)..)
+            .next()
+            .map(|(&id, _)| id);
+        self.cursor = Cursor {
+            region: next,
+            page: 0,
+        };
+        if next.is_none() {
+            self.end_pass();
+            return true;
+        }
+        false
+    }
+
+    fn end_pass(&mut self) {
+        self.counters.full_scans += 1;
+        self.counters.merges_last_pass = std::mem::take(&mut self.counters.merges_this_pass);
+        self.unstable.clear();
+        self.read_process_maps();
+        self.cursor = Cursor::default();
+    }
+
+    fn read_process_maps(&mut self) {
+        let count = std::fs::read("/proc/self/maps")
+            .map(|text| text.iter().filter(|&&b| b == b'\n').count() as u64)
+            .unwrap_or(0);
+        self.process_maps = (count, self.vmas);
+    }
+
+    /// Visits pages `range` of region `id`, whose gate `q` proves held: notices sharers that
+    /// left, then merges what can be merged.
+    pub(crate) fn scan_range(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        range: Range<usize>,
+        visit: Visit,
+    ) -> Result<(), Error> {
+        let record = self.regions.get_mut(&id).ok_or(Error::UnknownRegion(id))?;
+        let region = record.region.clone();
+        let pages = region.len() / PAGE_SIZE;
+        if record.pages.len() < pages {
+            record.pages.resize(pages, PageRecord::default());
+        }
+        let range = range.start.min(pages)..range.end.min(pages);
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.counters.pages_scanned += range.len() as u64;
+        let remap_error = |source| Error::Remap { region: id, source };
+        self.read_backing(&region, range.clone())
+            .map_err(remap_error)?;
+        self.release_written(q, id, range.clone())
+            .map_err(remap_error)?;
+
+        let mut page = range.start;
+        while page < range.end {
+            page += self.visit_page(q, id, &region, page, range.end, visit)?;
+        }
+        Ok(())
+    }
+
+    fn read_backing(&mut self, region: &Region, range: Range<usize>) -> std::io::Result<()> {
+        self.backing.clear();
+        self.backing_from = range.start;
+        let backing = self
+            .pagemap
+            .read(region.page_addr(range.start), range.len())?;
+        self.backing.extend(backing);
+        Ok(())
+    }
+
+    /// Merged pages that their owner wrote since (now private copies) leave their stable page:
+    /// each run of them is given back to the region's own memfd.
+    fn release_written(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        range: Range<usize>,
+    ) -> std::io::Result<()> {
+        let mut page = range.start;
+        while page < range.end {
+            let written = |state: &Self, p: usize| {
+                state.regions[&id].pages[p].stable != 0
+                    && state.backing[p - range.start] == PageBacking::Private
+            };
+            if !written(self, page) {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < range.end && written(self, page) {
+                page += 1;
+            }
+            self.restore(q, id, start..page)?;
+        }
+        Ok(())
+    }
+
+    /// Gives pages `range` (all merged) back to the region's own memfd and leaves their
+    /// stable pages.
+    fn restore(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        range: Range<usize>,
+    ) -> std::io::Result<()> {
+        let record = self.regions.get_mut(&id).expect("caller checked");
+        remap::restore_own(q, &record.region, range.start, range.len())?;
+        let delta = mapping_delta(&record.pages, range.clone(), |_| 0);
+        record.vmas = record.vmas.saturating_add_signed(delta);
+        self.vmas = self.vmas.saturating_add_signed(delta);
+        for page in range {
+            let record = &mut self.regions.get_mut(&id).expect("caller checked").pages[page];
+            let slot = record.slot().expect("restore of an unmerged page");
+            record.stable = 0;
+            self.stable.drop_sharer(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Gives every merged page of region `id` back to it: afterwards the region is one
+    /// mapping of its own memfd again.
+    pub(crate) fn unmerge_region(&mut self, q: Quiescent<'_>, id: RegionId) -> Result<(), Error> {
+        let record = self.regions.get(&id).ok_or(Error::UnknownRegion(id))?;
+        let merged: Vec<Range<usize>> = runs(&record.pages, |p| p.stable != 0).collect();
+        for range in merged {
+            self.restore(q, id, range)
+                .map_err(|source| Error::Remap { region: id, source })?;
+        }
+        Ok(())
+    }
+
+    /// Unmerges every region whose owner is quiescent; returns how many were busy.
+    pub(crate) fn unmerge_all(&mut self) -> Result<usize, Error> {
+        let mut busy = 0;
+        let ids: Vec<RegionId> = self.regions.keys().copied().collect();
+        for id in ids {
+            let region = self.regions[&id].region.clone();
+            if !self.regions[&id].pages.iter().any(|p| p.stable != 0) {
+                continue;
+            }
+            match region.owner.try_enter() {
+                Some(guard) => self.unmerge_region(guard.quiescent(), id)?,
+                None => {
+                    self.counters.regions_busy_skips += 1;
+                    busy += 1;
+                }
+            }
+        }
+        Ok(busy)
+    }
+
+    /// Visits one page; returns how many pages it consumed (a merged run counts whole).
+    fn visit_page(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        region: &Arc<Region>,
+        page: usize,
+        end: usize,
+        visit: Visit,
+    ) -> Result<usize, Error> {
+        let record = self.regions[&id].pages[page];
+        let backing = self.backing_of(page);
+        if record.stable != 0 {
+            return Ok(1);
+        }
+        if backing == PageBacking::Untouched {
+            // A hole (never written, or punched as zeros): reading it would allocate a page.
+            return Ok(1);
+        }
+        if record.has(ZERO) {
+            self.counters.zero_pages -= 1;
+            self.set_flags(id, page, record.flags & !ZERO);
+        }
+        let domain = region.owner.domain();
+        // SAFETY: the gate is held (`q`) and `page` is below the length read under it.
+        let content = unsafe { region.page(page) };
+
+        // A page that matches the stable page its last checksum names is unchanged and
+        // mergeable at once: the comparison proves both, without hashing.
+        if record.has(SEEN)
+            && let Some(slot) = self.stable.lookup((domain, record.checksum), content)
+        {
+            return self.merge_onto_stable(q, id, page, end, slot, visit);
+        }
+
+        let checksum = xxh3_64(content);
+        let unchanged = record.has(SEEN) && record.checksum == checksum;
+        self.record_visit(id, page, checksum, unchanged || visit == Visit::Now);
+        if !unchanged && visit == Visit::Scan {
+            return Ok(1);
+        }
+        if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
+            remap::punch_own(q, region, page, 1)
+                .map_err(|source| Error::Remap { region: id, source })?;
+            let flags = self.regions[&id].pages[page].flags;
+            self.set_flags(id, page, flags | ZERO);
+            self.counters.zero_pages += 1;
+            return Ok(1);
+        }
+        let key = (domain, checksum);
+        if let Some(slot) = self.stable.lookup(key, content) {
+            return self.merge_onto_stable(q, id, page, end, slot, visit);
+        }
+        if let Some(&partner) = self.unstable.get(&key)
+            && partner != (PageRef { region: id, page })
+            && let Some(merged) = self.merge_pair(q, id, page, end, partner, key, visit)?
+        {
+            return Ok(merged);
+        }
+        self.unstable.insert(key, PageRef { region: id, page });
+        Ok(1)
+    }
+
+    fn backing_of(&self, page: usize) -> PageBacking {
+        self.backing[page - self.backing_from]
+    }
+
+    /// Stores a visit's checksum and whether the page counts as volatile.
+    fn record_visit(&mut self, id: RegionId, page: usize, checksum: u64, settled: bool) {
+        let record = &mut self.regions.get_mut(&id).expect("visited region").pages[page];
+        record.checksum = checksum;
+        let flags = (record.flags | SEEN) & !VOLATILE | if settled { 0 } else { VOLATILE };
+        self.set_flags(id, page, flags);
+    }
+
+    /// Sets a page's flags, keeping the counters derived from them in step.
+    fn set_flags(&mut self, id: RegionId, page: usize, flags: u8) {
+        let record = &mut self.regions.get_mut(&id).expect("visited region").pages[page];
+        let was = record.has(VOLATILE);
+        record.flags = flags;
+        match (was, flags & VOLATILE != 0) {
+            (false, true) => self.counters.pages_volatile += 1,
+            (true, false) => self.counters.pages_volatile -= 1,
+            _ => {}
+        }
+    }
+
+    /// Takes a forgotten page's flags out of the counters.
+    fn forget_flags(&mut self, flags: u8) {
+        if flags & VOLATILE != 0 {
+            self.counters.pages_volatile -= 1;
+        }
+        if flags & ZERO != 0 {
+            self.counters.zero_pages -= 1;
+        }
+    }
+
+    /// Whether a merge adding `delta` mappings for a run of `run` pages fits the budget.
+    fn budget_allows(&mut self, delta: i64, run: usize) -> bool {
+        if delta <= 0 {
+            return true;
+        }
+        let budget = map_budget(&self.knobs, self.max_map_count);
+        let used = self.vmas + delta as u64;
+        let (process_then, ours_then) = self.process_maps;
+        let process_now = (process_then + used).saturating_sub(ours_then);
+        let allowed = used <= budget
+            && process_now + MAP_COUNT_MARGIN <= self.max_map_count
+            && (used * 4 <= budget * 3 || run >= TIGHT_MIN_RUN);
+        if !allowed {
+            self.counters.pages_skipped_map_budget += run as u64;
+        }
+        allowed
+    }
+
+    /// Merges the run starting at `page` onto the stable run starting at `slot`, extending it
+    /// while the next region page equals the next stable page.
+    fn merge_onto_stable(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+        end: usize,
+        slot: Slot,
+        visit: Visit,
+    ) -> Result<usize, Error> {
+        let region = self.regions[&id].region.clone();
+        let mut run = 1;
+        while page + run < end {
+            let next = page + run;
+            let record = self.regions[&id].pages[next];
+            let Some(node) = self.stable.node(slot + run as Slot) else {
+                break;
+            };
+            let fits = record.stable == 0
+                && self.backing_of(next) == PageBacking::File
+                && node.key.0 == region.owner.domain()
+                && (visit == Visit::Now || (record.has(SEEN) && record.checksum == node.key.1));
+            // SAFETY: gate held (`q`), `next` below the length read under it.
+            if !fits || unsafe { region.page(next) } != self.stable.page(slot + run as Slot) {
+                break;
+            }
+            run += 1;
+        }
+        self.map_run(q, id, page, run, slot)?;
+        Ok(run)
+    }
+
+    /// Walks every record and stable node and checks that they agree: each stable page's
+    /// sharer count is the number of region pages that map it, and none is above `limit`.
+    pub(crate) fn audit(&self) -> Audit {
+        let mut mapped: HashMap<Slot, u32> = HashMap::new();
+        for record in self.regions.values() {
+            for page in &record.pages {
+                if let Some(slot) = page.slot() {
+                    *mapped.entry(slot).or_default() += 1;
+                }
+            }
+        }
+        let mut audit = Audit::default();
+        for (slot, node) in self.stable.nodes() {
+            audit.stable_pages += 1;
+            audit.max_sharers = audit.max_sharers.max(node.sharers);
+            if mapped.remove(&slot) != Some(node.sharers) {
+                audit.mismatched_slots.push(slot);
+            }
+        }
+        audit.mismatched_slots.extend(mapped.keys());
+        audit
+    }
+
+    /// Merges the run at `page` of region `id` with the equal run at `partner` into new
+    /// stable pages. `None` when the partner is gone, changed, busy or not equal.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_pair(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+        end: usize,
+        partner: PageRef,
+        key: ContentKey,
+        visit: Visit,
+    ) -> Result<Option<usize>, Error> {
+        let Some(other) = self.regions.get(&partner.region) else {
+            return Ok(None);
+        };
+        let other_region = other.region.clone();
+        let other_pages = other_region.len() / PAGE_SIZE;
+        let still_there = |r: &PageRecord| r.stable == 0 && r.has(SEEN) && r.checksum == key.1;
+        if partner.page >= other_pages
+            || partner.page >= other.pages.len()
+            || !still_there(&other.pages[partner.page])
+        {
+            return Ok(None);
+        }
+        let other_guard: Option<OwnerGuard>;
+        let other_q = if other_region.owner.id() == q.owner() {
+            q
+        } else {
+            match other_region.owner.try_enter() {
+                Some(guard) => {
+                    other_guard = Some(guard);
+                    other_guard.as_ref().expect("just set").quiescent()
+                }
+                None => {
+                    self.counters.regions_busy_skips += 1;
+                    return Ok(None);
+                }
+            }
+        };
+        let region = self.regions[&id].region.clone();
+        // SAFETY: both gates are held (`q`, `other_q`), both pages below the lengths read
+        // under them.
+        let (content, other_content) =
+            unsafe { (region.page(page), other_region.page(partner.page)) };
+        if content != other_content {
+            return Ok(None);
+        }
+
+        // Extend the run while both next pages are unmerged, resident, unchanged since the
+        // partner's last visit and equal. Runs within one region must not overlap.
+        let mut limit = (end - page).min(other_pages - partner.page);
+        if partner.region == id {
+            limit = limit.min(page.abs_diff(partner.page));
+        }
+        let other_backing: Vec<PageBacking> = self
+            .pagemap
+            .read(other_region.page_addr(partner.page), limit)
+            .map_err(|source| Error::Remap {
+                region: partner.region,
+                source,
+            })?
+            .collect();
+        let mut keys = vec![key];
+        while keys.len() < limit {
+            let n = keys.len();
+            let mine = self.regions[&id].pages[page + n];
+            let theirs = self.regions[&partner.region]
+                .pages
+                .get(partner.page + n)
+                .copied()
+                .unwrap_or_default();
+            if mine.stable != 0
+                || theirs.stable != 0
+                || self.backing_of(page + n) != PageBacking::File
+                || other_backing[n] != PageBacking::File
+                || !theirs.has(SEEN)
+                || (visit == Visit::Scan && !(mine.has(SEEN) && mine.checksum == theirs.checksum))
+            {
+                break;
+            }
+            // SAFETY: as above.
+            let next = unsafe { region.page(page + n) };
+            let checksum = xxh3_64(next);
+            let next_key = (key.0, checksum);
+            if checksum != theirs.checksum
+                || self.stable.contains_key(&next_key)
+                // SAFETY: as above.
+                || next != unsafe { other_region.page(partner.page + n) }
+            {
+                break;
+            }
+            keys.push(next_key);
+        }
+        let run = keys.len();
+
+        // The run's slots are not chosen yet; any fresh contiguous numbers stand for them.
+        let fresh = |n: usize| u32::MAX - (run - n) as u32;
+        let delta = mapping_delta(&self.regions[&id].pages, page..page + run, fresh)
+            + mapping_delta(
+                &self.regions[&partner.region].pages,
+                partner.page..partner.page + run,
+                fresh,
+            );
+        if !self.budget_allows(delta, run) {
+            return Ok(Some(run));
+        }
+        // SAFETY: as above.
+        let bytes = unsafe { region.pages(page..page + run) };
+        let slot = match self.stable.publish(bytes, &keys) {
+            Ok(Some(slot)) => slot,
+            Ok(None) => return Ok(None),
+            Err(source) => return Err(Error::Remap { region: id, source }),
+        };
+        for (n, key) in keys.iter().enumerate() {
+            let entry = PageRef {
+                region: partner.region,
+                page: partner.page + n,
+            };
+            if self.unstable.get(key) == Some(&entry) {
+                self.unstable.remove(key);
+            }
+        }
+        let partner_mapped = self.map_run(other_q, partner.region, partner.page, run, slot);
+        if !matches!(partner_mapped, Ok(true)) {
+            // Nobody maps the new pages: take them back before reporting.
+            let unpublished = self.stable.unpublish(slot, run as Slot);
+            partner_mapped?;
+            unpublished.map_err(|source| Error::Remap { region: id, source })?;
+            return Ok(Some(run));
+        }
+        self.map_run(q, id, page, run, slot)?;
+        Ok(Some(run))
+    }
+
+    /// Maps `run` pages of region `id` from `page` onto stable slots from `slot`, frees the
+    /// region's own copies and records the sharing, if the map-count budget allows. Returns
+    /// whether it did.
+    fn map_run(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+        run: usize,
+        slot: Slot,
+    ) -> Result<bool, Error> {
+        let record = &self.regions[&id];
+        let delta = mapping_delta(&record.pages, page..page + run, |n| slot + 1 + n as Slot);
+        let region = record.region.clone();
+        if !self.budget_allows(delta, run) {
+            return Ok(false);
+        }
+        let remap_error = |source| Error::Remap { region: id, source };
+        remap::map_stable(q, &region, page, run, self.stable.fd(), u64::from(slot))
+            .map_err(remap_error)?;
+        let record = self.regions.get_mut(&id).expect("visited region");
+        record.vmas = record.vmas.saturating_add_signed(delta);
+        for n in 0..run {
+            record.pages[page + n].stable = slot + 1 + n as Slot;
+        }
+        self.vmas = self.vmas.saturating_add_signed(delta);
+        for n in 0..run {
+            self.stable.add_sharer(slot + n as Slot);
+            let checksum = self
+                .stable
+                .node(slot + n as Slot)
+                .expect("just shared")
+                .key
+                .1;
+            self.record_visit(id, page + n, checksum, true);
+        }
+        self.counters.merges_this_pass += 1;
+        remap::punch_own(q, &region, page, run).map_err(remap_error)?;
+        Ok(true)
+    }
+}
+
+/// The result of walking the engine's records ([`crate::Engine::audit`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// Stable pages in use.
+    pub stable_pages: u64,
+    /// The most sharers any stable page has.
+    pub max_sharers: u32,
+    /// Stable slots whose sharer count disagrees with the region pages that map them.
+    pub mismatched_slots: Vec<u32>,
+}
+
+/// Maximal runs of consecutive pages that satisfy `pred`.
+fn runs<'a>(
+    pages: &'a [PageRecord],
+    pred: impl Fn(&PageRecord) -> bool + 'a,
+) -> impl Iterator<Item = Range<usize>> + 'a {
+    let mut page = 0;
+    std::iter::from_fn(move || {
+        while page < pages.len() && !pred(&pages[page]) {
+            page += 1;
+        }
+        let start = page;
+        while page < pages.len() && pred(&pages[page]) {
+            page += 1;
+        }
+        (start < page).then_some(start..page)
+    })
+}
+
+/// How many mappings a region gains when pages `range` change to map what `kind(n)` says
+/// for page `range.start + n` (0: the region's own memfd; s + 1: stable slot s).
+///
+/// The kernel keeps neighbouring pages in one mapping when both map the region's memfd, or
+/// both map the stable memfd at consecutive slots; every other neighbour pair is a boundary
+/// between two mappings. Only boundaries touching the range can change.
+fn mapping_delta(pages: &[PageRecord], range: Range<usize>, kind: impl Fn(usize) -> u32) -> i64 {
+    let before = |p: usize| pages[p].stable;
+    let after = |p: usize| {
+        if range.contains(&p) {
+            kind(p - range.start)
+        } else {
+            pages[p].stable
+        }
+    };
+    let boundary = |left: u32, right: u32| {
+        let joined = (left == 0 && right == 0) || (left != 0 && right == left.wrapping_add(1));
+        i64::from(!joined)
+    };
+    let first = range.start.max(1);
+    let last = range.end.min(pages.len() - 1);
+    (first..=last)
+        .map(|p| boundary(after(p - 1), after(p)) - boundary(before(p - 1), before(p)))
+        .sum()
+}

@@ -1,0 +1,39 @@
+//! Counters, with Linux KSM's names and meanings where KSM has the same counter.
+
+/// A snapshot of the engine's counters ([`crate::Engine::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Stable pages in use: distinct contents that at least one sharer maps.
+    pub pages_shared: u64,
+    /// Sharers beyond the first of each stable page: the pages saved.
+    pub pages_sharing: u64,
+    /// Pages that were unchanged for a pass but matched nothing (in the unstable index).
+    pub pages_unshared: u64,
+    /// Pages whose checksum changed between their last two visits.
+    pub pages_volatile: u64,
+    /// Pages visited since the engine started.
+    pub pages_scanned: u64,
+    /// Completed passes over every registered region.
+    pub full_scans: u64,
+    /// Mappings the engine created and holds in the process (each merged run and each piece
+    /// its merge split off a region's own mapping, plus the stable store's view).
+    pub vmas: u64,
+    /// Pages left unmerged because merging them would have overrun the map-count budget.
+    pub pages_skipped_map_budget: u64,
+    /// Times the scanner found an owner running and skipped its regions for a batch.
+    pub regions_busy_skips: u64,
+    /// Bytes of metadata the engine keeps (per-page records, stable nodes, indexes).
+    pub metadata_bytes: u64,
+    /// Registered regions.
+    pub regions: u64,
+    /// Merges (runs remapped) in the last complete pass; zero means the pass found nothing new.
+    pub merges_last_pass: u64,
+    /// Pages of zeros freed by punching them out of their region (KSM `ksm_zero_pages`).
+    pub zero_pages: u64,
+    /// Failures the background scanner met (see [`crate::Engine::last_error`]).
+    pub errors: u64,
+    /// CPU time of the scanner thread, in nanoseconds.
+    pub scanner_cpu_ns: u64,
+    /// The map-count budget in mappings (share of `vm.max_map_count`).
+    pub map_budget: u64,
+}

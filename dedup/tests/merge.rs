@@ -1,0 +1,262 @@
+//! The merge engine on plain memfd regions: merging, sharers leaving, the map-count budget,
+//! unmerging and the quiescence contract, each checked against shadow copies.
+
+mod common;
+
+use common::{TestRegion, manual_engine, page_content};
+use samepage_dedup::{Knobs, PAGE_SIZE, RunMode};
+
+/// Two passes: the first records checksums, the second merges what stayed the same.
+fn settle(engine: &samepage_dedup::Engine) {
+    engine.scan_pass().expect("pass");
+    engine.scan_pass().expect("pass");
+}
+
+#[test]
+fn identical_runs_merge_into_one_mapping_each() {
+    let engine = manual_engine(Knobs::default());
+    let mut regions: Vec<TestRegion> = (0..4).map(|_| TestRegion::new(&engine, 64)).collect();
+    for region in &mut regions {
+        region.fill(7, 0..64);
+    }
+    settle(&engine);
+    let stats = engine.stats();
+    assert_eq!(stats.pages_shared, 64);
+    assert_eq!(stats.pages_sharing, 3 * 64);
+    for region in &regions {
+        region.assert_matches_shadow();
+        assert_eq!(region.mappings(), 1, "a merged run is one mapping");
+        assert_eq!(region.own_resident_pages(), 0, "own copies are freed");
+    }
+    assert_eq!(engine.audit().mismatched_slots, Vec::<u32>::new());
+}
+
+#[test]
+fn single_pages_merge_among_unique_ones() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 16);
+    let mut b = TestRegion::new(&engine, 16);
+    a.fill(1, 0..16);
+    b.fill(2, 0..16);
+    let shared = page_content(99, 5);
+    a.write(5 * PAGE_SIZE, &shared);
+    b.write(9 * PAGE_SIZE, &shared);
+    settle(&engine);
+    let stats = engine.stats();
+    assert_eq!((stats.pages_shared, stats.pages_sharing), (1, 1));
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+    assert_eq!(
+        a.mappings(),
+        3,
+        "an isolated merged page splits its region in three"
+    );
+    assert_eq!(stats.vmas, 1 + 2 + 2);
+}
+
+#[test]
+fn a_write_leaves_the_stable_page_and_the_last_sharer_frees_it() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 8);
+    let mut b = TestRegion::new(&engine, 8);
+    a.fill(3, 0..8);
+    b.fill(3, 0..8);
+    settle(&engine);
+    assert_eq!(engine.stats().pages_sharing, 8);
+
+    // A write in one instance is never visible in the other.
+    a.write(2 * PAGE_SIZE + 100, b"written by a");
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+
+    engine.scan_pass().expect("pass");
+    let stats = engine.stats();
+    assert_eq!((stats.pages_shared, stats.pages_sharing), (8, 7));
+    assert_eq!(
+        a.own_resident_pages(),
+        1,
+        "the written page is back in a's memfd"
+    );
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+
+    b.write(2 * PAGE_SIZE, b"and b too");
+    engine.scan_pass().expect("pass");
+    let stats = engine.stats();
+    assert_eq!(stats.pages_shared, 7, "no one maps the old page 2 any more");
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+    assert!(engine.audit().mismatched_slots.is_empty());
+}
+
+#[test]
+fn unregistering_releases_all_sharing() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 8);
+    let mut b = TestRegion::new(&engine, 8);
+    let mut c = TestRegion::new(&engine, 8);
+    for r in [&mut a, &mut b, &mut c] {
+        r.fill(4, 0..8);
+    }
+    settle(&engine);
+    assert_eq!(engine.stats().pages_sharing, 16);
+    drop(a);
+    assert_eq!(engine.stats().pages_sharing, 8);
+    drop(b);
+    let stats = engine.stats();
+    assert_eq!((stats.pages_shared, stats.pages_sharing), (8, 0));
+    c.assert_matches_shadow();
+    drop(c);
+    let stats = engine.stats();
+    assert_eq!((stats.pages_shared, stats.vmas, stats.regions), (0, 1, 0));
+}
+
+#[test]
+fn unmerge_all_restores_every_byte_and_the_mapping_count() {
+    let engine = manual_engine(Knobs::default());
+    let mut regions: Vec<TestRegion> = (0..3).map(|_| TestRegion::new(&engine, 32)).collect();
+    for (i, region) in regions.iter_mut().enumerate() {
+        region.fill(5, 0..32);
+        region.fill(100 + i as u64, 10..12); // unique pages split the runs
+    }
+    settle(&engine);
+    assert!(engine.stats().pages_sharing > 0);
+    assert!(regions[0].mappings() > 1);
+    regions[1].write(20 * PAGE_SIZE, b"a write before unmerging");
+
+    engine
+        .set_knobs(Knobs {
+            run: RunMode::UnmergeAll,
+            ..Knobs::default()
+        })
+        .expect("knobs");
+    let unmerge = manual_engine_unmerge(&engine);
+    assert_eq!(unmerge, 0);
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.pages_shared, stats.pages_sharing, stats.vmas),
+        (0, 0, 1)
+    );
+    for region in &regions {
+        region.assert_matches_shadow();
+        assert_eq!(region.mappings(), 1);
+        assert_eq!(region.own_resident_pages(), 32);
+    }
+}
+
+/// Unmerges everything through the public API (the background scanner does the same when
+/// its run mode is `UnmergeAll`), returning how many regions were busy.
+fn manual_engine_unmerge(engine: &samepage_dedup::Engine) -> usize {
+    engine.unmerge_all().expect("unmerge")
+}
+
+#[test]
+fn busy_owners_are_skipped_and_counted() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 8);
+    let mut b = TestRegion::new(&engine, 8);
+    a.fill(6, 0..8);
+    b.fill(6, 0..8);
+    let guard_a = a.owner.enter();
+    let guard_b = b.owner.enter();
+    settle(&engine);
+    let stats = engine.stats();
+    assert_eq!(stats.pages_sharing, 0);
+    assert!(stats.regions_busy_skips >= 4);
+    drop((guard_a, guard_b));
+    settle(&engine);
+    assert_eq!(engine.stats().pages_sharing, 8);
+    a.assert_matches_shadow();
+}
+
+#[test]
+fn merge_now_skips_the_waiting_pass() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 16);
+    let mut b = TestRegion::new(&engine, 16);
+    a.fill(8, 0..16);
+    b.fill(8, 0..16);
+    {
+        let guard = a.owner.enter();
+        let report = engine
+            .merge_now(&guard, a.handle(), 0..16 * PAGE_SIZE)
+            .expect("merge a");
+        assert_eq!(report.pages_merged, 0, "nothing to match yet");
+    }
+    let guard = b.owner.enter();
+    let report = engine
+        .merge_now(&guard, b.handle(), 0..16 * PAGE_SIZE)
+        .expect("merge b");
+    assert_eq!(report.pages_merged, 16);
+    drop(guard);
+    assert_eq!(engine.stats().pages_sharing, 16);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+
+    let guard = b.owner.enter();
+    let error = engine
+        .merge_now(&guard, b.handle(), 0..17 * PAGE_SIZE)
+        .unwrap_err();
+    assert!(error.to_string().contains("outside region"), "{error}");
+    let error = engine
+        .merge_now(&guard, a.handle(), 0..PAGE_SIZE)
+        .unwrap_err();
+    assert!(error.to_string().contains("another owner"), "{error}");
+}
+
+#[test]
+fn the_map_count_budget_is_never_exceeded() {
+    // 1% of vm.max_map_count (about 655 mappings) cannot hold 2,000 isolated merged pages.
+    let engine = manual_engine(Knobs {
+        map_budget_percent: 1,
+        ..Knobs::default()
+    });
+    let pages = 4000;
+    let mut a = TestRegion::new(&engine, pages);
+    let mut b = TestRegion::new(&engine, pages);
+    a.fill(1, 0..pages);
+    b.fill(2, 0..pages);
+    for page in (0..pages).step_by(2) {
+        let content = page_content(50, page);
+        a.write(page * PAGE_SIZE, &content);
+        b.write(page * PAGE_SIZE, &content);
+    }
+    settle(&engine);
+    let stats = engine.stats();
+    assert!(stats.vmas <= stats.map_budget, "{stats:?}");
+    assert!(stats.pages_skipped_map_budget > 0);
+    assert!(stats.pages_sharing > 0 && stats.pages_sharing < 2000);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+    assert_eq!(a.mappings() + b.mappings() - 2 + 1, stats.vmas as usize);
+}
+
+#[test]
+fn zero_pages_are_punched_not_merged() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 8);
+    a.fill(9, 0..8);
+    a.write(3 * PAGE_SIZE, &[0; PAGE_SIZE]);
+    a.write(4 * PAGE_SIZE, &[0; PAGE_SIZE]);
+    settle(&engine);
+    let stats = engine.stats();
+    assert_eq!((stats.zero_pages, stats.pages_shared), (2, 0));
+    assert_eq!(a.own_resident_pages(), 6);
+    assert_eq!(a.mappings(), 1);
+    a.assert_matches_shadow();
+}
+
+#[test]
+fn growth_is_scanned_and_merged() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 4);
+    let mut b = TestRegion::new(&engine, 4);
+    a.grow(12);
+    b.grow(12);
+    a.fill(11, 0..12);
+    b.fill(11, 0..12);
+    settle(&engine);
+    assert_eq!(engine.stats().pages_sharing, 12);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+}
