@@ -94,6 +94,10 @@ pub struct MergeNowReport {
 impl Engine {
     pub fn new(config: EngineConfig) -> Result<Self, Error> {
         config.knobs.validate()?;
+        let page_size = rustix::param::page_size();
+        if page_size != PAGE_SIZE {
+            return Err(Error::PageSize(page_size));
+        }
         let stable = StableStore::new(config.stable_capacity_bytes)?;
         let pagemap = Pagemap::open().map_err(Error::Pagemap)?;
         let shared = Arc::new(Shared {

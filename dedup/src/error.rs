@@ -7,6 +7,8 @@ use crate::RegionId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("the system page size is {0} bytes; samepage merges 4096-byte pages only")]
+    PageSize(usize),
     #[error("cannot create the stable memfd: {0}")]
     StableMemfd(#[source] io::Error),
     #[error("cannot reserve {bytes} bytes of address space for the stable store: {source}")]

@@ -1,7 +1,60 @@
-//! samepage-dedup: merges identical pages of memfd-backed memory regions into one
-//! copy-on-write page. TODO design doc
+//! samepage-dedup: finds pages with identical content across memfd-backed memory regions and
+//! merges them into one copy-on-write page. It is Linux KSM's `ksmd` rethought for a host that
+//! owns the memory it merges; it knows nothing of WebAssembly.
+//!
+//! # The mechanism
+//!
+//! Every region is a `MAP_SHARED` mapping of its own memfd. To merge a page, the engine copies
+//! its content once into a page of the *stable memfd*, maps that page `MAP_PRIVATE |
+//! MAP_FIXED` over the page of every region that holds the same bytes, and punches the
+//! regions' own memfd pages to free them. Reads then hit the one stable page; a write takes the
+//! kernel's copy-on-write fault and gets a private copy, which no other sharer sees. Nothing
+//! in the write path calls back into samepage.
+//!
+//! # Why runs
+//!
+//! Each `mmap` over the middle of a mapping splits it: an isolated merged page costs two
+//! mappings (VMAs) and about 8 µs, and the process-wide `vm.max_map_count` (65,530 by default)
+//! is exhausted after some 30,000 isolated pages. A run of pages costs two mappings and about
+//! 0.1 µs a page. Real programs' identical pages come in long runs at the same offsets, so when
+//! a page matches, the engine extends the match page by page and merges the whole run with one
+//! `mmap` onto *contiguous* stable pages. A later sharer of the same run then finds page `i + 1`
+//! of its run in stable slot `s + 1`, compares, and takes the whole run with one `mmap` too.
+//! The engine counts the mappings it creates and stays within a share of `vm.max_map_count`;
+//! when that budget is tight it merges only long runs and counts what it skipped.
+//!
+//! # Two indexes, as in KSM
+//!
+//! - The *stable index* finds merged pages by content (domain and xxh3 of the bytes). It is
+//!   never flushed: its pages cannot change, because nobody can write a stable page
+//!   ([`quiesce`], rule 4).
+//! - The *unstable index* holds this pass's pages that stayed unchanged since the last pass
+//!   but matched nothing yet. Its pages belong to running instances and may change under it,
+//!   so it is rebuilt every full pass, its entries are re-checked when found, and a match is
+//!   always confirmed by comparing the full bytes. A hash match alone never merges.
+//!
+//! A page becomes a candidate once its checksum is unchanged since the previous pass (KSM's
+//! volatility rule: pages written all the time are not worth merging), or at once when its
+//! owner says the range is ready ([`Engine::merge_now`]). A page whose last checksum names a
+//! stable page is compared with that page directly: equal bytes prove both that it did not
+//! change and that it can merge, without hashing it again.
+//!
+//! # Sharers that leave
+//!
+//! The scanner reads `/proc/self/pagemap` for the merged pages it passes: a merged page that
+//! became an anonymous page was written by its owner. The engine copies it back into the
+//! region's own memfd, maps the memfd there again, and drops the sharer; a stable page that
+//! no one maps any more is punched and its slot reused. Every page of a region is thus either
+//! its own memfd page or a stable page it shares — never a stray private copy.
+//!
+//! # Who may remap what
+//!
+//! See [`quiesce`]: the engine remaps a region only while holding its owner's gate, and the
+//! scanner never waits for one.
+
 pub mod error;
 pub mod knobs;
+pub mod mapping;
 pub mod quiesce;
 pub mod stats;
 
@@ -15,10 +68,11 @@ mod state;
 pub use engine::{Engine, EngineConfig, MergeNowReport, RegionHandle};
 pub use error::Error;
 pub use knobs::{Knobs, RunMode};
+pub use mapping::{MappingError, MemfdMapping};
 pub use quiesce::{DomainId, Owner, OwnerGuard, OwnerId};
 pub use region::RegionId;
 pub use state::Audit;
 pub use stats::Stats;
 
-/// The page size samepage merges at. x86_64 and aarch64 Linux with 4 KiB pages.
+/// The page size samepage merges at: 4 KiB, as on x86_64 and most aarch64 Linux systems.
 pub const PAGE_SIZE: usize = 4096;

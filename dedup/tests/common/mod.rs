@@ -3,12 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE, RegionHandle};
 use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
-
-use memfd::{Memfd, MemfdOptions};
-use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
-use samepage_dedup::{Engine, EngineConfig, Knobs, Owner, PAGE_SIZE, RegionHandle};
 
 /// An engine without a background scanner: tests step it with `scan_pass`.
 pub fn manual_engine(knobs: Knobs) -> Engine {
@@ -31,15 +27,10 @@ pub fn page_content(seed: u64, page: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A memfd mapped `MAP_SHARED` inside a larger reservation (room to grow), registered with an
-/// engine, plus a shadow copy of what its owner wrote.
+/// A [`MemfdMapping`] registered with an engine, plus a shadow copy of what its owner wrote.
 pub struct TestRegion {
     pub owner: Owner,
-    memfd: Arc<Memfd>,
-    base: *mut u8,
-    reserved: usize,
-    len: usize,
-    handle: Option<RegionHandle>,
+    mapping: MemfdMapping,
     pub shadow: Vec<u8>,
 }
 
@@ -50,58 +41,35 @@ impl TestRegion {
 
     pub fn with_owner(engine: &Engine, owner: Owner, pages: usize) -> Self {
         let len = pages * PAGE_SIZE;
-        let reserved = 4 * len + PAGE_SIZE;
-        let memfd = Arc::new(MemfdOptions::new().create("test-region").expect("memfd"));
-        memfd.as_file().set_len(len as u64).expect("size");
-        // SAFETY: fresh reservation, then the memfd over its start; both owned by this value.
-        let base = unsafe {
-            let base = mmap_anonymous(
-                std::ptr::null_mut(),
-                reserved,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-            .expect("reserve");
-            mmap(
-                base,
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED,
-                memfd.as_file(),
-                0,
-            )
-            .expect("map memfd")
-        };
-        // SAFETY: the mapping was just made as `register` requires and lives until drop,
-        // where the handle goes first; the test writes only through `write` (guard held).
-        let handle =
-            unsafe { engine.register(&owner, memfd.clone(), base.cast(), len) }.expect("register");
+        let mapping =
+            MemfdMapping::new(Some(engine), &owner, "test-region", len, 4 * len).expect("mapping");
         Self {
             owner,
-            memfd,
-            base: base.cast(),
-            reserved,
-            len,
-            handle: Some(handle),
+            mapping,
             shadow: vec![0; len],
         }
     }
 
     pub fn handle(&self) -> &RegionHandle {
-        self.handle.as_ref().expect("registered")
+        self.mapping.region().expect("registered")
     }
 
     pub fn pages(&self) -> usize {
-        self.len / PAGE_SIZE
+        self.mapping.len() / PAGE_SIZE
     }
 
     /// Writes `bytes` at `offset` with the owner's guard held, and into the shadow.
     pub fn write(&mut self, offset: usize, bytes: &[u8]) {
         let _guard = self.owner.enter();
-        // SAFETY: in bounds (slice indexing of the shadow below checks the same range first).
         self.shadow[offset..offset + bytes.len()].copy_from_slice(bytes);
+        // SAFETY: in bounds (indexing the shadow, as long as the mapping, checked the range),
+        // with the guard held.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(offset), bytes.len())
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.mapping.as_ptr().add(offset),
+                bytes.len(),
+            )
         };
     }
 
@@ -115,7 +83,7 @@ impl TestRegion {
     pub fn bytes(&self) -> Vec<u8> {
         let _guard = self.owner.enter();
         // SAFETY: the accessible mapping, read under the guard.
-        unsafe { std::slice::from_raw_parts(self.base, self.len) }.to_vec()
+        unsafe { std::slice::from_raw_parts(self.mapping.as_ptr(), self.mapping.len()) }.to_vec()
     }
 
     /// Asserts the owner sees exactly its shadow copy.
@@ -131,38 +99,27 @@ impl TestRegion {
 
     /// Grows the region in place to `pages`, as `memory.grow` does.
     pub fn grow(&mut self, pages: usize) {
-        let _guard = self.owner.enter();
-        let len = pages * PAGE_SIZE;
-        assert!(len <= self.reserved - PAGE_SIZE);
-        self.memfd
-            .as_file()
-            .set_len(len as u64)
-            .expect("grow memfd");
-        // SAFETY: extends the memfd mapping inside our own reservation, under the guard.
-        unsafe {
-            mmap(
-                self.base.add(self.len).cast(),
-                len - self.len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED,
-                self.memfd.as_file(),
-                self.len as u64,
-            )
-            .expect("map grown range");
-        }
-        self.len = len;
-        self.shadow.resize(len, 0);
-        self.handle().set_len(len);
+        let guard = self.owner.enter();
+        self.mapping.grow(&guard, pages * PAGE_SIZE).expect("grow");
+        self.shadow.resize(pages * PAGE_SIZE, 0);
     }
 
     /// Pages of memory the region's own memfd holds.
     pub fn own_resident_pages(&self) -> u64 {
-        self.memfd.as_file().metadata().expect("stat").blocks() * 512 / PAGE_SIZE as u64
+        self.mapping
+            .memfd()
+            .as_file()
+            .metadata()
+            .expect("stat")
+            .blocks()
+            * 512
+            / PAGE_SIZE as u64
     }
 
     /// Mappings in this process that overlap the region's accessible range.
     pub fn mappings(&self) -> usize {
-        let (start, end) = (self.base as usize, self.base as usize + self.len);
+        let start = self.mapping.as_ptr() as usize;
+        let end = start + self.mapping.len();
         std::fs::read_to_string("/proc/self/maps")
             .expect("maps")
             .lines()
@@ -174,13 +131,5 @@ impl TestRegion {
                 a < end && b > start
             })
             .count()
-    }
-}
-
-impl Drop for TestRegion {
-    fn drop(&mut self) {
-        self.handle.take();
-        // SAFETY: the reservation made in `with_owner`; the handle is gone, nobody uses it.
-        unsafe { munmap(self.base.cast(), self.reserved).expect("unmap") };
     }
 }

@@ -1,0 +1,201 @@
+//! `MemfdMapping`: a region the engine can merge, made the one way the engine expects.
+//!
+//! A memfd mapped `MAP_SHARED` at the start of an address-space reservation (`PROT_NONE`,
+//! no memory behind it), so that it can grow in place up to the reservation without moving.
+//! Whatever lies past the accessible length stays `PROT_NONE`: a guard for code that relies on
+//! faults past the end, as wasm's bounds-check elision does.
+//!
+//! Invariants, which make the mapping fit for [`Engine::register`]:
+//! - `[base, base + len)` maps the memfd from offset 0, `MAP_SHARED`, and nothing else maps it;
+//! - the base never moves and the reservation outlives the registration (the handle is
+//!   dropped before the reservation is unmapped);
+//! - the length only grows, under the owner's guard.
+
+use std::io;
+use std::sync::Arc;
+
+use memfd::{Memfd, MemfdOptions};
+use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
+
+use crate::{Engine, Error, Owner, OwnerGuard, PAGE_SIZE, RegionHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    #[error("cannot create a memfd: {0}")]
+    Memfd(#[source] io::Error),
+    #[error("cannot reserve {bytes} bytes of address space: {source}")]
+    Reserve { bytes: usize, source: io::Error },
+    #[error("cannot size the memfd to {bytes} bytes: {source}")]
+    Resize { bytes: usize, source: io::Error },
+    #[error("cannot map the memfd: {0}")]
+    Map(#[source] io::Error),
+    #[error("cannot grow to {requested} bytes: the reservation holds {reserved}")]
+    BeyondReservation { requested: usize, reserved: usize },
+    #[error("lengths must be multiples of {PAGE_SIZE} bytes, got {0}")]
+    Unaligned(usize),
+    #[error(transparent)]
+    Register(#[from] Error),
+}
+
+/// A growable memfd mapping, registered with an engine when one is given.
+pub struct MemfdMapping {
+    /// The backing file of every page not merged.
+    memfd: Arc<Memfd>,
+    /// Start of the reservation and of the accessible range.
+    base: *mut u8,
+    /// Accessible bytes.
+    len: usize,
+    /// Bytes reserved from `base`; `len` can grow up to it.
+    reserved: usize,
+    /// The registration; `None` when the mapping is not merged.
+    handle: Option<RegionHandle>,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; who may touch it when is governed
+// by the owner's guard (see `crate::quiesce`), not by the thread.
+unsafe impl Send for MemfdMapping {}
+// SAFETY: as above; `&self` gives out only the base pointer and lengths.
+unsafe impl Sync for MemfdMapping {}
+
+fn aligned(bytes: usize) -> Result<usize, MappingError> {
+    if bytes % PAGE_SIZE == 0 {
+        Ok(bytes)
+    } else {
+        Err(MappingError::Unaligned(bytes))
+    }
+}
+
+impl MemfdMapping {
+    /// Maps `len` zeroed bytes inside a reservation of `reserved` bytes and, with `engine`,
+    /// registers them for merging on behalf of `owner`.
+    pub fn new(
+        engine: Option<&Engine>,
+        owner: &Owner,
+        name: &str,
+        len: usize,
+        reserved: usize,
+    ) -> Result<Self, MappingError> {
+        let (len, reserved) = (aligned(len)?, aligned(reserved)?);
+        if len > reserved {
+            return Err(MappingError::BeyondReservation {
+                requested: len,
+                reserved,
+            });
+        }
+        let memfd = MemfdOptions::new()
+            .close_on_exec(true)
+            .create(name)
+            .map_err(|e| MappingError::Memfd(io::Error::other(e)))?;
+        // SAFETY: a fresh reservation at an address the kernel picks; nothing refers to it.
+        let base = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                reserved.max(PAGE_SIZE),
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| MappingError::Reserve {
+            bytes: reserved,
+            source: e.into(),
+        })?;
+        let mut mapping = Self {
+            memfd: Arc::new(memfd),
+            base: base.cast(),
+            len: 0,
+            reserved,
+            handle: None,
+        };
+        mapping.extend(len)?;
+        if let Some(engine) = engine {
+            // SAFETY: the invariants in the module docs hold from here on: the memfd is mapped
+            // at `base` for `len` bytes, and `Drop` lets go of the handle before unmapping.
+            let handle =
+                unsafe { engine.register(owner, mapping.memfd.clone(), mapping.base, len) }?;
+            mapping.handle = Some(handle);
+        }
+        Ok(mapping)
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// The registration, to pass to [`Engine::merge_now`] or [`Engine::unmerge_region`].
+    pub fn region(&self) -> Option<&RegionHandle> {
+        self.handle.as_ref()
+    }
+
+    /// The backing memfd (for accounting: its allocated blocks are the unmerged pages).
+    pub fn memfd(&self) -> &Memfd {
+        &self.memfd
+    }
+
+    /// Grows the accessible range to `len` bytes in place; on failure nothing changed. The
+    /// guard proves the owner is the one growing it.
+    pub fn grow(&mut self, _guard: &OwnerGuard, len: usize) -> Result<(), MappingError> {
+        self.extend(aligned(len)?)?;
+        if let Some(handle) = &self.handle {
+            handle.set_len(self.len);
+        }
+        Ok(())
+    }
+
+    fn extend(&mut self, len: usize) -> Result<(), MappingError> {
+        if len <= self.len {
+            return Ok(());
+        }
+        if len > self.reserved {
+            return Err(MappingError::BeyondReservation {
+                requested: len,
+                reserved: self.reserved,
+            });
+        }
+        self.memfd
+            .as_file()
+            .set_len(len as u64)
+            .map_err(|source| MappingError::Resize { bytes: len, source })?;
+        // SAFETY: the new range lies inside our reservation past the accessible end, so it
+        // replaces only `PROT_NONE` reservation, never memory anyone uses.
+        let mapped = unsafe {
+            mmap(
+                self.base.add(self.len).cast(),
+                len - self.len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::FIXED,
+                self.memfd.as_file(),
+                self.len as u64,
+            )
+        };
+        if let Err(error) = mapped {
+            // Shrink the file back so that the mapping and the file agree again.
+            let _ = self.memfd.as_file().set_len(self.len as u64);
+            return Err(MappingError::Map(error.into()));
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+impl Drop for MemfdMapping {
+    fn drop(&mut self) {
+        // Unregister first: the engine must not touch the range once it is unmapped.
+        self.handle.take();
+        // SAFETY: the reservation made in `new`, which only this value refers to.
+        unsafe {
+            let _ = munmap(self.base.cast(), self.reserved.max(PAGE_SIZE));
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The background scanner merges while owners write: every owner must always see exactly
+//! what it wrote (its shadow copy), and never another owner's writes.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestRegion, page_content};
+use samepage_dedup::{Engine, EngineConfig, Knobs, PAGE_SIZE};
+
+/// A small deterministic generator, so a failure can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn owners_see_their_own_writes_while_merging_runs() {
+    let engine = Engine::new(EngineConfig {
+        scanner: true,
+        knobs: Knobs {
+            pages_to_scan: 256,
+            sleep: Duration::ZERO,
+            ..Knobs::default()
+        },
+        stable_capacity_bytes: 1 << 30,
+    })
+    .expect("engine");
+    let pages = 512;
+    let regions: Vec<TestRegion> = (0..4)
+        .map(|_| {
+            let mut region = TestRegion::new(&engine, pages);
+            region.fill(1, 0..pages);
+            region
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    std::thread::scope(|scope| {
+        let stop = &stop;
+        let workers: Vec<_> = regions
+            .into_iter()
+            .enumerate()
+            .map(|(n, mut region)| {
+                scope.spawn(move || {
+                    let mut rng = Rng(0x5EED + n as u64);
+                    let mut rounds = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let page = rng.below(pages);
+                        match rng.below(4) {
+                            // A small write inside a page, maybe a merged one.
+                            0 => {
+                                let offset = page * PAGE_SIZE + rng.below(PAGE_SIZE - 8);
+                                region.write(offset, &rng.next().to_le_bytes());
+                            }
+                            // Content other owners hold too: it should merge again.
+                            1 => region.write(page * PAGE_SIZE, &page_content(1, page)),
+                            // Content shared with a neighbour page of the same owner.
+                            2 => region.write(page * PAGE_SIZE, &page_content(2, 0)),
+                            _ => {
+                                let bytes = region.bytes();
+                                assert!(bytes == region.shadow, "owner {n} sees other bytes");
+                            }
+                        }
+                        rounds += 1;
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    region.assert_matches_shadow();
+                    (region, rounds)
+                })
+            })
+            .collect();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let regions: Vec<TestRegion> = workers
+            .into_iter()
+            .map(|w| w.join().expect("worker").0)
+            .collect();
+        let stats = engine.stats();
+        assert!(stats.pages_sharing > 0, "merging ran: {stats:?}");
+        assert_eq!(stats.errors, 0, "{:?}", engine.last_error());
+        assert!(engine.audit().mismatched_slots.is_empty());
+        for region in &regions {
+            region.assert_matches_shadow();
+        }
+    });
+}
