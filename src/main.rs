@@ -1,1 +1,35 @@
-fn main() {}
+//! `samepage`: the serverless host binary.
+
+mod bench;
+mod measure;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use samepage_dedup::Knobs;
+
+#[derive(Parser)]
+#[command(version, about = "Runs many WebAssembly instances and merges their identical memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measures the merge path on synthetic workloads.
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench => {
+            for workload in [bench::engine::WORKLOAD_A, bench::engine::WORKLOAD_B] {
+                let knobs = Knobs { pages_to_scan: 1 << 16, sleep: std::time::Duration::ZERO, ..Knobs::default() };
+                let figures = bench::engine::run(&workload, knobs)?;
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            }
+        }
+    }
+    Ok(())
+}

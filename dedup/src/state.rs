@@ -17,6 +17,9 @@ use crate::{Error, Knobs, PAGE_SIZE, Stats, remap};
 /// three quarters used): an isolated page costs two mappings and saves one page.
 const TIGHT_MIN_RUN: usize = 16;
 
+/// Pages of a partner region's page map read at a time while extending a run.
+const BACKING_CHUNK: usize = 64;
+
 /// Mappings kept free below `vm.max_map_count` for the rest of the process (wasmtime's code
 /// and reservations, thread stacks, new instances) between two readings of the real count.
 const MAP_COUNT_MARGIN: u64 = 2048;
@@ -653,17 +656,23 @@ impl MergeState {
         if partner.region == id {
             limit = limit.min(page.abs_diff(partner.page));
         }
-        let other_backing: Vec<PageBacking> = self
-            .pagemap
-            .read(other_region.page_addr(partner.page), limit)
-            .map_err(|source| Error::Remap {
-                region: partner.region,
-                source,
-            })?
-            .collect();
+        // The partner's backing, read a chunk at a time as the run grows: most runs are short.
+        let mut other_backing: Vec<PageBacking> = Vec::new();
         let mut keys = vec![key];
         while keys.len() < limit {
             let n = keys.len();
+            if n >= other_backing.len() {
+                let from = other_backing.len();
+                let chunk = (limit - from).min(BACKING_CHUNK);
+                let more = self
+                    .pagemap
+                    .read(other_region.page_addr(partner.page + from), chunk)
+                    .map_err(|source| Error::Remap {
+                        region: partner.region,
+                        source,
+                    })?;
+                other_backing.extend(more);
+            }
             let mine = self.regions[&id].pages[page + n];
             let theirs = self.regions[&partner.region]
                 .pages

@@ -65,7 +65,8 @@
     (local.get $n))
 
   ;; The page count: FILL_PAGES if the environment has it, else the default. The environment
-  ;; is read into the start of the fill area, which the fill then overwrites.
+  ;; is read into the start of the fill area, which the fill then overwrites (all of it unless
+  ;; the environment is larger than the fill).
   (func $fill_pages (result i32)
     (local $count i32)
     (local $strings i32)
@@ -156,7 +157,8 @@
       (i32.add (global.get $FILL_BASE) (i32.shl (local.get $pages) (i32.const 12))))
     (call $fill (local.get $pages))
     ;; "filled " is already in place at the start of the line.
-    (local.set $end (call $write_decimal (local.get $pages) (i32.add (global.get $LINE) (i32.const 7))))
+    (local.set $end
+      (call $write_decimal (local.get $pages) (i32.add (global.get $LINE) (i32.const 7))))
     (memory.copy (local.get $end) (global.get $SUFFIX) (global.get $SUFFIX_LEN))
     (i32.store (global.get $IOVEC) (global.get $LINE))
     (i32.store offset=4 (global.get $IOVEC)

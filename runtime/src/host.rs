@@ -146,3 +146,52 @@ impl Host {
         Ok(instance)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use samepage_dedup::EngineConfig;
+
+    use super::*;
+    use crate::memory::{MemoryError, current_owner};
+
+    fn host() -> Host {
+        Host::new(HostConfig {
+            engine_config: EngineConfig {
+                scanner: false,
+                ..EngineConfig::default()
+            },
+            ..HostConfig::default()
+        })
+        .expect("host")
+    }
+
+    #[test]
+    fn instantiation_leaves_no_owner_behind() {
+        let host = host();
+        let module = host.load_bytes(b"(module (memory 1))").expect("module");
+        host.instantiate(&module, &WasiOptions::default())
+            .expect("instance");
+        assert!(current_owner().is_none());
+    }
+
+    #[test]
+    fn failed_memory_creation_is_typed_and_leaves_no_owner_behind() {
+        let host = host();
+        // 64-bit memories get the same 4 GiB reservation, which 70,000 wasm pages overflow.
+        let module = host
+            .load_bytes(b"(module (memory i64 70000))")
+            .expect("module");
+        let error = host
+            .instantiate(&module, &WasiOptions::default())
+            .err()
+            .expect("too large");
+        assert!(
+            matches!(
+                error,
+                RuntimeError::MemoryCreation(MemoryError::OutOfRange { .. })
+            ),
+            "{error}"
+        );
+        assert!(current_owner().is_none());
+    }
+}

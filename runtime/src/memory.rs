@@ -147,7 +147,7 @@ impl Drop for OwnerScope {
     }
 }
 
-fn current_owner() -> Option<Owner> {
+pub(crate) fn current_owner() -> Option<Owner> {
     INSTANTIATING.with_borrow(|current| Some(current.as_ref()?.owner.clone()))
 }
 
@@ -375,5 +375,155 @@ impl Drop for MemfdMemory {
             unmapped.is_ok(),
             "munmap of a linear memory failed: {unmapped:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use samepage_dedup::EngineConfig;
+
+    use super::*;
+
+    const WASM_PAGE: usize = 64 << 10;
+
+    /// A creator registering with an engine whose passes run only when a test asks.
+    fn creator() -> MemfdMemoryCreator {
+        let engine = Engine::new(EngineConfig {
+            scanner: false,
+            ..EngineConfig::default()
+        })
+        .expect("merge engine");
+        MemfdMemoryCreator::new(Some(engine))
+    }
+
+    /// A memory of `pages` wasm pages that may grow to 16 inside a 1 MiB reservation.
+    fn memory(creator: &MemfdMemoryCreator, pages: u32) -> Result<MemfdMemory, MemoryError> {
+        let ty = MemoryType::new(pages, Some(16));
+        creator.create(
+            &ty,
+            pages as usize * WASM_PAGE,
+            Some(16 * WASM_PAGE),
+            Some(1 << 20),
+            WASM_PAGE,
+        )
+    }
+
+    fn bytes(memory: &MemfdMemory) -> &[u8] {
+        // SAFETY: `[base, base + len)` is mapped readable, and the tests write it only through
+        // `write` below, never while this slice lives.
+        unsafe { std::slice::from_raw_parts(memory.base, memory.len) }
+    }
+
+    fn write(memory: &mut MemfdMemory, offset: usize, value: u8) {
+        assert!(offset < memory.len);
+        // SAFETY: `offset` is within the accessible, writable bytes, and `&mut` rules out any
+        // slice from `bytes` meanwhile.
+        unsafe { memory.base.add(offset).write(value) }
+    }
+
+    #[test]
+    fn growth_keeps_the_base_and_adds_zeros_backed_by_the_memfd() {
+        let creator = creator();
+        let owner = Owner::new(0);
+        let _scope = OwnerScope::enter(&owner);
+        let _guard = owner.enter();
+        let mut memory = memory(&creator, 1).expect("memory");
+        let base = memory.as_ptr();
+        write(&mut memory, 100, 7);
+
+        memory.grow_to(3 * WASM_PAGE).expect("growth");
+
+        assert_eq!(memory.as_ptr(), base);
+        assert_eq!(memory.byte_size(), 3 * WASM_PAGE);
+        assert_eq!(bytes(&memory)[100], 7);
+        assert!(bytes(&memory)[WASM_PAGE..].iter().all(|&b| b == 0));
+        write(&mut memory, 2 * WASM_PAGE + 5, 9);
+        let mut read = [0; 1];
+        memory
+            .memfd
+            .as_file()
+            .read_at(&mut read, (2 * WASM_PAGE + 5) as u64)
+            .expect("read the memfd");
+        assert_eq!(read, [9], "the mapping is the memfd itself");
+    }
+
+    #[test]
+    fn growth_past_the_reservation_leaves_the_memory_as_it_was() {
+        let creator = creator();
+        let owner = Owner::new(0);
+        let _scope = OwnerScope::enter(&owner);
+        let _guard = owner.enter();
+        let mut memory = memory(&creator, 2).expect("memory");
+        write(&mut memory, 0, 1);
+
+        let error = memory.extend(17 * WASM_PAGE).expect_err("beyond 1 MiB");
+
+        assert!(matches!(error, MemoryError::OutOfRange { .. }), "{error}");
+        assert_eq!(memory.byte_size(), 2 * WASM_PAGE);
+        assert_eq!(bytes(&memory)[0], 1);
+        memory
+            .grow_to(4 * WASM_PAGE)
+            .expect("growth within the reservation");
+    }
+
+    #[test]
+    fn a_minimum_past_the_reservation_is_refused() {
+        let creator = creator();
+        let owner = Owner::new(0);
+        let _scope = OwnerScope::enter(&owner);
+        let error = memory(&creator, 17).err().expect("beyond 1 MiB");
+        assert!(matches!(error, MemoryError::OutOfRange { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_merged_memory_needs_an_owner() {
+        let error = creator()
+            .new_memory(MemoryType::new(1, None), WASM_PAGE, None, Some(1 << 20), 0)
+            .err()
+            .expect("no owner");
+        assert!(error.contains("outside samepage's instantiate"), "{error}");
+    }
+
+    #[test]
+    fn an_unmerged_memory_needs_no_owner() {
+        let memory = MemfdMemoryCreator::new(None)
+            .new_memory(MemoryType::new(1, None), WASM_PAGE, None, Some(1 << 20), 0)
+            .expect("memory");
+        assert_eq!(memory.byte_size(), WASM_PAGE);
+    }
+
+    #[test]
+    fn shared_memories_are_refused() {
+        let owner = Owner::new(0);
+        let scope = OwnerScope::enter(&owner);
+        let error = creator()
+            .new_memory(
+                MemoryType::shared(1, 1),
+                WASM_PAGE,
+                Some(WASM_PAGE),
+                Some(1 << 20),
+                0,
+            )
+            .err()
+            .expect("shared");
+        assert!(error.contains("shared"), "{error}");
+        assert!(matches!(scope.take_failure(), Some(MemoryError::Shared)));
+    }
+
+    #[test]
+    fn scopes_nest_and_restore_the_thread_state() {
+        let outer = Owner::new(0);
+        let inner = Owner::new(0);
+        {
+            let _outer = OwnerScope::enter(&outer);
+            {
+                let _inner = OwnerScope::enter(&inner);
+                assert_eq!(current_owner().map(|o| o.id()), Some(inner.id()));
+            }
+            assert_eq!(current_owner().map(|o| o.id()), Some(outer.id()));
+        }
+        assert!(current_owner().is_none());
     }
 }

@@ -1,0 +1,3 @@
+//! `samepage bench`: figures, not timed tests.
+
+pub mod engine;
