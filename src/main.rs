@@ -2,13 +2,17 @@
 
 mod bench;
 mod measure;
+mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use samepage_dedup::Knobs;
 
 #[derive(Parser)]
-#[command(version, about = "Runs many WebAssembly instances and merges their identical memory")]
+#[command(
+    version,
+    about = "Runs many WebAssembly instances and merges their identical memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs N instances of a module, merges their memory and reports the saving.
+    Run(run::RunArgs),
     /// Measures the merge path on synthetic workloads.
     Bench,
 }
@@ -23,9 +29,22 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => {
+            let json = args.json;
+            let report = run::run(args)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                run::print_human(&report);
+            }
+        }
         Command::Bench => {
             for workload in [bench::engine::WORKLOAD_A, bench::engine::WORKLOAD_B] {
-                let knobs = Knobs { pages_to_scan: 1 << 16, sleep: std::time::Duration::ZERO, ..Knobs::default() };
+                let knobs = Knobs {
+                    pages_to_scan: 1 << 16,
+                    sleep: std::time::Duration::ZERO,
+                    ..Knobs::default()
+                };
                 let figures = bench::engine::run(&workload, knobs)?;
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             }

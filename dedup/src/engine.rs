@@ -98,7 +98,7 @@ impl Engine {
         if page_size != PAGE_SIZE {
             return Err(Error::PageSize(page_size));
         }
-        let stable = StableStore::new(config.stable_capacity_bytes)?;
+        let stable = StableStore::new(config.stable_capacity_bytes, config.knobs.max_page_sharing)?;
         let pagemap = Pagemap::open().map_err(Error::Pagemap)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(MergeState::new(stable, pagemap, config.knobs)),
@@ -203,7 +203,7 @@ impl Engine {
     /// Changes the settings; the scanner picks them up at once.
     pub fn set_knobs(&self, knobs: Knobs) -> Result<(), Error> {
         knobs.validate()?;
-        self.shared.state.lock().knobs = knobs;
+        self.shared.state.lock().set_knobs(knobs)?;
         self.shared.wake.notify_all();
         Ok(())
     }

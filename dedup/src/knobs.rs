@@ -29,6 +29,9 @@ pub struct Knobs {
     /// Free pages of zeros by punching them out of their region's memfd instead of merging
     /// them (KSM `use_zero_pages`).
     pub use_zero_pages: bool,
+    /// Most sharers a stable page may have (KSM `max_page_sharing`); at least 2, since a new
+    /// stable page starts with two. Changes only while nothing is merged.
+    pub max_page_sharing: u32,
 }
 
 impl Default for Knobs {
@@ -39,6 +42,7 @@ impl Default for Knobs {
             sleep: Duration::from_millis(20),
             map_budget_percent: 50,
             use_zero_pages: true,
+            max_page_sharing: 256,
         }
     }
 }
@@ -61,6 +65,13 @@ impl Knobs {
                 knob: "map_budget_percent",
                 value: u64::from(self.map_budget_percent),
                 accepted: "1 to 90",
+            });
+        }
+        if self.max_page_sharing < 2 {
+            return Err(Error::InvalidKnob {
+                knob: "max_page_sharing",
+                value: u64::from(self.max_page_sharing),
+                accepted: "2 to 4294967295",
             });
         }
         if self.sleep > Duration::from_secs(60) {

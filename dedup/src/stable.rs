@@ -11,6 +11,19 @@
 //! content collides with an indexed one of other bytes is left out of the index (it keeps
 //! its sharers, it just takes no new ones).
 //!
+//! # Sharing limits: chains and dups
+//!
+//! No stable page has more than `max_page_sharing` sharers: every sharer is one more mapping
+//! of the page in the kernel's reverse map, which compaction, migration and reclaim walk, and
+//! one page shared by everyone is one page whose loss hits everyone. As in Linux KSM, a
+//! content whose page is full gets another page of the same content, a *dup*; the first time
+//! that happens, its index entry turns from a single page into a *chain* of dups. The index
+//! still holds each content once, so lookups cost the same; a lookup through a chain picks the
+//! fullest dup with room, so dups fill before new ones appear. Contents that never hit the
+//! limit pay nothing for it. A dup is freed the moment its last sharer leaves (the engine
+//! learns of every departure when it happens to visit the page, not later), and a chain with
+//! no dups left is removed at once, so no stale dup ever waits for a prune.
+//!
 //! The engine keeps a read-only view of the whole memfd: comparisons read stable pages there,
 //! and no write can reach a published stable page through it (quiescence rule 4).
 
@@ -29,6 +42,24 @@ pub(crate) type Slot = u32;
 
 /// Content key of the stable and unstable indexes.
 pub(crate) type ContentKey = (DomainId, u64);
+
+/// What the stable index holds for one content.
+#[derive(Clone, Debug)]
+enum IndexEntry {
+    /// The only stable page of this content.
+    Page(Slot),
+    /// The content hit the sharing limit: its dups, each a page of the same bytes.
+    Chain(Vec<Slot>),
+}
+
+impl IndexEntry {
+    fn slots(&self) -> &[Slot] {
+        match self {
+            IndexEntry::Page(slot) => std::slice::from_ref(slot),
+            IndexEntry::Chain(dups) => dups,
+        }
+    }
+}
 
 /// A slot in use: one stable page.
 #[derive(Clone, Copy, Debug)]
@@ -52,8 +83,14 @@ pub(crate) struct StableStore {
     nodes: Vec<Option<StableNode>>,
     /// Free slots below `nodes.len()`, as extents start -> length, coalesced.
     free: BTreeMap<Slot, Slot>,
-    /// Content key -> the stable page of that content.
-    index: HashMap<ContentKey, Slot>,
+    /// Content key -> the stable page, or the chain of dups, of that content.
+    index: HashMap<ContentKey, IndexEntry>,
+    /// Most sharers a stable page may have (`max_page_sharing`).
+    max_sharing: u32,
+    /// Chain entries in the index (`stable_node_chains`).
+    chains: u64,
+    /// Dups in those chains (`stable_node_dups`).
+    dups: u64,
     /// Slots in use, i.e. `pages_shared`.
     in_use: u64,
     /// Sum of sharers over slots in use.
@@ -65,7 +102,7 @@ pub(crate) struct StableStore {
 unsafe impl Send for StableStore {}
 
 impl StableStore {
-    pub(crate) fn new(capacity_bytes: usize) -> Result<Self, Error> {
+    pub(crate) fn new(capacity_bytes: usize, max_sharing: u32) -> Result<Self, Error> {
         let memfd = MemfdOptions::new()
             .close_on_exec(true)
             .create("samepage-stable")
@@ -98,6 +135,9 @@ impl StableStore {
             nodes: Vec::new(),
             free: BTreeMap::new(),
             index: HashMap::new(),
+            max_sharing,
+            chains: 0,
+            dups: 0,
             in_use: 0,
             sharers: 0,
         })
@@ -119,14 +159,117 @@ impl StableStore {
         self.nodes.get(slot as usize).and_then(Option::as_ref)
     }
 
-    /// The indexed stable page with `key`, if its bytes equal `content`.
+    /// The indexed stable page with `key` that has room for one more sharer (the fullest
+    /// such dup of a chain), if its bytes equal `content`.
     pub(crate) fn lookup(&self, key: ContentKey, content: &[u8]) -> Option<Slot> {
-        let slot = *self.index.get(&key)?;
+        let slot = self.with_room(key)?;
         (self.page(slot) == content).then_some(slot)
     }
 
-    pub(crate) fn contains_key(&self, key: &ContentKey) -> bool {
-        self.index.contains_key(key)
+    /// Whether the index has a page of `key` with room for one more sharer.
+    pub(crate) fn has_room(&self, key: ContentKey) -> bool {
+        self.with_room(key).is_some()
+    }
+
+    fn with_room(&self, key: ContentKey) -> Option<Slot> {
+        self.index
+            .get(&key)?
+            .slots()
+            .iter()
+            .map(|&slot| (slot, self.sharers(slot)))
+            .filter(|&(_, sharers)| sharers < self.max_sharing)
+            .max_by_key(|&(_, sharers)| sharers)
+            .map(|(slot, _)| slot)
+    }
+
+    fn sharers(&self, slot: Slot) -> u32 {
+        self.node(slot).map_or(0, |node| node.sharers)
+    }
+
+    /// Whether `slot` can take one more sharer.
+    pub(crate) fn has_room_at(&self, slot: Slot) -> bool {
+        self.sharers(slot) < self.max_sharing
+    }
+
+    /// Changes the sharing limit; only while nothing is shared, so that no page is above it.
+    pub(crate) fn set_max_sharing(&mut self, max_sharing: u32) -> Result<(), Error> {
+        if max_sharing != self.max_sharing && self.in_use > 0 {
+            return Err(Error::SharingLimitInUse {
+                pages_shared: self.in_use,
+            });
+        }
+        self.max_sharing = max_sharing;
+        Ok(())
+    }
+
+    /// Adds a freshly written `slot` to the index under `key`: as the page of a new content,
+    /// or as a dup of a full one. Returns false (not indexed) when `key` names other bytes.
+    fn index_slot(&mut self, key: ContentKey, slot: Slot) -> bool {
+        let Some(entry) = self.index.get(&key) else {
+            self.index.insert(key, IndexEntry::Page(slot));
+            return true;
+        };
+        if self.page(entry.slots()[0]) != self.page(slot) {
+            return false;
+        }
+        let entry = self.index.get_mut(&key).expect("looked up above");
+        match entry {
+            IndexEntry::Page(first) => {
+                *entry = IndexEntry::Chain(vec![*first, slot]);
+                self.chains += 1;
+                self.dups += 2;
+            }
+            IndexEntry::Chain(dups) => {
+                dups.push(slot);
+                self.dups += 1;
+            }
+        }
+        true
+    }
+
+    /// Takes `slot` out of the index entry of `key`; a chain left empty goes too.
+    fn unindex_slot(&mut self, key: ContentKey, slot: Slot) {
+        match self.index.get_mut(&key) {
+            Some(IndexEntry::Page(page)) if *page == slot => {
+                self.index.remove(&key);
+            }
+            Some(IndexEntry::Chain(dups)) => {
+                if let Some(at) = dups.iter().position(|&dup| dup == slot) {
+                    dups.swap_remove(at);
+                    self.dups -= 1;
+                    if dups.is_empty() {
+                        self.index.remove(&key);
+                        self.chains -= 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `stable_node_chains` and `stable_node_dups`.
+    pub(crate) fn chain_counts(&self) -> (u64, u64) {
+        (self.chains, self.dups)
+    }
+
+    /// Walks the index: the chains and dups it holds, and whether every page it names is in
+    /// use, within the sharing limit and of the same bytes as the others of its entry.
+    pub(crate) fn walk_index(&self) -> (u64, u64, bool) {
+        let (mut chains, mut dups, mut sound) = (0, 0, true);
+        for entry in self.index.values() {
+            if let IndexEntry::Chain(slots) = entry {
+                chains += 1;
+                dups += slots.len() as u64;
+            }
+            let first = entry.slots()[0];
+            for &slot in entry.slots() {
+                sound &= self
+                    .node(slot)
+                    .is_some_and(|node| node.sharers <= self.max_sharing)
+                    && self.page(slot) == self.page(first);
+            }
+        }
+        (chains, dups, sound)
     }
 
     /// Publishes `bytes` (whole pages) as new stable pages in contiguous slots, with no
@@ -150,15 +293,16 @@ impl StableStore {
         }
         for (i, &key) in keys.iter().enumerate() {
             let slot = first + i as Slot;
-            let indexed = !self.index.contains_key(&key);
-            if indexed {
-                self.index.insert(key, slot);
-            }
             self.nodes[slot as usize] = Some(StableNode {
                 key,
                 sharers: 0,
-                indexed,
+                indexed: false,
             });
+            let indexed = self.index_slot(key, slot);
+            self.nodes[slot as usize]
+                .as_mut()
+                .expect("just set")
+                .indexed = indexed;
             self.in_use += 1;
         }
         Ok(Some(first))
@@ -183,7 +327,7 @@ impl StableStore {
         if node.sharers == 0 {
             let node = self.nodes[slot as usize].take().expect("checked above");
             if node.indexed {
-                self.index.remove(&node.key);
+                self.unindex_slot(node.key, slot);
             }
             self.in_use -= 1;
             remap::punch(
@@ -229,7 +373,8 @@ impl StableStore {
 
     pub(crate) fn metadata_bytes(&self) -> usize {
         self.nodes.capacity() * size_of::<Option<StableNode>>()
-            + self.index.capacity() * (size_of::<ContentKey>() + size_of::<Slot>())
+            + self.index.capacity() * size_of::<(ContentKey, IndexEntry)>()
+            + self.dups as usize * size_of::<Slot>()
             + self.free.len() * 2 * size_of::<Slot>()
     }
 

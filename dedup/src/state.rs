@@ -109,9 +109,10 @@ pub(crate) struct MergeState {
     vmas: u64,
     /// `vm.max_map_count`, read at start.
     max_map_count: u64,
-    /// Mappings in the whole process at the last reading of `/proc/self/maps`, and our
-    /// `vmas` at that time.
-    process_maps: (u64, u64),
+    /// Mappings in the whole process at the last reading of `/proc/self/maps`, our `vmas`
+    /// at that time, and the pass it was read in (read at most once a pass, and only when
+    /// a merge needs it: the file is long when the process holds many mappings).
+    process_maps: (u64, u64, u64),
     pub(crate) knobs: Knobs,
 }
 
@@ -131,7 +132,7 @@ impl MergeState {
             .ok()
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(65_530);
-        let mut state = Self {
+        Self {
             regions: BTreeMap::new(),
             cursor: Cursor::default(),
             stable,
@@ -142,11 +143,9 @@ impl MergeState {
             counters: Counters::default(),
             vmas: 1,
             max_map_count,
-            process_maps: (0, 0),
+            process_maps: (0, 0, u64::MAX),
             knobs,
-        };
-        state.read_process_maps();
-        state
+        }
     }
 
     pub(crate) fn add_region(&mut self, region: Arc<Region>) {
@@ -182,6 +181,13 @@ impl MergeState {
         result
     }
 
+    /// Takes new settings; a new sharing limit only while nothing is shared.
+    pub(crate) fn set_knobs(&mut self, knobs: Knobs) -> Result<(), Error> {
+        self.stable.set_max_sharing(knobs.max_page_sharing)?;
+        self.knobs = knobs;
+        Ok(())
+    }
+
     /// Pages of `range` in region `id` that map a stable page.
     pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> u64 {
         self.regions.get(&id).map_or(0, |record| {
@@ -213,6 +219,8 @@ impl MergeState {
             regions: self.regions.len() as u64,
             merges_last_pass: self.counters.merges_last_pass,
             zero_pages: self.counters.zero_pages,
+            stable_node_chains: self.stable.chain_counts().0,
+            stable_node_dups: self.stable.chain_counts().1,
             map_budget: map_budget(&self.knobs, self.max_map_count),
             scanner_cpu_ns: 0,
             errors: 0,
@@ -220,13 +228,14 @@ impl MergeState {
     }
 
     /// One scanner batch: visits up to `pages_to_scan` pages from the cursor on, region by
-    /// region, skipping regions whose owner is busy. Returns whether a full pass ended.
+    /// region, skipping regions whose owner is busy, and stops early at the end of a pass.
+    /// Returns whether a full pass ended.
     pub(crate) fn scan_batch(&mut self) -> Result<bool, Error> {
         let mut budget = self.knobs.pages_to_scan;
         let mut pass_ended = false;
-        while budget > 0 {
+        while budget > 0 && !pass_ended {
             let Some(id) = self.cursor_region() else {
-                return Ok(pass_ended);
+                return Ok(true);
             };
             let region = self.regions[&id].region.clone();
             let pages = region.len() / PAGE_SIZE;
@@ -251,18 +260,13 @@ impl MergeState {
         Ok(pass_ended)
     }
 
-    /// The region the cursor is in, or the first one at or after it.
+    /// The region the cursor is in, or the first one after it; `None` when none is left,
+    /// which ends the pass.
     fn cursor_region(&mut self) -> Option<RegionId> {
         let from = self.cursor.region.unwrap_or(RegionId(0));
-        let id = match self.regions.range(from..).next() {
-            Some((&id, _)) => id,
-            None => {
-                // Every region past the cursor went away: the pass is over.
-                if self.cursor.region.is_some() {
-                    self.end_pass();
-                }
-                *self.regions.keys().next()?
-            }
+        let Some((&id, _)) = self.regions.range(from..).next() else {
+            self.end_pass();
+            return None;
         };
         if self.cursor.region != Some(id) {
             self.cursor = Cursor {
@@ -295,15 +299,20 @@ impl MergeState {
         self.counters.full_scans += 1;
         self.counters.merges_last_pass = std::mem::take(&mut self.counters.merges_this_pass);
         self.unstable.clear();
-        self.read_process_maps();
         self.cursor = Cursor::default();
     }
 
-    fn read_process_maps(&mut self) {
-        let count = std::fs::read("/proc/self/maps")
-            .map(|text| text.iter().filter(|&&b| b == b'\n').count() as u64)
-            .unwrap_or(0);
-        self.process_maps = (count, self.vmas);
+    /// Mappings in the process now, estimated from the last reading of `/proc/self/maps` and
+    /// the engine's own changes since; re-read once a pass.
+    fn process_maps_now(&mut self) -> u64 {
+        if self.process_maps.2 != self.counters.full_scans {
+            let count = std::fs::read("/proc/self/maps")
+                .map(|text| text.iter().filter(|&&b| b == b'\n').count() as u64)
+                .unwrap_or(0);
+            self.process_maps = (count, self.vmas, self.counters.full_scans);
+        }
+        let (count, ours, _) = self.process_maps;
+        (count + self.vmas).saturating_sub(ours)
     }
 
     /// Visits pages `range` of region `id`, whose gate `q` proves held: notices sharers that
@@ -534,10 +543,9 @@ impl MergeState {
         }
         let budget = map_budget(&self.knobs, self.max_map_count);
         let used = self.vmas + delta as u64;
-        let (process_then, ours_then) = self.process_maps;
-        let process_now = (process_then + used).saturating_sub(ours_then);
+        let process_after = self.process_maps_now() + delta as u64;
         let allowed = used <= budget
-            && process_now + MAP_COUNT_MARGIN <= self.max_map_count
+            && process_after + MAP_COUNT_MARGIN <= self.max_map_count
             && (used * 4 <= budget * 3 || run >= TIGHT_MIN_RUN);
         if !allowed {
             self.counters.pages_skipped_map_budget += run as u64;
@@ -565,6 +573,7 @@ impl MergeState {
                 break;
             };
             let fits = record.stable == 0
+                && self.stable.has_room_at(slot + run as Slot)
                 && self.backing_of(next) == PageBacking::File
                 && node.key.0 == region.owner.domain()
                 && (visit == Visit::Now || (record.has(SEEN) && record.checksum == node.key.1));
@@ -589,7 +598,13 @@ impl MergeState {
                 }
             }
         }
-        let mut audit = Audit::default();
+        let (chains, dups, index_sound) = self.stable.walk_index();
+        let mut audit = Audit {
+            stable_node_chains: chains,
+            stable_node_dups: dups,
+            index_sound,
+            ..Audit::default()
+        };
         for (slot, node) in self.stable.nodes() {
             audit.stable_pages += 1;
             audit.max_sharers = audit.max_sharers.max(node.sharers);
@@ -693,7 +708,7 @@ impl MergeState {
             let checksum = xxh3_64(next);
             let next_key = (key.0, checksum);
             if checksum != theirs.checksum
-                || self.stable.contains_key(&next_key)
+                || self.stable.has_room(next_key)
                 // SAFETY: as above.
                 || next != unsafe { other_region.page(partner.page + n) }
             {
@@ -793,6 +808,12 @@ pub struct Audit {
     pub max_sharers: u32,
     /// Stable slots whose sharer count disagrees with the region pages that map them.
     pub mismatched_slots: Vec<u32>,
+    /// Chains and dups found by walking the stable index.
+    pub stable_node_chains: u64,
+    pub stable_node_dups: u64,
+    /// Whether every page the index names is in use, within the sharing limit, and holds the
+    /// same bytes as the rest of its chain.
+    pub index_sound: bool,
 }
 
 /// Maximal runs of consecutive pages that satisfy `pred`.

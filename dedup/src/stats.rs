@@ -28,6 +28,10 @@ pub struct Stats {
     pub regions: u64,
     /// Merges (runs remapped) in the last complete pass; zero means the pass found nothing new.
     pub merges_last_pass: u64,
+    /// Contents whose stable page hit `max_page_sharing` and became a chain of dups.
+    pub stable_node_chains: u64,
+    /// Dups in those chains.
+    pub stable_node_dups: u64,
     /// Pages of zeros freed by punching them out of their region (KSM `ksm_zero_pages`).
     pub zero_pages: u64,
     /// Failures the background scanner met (see [`crate::Engine::last_error`]).

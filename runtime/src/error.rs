@@ -3,28 +3,32 @@
 use std::io;
 use std::path::PathBuf;
 
+use wasmtime::WasmBacktrace;
+
 use crate::memory::MemoryError;
 
+/// Why the runtime could not do what the embedder asked. A guest that traps or exits while
+/// running `_start` is not an error: see [`crate::RunOutcome`].
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("merging needs memfd-backed memories: use MemoryBacking::Memfd or turn dedup off")]
     DedupNeedsMemfd,
     #[error("cannot start the merge engine: {0}")]
     Dedup(#[from] samepage_dedup::Error),
-    #[error("cannot set up wasmtime: {0}")]
+    #[error("cannot set up wasmtime: {}", describe(.0))]
     Wasmtime(#[source] wasmtime::Error),
     #[error("module {} not found", path.display())]
     ModuleNotFound { path: PathBuf },
     #[error("cannot read module {}: {source}", path.display())]
     ReadModule { path: PathBuf, source: io::Error },
-    #[error("{} is not a valid WebAssembly module: {source}", path.display())]
+    #[error("{} is not a valid WebAssembly module: {}", path.display(), describe(source))]
     InvalidModule {
         path: PathBuf,
         source: wasmtime::Error,
     },
-    #[error("the bytes are not a valid WebAssembly module: {0}")]
+    #[error("the bytes are not a valid WebAssembly module: {}", describe(.0))]
     InvalidModuleBytes(#[source] wasmtime::Error),
-    #[error("cannot preopen {} as {guest}: {source}", host.display())]
+    #[error("cannot preopen {} as {guest}: {}", host.display(), describe(source))]
     Preopen {
         host: PathBuf,
         guest: String,
@@ -32,20 +36,32 @@ pub enum RuntimeError {
     },
     #[error("cannot create a linear memory: {0}")]
     MemoryCreation(#[source] MemoryError),
-    #[error("cannot instantiate the module: {0}")]
+    #[error("cannot instantiate the module: {}", describe(.0))]
     Instantiate(#[source] wasmtime::Error),
     #[error("the instance has no export named {0:?}")]
     MissingExport(String),
-    #[error("export {name:?} does not have the expected type: {source}")]
+    #[error(
+        "export {name:?} does not have the expected type: {}",
+        describe(source)
+    )]
     ExportType {
         name: String,
         source: wasmtime::Error,
     },
-    #[error("call to {name:?} failed: {source}")]
+    #[error("call to {name:?} failed: {}", describe(source))]
     Call {
         name: String,
         source: wasmtime::Error,
     },
     #[error("call to {name:?} ended the instance with proc_exit({code})")]
     Exited { name: String, code: i32 },
+}
+
+/// A wasmtime error for people: its cause first, then the wasm backtrace if wasmtime captured
+/// one (wasmtime puts the backtrace first, burying the cause), else the whole chain.
+pub(crate) fn describe(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<WasmBacktrace>() {
+        Some(backtrace) => format!("{}\n{backtrace}", error.root_cause()),
+        None => format!("{error:#}"),
+    }
 }

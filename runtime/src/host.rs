@@ -16,7 +16,7 @@ use crate::memory::{MemfdMemoryCreator, OwnerScope};
 /// What backs the linear memories of a host's instances.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MemoryBacking {
-    /// One memfd per memory, mapped shared (see [`crate::memory`]); required for merging.
+    /// One memfd per memory, mapped shared; required for merging.
     #[default]
     Memfd,
     /// wasmtime's own anonymous memory with copy-on-write instantiation, as a baseline to
@@ -62,6 +62,7 @@ pub struct Host {
 }
 
 impl Host {
+    /// Starts the merge engine (with `dedup`) and sets wasmtime up for the chosen backing.
     pub fn new(config: HostConfig) -> Result<Self, RuntimeError> {
         if config.dedup && config.memory != MemoryBacking::Memfd {
             return Err(RuntimeError::DedupNeedsMemfd);
@@ -147,6 +148,15 @@ impl Host {
     }
 }
 
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("merging", &self.dedup.is_some())
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use samepage_dedup::EngineConfig;
@@ -183,8 +193,7 @@ mod tests {
             .expect("module");
         let error = host
             .instantiate(&module, &WasiOptions::default())
-            .err()
-            .expect("too large");
+            .expect_err("too large");
         assert!(
             matches!(
                 error,

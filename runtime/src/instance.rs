@@ -9,6 +9,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::RuntimeError;
+use crate::error::describe;
 
 /// Most bytes kept of a captured stdout or stderr; a guest that writes more traps.
 const CAPTURE_LIMIT: usize = 16 << 20;
@@ -139,7 +140,7 @@ impl Instance {
             Ok(()) => RunOutcome::Exited(0),
             Err(error) => match error.downcast_ref::<I32Exit>() {
                 Some(exit) => RunOutcome::Exited(exit.0),
-                None => RunOutcome::Trapped(format!("{error:?}")),
+                None => RunOutcome::Trapped(describe(&error)),
             },
         })
     }
@@ -202,5 +203,13 @@ impl Instance {
     fn exported_memory(&self) -> Result<Memory, RuntimeError> {
         self.memory
             .ok_or_else(|| RuntimeError::MissingExport("memory".to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("owner", &self.owner.id())
+            .finish_non_exhaustive()
     }
 }

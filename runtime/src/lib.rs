@@ -3,7 +3,7 @@
 //!
 //! A [`Host`] compiles modules and instantiates them, each [`Instance`] in a store of its own
 //! with WASI preview 1. With [`MemoryBacking::Memfd`] (the default) every linear memory is a
-//! memfd mapped into an address-space reservation ([`memory`] explains the layout); with
+//! memfd mapped into an address-space reservation (`src/memory.rs` explains how); with
 //! `dedup` on, each is registered with a [`samepage_dedup::Engine`], whose scanner merges
 //! identical pages across instances into shared copy-on-write pages.
 //!
@@ -30,7 +30,7 @@
 mod error;
 mod host;
 mod instance;
-pub mod memory;
+mod memory;
 
 pub use error::RuntimeError;
 pub use host::{Host, HostConfig, MemoryBacking};

@@ -398,13 +398,13 @@ mod tests {
         MemfdMemoryCreator::new(Some(engine))
     }
 
-    /// A memory of `pages` wasm pages that may grow to 16 inside a 1 MiB reservation.
+    /// A memory of `pages` wasm pages in a 1 MiB (16-page) reservation.
     fn memory(creator: &MemfdMemoryCreator, pages: u32) -> Result<MemfdMemory, MemoryError> {
-        let ty = MemoryType::new(pages, Some(16));
+        let ty = MemoryType::new(pages, None);
         creator.create(
             &ty,
             pages as usize * WASM_PAGE,
-            Some(16 * WASM_PAGE),
+            None,
             Some(1 << 20),
             WASM_PAGE,
         )

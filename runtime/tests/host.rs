@@ -1,6 +1,7 @@
 //! The runtime seen from an embedder: loading, running commands and reactors, memory access.
 
 use std::path::{Path, PathBuf};
+use std::thread;
 
 use samepage_dedup::EngineConfig;
 use samepage_runtime::{
@@ -220,10 +221,7 @@ fn proc_exit_is_an_exit_with_its_code() {
 fn bad_modules_are_typed_errors() {
     let host = merging_host();
 
-    let missing = host
-        .load(&guest("no-such-guest.wat"))
-        .err()
-        .expect("missing");
+    let missing = host.load(&guest("no-such-guest.wat")).expect_err("missing");
     assert!(
         matches!(missing, RuntimeError::ModuleNotFound { .. }),
         "{missing}"
@@ -231,17 +229,14 @@ fn bad_modules_are_typed_errors() {
 
     let path = std::env::temp_dir().join(format!("samepage-invalid-{}.wasm", std::process::id()));
     std::fs::write(&path, b"\0asm garbage").expect("write the invalid module");
-    let invalid = host.load(&path).err().expect("invalid");
+    let invalid = host.load(&path).expect_err("invalid");
     std::fs::remove_file(&path).expect("remove the invalid module");
     assert!(
         matches!(invalid, RuntimeError::InvalidModule { .. }),
         "{invalid}"
     );
 
-    let bytes = host
-        .load_bytes(b"(module (func")
-        .err()
-        .expect("invalid text");
+    let bytes = host.load_bytes(b"(module (func").expect_err("invalid text");
     assert!(
         matches!(bytes, RuntimeError::InvalidModuleBytes(_)),
         "{bytes}"
@@ -269,8 +264,7 @@ fn missing_exports_and_imports_are_typed_errors() {
         .expect("module");
     let error = host
         .instantiate(&unknown, &WasiOptions::default())
-        .err()
-        .expect("unknown import");
+        .expect_err("unknown import");
     assert!(matches!(error, RuntimeError::Instantiate(_)), "{error}");
 }
 
@@ -281,7 +275,25 @@ fn merging_needs_memfd_memories() {
         dedup: true,
         ..HostConfig::default()
     })
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert!(matches!(error, RuntimeError::DedupNeedsMemfd), "{error}");
+}
+
+#[test]
+fn instances_run_on_other_threads_than_the_host() {
+    let host = merging_host();
+    let module = host.load(&guest("fill.wat")).expect("fill.wat");
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut instance = host.instantiate(&module, &fill_env(8)).expect("instance");
+                    instance.run_start().expect("run")
+                })
+            })
+            .collect();
+        for worker in workers {
+            assert_eq!(worker.join().expect("worker"), RunOutcome::Exited(0));
+        }
+    });
 }
