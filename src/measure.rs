@@ -24,11 +24,6 @@ pub fn thread_cpu_seconds() -> f64 {
     seconds(clock_gettime(ClockId::ThreadCPUTime))
 }
 
-/// CPU time of the whole process, in seconds.
-pub fn process_cpu_seconds() -> f64 {
-    seconds(clock_gettime(ClockId::ProcessCPUTime))
-}
-
 fn seconds(time: rustix::time::Timespec) -> f64 {
     time.tv_sec as f64 + time.tv_nsec as f64 * 1e-9
 }

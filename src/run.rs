@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use samepage_dedup::{EngineConfig, Knobs, Stats};
+use samepage_dedup::{EngineConfig, Knobs, RunMode, Stats};
 use samepage_runtime::{Host, HostConfig, Instance, MemoryBacking, RunOutcome, WasiOptions};
 use serde::Serialize;
 
@@ -94,11 +94,17 @@ pub struct RunReport {
 
 pub fn run(args: RunArgs) -> Result<RunReport> {
     let dedup = args.dedup == DedupMode::On;
+    let knobs = Knobs::default();
     let host = Host::new(HostConfig {
         memory: MemoryBacking::Memfd,
         dedup,
+        // The scanner waits until the instances ran and memory was measured: the report
+        // compares memory before and after merging.
         engine_config: EngineConfig {
-            knobs: Knobs::default(),
+            knobs: Knobs {
+                run: RunMode::Stop,
+                ..knobs.clone()
+            },
             ..EngineConfig::default()
         },
         domain: 0,
@@ -173,10 +179,13 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
 
     let pss_bytes_before = pss_bytes()?;
     let settled = match host.dedup() {
-        Some(engine) => settle(
-            || engine.stats(),
-            Duration::from_secs_f64(args.settle_secs.max(0.0)),
-        ),
+        Some(engine) => {
+            engine.set_knobs(knobs).context("starting the scanner")?;
+            settle(
+                || engine.stats(),
+                Duration::from_secs_f64(args.settle_secs.max(0.0)),
+            )
+        }
         None => Settled::default(),
     };
     let pss_bytes_after = pss_bytes()?;

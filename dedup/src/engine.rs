@@ -143,7 +143,7 @@ impl Engine {
         len: usize,
     ) -> Result<RegionHandle, Error> {
         let base = base as usize;
-        if base % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if !base.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Unaligned { base, len });
         }
         let region = Arc::new(Region::new(owner.clone(), memfd, base, len));
@@ -305,8 +305,8 @@ impl RegionHandle {
         let len = self.region.len();
         if range.start > range.end
             || range.end > len
-            || range.start % PAGE_SIZE != 0
-            || range.end % PAGE_SIZE != 0
+            || !range.start.is_multiple_of(PAGE_SIZE)
+            || !range.end.is_multiple_of(PAGE_SIZE)
         {
             return Err(Error::OutOfRange {
                 region: self.id(),

@@ -1,15 +1,24 @@
 //! `MemfdMapping`: a region the engine can merge, made the one way the engine expects.
 //!
 //! A memfd mapped `MAP_SHARED` at the start of an address-space reservation (`PROT_NONE`,
-//! no memory behind it), so that it can grow in place up to the reservation without moving.
-//! Whatever lies past the accessible length stays `PROT_NONE`: a guard for code that relies on
-//! faults past the end, as wasm's bounds-check elision does.
+//! no memory behind it), so that it can grow in place up to its capacity without moving.
+//! Whatever lies past the accessible length stays `PROT_NONE`, and so does a guard region
+//! past the capacity: code that relies on faults past the end, as wasm's bounds-check elision
+//! does, gets them.
+//!
+//! ```text
+//!   base                    base + len              base + capacity       + guard
+//!   |  memfd [0, len), shared  |  PROT_NONE, room to grow  |  PROT_NONE guard  |
+//! ```
 //!
 //! Invariants, which make the mapping fit for [`Engine::register`]:
 //! - `[base, base + len)` maps the memfd from offset 0, `MAP_SHARED`, and nothing else maps it;
 //! - the base never moves and the reservation outlives the registration (the handle is
 //!   dropped before the reservation is unmapped);
-//! - the length only grows, under the owner's guard.
+//! - nothing else maps inside the reservation, so `MAP_FIXED` over its unused part discards
+//!   nobody's memory;
+//! - the length only grows, by the owner with its guard held; the memfd is never shorter than
+//!   the length (a mapped page past the end of its file raises `SIGBUS`).
 
 use std::io;
 use std::sync::Arc;
@@ -17,7 +26,7 @@ use std::sync::Arc;
 use memfd::{Memfd, MemfdOptions};
 use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
 
-use crate::{Engine, Error, Owner, OwnerGuard, PAGE_SIZE, RegionHandle};
+use crate::{Engine, Error, Owner, PAGE_SIZE, RegionHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MappingError {
@@ -29,8 +38,8 @@ pub enum MappingError {
     Resize { bytes: usize, source: io::Error },
     #[error("cannot map the memfd: {0}")]
     Map(#[source] io::Error),
-    #[error("cannot grow to {requested} bytes: the reservation holds {reserved}")]
-    BeyondReservation { requested: usize, reserved: usize },
+    #[error("cannot grow to {requested} bytes: the capacity is {capacity}")]
+    BeyondCapacity { requested: usize, capacity: usize },
     #[error("lengths must be multiples of {PAGE_SIZE} bytes, got {0}")]
     Unaligned(usize),
     #[error(transparent)]
@@ -45,8 +54,10 @@ pub struct MemfdMapping {
     base: *mut u8,
     /// Accessible bytes.
     len: usize,
-    /// Bytes reserved from `base`; `len` can grow up to it.
-    reserved: usize,
+    /// Bytes `len` can grow to in place.
+    capacity: usize,
+    /// Bytes reserved from `base`: the capacity and the guard region after it.
+    reservation: usize,
     /// The registration; `None` when the mapping is not merged.
     handle: Option<RegionHandle>,
 }
@@ -58,7 +69,7 @@ unsafe impl Send for MemfdMapping {}
 unsafe impl Sync for MemfdMapping {}
 
 fn aligned(bytes: usize) -> Result<usize, MappingError> {
-    if bytes % PAGE_SIZE == 0 {
+    if bytes.is_multiple_of(PAGE_SIZE) {
         Ok(bytes)
     } else {
         Err(MappingError::Unaligned(bytes))
@@ -66,22 +77,25 @@ fn aligned(bytes: usize) -> Result<usize, MappingError> {
 }
 
 impl MemfdMapping {
-    /// Maps `len` zeroed bytes inside a reservation of `reserved` bytes and, with `engine`,
-    /// registers them for merging on behalf of `owner`.
+    /// Maps `len` zeroed bytes that can grow to `capacity`, followed by `guard` inaccessible
+    /// bytes, and, with `engine`, registers them for merging on behalf of `owner`.
     pub fn new(
         engine: Option<&Engine>,
         owner: &Owner,
         name: &str,
         len: usize,
-        reserved: usize,
+        capacity: usize,
+        guard: usize,
     ) -> Result<Self, MappingError> {
-        let (len, reserved) = (aligned(len)?, aligned(reserved)?);
-        if len > reserved {
-            return Err(MappingError::BeyondReservation {
+        let (len, capacity, guard) = (aligned(len)?, aligned(capacity)?, aligned(guard)?);
+        if len > capacity {
+            return Err(MappingError::BeyondCapacity {
                 requested: len,
-                reserved,
+                capacity,
             });
         }
+        // An overflowing size cannot be mapped anyway: saturate and let mmap refuse it.
+        let reservation = capacity.saturating_add(guard).max(PAGE_SIZE);
         let memfd = MemfdOptions::new()
             .close_on_exec(true)
             .create(name)
@@ -90,20 +104,21 @@ impl MemfdMapping {
         let base = unsafe {
             mmap_anonymous(
                 std::ptr::null_mut(),
-                reserved.max(PAGE_SIZE),
+                reservation,
                 ProtFlags::empty(),
                 MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
         }
         .map_err(|e| MappingError::Reserve {
-            bytes: reserved,
+            bytes: reservation,
             source: e.into(),
         })?;
         let mut mapping = Self {
             memfd: Arc::new(memfd),
             base: base.cast(),
             len: 0,
-            reserved,
+            capacity,
+            reservation,
             handle: None,
         };
         mapping.extend(len)?;
@@ -129,8 +144,8 @@ impl MemfdMapping {
         self.len == 0
     }
 
-    pub fn reserved(&self) -> usize {
-        self.reserved
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// The registration, to pass to [`Engine::merge_now`] or [`Engine::unmerge_region`].
@@ -143,9 +158,10 @@ impl MemfdMapping {
         &self.memfd
     }
 
-    /// Grows the accessible range to `len` bytes in place; on failure nothing changed. The
-    /// guard proves the owner is the one growing it.
-    pub fn grow(&mut self, _guard: &OwnerGuard, len: usize) -> Result<(), MappingError> {
+    /// Grows the accessible range to `len` bytes in place; on failure nothing changed. Only
+    /// the owner grows its mapping, with its guard held (rule 1 of [`crate::quiesce`]): wasm's
+    /// `memory.grow` runs inside the instance, which holds it.
+    pub fn grow(&mut self, len: usize) -> Result<(), MappingError> {
         self.extend(aligned(len)?)?;
         if let Some(handle) = &self.handle {
             handle.set_len(self.len);
@@ -157,18 +173,19 @@ impl MemfdMapping {
         if len <= self.len {
             return Ok(());
         }
-        if len > self.reserved {
-            return Err(MappingError::BeyondReservation {
+        if len > self.capacity {
+            return Err(MappingError::BeyondCapacity {
                 requested: len,
-                reserved: self.reserved,
+                capacity: self.capacity,
             });
         }
         self.memfd
             .as_file()
             .set_len(len as u64)
             .map_err(|source| MappingError::Resize { bytes: len, source })?;
-        // SAFETY: the new range lies inside our reservation past the accessible end, so it
-        // replaces only `PROT_NONE` reservation, never memory anyone uses.
+        // SAFETY: the new range lies inside our reservation (within the capacity) past the
+        // accessible end, so it replaces only `PROT_NONE` reservation that nobody else maps
+        // (module invariants), never memory anyone uses; the memfd was just made long enough.
         let mapped = unsafe {
             mmap(
                 self.base.add(self.len).cast(),
@@ -193,9 +210,10 @@ impl Drop for MemfdMapping {
     fn drop(&mut self) {
         // Unregister first: the engine must not touch the range once it is unmapped.
         self.handle.take();
-        // SAFETY: the reservation made in `new`, which only this value refers to.
+        // SAFETY: the reservation made in `new`, which only this value refers to; the engine
+        // has forgotten the region, and the owner is done with it (it is dropping it).
         unsafe {
-            let _ = munmap(self.base.cast(), self.reserved.max(PAGE_SIZE));
+            let _ = munmap(self.base.cast(), self.reservation);
         }
     }
 }

@@ -163,6 +163,7 @@ mod tests {
 
     use super::*;
     use crate::memory::{MemoryError, current_owner};
+    use samepage_dedup::MappingError;
 
     fn host() -> Host {
         Host::new(HostConfig {
@@ -197,7 +198,9 @@ mod tests {
         assert!(
             matches!(
                 error,
-                RuntimeError::MemoryCreation(MemoryError::OutOfRange { .. })
+                RuntimeError::MemoryCreation(MemoryError::Mapping(
+                    MappingError::BeyondCapacity { .. }
+                ))
             ),
             "{error}"
         );

@@ -196,7 +196,7 @@ impl Instance {
         self.stderr.as_ref().map(|pipe| pipe.contents().to_vec())
     }
 
-    pub(crate) fn has_export(&mut self, name: &str) -> bool {
+    pub fn has_export(&mut self, name: &str) -> bool {
         self.handle.get_export(&mut self.store, name).is_some()
     }
 

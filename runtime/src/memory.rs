@@ -4,42 +4,20 @@
 //! engine cannot share: two anonymous pages can only be merged by the kernel (KSM). A page of a
 //! file, by contrast, can be mapped at many places. So samepage gives wasmtime its own
 //! [`MemoryCreator`], [`MemfdMemoryCreator`], and every linear memory it creates is a
-//! [`MemfdMemory`]:
+//! [`MemfdMemory`]: a [`MemfdMapping`] (a memfd mapped `MAP_SHARED` at the start of an
+//! address-space reservation, followed by the guard region wasmtime asks for, registered with
+//! the engine under the instance's owner). Its documentation states the layout and the
+//! invariants; what this module adds is who upholds them:
 //!
-//! ```text
-//!   base                      base + len            base + capacity       base + reservation
-//!   |  memfd [0, len), shared  |  PROT_NONE, reserved for growth  |  PROT_NONE guard  |
-//! ```
-//!
-//! * One anonymous `PROT_NONE` mapping reserves the whole address range up front: the
-//!   capacity wasmtime asks for (4 GiB for a 32-bit memory on x86_64) plus its guard region.
-//!   wasmtime elides bounds checks that this guard makes redundant, so an access past `len`
-//!   must fault, never reach memory.
-//! * The accessible bytes `[base, base + len)` are a `MAP_SHARED | MAP_FIXED` mapping of the
-//!   memfd's bytes `[0, len)` laid over the start of the reservation. Growing extends the
-//!   memfd and maps the new range the same way right after the old one, so the base never
-//!   moves: the engine registered that address, and wasmtime may have compiled code that
-//!   keeps it in a register (the host turns `memory_may_move` off for this reason).
-//! * With merging on, each memory is registered with the [`Engine`] as a region of its
-//!   owner. The engine may then replace any page of `[base, base + len)` by a private
-//!   copy-on-write mapping of a stable page with the same bytes; wasm code cannot tell.
-//!
-//! The invariants that make this sound:
-//!
-//! 1. **The memfd is the memory.** Every byte of `[base, base + len)` is the memfd's byte at
-//!    the same offset, or a merged page holding the same bytes. The memfd is never shorter
-//!    than `len` (truncating a mapped file would turn accesses into `SIGBUS`), and nothing
-//!    else maps it for writing.
-//! 2. **Only the owner writes, and only with its guard held** (see
-//!    [`samepage_dedup::quiesce`]). Wasm code, WASI calls made by it, data segments written at
-//!    instantiation and the host's own accesses all run with the owner's guard held; so does
-//!    growth, which is why [`RegionHandle::set_len`] may be called from `grow_to`.
-//! 3. **The reservation is exclusive.** Nothing but this module maps inside
-//!    `[base, base + reservation)`, apart from the engine's remaps of registered pages, so
-//!    `MAP_FIXED` over the unused part of the reservation never discards anyone's mapping.
-//! 4. **Unregister before unmapping.** A memory drops its [`RegionHandle`] before it unmaps
-//!    the reservation: until then the engine may remap pages in it, and after `munmap` the
-//!    kernel may hand the addresses to somebody else.
+//! * **The base never moves.** The engine registered the address, and wasmtime may keep it in
+//!   a register in compiled code; the host turns `memory_may_move` off, and growth maps the
+//!   new range right after the old one inside the reservation.
+//! * **Only the owner writes, and only with its guard held** (see
+//!   [`samepage_dedup::quiesce`]). Wasm code, WASI calls made by it, data segments written at
+//!   instantiation and the host's own accesses all run with the owner's guard held; so does
+//!   `memory.grow`, which is why `grow_to` may grow the registered region.
+//! * **Unregister before unmapping**: dropping a [`MemfdMapping`] drops its registration
+//!   first.
 //!
 //! wasmtime's own copy-on-write instantiation (`memory_init_cow`) maps a module's initial
 //! image over linear memory and assumes that memory is its own mmap; it would replace the
@@ -51,14 +29,9 @@
 //! instance's memories, on the instantiating thread.
 
 use std::cell::RefCell;
-use std::io;
 use std::marker::PhantomData;
-use std::ptr;
-use std::sync::Arc;
 
-use memfd::{Memfd, MemfdOptions};
-use rustix::mm::{self, MapFlags, ProtFlags};
-use samepage_dedup::{Engine, Owner, PAGE_SIZE, RegionHandle};
+use samepage_dedup::{Engine, MappingError, MemfdMapping, Owner, PAGE_SIZE};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
 /// Why a linear memory could not be created or grown.
@@ -76,29 +49,8 @@ pub enum MemoryError {
     Shared,
     #[error("wasm pages of {0} bytes are smaller than the {PAGE_SIZE}-byte pages samepage maps")]
     PageSize(u64),
-    #[error(
-        "cannot resize linear memory from {len} to {requested} bytes: it only grows, within \
-         its {capacity}-byte reservation"
-    )]
-    OutOfRange {
-        len: usize,
-        requested: usize,
-        capacity: usize,
-    },
-    #[error("cannot create the memfd: {0}")]
-    Memfd(#[source] memfd::Error),
-    #[error("cannot reserve {bytes} bytes of address space: {source}")]
-    Reserve { bytes: usize, source: io::Error },
-    #[error("cannot resize the memfd to {len} bytes: {source}")]
-    Resize { len: usize, source: io::Error },
-    #[error("cannot map bytes {start}..{end} of the memfd: {source}")]
-    Map {
-        start: usize,
-        end: usize,
-        source: io::Error,
-    },
-    #[error("cannot register the memory with the merge engine: {0}")]
-    Register(#[source] samepage_dedup::Error),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
 }
 
 /// The instantiation running on this thread.
@@ -187,28 +139,22 @@ impl MemfdMemoryCreator {
         if ty.page_size() < PAGE_SIZE as u64 {
             return Err(MemoryError::PageSize(ty.page_size()));
         }
-        let registration = match &self.dedup {
-            Some(engine) => Some((engine, current_owner().ok_or(MemoryError::NoOwner)?)),
-            None => None,
+        let owner = match (&self.dedup, current_owner()) {
+            (Some(_), None) => return Err(MemoryError::NoOwner),
+            (_, Some(owner)) => owner,
+            // Not merged: the owner is never consulted, any will do.
+            (None, None) => Owner::new(0),
         };
         let capacity = reserved_size_in_bytes.unwrap_or(maximum.unwrap_or(minimum));
-        let memfd = MemfdOptions::new()
-            .allow_sealing(false)
-            .create("samepage-linear-memory")
-            .map_err(MemoryError::Memfd)?;
-        let mut memory = MemfdMemory::reserve(Arc::new(memfd), capacity, guard_size_in_bytes)?;
-        memory.extend(minimum)?;
-        if let Some((engine, owner)) = registration {
-            // SAFETY: `[base, base + len)` is a page-aligned MAP_SHARED mapping of the memfd from
-            // offset 0 (invariant 1) that stays mapped until the handle, kept in `memory.region`,
-            // is dropped (invariant 4); it grows in place with `set_len` called under the guard,
-            // and the owner writes it only under its guard (invariant 2).
-            let region =
-                unsafe { engine.register(&owner, memory.memfd.clone(), memory.base, memory.len) }
-                    .map_err(MemoryError::Register)?;
-            memory.region = Some(region);
-        }
-        Ok(memory)
+        let mapping = MemfdMapping::new(
+            self.dedup.as_ref(),
+            &owner,
+            "samepage-linear-memory",
+            minimum,
+            capacity,
+            guard_size_in_bytes,
+        )?;
+        Ok(MemfdMemory { mapping })
     }
 }
 
@@ -240,141 +186,30 @@ unsafe impl MemoryCreator for MemfdMemoryCreator {
     }
 }
 
-/// A linear memory: a memfd mapped at the start of an address-space reservation (see the
-/// module documentation for the layout and invariants).
+/// A linear memory: a [`MemfdMapping`] that wasmtime drives.
 pub(crate) struct MemfdMemory {
-    /// Start of the reservation and of linear memory; fixed for the memory's life.
-    base: *mut u8,
-    /// Accessible bytes, mapping the memfd's `[0, len)`; a multiple of [`PAGE_SIZE`].
-    len: usize,
-    /// Bytes linear memory may grow to in place.
-    capacity: usize,
-    /// Bytes of the whole reservation, capacity and guard region, unmapped on drop.
-    reservation: usize,
-    /// Backing file of every byte of linear memory.
-    memfd: Arc<Memfd>,
-    /// Registration with the merge engine, `None` when merging is off.
-    region: Option<RegionHandle>,
-}
-
-// SAFETY: `base` is only the address of a mapping this value owns. The bytes behind it are
-// accessed through wasmtime, which serialises access within a store, and by the engine, which
-// synchronises with the owner through its guard; nothing here reads or writes them.
-unsafe impl Send for MemfdMemory {}
-// SAFETY: as for `Send`; `&self` methods only read plain fields.
-unsafe impl Sync for MemfdMemory {}
-
-impl MemfdMemory {
-    /// Reserves `capacity + guard` bytes of address space, none of them accessible yet.
-    fn reserve(memfd: Arc<Memfd>, capacity: usize, guard: usize) -> Result<Self, MemoryError> {
-        // An overflowing size cannot be mapped anyway: saturate and let mmap refuse it.
-        let reservation = capacity.saturating_add(guard);
-        // SAFETY: without MAP_FIXED the kernel picks an address range that overlaps no existing
-        // mapping, so creating it cannot disturb any memory.
-        let base = unsafe {
-            mm::mmap_anonymous(
-                ptr::null_mut(),
-                reservation,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-        }
-        .map_err(|errno| MemoryError::Reserve {
-            bytes: reservation,
-            source: errno.into(),
-        })?;
-        Ok(Self {
-            base: base.cast(),
-            len: 0,
-            capacity,
-            reservation,
-            memfd,
-            region: None,
-        })
-    }
-
-    /// Makes the memory `new_len` bytes long. On failure the accessible memory is unchanged
-    /// (the memfd may be left longer than `len`, which costs nothing: the extra bytes are
-    /// never mapped, so never touched).
-    fn extend(&mut self, new_len: usize) -> Result<(), MemoryError> {
-        if new_len < self.len || new_len > self.capacity {
-            return Err(MemoryError::OutOfRange {
-                len: self.len,
-                requested: new_len,
-                capacity: self.capacity,
-            });
-        }
-        if new_len == self.len {
-            return Ok(());
-        }
-        rustix::fs::ftruncate(self.memfd.as_file(), new_len as u64).map_err(|errno| {
-            MemoryError::Resize {
-                len: new_len,
-                source: errno.into(),
-            }
-        })?;
-        // SAFETY: `[base + len, base + new_len)` lies inside the reservation (`new_len` is within
-        // `capacity`) and past the accessible memory, so it is still PROT_NONE reservation that
-        // nobody else maps (invariant 3): MAP_FIXED discards nothing. The memfd was just made
-        // `new_len` bytes long, so every page mapped has backing.
-        unsafe {
-            mm::mmap(
-                self.base.wrapping_add(self.len).cast(),
-                new_len - self.len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED,
-                self.memfd.as_file(),
-                self.len as u64,
-            )
-        }
-        .map_err(|errno| MemoryError::Map {
-            start: self.len,
-            end: new_len,
-            source: errno.into(),
-        })?;
-        self.len = new_len;
-        if let Some(region) = &self.region {
-            region.set_len(new_len);
-        }
-        Ok(())
-    }
+    mapping: MemfdMapping,
 }
 
 // SAFETY: `byte_size` bytes at `as_ptr` are mapped readable and writable, growth up to
 // `byte_capacity` never moves the base, and the guard region after the capacity stays
-// inaccessible for as long as the memory lives.
+// inaccessible for as long as the memory lives (invariants of `MemfdMapping`).
 unsafe impl LinearMemory for MemfdMemory {
     fn byte_size(&self) -> usize {
-        self.len
+        self.mapping.len()
     }
 
     fn byte_capacity(&self) -> usize {
-        self.capacity
+        self.mapping.capacity()
     }
 
     fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
-        Ok(self.extend(new_size)?)
+        self.mapping.grow(new_size).map_err(MemoryError::from)?;
+        Ok(())
     }
 
     fn as_ptr(&self) -> *mut u8 {
-        self.base
-    }
-}
-
-impl Drop for MemfdMemory {
-    fn drop(&mut self) {
-        // Invariant 4: the engine stops remapping pages here before the addresses are freed.
-        drop(self.region.take());
-        // SAFETY: `[base, base + reservation)` is the reservation made by `reserve`, which this
-        // value alone owns; wasmtime is done with the memory (it is dropping it) and the engine
-        // has forgotten it, so nothing refers to these addresses any more.
-        let unmapped = unsafe { mm::munmap(self.base.cast(), self.reservation) };
-        // munmap of a whole mapping we own can only fail on a bug; there is no one to tell in
-        // a destructor.
-        debug_assert!(
-            unmapped.is_ok(),
-            "munmap of a linear memory failed: {unmapped:?}"
-        );
+        self.mapping.as_ptr()
     }
 }
 
@@ -413,14 +248,14 @@ mod tests {
     fn bytes(memory: &MemfdMemory) -> &[u8] {
         // SAFETY: `[base, base + len)` is mapped readable, and the tests write it only through
         // `write` below, never while this slice lives.
-        unsafe { std::slice::from_raw_parts(memory.base, memory.len) }
+        unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.byte_size()) }
     }
 
     fn write(memory: &mut MemfdMemory, offset: usize, value: u8) {
-        assert!(offset < memory.len);
+        assert!(offset < memory.byte_size());
         // SAFETY: `offset` is within the accessible, writable bytes, and `&mut` rules out any
         // slice from `bytes` meanwhile.
-        unsafe { memory.base.add(offset).write(value) }
+        unsafe { memory.as_ptr().add(offset).write(value) }
     }
 
     #[test]
@@ -442,7 +277,8 @@ mod tests {
         write(&mut memory, 2 * WASM_PAGE + 5, 9);
         let mut read = [0; 1];
         memory
-            .memfd
+            .mapping
+            .memfd()
             .as_file()
             .read_at(&mut read, (2 * WASM_PAGE + 5) as u64)
             .expect("read the memfd");
@@ -458,9 +294,15 @@ mod tests {
         let mut memory = memory(&creator, 2).expect("memory");
         write(&mut memory, 0, 1);
 
-        let error = memory.extend(17 * WASM_PAGE).expect_err("beyond 1 MiB");
+        let error = memory
+            .mapping
+            .grow(17 * WASM_PAGE)
+            .expect_err("beyond 1 MiB");
 
-        assert!(matches!(error, MemoryError::OutOfRange { .. }), "{error}");
+        assert!(
+            matches!(error, MappingError::BeyondCapacity { .. }),
+            "{error}"
+        );
         assert_eq!(memory.byte_size(), 2 * WASM_PAGE);
         assert_eq!(bytes(&memory)[0], 1);
         memory
@@ -474,7 +316,13 @@ mod tests {
         let owner = Owner::new(0);
         let _scope = OwnerScope::enter(&owner);
         let error = memory(&creator, 17).err().expect("beyond 1 MiB");
-        assert!(matches!(error, MemoryError::OutOfRange { .. }), "{error}");
+        assert!(
+            matches!(
+                error,
+                MemoryError::Mapping(MappingError::BeyondCapacity { .. })
+            ),
+            "{error}"
+        );
     }
 
     #[test]

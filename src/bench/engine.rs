@@ -82,7 +82,7 @@ pub fn run(workload: &Synthetic, knobs: Knobs) -> Result<EngineFigures> {
     let mut regions = Vec::new();
     for region in 0..workload.regions {
         let owner = Owner::new(0);
-        let mapping = MemfdMapping::new(Some(&engine), &owner, "bench-region", len, len)
+        let mapping = MemfdMapping::new(Some(&engine), &owner, "bench-region", len, len, 0)
             .context("creating a region")?;
         let guard = owner.enter();
         fill(workload, &mapping, region);

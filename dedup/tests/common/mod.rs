@@ -41,8 +41,8 @@ impl TestRegion {
 
     pub fn with_owner(engine: &Engine, owner: Owner, pages: usize) -> Self {
         let len = pages * PAGE_SIZE;
-        let mapping =
-            MemfdMapping::new(Some(engine), &owner, "test-region", len, 4 * len).expect("mapping");
+        let mapping = MemfdMapping::new(Some(engine), &owner, "test-region", len, 4 * len, 0)
+            .expect("mapping");
         Self {
             owner,
             mapping,
@@ -99,8 +99,8 @@ impl TestRegion {
 
     /// Grows the region in place to `pages`, as `memory.grow` does.
     pub fn grow(&mut self, pages: usize) {
-        let guard = self.owner.enter();
-        self.mapping.grow(&guard, pages * PAGE_SIZE).expect("grow");
+        let _guard = self.owner.enter();
+        self.mapping.grow(pages * PAGE_SIZE).expect("grow");
         self.shadow.resize(pages * PAGE_SIZE, 0);
     }
 
