@@ -1,0 +1,84 @@
+//! The `samepage` binary as a user runs it: the main job on the bundled guest, and bad input.
+
+use std::process::Command;
+
+fn samepage(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run samepage")
+}
+
+#[test]
+fn thirty_two_instances_of_4096_identical_pages_merge() {
+    let output = samepage(&[
+        "run",
+        "examples/guests/fill.wat",
+        "--instances",
+        "32",
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    let field = |name: &str| report[name].as_f64().unwrap_or_else(|| panic!("no {name}"));
+    let ideal = 31.0 * 4096.0;
+    let sharing = field("pages_sharing");
+    assert!(
+        (sharing - ideal).abs() <= ideal * 0.1,
+        "pages_sharing {sharing}"
+    );
+    let saved = field("pss_bytes_before") - field("pss_bytes_after");
+    assert!(
+        saved >= 0.85 * 31.0 * 16.0 * 1048576.0,
+        "PSS fell by {saved} bytes only"
+    );
+    for name in [
+        "instances",
+        "linear_memory_bytes",
+        "pages_shared",
+        "pages_unshared",
+        "pages_volatile",
+        "full_scans",
+        "vmas",
+        "converge_seconds",
+        "scanner_cpu_seconds",
+    ] {
+        field(name);
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_no_panic() {
+    let missing = samepage(&["run", "examples/guests/missing.wasm"]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("missing.wasm") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    let invalid = samepage(&["run", "Cargo.toml"]);
+    assert!(!invalid.status.success());
+    let stderr = String::from_utf8_lossy(&invalid.stderr);
+    assert!(
+        stderr.contains("Cargo.toml") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    let trapping = samepage(&["run", "examples/guests/trap.wat", "--instances", "3"]);
+    assert!(!trapping.status.success(), "nothing could run");
+    let stderr = String::from_utf8_lossy(&trapping.stderr);
+    assert!(
+        stderr.contains("trapped") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    let zero = samepage(&["run", "examples/guests/fill.wat", "--instances", "0"]);
+    assert!(!zero.status.success());
+}
