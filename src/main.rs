@@ -23,7 +23,11 @@ enum Command {
     /// Runs N instances of a module, merges their memory and reports the saving.
     Run(run::RunArgs),
     /// Measures the merge path on synthetic workloads.
-    Bench,
+    Bench {
+        /// Only the named workloads (A, B); all when none is given.
+        #[arg(long = "workload")]
+        workloads: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -38,8 +42,13 @@ fn main() -> Result<()> {
                 run::print_human(&report);
             }
         }
-        Command::Bench => {
-            for workload in [bench::engine::WORKLOAD_A, bench::engine::WORKLOAD_B] {
+        Command::Bench { workloads } => {
+            for workload in [bench::engine::WORKLOAD_A, bench::engine::WORKLOAD_B]
+                .into_iter()
+                .filter(|w| {
+                    workloads.is_empty() || workloads.iter().any(|n| n.eq_ignore_ascii_case(w.name))
+                })
+            {
                 let knobs = Knobs {
                     pages_to_scan: 1 << 16,
                     sleep: std::time::Duration::ZERO,
