@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use samepage_dedup::{EngineConfig, Knobs, RunMode, Stats};
+use samepage_dedup::{Advisor, EngineConfig, Knobs, OwnerStats, RunMode, Stats};
 use samepage_runtime::{Host, HostConfig, Instance, MemoryBacking, RunOutcome, WasiOptions};
 use serde::Serialize;
 
@@ -18,6 +18,12 @@ pub enum DedupMode {
     /// memfd memories merged by samepage's scanner.
     On,
     /// memfd memories, no merging.
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
     Off,
 }
 
@@ -42,6 +48,24 @@ pub struct RunArgs {
     /// Set an environment variable for the guests, as K=V.
     #[arg(long = "env", value_parser = parse_env)]
     pub envs: Vec<(String, String)>,
+    /// Most instances that may share one stable page (KSM max_page_sharing).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_page_sharing: u32,
+    /// Pages the scanner looks at per batch (KSM pages_to_scan).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub pages_to_scan: u32,
+    /// Pause between batches, in milliseconds (KSM sleep_millisecs).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    pub sleep_ms: u32,
+    /// Free pages of zeros instead of merging them (KSM use_zero_pages).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub zero_pages: Switch,
+    /// Tune pages_to_scan so that a full pass takes this long (KSM advisor_mode=scan-time).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(10..=3_600_000))]
+    pub advisor_target_ms: Option<u32>,
+    /// Look at an instance's memory as soon as it stops running.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub scan_on_park: Switch,
     /// Arguments passed to the guest after its name.
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -79,6 +103,11 @@ pub struct RunReport {
     pub pages_unshared: u64,
     pub pages_volatile: u64,
     pub zero_pages: u64,
+    pub pages_skipped: u64,
+    pub stable_node_chains: u64,
+    pub stable_node_dups: u64,
+    /// Bytes saved minus the metadata kept for it (KSM general_profit).
+    pub general_profit_bytes: i64,
     pub full_scans: u64,
     pub vmas: u64,
     pub pages_skipped_map_budget: u64,
@@ -90,11 +119,33 @@ pub struct RunReport {
     pub scanner_cpu_seconds: f64,
     /// One line per instance that trapped or failed.
     pub problems: Vec<String>,
+    /// What merging saves each instance (as Linux's /proc/PID/ksm_stat).
+    pub per_instance: Vec<InstanceReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InstanceReport {
+    pub instance: usize,
+    pub pages_merged: u64,
+    pub zero_pages: u64,
+    pub profit_bytes: i64,
 }
 
 pub fn run(args: RunArgs) -> Result<RunReport> {
     let dedup = args.dedup == DedupMode::On;
-    let knobs = Knobs::default();
+    let knobs = Knobs {
+        max_page_sharing: args.max_page_sharing,
+        pages_to_scan: args.pages_to_scan as usize,
+        sleep: Duration::from_millis(u64::from(args.sleep_ms)),
+        use_zero_pages: args.zero_pages == Switch::On,
+        advisor: args.advisor_target_ms.map(|ms| Advisor {
+            target_scan_time: Duration::from_millis(u64::from(ms)),
+            ..Advisor::default()
+        }),
+        scan_on_park: args.scan_on_park == Switch::On,
+        ..Knobs::default()
+    };
+    knobs.validate()?;
     let host = Host::new(HostConfig {
         memory: MemoryBacking::Memfd,
         dedup,
@@ -190,6 +241,26 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
     };
     let pss_bytes_after = pss_bytes()?;
     let stats = settled.stats;
+    let per_instance = instances
+        .iter()
+        .enumerate()
+        .map(|(instance, i)| {
+            let OwnerStats {
+                pages_merged,
+                zero_pages,
+                profit_bytes,
+            } = host
+                .dedup()
+                .map(|engine| engine.owner_stats(i.owner().id()))
+                .unwrap_or_default();
+            InstanceReport {
+                instance,
+                pages_merged,
+                zero_pages,
+                profit_bytes,
+            }
+        })
+        .collect();
     Ok(RunReport {
         module: args.module.display().to_string(),
         instances: args.instances,
@@ -204,6 +275,10 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         pages_unshared: stats.pages_unshared,
         pages_volatile: stats.pages_volatile,
         zero_pages: stats.zero_pages,
+        pages_skipped: stats.pages_skipped,
+        stable_node_chains: stats.stable_node_chains,
+        stable_node_dups: stats.stable_node_dups,
+        general_profit_bytes: stats.general_profit_bytes,
         full_scans: stats.full_scans,
         vmas: stats.vmas,
         pages_skipped_map_budget: stats.pages_skipped_map_budget,
@@ -212,6 +287,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         settle_timed_out: settled.timed_out,
         scanner_cpu_seconds: stats.scanner_cpu_ns as f64 * 1e-9,
         problems,
+        per_instance,
     })
 }
 
@@ -280,6 +356,12 @@ pub fn print_human(report: &RunReport) {
         report.pages_unshared,
         report.pages_volatile,
         report.zero_pages
+    );
+    println!(
+        "chains            {} chains of {} dups; general profit {:.1} MiB",
+        report.stable_node_chains,
+        report.stable_node_dups,
+        report.general_profit_bytes as f64 / (1 << 20) as f64
     );
     println!(
         "scanner           {} full scans, converged in {:.2} s{}, {:.3} s CPU, {} mappings",

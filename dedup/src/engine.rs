@@ -4,18 +4,18 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use memfd::Memfd;
 use parking_lot::{Condvar, Mutex};
 use rustix::time::{ClockId, clock_gettime};
 
 use crate::pagemap::Pagemap;
-use crate::quiesce::{Owner, OwnerGuard};
+use crate::quiesce::{Owner, OwnerGuard, OwnerId};
 use crate::region::{Region, RegionId};
 use crate::stable::StableStore;
 use crate::state::{Audit, MergeState, Visit};
-use crate::{Error, Knobs, PAGE_SIZE, RunMode, Stats};
+use crate::{Error, Knobs, OwnerStats, PAGE_SIZE, RunMode, Stats};
 
 /// How an engine starts.
 #[derive(Clone, Debug)]
@@ -55,11 +55,23 @@ pub(crate) struct Shared {
     wake: Condvar,
     /// Set when the last engine handle is dropped.
     shutdown: Mutex<bool>,
+    /// Owners that parked, waiting for their park visits (see [`Engine::parked`]). Apart
+    /// from the state so that parking never waits for a batch.
+    parked: Mutex<Vec<ParkVisit>>,
     /// CPU time spent by the scanner thread, in nanoseconds.
     scanner_cpu_ns: AtomicU64,
     /// Failures the scanner met (it cannot return them); the last one is kept.
     errors: AtomicU64,
     last_error: Mutex<Option<String>>,
+}
+
+/// A visit owed to an owner that parked.
+struct ParkVisit {
+    owner: Owner,
+    /// When the visit is due.
+    due: Instant,
+    /// Visits still owed: the first records checksums, the second merges what stayed.
+    visits_left: u8,
 }
 
 struct ScannerThread {
@@ -104,6 +116,7 @@ impl Engine {
             state: Mutex::new(MergeState::new(stable, pagemap, config.knobs)),
             wake: Condvar::new(),
             shutdown: Mutex::new(false),
+            parked: Mutex::new(Vec::new()),
             scanner_cpu_ns: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -196,6 +209,36 @@ impl Engine {
         }
     }
 
+    /// Tells the engine that `owner` stopped running (a call returned): with
+    /// `scan_on_park`, the scanner looks at its memory at once and again `park_recheck`
+    /// later, and merges what did not change in between — merging follows activity instead
+    /// of waiting for the cursor to come round.
+    pub fn parked(&self, owner: &Owner) {
+        let mut parked = self.shared.parked.lock();
+        let now = Instant::now();
+        match parked
+            .iter_mut()
+            .find(|visit| visit.owner.id() == owner.id())
+        {
+            Some(visit) => {
+                visit.due = now;
+                visit.visits_left = 2;
+            }
+            None => parked.push(ParkVisit {
+                owner: owner.clone(),
+                due: now,
+                visits_left: 2,
+            }),
+        }
+        drop(parked);
+        self.shared.wake.notify_all();
+    }
+
+    /// What merging saves `owner` (as Linux's `/proc/PID/ksm_stat`).
+    pub fn owner_stats(&self, owner: OwnerId) -> OwnerStats {
+        self.shared.state.lock().owner_stats(owner)
+    }
+
     pub fn knobs(&self) -> Knobs {
         self.shared.state.lock().knobs.clone()
     }
@@ -227,23 +270,42 @@ impl Engine {
 }
 
 impl Shared {
-    /// The scanner thread: KSM's `ksmd`.
+    /// The scanner thread: KSM's `ksmd`, plus park visits.
     fn scan_loop(&self) {
         let cpu_start = thread_cpu_ns();
+        let mut pass_start = (Instant::now(), cpu_start);
         loop {
             if *self.shutdown.lock() {
                 return;
             }
-            let (run, sleep) = {
-                let knobs = &self.state.lock().knobs;
-                (knobs.run, knobs.sleep)
-            };
-            let result = match run {
+            let knobs = self.state.lock().knobs.clone();
+            let mut nap = knobs.sleep;
+            let result = match knobs.run {
                 RunMode::Stop => {
                     self.sleep(Duration::from_secs(3600));
                     continue;
                 }
-                RunMode::Merge => self.state.lock().scan_batch().map(|_| ()),
+                RunMode::Merge => {
+                    let (visited, next_due) = self.visit_parked(&knobs);
+                    if let Some(due) = next_due {
+                        nap = nap.min(due.saturating_duration_since(Instant::now()));
+                    }
+                    match visited {
+                        Err(error) => Err(error),
+                        // A park visit was this turn's work; the batch waits for the next.
+                        // Park visits follow activity (two per park), so they do not wait
+                        // out the sleep between batches.
+                        Ok(true) => {
+                            nap = Duration::ZERO;
+                            Ok(())
+                        }
+                        Ok(false) => self.state.lock().scan_batch().map(|pass_ended| {
+                            if pass_ended {
+                                self.advise(&knobs, &mut pass_start);
+                            }
+                        }),
+                    }
+                }
                 RunMode::UnmergeAll => {
                     let mut state = self.state.lock();
                     match state.unmerge_all() {
@@ -262,9 +324,56 @@ impl Shared {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 *self.last_error.lock() = Some(error.to_string());
             }
-            if !sleep.is_zero() {
-                self.sleep(sleep);
+            if !nap.is_zero() {
+                self.sleep(nap);
             }
+        }
+    }
+
+    /// Makes the first due park visit, if any. Returns whether it visited, and when the
+    /// next visit falls due.
+    fn visit_parked(&self, knobs: &Knobs) -> (Result<bool, Error>, Option<Instant>) {
+        let now = Instant::now();
+        let mut parked = self.parked.lock();
+        if !knobs.scan_on_park {
+            parked.clear();
+            return (Ok(false), None);
+        }
+        let due = parked.iter().position(|visit| visit.due <= now);
+        let Some(at) = due else {
+            return (Ok(false), parked.iter().map(|visit| visit.due).min());
+        };
+        let visit = parked.swap_remove(at);
+        drop(parked);
+        let result = self.state.lock().scan_owner(&visit.owner);
+        let mut parked = self.parked.lock();
+        // A visit to an owner that parked again meanwhile is superseded by the new one; an
+        // owner running right now parks again when its call returns.
+        if matches!(result, Ok(true))
+            && visit.visits_left > 1
+            && !parked.iter().any(|v| v.owner.id() == visit.owner.id())
+        {
+            parked.push(ParkVisit {
+                due: Instant::now() + knobs.park_recheck,
+                visits_left: visit.visits_left - 1,
+                ..visit
+            });
+        }
+        (result, parked.iter().map(|visit| visit.due).min())
+    }
+
+    /// After a full pass: lets the advisor retune `pages_to_scan`.
+    fn advise(&self, knobs: &Knobs, pass_start: &mut (Instant, u64)) {
+        let now = (Instant::now(), thread_cpu_ns());
+        let (wall, cpu) = (
+            now.0 - pass_start.0,
+            Duration::from_nanos(now.1 - pass_start.1),
+        );
+        *pass_start = now;
+        if let Some(advisor) = &knobs.advisor {
+            let mut state = self.state.lock();
+            state.knobs.pages_to_scan =
+                advisor.next_pages_to_scan(state.knobs.pages_to_scan, wall, cpu);
         }
     }
 

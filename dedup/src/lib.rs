@@ -52,6 +52,7 @@
 //! See [`quiesce`]: the engine remaps a region only while holding its owner's gate, and the
 //! scanner never waits for one.
 
+pub mod advisor;
 pub mod error;
 pub mod knobs;
 pub mod mapping;
@@ -65,6 +66,7 @@ mod remap;
 mod stable;
 mod state;
 
+pub use advisor::Advisor;
 pub use engine::{Engine, EngineConfig, MergeNowReport, RegionHandle};
 pub use error::Error;
 pub use knobs::{Knobs, RunMode};
@@ -72,7 +74,7 @@ pub use mapping::{MappingError, MemfdMapping};
 pub use quiesce::{DomainId, Owner, OwnerGuard, OwnerId};
 pub use region::RegionId;
 pub use state::Audit;
-pub use stats::Stats;
+pub use stats::{OwnerStats, Stats};
 
 /// The page size samepage merges at: 4 KiB, as on x86_64 and most aarch64 Linux systems.
 pub const PAGE_SIZE: usize = 4096;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::pagemap::{PageBacking, Pagemap};
-use crate::quiesce::{OwnerGuard, Quiescent};
+use crate::quiesce::{Owner, OwnerGuard, OwnerId, Quiescent};
 use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, Slot, StableStore};
-use crate::{Error, Knobs, PAGE_SIZE, Stats, remap};
+use crate::{Error, Knobs, OwnerStats, PAGE_SIZE, Stats, remap};
 
 /// Runs shorter than this are not merged while the map-count budget is tight (more than
 /// three quarters used): an isolated page costs two mappings and saves one page.
@@ -33,6 +33,10 @@ struct PageRecord {
     stable: u32,
     /// `SEEN`, `VOLATILE`, `ZERO`.
     flags: u8,
+    /// Consecutive passes in which the page was unchanged but matched nothing (smart scan).
+    misses: u8,
+    /// Passes the scanner still skips this page for (smart scan).
+    skip: u8,
 }
 
 const SEEN: u8 = 1;
@@ -67,8 +71,12 @@ struct PageRef {
 /// How a visit treats a page that has not been seen unchanged for a pass.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Visit {
-    /// KSM's rule: merge only pages whose checksum did not change since the last pass.
+    /// KSM's rule: merge only pages whose checksum did not change since the last visit, and
+    /// (with smart scan) skip pages that keep failing to merge.
     Scan,
+    /// A visit because the owner parked: the same rule, but no page is skipped, since the
+    /// owner may just have changed any of them.
+    Park,
     /// The owner says the range is ready: merge at once.
     Now,
 }
@@ -89,6 +97,8 @@ struct Counters {
     regions_busy_skips: u64,
     pages_volatile: u64,
     zero_pages: u64,
+    /// Page visits smart scan skipped (KSM `pages_skipped`).
+    pages_skipped: u64,
     merges_this_pass: u64,
     merges_last_pass: u64,
 }
@@ -181,6 +191,47 @@ impl MergeState {
         result
     }
 
+    /// Visits every region of `owner` (its park visit). `false` when the owner is running
+    /// again, or has no regions: then there is nothing to look at now.
+    pub(crate) fn scan_owner(&mut self, owner: &Owner) -> Result<bool, Error> {
+        let ids: Vec<RegionId> = self
+            .regions
+            .iter()
+            .filter(|(_, r)| r.region.owner.id() == owner.id())
+            .map(|(&id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        let Some(guard) = owner.try_enter() else {
+            self.counters.regions_busy_skips += 1;
+            return Ok(false);
+        };
+        for id in ids {
+            let pages = self.regions[&id].region.len() / PAGE_SIZE;
+            self.scan_range(guard.quiescent(), id, 0..pages, Visit::Park)?;
+        }
+        Ok(true)
+    }
+
+    /// What merging saves one owner (as Linux's `/proc/PID/ksm_stat`).
+    pub(crate) fn owner_stats(&self, owner: OwnerId) -> OwnerStats {
+        let mut stats = OwnerStats::default();
+        let mut metadata = 0;
+        for record in self
+            .regions
+            .values()
+            .filter(|r| r.region.owner.id() == owner)
+        {
+            stats.pages_merged += record.pages.iter().filter(|p| p.stable != 0).count() as u64;
+            stats.zero_pages += record.pages.iter().filter(|p| p.has(ZERO)).count() as u64;
+            metadata += (record.pages.capacity() * size_of::<PageRecord>()) as i64;
+        }
+        stats.profit_bytes =
+            ((stats.pages_merged + stats.zero_pages) * PAGE_SIZE as u64) as i64 - metadata;
+        stats
+    }
+
     /// Takes new settings; a new sharing limit only while nothing is shared.
     pub(crate) fn set_knobs(&mut self, knobs: Knobs) -> Result<(), Error> {
         self.stable.set_max_sharing(knobs.max_page_sharing)?;
@@ -202,7 +253,13 @@ impl MergeState {
 
     pub(crate) fn stats(&self) -> Stats {
         let page_records: usize = self.regions.values().map(|r| r.pages.capacity()).sum();
+        let metadata_bytes = (page_records * size_of::<PageRecord>()
+            + self.stable.metadata_bytes()
+            + self.unstable.capacity() * size_of::<(ContentKey, PageRef)>())
+            as u64;
+        let saved = self.stable.pages_sharing() + self.counters.zero_pages;
         Stats {
+            general_profit_bytes: (saved * PAGE_SIZE as u64) as i64 - metadata_bytes as i64,
             pages_shared: self.stable.pages_shared(),
             pages_sharing: self.stable.pages_sharing(),
             pages_unshared: self.unstable.len() as u64,
@@ -212,13 +269,11 @@ impl MergeState {
             vmas: self.vmas,
             pages_skipped_map_budget: self.counters.pages_skipped_map_budget,
             regions_busy_skips: self.counters.regions_busy_skips,
-            metadata_bytes: (page_records * size_of::<PageRecord>()
-                + self.stable.metadata_bytes()
-                + self.unstable.capacity() * size_of::<(ContentKey, PageRef)>())
-                as u64,
+            metadata_bytes,
             regions: self.regions.len() as u64,
             merges_last_pass: self.counters.merges_last_pass,
             zero_pages: self.counters.zero_pages,
+            pages_skipped: self.counters.pages_skipped,
             stable_node_chains: self.stable.chain_counts().0,
             stable_node_dups: self.stable.chain_counts().1,
             map_budget: map_budget(&self.knobs, self.max_map_count),
@@ -454,6 +509,11 @@ impl MergeState {
         if record.stable != 0 {
             return Ok(1);
         }
+        if record.skip > 0 && visit == Visit::Scan && self.knobs.smart_scan {
+            self.regions.get_mut(&id).expect("visited region").pages[page].skip -= 1;
+            self.counters.pages_skipped += 1;
+            return Ok(1);
+        }
         if backing == PageBacking::Untouched {
             // A hole (never written, or punched as zeros): reading it would allocate a page.
             return Ok(1);
@@ -477,7 +537,7 @@ impl MergeState {
         let checksum = xxh3_64(content);
         let unchanged = record.has(SEEN) && record.checksum == checksum;
         self.record_visit(id, page, checksum, unchanged || visit == Visit::Now);
-        if !unchanged && visit == Visit::Scan {
+        if !unchanged && visit != Visit::Now {
             return Ok(1);
         }
         if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
@@ -499,16 +559,33 @@ impl MergeState {
             return Ok(merged);
         }
         self.unstable.insert(key, PageRef { region: id, page });
+        self.note_miss(id, page);
         Ok(1)
+    }
+
+    /// Smart scan: a page that stays unchanged and matches nothing pass after pass is
+    /// skipped for twice as many passes each time (2, 4, ... up to 32), until it changes or
+    /// merges.
+    fn note_miss(&mut self, id: RegionId, page: usize) {
+        let record = &mut self.regions.get_mut(&id).expect("visited region").pages[page];
+        record.misses = record.misses.saturating_add(1);
+        if record.misses >= 2 {
+            record.skip = 1 << (record.misses - 1).min(5);
+        }
     }
 
     fn backing_of(&self, page: usize) -> PageBacking {
         self.backing[page - self.backing_from]
     }
 
-    /// Stores a visit's checksum and whether the page counts as volatile.
+    /// Stores a visit's checksum and whether the page counts as volatile; a change (or a
+    /// merge) ends a smart-scan streak.
     fn record_visit(&mut self, id: RegionId, page: usize, checksum: u64, settled: bool) {
         let record = &mut self.regions.get_mut(&id).expect("visited region").pages[page];
+        if record.checksum != checksum || !settled {
+            record.misses = 0;
+            record.skip = 0;
+        }
         record.checksum = checksum;
         let flags = (record.flags | SEEN) & !VOLATILE | if settled { 0 } else { VOLATILE };
         self.set_flags(id, page, flags);

@@ -22,6 +22,9 @@ pub struct Stats {
     pub pages_skipped_map_budget: u64,
     /// Times the scanner found an owner running and skipped its regions for a batch.
     pub regions_busy_skips: u64,
+    /// Bytes saved by merging and zero pages, minus the metadata kept for it (KSM
+    /// `general_profit`).
+    pub general_profit_bytes: i64,
     /// Bytes of metadata the engine keeps (per-page records, stable nodes, indexes).
     pub metadata_bytes: u64,
     /// Registered regions.
@@ -32,6 +35,8 @@ pub struct Stats {
     pub stable_node_chains: u64,
     /// Dups in those chains.
     pub stable_node_dups: u64,
+    /// Page visits that smart scan skipped (KSM `pages_skipped`).
+    pub pages_skipped: u64,
     /// Pages of zeros freed by punching them out of their region (KSM `ksm_zero_pages`).
     pub zero_pages: u64,
     /// Failures the background scanner met (see [`crate::Engine::last_error`]).
@@ -40,4 +45,17 @@ pub struct Stats {
     pub scanner_cpu_ns: u64,
     /// The map-count budget in mappings (share of `vm.max_map_count`).
     pub map_budget: u64,
+}
+
+/// What merging saves one owner, as Linux's `/proc/PID/ksm_stat`
+/// ([`crate::Engine::owner_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerStats {
+    /// The owner's pages that map a stable page (KSM `ksm_merging_pages`).
+    pub pages_merged: u64,
+    /// The owner's pages of zeros freed (KSM `ksm_zero_pages`).
+    pub zero_pages: u64,
+    /// Bytes those pages save, minus the metadata kept for the owner's regions (KSM
+    /// `ksm_process_profit`).
+    pub profit_bytes: i64,
 }

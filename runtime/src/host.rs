@@ -140,7 +140,14 @@ impl Host {
                     None => RuntimeError::Instantiate(source),
                 })?
         };
-        let mut instance = Instance::new(store, handle, owner, context.stdout, context.stderr);
+        let mut instance = Instance::new(
+            store,
+            handle,
+            owner,
+            self.dedup.clone(),
+            context.stdout,
+            context.stderr,
+        );
         if instance.has_export("_initialize") {
             instance.call("_initialize", &[])?;
         }

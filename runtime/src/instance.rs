@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use samepage_dedup::Owner;
+use samepage_dedup::{Engine, Owner};
 use wasmtime::{Memory, Store, Val};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -97,6 +97,8 @@ pub struct Instance {
     memory: Option<Memory>,
     /// Owner of the instance's memories, whose guard every call holds.
     owner: Owner,
+    /// The engine merging the memories, told when the instance parks; `None` unmerged.
+    dedup: Option<Engine>,
     /// Captured stdout, `None` when inherited.
     stdout: Option<MemoryOutputPipe>,
     /// Captured stderr, `None` when inherited.
@@ -108,6 +110,7 @@ impl Instance {
         mut store: Store<WasiP1Ctx>,
         handle: wasmtime::Instance,
         owner: Owner,
+        dedup: Option<Engine>,
         stdout: Option<MemoryOutputPipe>,
         stderr: Option<MemoryOutputPipe>,
     ) -> Self {
@@ -117,9 +120,22 @@ impl Instance {
             handle,
             memory,
             owner,
+            dedup,
             stdout,
             stderr,
         }
+    }
+
+    /// Runs `f` with the owner's guard held; when it returns the instance is quiescent
+    /// again, and the engine hears that it parked (scan on park).
+    fn running<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let guard = self.owner.enter();
+        let result = f(self);
+        drop(guard);
+        if let Some(engine) = &self.dedup {
+            engine.parked(&self.owner);
+        }
+        result
     }
 
     /// Runs a WASI command's `_start`. The guest's exits and traps are outcomes, not errors:
@@ -135,14 +151,15 @@ impl Instance {
                 name: "_start".to_owned(),
                 source,
             })?;
-        let _guard = self.owner.enter();
-        Ok(match start.call(&mut self.store, ()) {
-            Ok(()) => RunOutcome::Exited(0),
-            Err(error) => match error.downcast_ref::<I32Exit>() {
-                Some(exit) => RunOutcome::Exited(exit.0),
-                None => RunOutcome::Trapped(describe(&error)),
+        Ok(
+            match self.running(|instance| start.call(&mut instance.store, ())) {
+                Ok(()) => RunOutcome::Exited(0),
+                Err(error) => match error.downcast_ref::<I32Exit>() {
+                    Some(exit) => RunOutcome::Exited(exit.0),
+                    None => RunOutcome::Trapped(describe(&error)),
+                },
             },
-        })
+        )
     }
 
     /// Calls the exported function `name`, as a reactor's host does.
@@ -153,8 +170,7 @@ impl Instance {
             .ok_or_else(|| RuntimeError::MissingExport(name.to_owned()))?;
         // Placeholders of any type: wasmtime checks the count and overwrites each one.
         let mut results = vec![Val::I32(0); func.ty(&self.store).results().len()];
-        let _guard = self.owner.enter();
-        func.call(&mut self.store, args, &mut results)
+        self.running(|instance| func.call(&mut instance.store, args, &mut results))
             .map_err(|source| match source.downcast_ref::<I32Exit>() {
                 Some(exit) => RuntimeError::Exited {
                     name: name.to_owned(),
