@@ -54,6 +54,38 @@ fn thirty_two_instances_of_4096_identical_pages_merge() {
 }
 
 #[test]
+fn a_sharing_limit_of_four_gives_exact_chain_arithmetic() {
+    let output = samepage(&[
+        "run",
+        "examples/guests/fill.wat",
+        "--instances",
+        "16",
+        "--max-page-sharing",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let p = report["stable_node_chains"].as_u64().expect("chains");
+    assert!(p >= 4096, "every filled page hit the limit: {p}");
+    assert_eq!(report["pages_shared"].as_u64(), Some(4 * p));
+    assert_eq!(report["pages_sharing"].as_u64(), Some(12 * p));
+    assert_eq!(report["stable_node_dups"].as_u64(), Some(4 * p));
+    let per_instance = report["per_instance"].as_array().expect("per instance");
+    assert_eq!(per_instance.len(), 16);
+    assert!(
+        per_instance
+            .iter()
+            .all(|i| i["pages_merged"].as_u64() == Some(p))
+    );
+    assert!(report["general_profit_bytes"].as_i64().expect("profit") > 0);
+}
+
+#[test]
 fn bad_input_gets_a_clear_error_and_no_panic() {
     let missing = samepage(&["run", "examples/guests/missing.wasm"]);
     assert!(!missing.status.success());
@@ -81,4 +113,10 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
 
     let zero = samepage(&["run", "examples/guests/fill.wat", "--instances", "0"]);
     assert!(!zero.status.success());
+    let limit = samepage(&["run", "examples/guests/fill.wat", "--max-page-sharing", "1"]);
+    let stderr = String::from_utf8_lossy(&limit.stderr);
+    assert!(
+        !limit.status.success() && stderr.contains("2..="),
+        "{stderr}"
+    );
 }

@@ -164,3 +164,45 @@ fn bad_modules_and_traps_give_clear_errors() {
         "{outcome:?}"
     );
 }
+
+/// Whether the pages of `memory` are in this process's page tables (`/proc/self/pagemap`,
+/// bit 63), read without touching them.
+fn present_pages(memory: std::ops::Range<usize>) -> Vec<bool> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+    let pages = memory.len() / PAGE_SIZE;
+    let mut entries = vec![0u8; pages * 8];
+    pagemap
+        .read_exact_at(&mut entries, (memory.start / PAGE_SIZE * 8) as u64)
+        .expect("read pagemap");
+    entries
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) >> 63 == 1)
+        .collect()
+}
+
+#[test]
+fn pages_written_then_zeroed_are_neither_resident_nor_merged() {
+    let host = manual_host();
+    let module = host.load(REACTOR.as_ref()).expect("module");
+    let mut instance = host
+        .instantiate(&module, &WasiOptions::default())
+        .expect("instance");
+    call(&mut instance, "fill", &[0, 64, 3]);
+    call(&mut instance, "zero", &[16, 32]);
+    settle(&host);
+    let engine = host.dedup().expect("dedup");
+    let stats = engine.stats();
+    assert_eq!((stats.zero_pages, stats.pages_shared), (32, 0));
+    assert_eq!(engine.owner_stats(instance.owner().id()).zero_pages, 32);
+    let base = instance
+        .with_memory(|m| m.as_ptr() as usize)
+        .expect("memory");
+    let present = present_pages(base..base + 64 * PAGE_SIZE);
+    assert!(present[..16].iter().all(|&p| p), "written pages stay");
+    assert!(present[16..48].iter().all(|&p| !p), "zeroed pages are gone");
+    let mut shadow = vec![0; instance.memory_size().expect("size")];
+    expected_fill(&mut shadow, 0..16, 3);
+    expected_fill(&mut shadow, 48..64, 3);
+    assert!(memory(&mut instance) == shadow);
+}

@@ -33,10 +33,8 @@ struct PageRecord {
     stable: u32,
     /// `SEEN`, `VOLATILE`, `ZERO`.
     flags: u8,
-    /// Consecutive passes in which the page was unchanged but matched nothing (smart scan).
+    /// Consecutive visits in which the page was unchanged but matched nothing (smart scan).
     misses: u8,
-    /// Passes the scanner still skips this page for (smart scan).
-    skip: u8,
 }
 
 const SEEN: u8 = 1;
@@ -509,8 +507,10 @@ impl MergeState {
         if record.stable != 0 {
             return Ok(1);
         }
-        if record.skip > 0 && visit == Visit::Scan && self.knobs.smart_scan {
-            self.regions.get_mut(&id).expect("visited region").pages[page].skip -= 1;
+        if visit == Visit::Scan
+            && self.knobs.smart_scan
+            && self.counters.full_scans % smart_scan_period(record.misses) != 0
+        {
             self.counters.pages_skipped += 1;
             return Ok(1);
         }
@@ -563,15 +563,9 @@ impl MergeState {
         Ok(1)
     }
 
-    /// Smart scan: a page that stays unchanged and matches nothing pass after pass is
-    /// skipped for twice as many passes each time (2, 4, ... up to 32), until it changes or
-    /// merges.
     fn note_miss(&mut self, id: RegionId, page: usize) {
         let record = &mut self.regions.get_mut(&id).expect("visited region").pages[page];
         record.misses = record.misses.saturating_add(1);
-        if record.misses >= 2 {
-            record.skip = 1 << (record.misses - 1).min(5);
-        }
     }
 
     fn backing_of(&self, page: usize) -> PageBacking {
@@ -584,7 +578,6 @@ impl MergeState {
         let record = &mut self.regions.get_mut(&id).expect("visited region").pages[page];
         if record.checksum != checksum || !settled {
             record.misses = 0;
-            record.skip = 0;
         }
         record.checksum = checksum;
         let flags = (record.flags | SEEN) & !VOLATILE | if settled { 0 } else { VOLATILE };
@@ -891,6 +884,19 @@ pub struct Audit {
     /// Whether every page the index names is in use, within the sharing limit, and holds the
     /// same bytes as the rest of its chain.
     pub index_sound: bool,
+}
+
+/// Smart scan: a page that stays unchanged and matches nothing visit after visit is looked
+/// at only every second pass, then every fourth, up to every 32nd, until it changes or
+/// merges. The passes are aligned (pass numbers divisible by the period) rather than counted
+/// per page, so that two such pages that became equal still meet in one pass: pages of any
+/// period are all visited on every 32nd pass.
+fn smart_scan_period(misses: u8) -> u64 {
+    if misses < 2 {
+        1
+    } else {
+        1 << (misses - 1).min(5)
+    }
 }
 
 /// Maximal runs of consecutive pages that satisfy `pred`.

@@ -260,3 +260,109 @@ fn growth_is_scanned_and_merged() {
     a.assert_matches_shadow();
     b.assert_matches_shadow();
 }
+
+#[test]
+fn unmerge_after_part_of_the_range_was_discarded() {
+    // KSM selftest `test_unmerge_discarded`: merge, let the owner discard half of the range
+    // (MADV_DONTNEED drops its page-table entries), then unmerge.
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 64);
+    let mut b = TestRegion::new(&engine, 64);
+    a.fill(12, 0..64);
+    b.fill(12, 0..64);
+    settle(&engine);
+    assert_eq!(engine.stats().pages_sharing, 64);
+    a.discard(32..64);
+    engine
+        .unmerge_region(&a.owner.enter(), a.handle())
+        .expect("unmerge");
+    assert_eq!(engine.owner_stats(a.owner.id()).pages_merged, 0);
+    assert_eq!(a.mappings(), 1);
+    assert_eq!(a.own_resident_pages(), 64);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+    let stats = engine.stats();
+    assert_eq!((stats.pages_shared, stats.pages_sharing), (64, 0));
+}
+
+#[test]
+fn unmerge_one_region_keeps_the_others_merged_and_loses_no_write() {
+    let engine = manual_engine(Knobs::default());
+    let mut regions: Vec<TestRegion> = (0..3).map(|_| TestRegion::new(&engine, 32)).collect();
+    for region in &mut regions {
+        region.fill(13, 0..32);
+    }
+    settle(&engine);
+    // Writes made just before the unmerge, some into merged pages.
+    regions[0].write(3 * PAGE_SIZE, b"secret");
+    regions[0].write(31 * PAGE_SIZE + 4000, b"tail");
+    let guard = regions[0].owner.enter();
+    engine
+        .unmerge_region(&guard, regions[0].handle())
+        .expect("unmerge");
+    drop(guard);
+    assert_eq!(regions[0].mappings(), 1);
+    let stats = engine.stats();
+    assert_eq!((stats.pages_shared, stats.pages_sharing), (32, 32));
+    for region in &regions {
+        region.assert_matches_shadow();
+    }
+}
+
+#[test]
+fn smart_scan_skips_pages_that_keep_failing_and_still_merges_them_when_they_match() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 64);
+    a.fill(14, 0..64);
+    for _ in 0..6 {
+        engine.scan_pass().expect("pass");
+    }
+    let skipped = engine.stats().pages_skipped;
+    assert!(
+        skipped >= 64,
+        "unique unchanged pages are skipped: {skipped}"
+    );
+    // A second region with the same content: the skipped pages merge once visited again.
+    let mut b = TestRegion::new(&engine, 64);
+    b.fill(14, 0..64);
+    for _ in 0..40 {
+        engine.scan_pass().expect("pass");
+    }
+    assert_eq!(engine.stats().pages_sharing, 64);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+}
+
+#[test]
+fn a_parked_owner_is_merged_without_waiting_for_the_cursor() {
+    // The cursor's batches come once a minute here; only park visits can merge in time.
+    let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
+        scanner: true,
+        knobs: Knobs {
+            pages_to_scan: 1,
+            sleep: std::time::Duration::from_secs(60),
+            park_recheck: std::time::Duration::from_millis(50),
+            ..Knobs::default()
+        },
+        stable_capacity_bytes: 1 << 30,
+    })
+    .expect("engine");
+    let mut regions: Vec<TestRegion> = (0..4).map(|_| TestRegion::new(&engine, 256)).collect();
+    let start = std::time::Instant::now();
+    for region in &mut regions {
+        region.fill(15, 0..256);
+        engine.parked(&region.owner);
+    }
+    while engine.stats().pages_sharing < 3 * 256 {
+        assert!(start.elapsed().as_secs() < 5, "{:?}", engine.stats());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        start.elapsed().as_millis() < 1000,
+        "merged {:?} after parking",
+        start.elapsed()
+    );
+    for region in &regions {
+        region.assert_matches_shadow();
+    }
+}

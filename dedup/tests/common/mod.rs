@@ -104,6 +104,22 @@ impl TestRegion {
         self.shadow.resize(pages * PAGE_SIZE, 0);
     }
 
+    /// The owner discards pages `pages` (`MADV_DONTNEED`): their page-table entries go, and
+    /// the next access finds what the mapping's file holds there.
+    pub fn discard(&mut self, pages: std::ops::Range<usize>) {
+        let _guard = self.owner.enter();
+        // SAFETY: the range is inside the accessible mapping, under the guard; the test's
+        // shadow stays right because merged and own pages both read back from their files.
+        unsafe {
+            rustix::mm::madvise(
+                self.mapping.as_ptr().add(pages.start * PAGE_SIZE).cast(),
+                pages.len() * PAGE_SIZE,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+            .expect("madvise");
+        }
+    }
+
     /// Pages of memory the region's own memfd holds.
     pub fn own_resident_pages(&self) -> u64 {
         self.mapping
