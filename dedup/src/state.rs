@@ -509,7 +509,10 @@ impl MergeState {
         }
         if visit == Visit::Scan
             && self.knobs.smart_scan
-            && self.counters.full_scans % smart_scan_period(record.misses) != 0
+            && !self
+                .counters
+                .full_scans
+                .is_multiple_of(smart_scan_period(record.misses))
         {
             self.counters.pages_skipped += 1;
             return Ok(1);
