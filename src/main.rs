@@ -1,7 +1,9 @@
 //! `samepage`: the serverless host binary.
 
 mod bench;
+mod ksm;
 mod measure;
+mod merger;
 mod run;
 
 use anyhow::Result;

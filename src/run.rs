@@ -7,18 +7,26 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use samepage_dedup::{Advisor, EngineConfig, Knobs, OwnerStats, RunMode, Stats};
+use samepage_dedup::{Advisor, EngineConfig, Knobs, OwnerStats, RunMode};
 use samepage_runtime::{Host, HostConfig, Instance, MemoryBacking, RunOutcome, WasiOptions};
 use serde::Serialize;
 
+use crate::ksm::KsmSysfs;
 use crate::measure::pss_bytes;
+use crate::merger::{Merger, Sample};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DedupMode {
     /// memfd memories merged by samepage's scanner.
     On,
     /// memfd memories, no merging.
     Off,
+    /// wasmtime's own memories with its copy-on-write instantiation, no merging: what a
+    /// plain wasmtime host does today.
+    Cow,
+    /// wasmtime's own memories, opted into Linux KSM (needs root and a KSM kernel).
+    Ksm,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -66,6 +74,18 @@ pub struct RunArgs {
     /// Look at an instance's memory as soon as it stops running.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub scan_on_park: Switch,
+    /// ksmd's pages_to_scan for --dedup ksm (default: full speed).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub ksm_pages_to_scan: u64,
+    /// ksmd's sleep_millisecs for --dedup ksm.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub ksm_sleep_ms: u64,
+    /// Sample PSS this often while merging, into the report's pss_trace.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    pub pss_trace_ms: u64,
+    /// After converging, measure the merger's CPU over this many idle seconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub idle_secs: f64,
     /// Arguments passed to the guest after its name.
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -88,6 +108,7 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 /// The report `run` prints.
 #[derive(Debug, Serialize)]
 pub struct RunReport {
+    pub mode: DedupMode,
     pub module: String,
     pub instances: u32,
     /// Instances that ran to completion (or are reactors ready for calls).
@@ -96,6 +117,11 @@ pub struct RunReport {
     pub instances_failed: u32,
     /// Sum of the instances' linear memory sizes.
     pub linear_memory_bytes: u64,
+    /// Wall time to create and run every instance.
+    pub instantiate_seconds: f64,
+    /// PSS once every instance ran; merging starts from here, so it is also
+    /// `pss_bytes_before`.
+    pub pss_bytes_after_instantiate: u64,
     pub pss_bytes_before: u64,
     pub pss_bytes_after: u64,
     pub pages_shared: u64,
@@ -112,11 +138,17 @@ pub struct RunReport {
     pub vmas: u64,
     pub pages_skipped_map_budget: u64,
     pub metadata_bytes: u64,
-    /// Seconds from the end of the runs until 99% of the final saving was reached.
+    /// Seconds from the start of merging until PSS had fallen by 99% of its final fall.
     pub converge_seconds: f64,
-    /// Whether the scanner was still finding merges when `--settle-secs` ran out.
+    /// Whether the merger was still finding merges when `--settle-secs` ran out.
     pub settle_timed_out: bool,
+    /// CPU of the merger (samepage's scanner thread, or ksmd) from the start of merging to
+    /// convergence.
     pub scanner_cpu_seconds: f64,
+    /// The merger's CPU over `--idle-secs` after converging, in percent of one core.
+    pub idle_cpu_percent: Option<f64>,
+    /// (seconds since merging began, PSS bytes), every `--pss-trace-ms`.
+    pub pss_trace: Vec<(f64, u64)>,
     /// One line per instance that trapped or failed.
     pub problems: Vec<String>,
     /// What merging saves each instance (as Linux's /proc/PID/ksm_stat).
@@ -132,7 +164,6 @@ pub struct InstanceReport {
 }
 
 pub fn run(args: RunArgs) -> Result<RunReport> {
-    let dedup = args.dedup == DedupMode::On;
     let knobs = Knobs {
         max_page_sharing: args.max_page_sharing,
         pages_to_scan: args.pages_to_scan as usize,
@@ -146,9 +177,16 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         ..Knobs::default()
     };
     knobs.validate()?;
+    let ksm = KsmSysfs::system();
+    if args.dedup == DedupMode::Ksm {
+        ksm.check_usable()?;
+    }
     let host = Host::new(HostConfig {
-        memory: MemoryBacking::Memfd,
-        dedup,
+        memory: match args.dedup {
+            DedupMode::On | DedupMode::Off => MemoryBacking::Memfd,
+            DedupMode::Cow | DedupMode::Ksm => MemoryBacking::WasmtimeDefault,
+        },
+        dedup: args.dedup == DedupMode::On,
         // The scanner waits until the instances ran and memory was measured: the report
         // compares memory before and after merging.
         engine_config: EngineConfig {
@@ -164,83 +202,45 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
     let module = host
         .load(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
-    let name = args
-        .module
-        .file_name()
-        .map_or_else(|| "module".into(), |n| n.to_string_lossy().into_owned());
-    let wasi = WasiOptions {
-        args: std::iter::once(name.clone())
-            .chain(args.args.iter().cloned())
-            .collect(),
-        env: args.envs.clone(),
-        preopens: args.dirs.clone(),
-        inherit_stdout: false,
-        inherit_stderr: false,
-    };
-
-    let progress = ProgressBar::new(u64::from(args.instances));
-    progress.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    progress.set_message("running instances");
-    let mut instances: Vec<Instance> = Vec::new();
-    let (mut ok, mut trapped, mut failed) = (0, 0, 0);
-    let mut problems = Vec::new();
-    for n in 0..args.instances {
-        match host.instantiate(&module, &wasi) {
-            Ok(mut instance) => {
-                match instance.has_export("_start").then(|| instance.run_start()) {
-                    None | Some(Ok(RunOutcome::Exited(0))) => ok += 1,
-                    Some(Ok(RunOutcome::Exited(code))) => {
-                        ok += 1;
-                        problems.push(format!("instance {n} exited with status {code}"));
-                    }
-                    Some(Ok(RunOutcome::Trapped(message))) => {
-                        trapped += 1;
-                        problems.push(format!("instance {n} trapped: {message}"));
-                    }
-                    Some(Err(error)) => {
-                        failed += 1;
-                        problems.push(format!("instance {n} failed: {error}"));
-                    }
-                }
-                instances.push(instance);
-            }
-            Err(error) => {
-                failed += 1;
-                problems.push(format!("instance {n} could not be created: {error}"));
-            }
-        }
-        progress.inc(1);
-    }
-    progress.finish_and_clear();
-    if ok == 0 {
-        bail!(
-            "no instance of {} could run:\n  {}",
-            args.module.display(),
-            problems.join("\n  ")
-        );
-    }
-    let mut linear_memory_bytes = 0;
-    for instance in &instances {
-        linear_memory_bytes += instance.memory_size().unwrap_or(0) as u64;
-    }
+    let started = Instant::now();
+    let ran = run_instances(&host, &module, &args)?;
+    let instantiate_seconds = started.elapsed().as_secs_f64();
+    let mut instances = ran.instances;
+    let linear_memory_bytes = instances
+        .iter()
+        .map(|i| i.memory_size().unwrap_or(0) as u64)
+        .sum();
 
     let pss_bytes_before = pss_bytes()?;
-    let settled = match host.dedup() {
-        Some(engine) => {
-            engine.set_knobs(knobs).context("starting the scanner")?;
-            settle(
-                || engine.stats(),
-                Duration::from_secs_f64(args.settle_secs.max(0.0)),
-            )
+    let mut merger = match (args.dedup, host.dedup()) {
+        (DedupMode::On, Some(engine)) => Merger::samepage(engine, knobs)?,
+        (DedupMode::Ksm, _) => {
+            for instance in &mut instances {
+                mark_mergeable(instance)?;
+            }
+            Merger::ksm(&ksm, args.ksm_pages_to_scan, args.ksm_sleep_ms)?
         }
-        None => Settled::default(),
+        _ => Merger::Nothing,
     };
+    let settled = settle(
+        &mut merger,
+        pss_bytes_before,
+        Duration::from_secs_f64(args.settle_secs.max(0.0)),
+        Duration::from_millis(args.pss_trace_ms),
+    )?;
     let pss_bytes_after = pss_bytes()?;
-    let stats = settled.stats;
+    let idle_cpu_percent = if args.idle_secs > 0.0 {
+        let before = merger.sample()?.cpu_seconds;
+        std::thread::sleep(Duration::from_secs_f64(args.idle_secs));
+        Some((merger.sample()?.cpu_seconds - before) * 100.0 / args.idle_secs)
+    } else {
+        None
+    };
+    let sample = settled.last;
+    let stats = host
+        .dedup()
+        .map(|engine| engine.stats())
+        .unwrap_or_default();
     let per_instance = instances
         .iter()
         .enumerate()
@@ -262,77 +262,189 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         })
         .collect();
     Ok(RunReport {
+        mode: args.dedup,
         module: args.module.display().to_string(),
         instances: args.instances,
-        instances_ok: ok,
-        instances_trapped: trapped,
-        instances_failed: failed,
+        instances_ok: ran.ok,
+        instances_trapped: ran.trapped,
+        instances_failed: ran.failed,
         linear_memory_bytes,
+        instantiate_seconds,
+        pss_bytes_after_instantiate: pss_bytes_before,
         pss_bytes_before,
         pss_bytes_after,
-        pages_shared: stats.pages_shared,
-        pages_sharing: stats.pages_sharing,
-        pages_unshared: stats.pages_unshared,
-        pages_volatile: stats.pages_volatile,
+        pages_shared: sample.pages_shared,
+        pages_sharing: sample.pages_sharing,
+        pages_unshared: sample.pages_unshared,
+        pages_volatile: sample.pages_volatile,
         zero_pages: stats.zero_pages,
         pages_skipped: stats.pages_skipped,
         stable_node_chains: stats.stable_node_chains,
         stable_node_dups: stats.stable_node_dups,
         general_profit_bytes: stats.general_profit_bytes,
-        full_scans: stats.full_scans,
-        vmas: stats.vmas,
+        full_scans: sample.full_scans,
+        vmas: merger.vmas(),
         pages_skipped_map_budget: stats.pages_skipped_map_budget,
         metadata_bytes: stats.metadata_bytes,
         converge_seconds: settled.converge_seconds,
         settle_timed_out: settled.timed_out,
-        scanner_cpu_seconds: stats.scanner_cpu_ns as f64 * 1e-9,
-        problems,
+        scanner_cpu_seconds: settled.cpu_seconds,
+        idle_cpu_percent,
+        pss_trace: settled.pss_trace,
+        problems: ran.problems,
         per_instance,
     })
 }
 
-/// Where the scanner stood when `settle` returned.
-#[derive(Default)]
-struct Settled {
-    stats: Stats,
-    converge_seconds: f64,
-    timed_out: bool,
+/// The instances of a run and how their runs went.
+struct Ran {
+    instances: Vec<Instance>,
+    ok: u32,
+    trapped: u32,
+    failed: u32,
+    problems: Vec<String>,
 }
 
-/// Waits until the scanner has completed a pass that merged nothing, begun after at least one
-/// other whole pass (a page needs two visits to merge), or until `limit`.
-fn settle(stats: impl Fn() -> Stats, limit: Duration) -> Settled {
+/// Creates and runs `--instances` instances, with a progress bar on a terminal; fails when
+/// none could run.
+fn run_instances(host: &Host, module: &samepage_runtime::Module, args: &RunArgs) -> Result<Ran> {
+    let name = args
+        .module
+        .file_name()
+        .map_or_else(|| "module".into(), |n| n.to_string_lossy().into_owned());
+    let wasi = WasiOptions {
+        args: std::iter::once(name)
+            .chain(args.args.iter().cloned())
+            .collect(),
+        env: args.envs.clone(),
+        preopens: args.dirs.clone(),
+        inherit_stdout: false,
+        inherit_stderr: false,
+    };
+    let progress = ProgressBar::new(u64::from(args.instances));
+    progress.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    progress.set_message("running instances");
+    let mut ran = Ran {
+        instances: Vec::new(),
+        ok: 0,
+        trapped: 0,
+        failed: 0,
+        problems: Vec::new(),
+    };
+    for n in 0..args.instances {
+        match host.instantiate(module, &wasi) {
+            Ok(mut instance) => {
+                match instance.has_export("_start").then(|| instance.run_start()) {
+                    None | Some(Ok(RunOutcome::Exited(0))) => ran.ok += 1,
+                    Some(Ok(RunOutcome::Exited(code))) => {
+                        ran.ok += 1;
+                        ran.problems
+                            .push(format!("instance {n} exited with status {code}"));
+                    }
+                    Some(Ok(RunOutcome::Trapped(message))) => {
+                        ran.trapped += 1;
+                        ran.problems
+                            .push(format!("instance {n} trapped: {message}"));
+                    }
+                    Some(Err(error)) => {
+                        ran.failed += 1;
+                        ran.problems.push(format!("instance {n} failed: {error}"));
+                    }
+                }
+                ran.instances.push(instance);
+            }
+            Err(error) => {
+                ran.failed += 1;
+                ran.problems
+                    .push(format!("instance {n} could not be created: {error}"));
+            }
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    if ran.ok == 0 {
+        bail!(
+            "no instance of {} could run:\n  {}",
+            args.module.display(),
+            ran.problems.join("\n  ")
+        );
+    }
+    Ok(ran)
+}
+
+/// Opts an instance's memory into Linux KSM.
+fn mark_mergeable(instance: &mut Instance) -> Result<()> {
+    instance
+        .with_memory(|memory| {
+            // SAFETY: the range is the instance's own linear memory, a mapping wasmtime made
+            // and keeps; MADV_MERGEABLE changes nothing anyone can observe in it.
+            unsafe {
+                rustix::mm::madvise(
+                    memory.as_mut_ptr().cast(),
+                    memory.len(),
+                    rustix::mm::Advice::LinuxMergeable,
+                )
+            }
+        })?
+        .context("madvise(MADV_MERGEABLE) on a linear memory")
+}
+
+/// How merging went, once `settle` returned.
+struct Settled {
+    last: Sample,
+    converge_seconds: f64,
+    cpu_seconds: f64,
+    timed_out: bool,
+    pss_trace: Vec<(f64, u64)>,
+}
+
+/// Samples PSS and the merger every `every` until the merger converged or `limit` passed.
+/// Convergence time is read off the PSS trace, the same way for every mode.
+fn settle(
+    merger: &mut Merger,
+    pss_before: u64,
+    limit: Duration,
+    every: Duration,
+) -> Result<Settled> {
     let start = Instant::now();
-    let first = stats();
-    let mut samples = vec![(0.0, first.pages_sharing)];
-    let timed_out = loop {
-        std::thread::sleep(Duration::from_millis(10));
-        let now = stats();
-        samples.push((start.elapsed().as_secs_f64(), now.pages_sharing));
-        if now.full_scans >= first.full_scans + 3 && now.merges_last_pass == 0 {
-            break false;
+    let mut pss_trace = vec![(0.0, pss_before)];
+    let (last, timed_out) = loop {
+        std::thread::sleep(every);
+        let sample = merger.sample()?;
+        pss_trace.push((start.elapsed().as_secs_f64(), pss_bytes()?));
+        if sample.converged {
+            break (sample, false);
         }
         if start.elapsed() >= limit {
-            break true;
+            break (sample, true);
         }
     };
-    let last = stats();
-    let target = last.pages_sharing as f64 * 0.99;
-    let converge_seconds = samples
+    let final_pss = pss_trace.last().map_or(pss_before, |&(_, pss)| pss);
+    let saving = pss_before.saturating_sub(final_pss) as f64;
+    let converge_seconds = pss_trace
         .iter()
-        .find(|&&(_, sharing)| sharing as f64 >= target)
+        .find(|&&(_, pss)| pss_before.saturating_sub(pss) as f64 >= 0.99 * saving)
         .map_or(0.0, |&(t, _)| t);
-    Settled {
-        stats: last,
+    Ok(Settled {
+        cpu_seconds: last.cpu_seconds,
+        last,
         converge_seconds,
         timed_out,
-    }
+        pss_trace,
+    })
 }
 
 /// The report for a reader.
 pub fn print_human(report: &RunReport) {
     let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
-    println!("module            {}", report.module);
+    println!(
+        "module            {} (dedup {:?})",
+        report.module, report.mode
+    );
     println!(
         "instances         {} ({} ok, {} trapped, {} failed)",
         report.instances, report.instances_ok, report.instances_trapped, report.instances_failed
@@ -364,7 +476,7 @@ pub fn print_human(report: &RunReport) {
         report.general_profit_bytes as f64 / (1 << 20) as f64
     );
     println!(
-        "scanner           {} full scans, converged in {:.2} s{}, {:.3} s CPU, {} mappings",
+        "merging           {} full scans, converged in {:.2} s{}, {:.3} s CPU, {} mappings",
         report.full_scans,
         report.converge_seconds,
         if report.settle_timed_out {
