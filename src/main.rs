@@ -8,7 +8,6 @@ mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use samepage_dedup::Knobs;
 
 #[derive(Parser)]
 #[command(
@@ -24,12 +23,8 @@ struct Cli {
 enum Command {
     /// Runs N instances of a module, merges their memory and reports the saving.
     Run(run::RunArgs),
-    /// Measures the merge path on synthetic workloads.
-    Bench {
-        /// Only the named workloads (A, B); all when none is given.
-        #[arg(long = "workload")]
-        workloads: Vec<String>,
-    },
+    /// Measures samepage: the merge path, the baselines side by side, single mechanisms.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -44,22 +39,7 @@ fn main() -> Result<()> {
                 run::print_human(&report);
             }
         }
-        Command::Bench { workloads } => {
-            for workload in [bench::engine::WORKLOAD_A, bench::engine::WORKLOAD_B]
-                .into_iter()
-                .filter(|w| {
-                    workloads.is_empty() || workloads.iter().any(|n| n.eq_ignore_ascii_case(w.name))
-                })
-            {
-                let knobs = Knobs {
-                    pages_to_scan: 1 << 16,
-                    sleep: std::time::Duration::ZERO,
-                    ..Knobs::default()
-                };
-                let figures = bench::engine::run(&workload, knobs)?;
-                println!("{}", serde_json::to_string_pretty(&figures)?);
-            }
-        }
+        Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use samepage_runtime::{Host, HostConfig, Instance, MemoryBacking, RunOutcome, Wa
 use serde::Serialize;
 
 use crate::ksm::KsmSysfs;
-use crate::measure::pss_bytes;
+use crate::measure::{MemoryCgroup, pss_bytes};
 use crate::merger::{Merger, Sample};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -124,6 +124,10 @@ pub struct RunReport {
     pub pss_bytes_after_instantiate: u64,
     pub pss_bytes_before: u64,
     pub pss_bytes_after: u64,
+    /// Memory charged to a cgroup of the run's own (when it could make one): unlike PSS it
+    /// also counts memfd pages nobody maps, such as untouched parts of a module image.
+    pub cgroup_memory_bytes_before: Option<u64>,
+    pub cgroup_memory_bytes_after: Option<u64>,
     pub pages_shared: u64,
     pub pages_sharing: u64,
     pub pages_unshared: u64,
@@ -177,6 +181,8 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         ..Knobs::default()
     };
     knobs.validate()?;
+    // Before anything is allocated, so that the cgroup is charged with all of it.
+    let cgroup = MemoryCgroup::enter_new();
     let ksm = KsmSysfs::system();
     if args.dedup == DedupMode::Ksm {
         ksm.check_usable()?;
@@ -196,7 +202,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
             },
             ..EngineConfig::default()
         },
-        domain: 0,
+        ..HostConfig::default()
     })
     .context("starting the host")?;
     let module = host
@@ -212,6 +218,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         .sum();
 
     let pss_bytes_before = pss_bytes()?;
+    let cgroup_bytes_before = cgroup.as_ref().and_then(MemoryCgroup::usage_bytes);
     let mut merger = match (args.dedup, host.dedup()) {
         (DedupMode::On, Some(engine)) => Merger::samepage(engine, knobs)?,
         (DedupMode::Ksm, _) => {
@@ -229,6 +236,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         Duration::from_millis(args.pss_trace_ms),
     )?;
     let pss_bytes_after = pss_bytes()?;
+    let cgroup_bytes_after = cgroup.as_ref().and_then(MemoryCgroup::usage_bytes);
     let idle_cpu_percent = if args.idle_secs > 0.0 {
         let before = merger.sample()?.cpu_seconds;
         std::thread::sleep(Duration::from_secs_f64(args.idle_secs));
@@ -273,6 +281,8 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         pss_bytes_after_instantiate: pss_bytes_before,
         pss_bytes_before,
         pss_bytes_after,
+        cgroup_memory_bytes_before: cgroup_bytes_before,
+        cgroup_memory_bytes_after: cgroup_bytes_after,
         pages_shared: sample.pages_shared,
         pages_sharing: sample.pages_sharing,
         pages_unshared: sample.pages_unshared,
@@ -461,6 +471,16 @@ pub fn print_human(report: &RunReport) {
             .pss_bytes_before
             .saturating_sub(report.pss_bytes_after))
     );
+    if let (Some(before), Some(after)) = (
+        report.cgroup_memory_bytes_before,
+        report.cgroup_memory_bytes_after,
+    ) {
+        println!(
+            "cgroup memory     {:.1} MiB before, {:.1} MiB after merging",
+            mib(before),
+            mib(after)
+        );
+    }
     println!(
         "pages             {} shared, {} sharing, {} unshared, {} volatile, {} zero",
         report.pages_shared,

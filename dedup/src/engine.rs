@@ -184,6 +184,15 @@ impl Engine {
         })
     }
 
+    /// Merges what can be merged in every region of the guard's owner now, as
+    /// [`Engine::merge_now`] does for one range. A host calls it right after instantiation,
+    /// when the memories hold just the module's data segments, the same in every instance:
+    /// they then start out shared, as wasmtime's copy-on-write instantiation would have them.
+    pub fn merge_owner_now(&self, guard: &OwnerGuard) -> Result<MergeNowReport, Error> {
+        let pages_merged = self.shared.state.lock().merge_owner_now(guard)?;
+        Ok(MergeNowReport { pages_merged })
+    }
+
     /// Gives every merged page of `region` back to it (for memory that must not be shared,
     /// such as secrets): afterwards the region is one mapping of its own memfd again.
     pub fn unmerge_region(&self, guard: &OwnerGuard, region: &RegionHandle) -> Result<(), Error> {

@@ -189,15 +189,30 @@ impl MergeState {
         result
     }
 
+    /// Merges every region of the guard's owner at once (see [`crate::Engine::merge_owner_now`]);
+    /// returns how many of their pages map stable pages afterwards.
+    pub(crate) fn merge_owner_now(&mut self, guard: &OwnerGuard) -> Result<u64, Error> {
+        let mut merged = 0;
+        for id in self.regions_of(guard.owner()) {
+            let pages = self.regions[&id].region.len() / PAGE_SIZE;
+            self.scan_range(guard.quiescent(), id, 0..pages, Visit::Now)?;
+            merged += self.merged_pages(id, 0..pages);
+        }
+        Ok(merged)
+    }
+
+    fn regions_of(&self, owner: OwnerId) -> Vec<RegionId> {
+        self.regions
+            .iter()
+            .filter(|(_, r)| r.region.owner.id() == owner)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Visits every region of `owner` (its park visit). `false` when the owner is running
     /// again, or has no regions: then there is nothing to look at now.
     pub(crate) fn scan_owner(&mut self, owner: &Owner) -> Result<bool, Error> {
-        let ids: Vec<RegionId> = self
-            .regions
-            .iter()
-            .filter(|(_, r)| r.region.owner.id() == owner.id())
-            .map(|(&id, _)| id)
-            .collect();
+        let ids = self.regions_of(owner.id());
         if ids.is_empty() {
             return Ok(false);
         }
@@ -539,7 +554,9 @@ impl MergeState {
 
         let checksum = xxh3_64(content);
         let unchanged = record.has(SEEN) && record.checksum == checksum;
-        self.record_visit(id, page, checksum, unchanged || visit == Visit::Now);
+        // A first visit proves nothing either way; only a changed checksum is volatile.
+        let changed = record.has(SEEN) && !unchanged;
+        self.record_visit(id, page, checksum, !changed || visit == Visit::Now);
         if !unchanged && visit != Visit::Now {
             return Ok(1);
         }

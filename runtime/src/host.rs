@@ -35,6 +35,10 @@ pub struct HostConfig {
     pub engine_config: EngineConfig,
     /// Tenant domain of every instance of this host: pages merge only within a domain.
     pub domain: DomainId,
+    /// Merge each new instance's memory right after instantiation, when it holds just the
+    /// module's data segments: instances then start out sharing them, as with wasmtime's
+    /// copy-on-write instantiation (which a memfd memory cannot use).
+    pub merge_on_instantiate: bool,
 }
 
 impl Default for HostConfig {
@@ -44,6 +48,7 @@ impl Default for HostConfig {
             dedup: true,
             engine_config: EngineConfig::default(),
             domain: 0,
+            merge_on_instantiate: true,
         }
     }
 }
@@ -59,6 +64,7 @@ pub struct Host {
     dedup: Option<samepage_dedup::Engine>,
     /// Domain given to every instance's owner.
     domain: DomainId,
+    merge_on_instantiate: bool,
 }
 
 impl Host {
@@ -89,6 +95,7 @@ impl Host {
             linker,
             dedup,
             domain: config.domain,
+            merge_on_instantiate: config.merge_on_instantiate,
         })
     }
 
@@ -131,14 +138,19 @@ impl Host {
         let mut store = Store::new(&self.engine, context.wasi);
         let handle = {
             // wasmtime writes data segments into the new memories: that is the owner writing.
-            let _guard = owner.enter();
+            let guard = owner.enter();
             let scope = OwnerScope::enter(&owner);
-            self.linker
-                .instantiate(&mut store, module)
-                .map_err(|source| match scope.take_failure() {
-                    Some(memory) => RuntimeError::MemoryCreation(memory),
-                    None => RuntimeError::Instantiate(source),
-                })?
+            let handle =
+                self.linker
+                    .instantiate(&mut store, module)
+                    .map_err(|source| match scope.take_failure() {
+                        Some(memory) => RuntimeError::MemoryCreation(memory),
+                        None => RuntimeError::Instantiate(source),
+                    })?;
+            if let Some(engine) = self.dedup.as_ref().filter(|_| self.merge_on_instantiate) {
+                engine.merge_owner_now(&guard)?;
+            }
+            handle
         };
         let mut instance = Instance::new(
             store,

@@ -32,6 +32,86 @@ pub const WORKLOAD_B: Synthetic = Synthetic {
     ..WORKLOAD_A
 };
 
+/// 64 instances' worth of regions, for the sharing-limit figures.
+pub const WORKLOAD_64: Synthetic = Synthetic {
+    name: "64 × 2,048 pages",
+    regions: 64,
+    pages: 2048,
+    odd_pages_unique: false,
+};
+
+/// Knobs for measuring the merge path flat out: big batches, no sleep.
+fn flat_out(max_page_sharing: u32) -> Knobs {
+    Knobs {
+        pages_to_scan: 1 << 16,
+        sleep: std::time::Duration::ZERO,
+        max_page_sharing,
+        ..Knobs::default()
+    }
+}
+
+/// Workloads A and B, and merging 64 regions with sharing limits of 2 and 256.
+pub fn suite() -> Result<String> {
+    let mut rows = Vec::new();
+    let mut figures = Vec::new();
+    for (workload, limit) in [
+        (WORKLOAD_A, 256),
+        (WORKLOAD_B, 256),
+        (WORKLOAD_64, 256),
+        (WORKLOAD_64, 16),
+        (WORKLOAD_64, 2),
+    ] {
+        let f = run(&workload, flat_out(limit))?;
+        eprintln!("bench: {}", serde_json::to_string(&f)?);
+        rows.push(vec![
+            workload.name.to_owned(),
+            limit.to_string(),
+            f.pages_sharing.to_string(),
+            format!("{} / {}", f.stable_node_chains, f.stable_node_dups),
+            format!("{:.3} s", f.converge_seconds),
+            format!("{:.3} s", f.cpu_seconds),
+            format!("{:.2} µs", f.cpu_us_per_merged_page),
+            format!("{:.0}", f.merged_pages_per_second),
+            format!("{} (budget {})", f.vmas, f.map_budget),
+            f.pages_skipped_map_budget.to_string(),
+            format!(
+                "{} → {}",
+                super::mib(f.pss_bytes_before as f64),
+                super::mib(f.pss_bytes_after as f64)
+            ),
+        ]);
+        figures.push(f);
+    }
+    Ok(format!(
+        "# The merge path on synthetic regions\n\n\
+         The engine alone (no wasm), over memfd regions, scanning in the calling thread pass \
+         after pass until a pass merges nothing (`pages_to_scan` = 65,536, no sleep). CPU is \
+         that thread's (user + system) from the first pass to the end of the pass that merged \
+         the last page; per merged page divides it by `pages_sharing`. Memory is the \
+         process's PSS.\n\n\
+         - A: 8 regions × 16,384 pages, page *i* identical across regions.\n\
+         - B: the same with every odd page unique to its region.\n\
+         - 64 × 2,048 pages: 64 regions, page *i* identical across them, with \
+         `max_page_sharing` 256, 16 and 2.\n\n{}",
+        super::table(
+            &[
+                "workload",
+                "max_page_sharing",
+                "pages merged",
+                "chains / dups",
+                "time to converge",
+                "CPU",
+                "CPU per merged page",
+                "merged pages/s",
+                "mappings",
+                "skipped (map budget)",
+                "PSS before → after",
+            ],
+            &rows,
+        )
+    ))
+}
+
 /// Figures of one run of the engine over a synthetic workload.
 #[derive(Debug, Serialize)]
 pub struct EngineFigures {
@@ -40,6 +120,8 @@ pub struct EngineFigures {
     pub pages_per_region: usize,
     pub pages_sharing: u64,
     pub pages_shared: u64,
+    pub stable_node_chains: u64,
+    pub stable_node_dups: u64,
     /// Wall time from the first pass to the end of the pass that merged the last page.
     pub converge_seconds: f64,
     /// CPU time of the scanning thread over the same span.
@@ -113,6 +195,8 @@ pub fn run(workload: &Synthetic, knobs: Knobs) -> Result<EngineFigures> {
         pages_per_region: workload.pages,
         pages_sharing: stats.pages_sharing,
         pages_shared: stats.pages_shared,
+        stable_node_chains: stats.stable_node_chains,
+        stable_node_dups: stats.stable_node_dups,
         converge_seconds: converged.0,
         cpu_seconds: converged.1,
         merged_pages_per_second: merged / converged.0.max(1e-9),

@@ -1,3 +1,135 @@
-//! `samepage bench`: figures, not timed tests.
+//! `samepage bench`: figures, not timed tests. Each suite writes a Markdown report (and the
+//! compare suite SVG plots) under `--out`, stamped with the machine, the date and the exact
+//! command, and prints where it wrote them.
 
+pub mod compare;
 pub mod engine;
+pub mod micro;
+mod plot;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// The merge engine alone on synthetic regions: workloads A and B, sharing limits.
+    Engine,
+    /// Every mode (samepage, memfd without merging, wasmtime's copy-on-write, Linux KSM) on
+    /// synthetic and real WASI programs, side by side, rounds alternating.
+    Compare,
+    /// samepage and KSM at their default settings: convergence, CPU, idle CPU.
+    Defaults,
+    /// The cost of the first write to a merged page, samepage against KSM.
+    CowFault,
+    /// The merge-now API on 64 instances of 16 MiB.
+    MergeNow,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Suites to run (all when none is given).
+    #[arg(long = "suite", value_enum)]
+    pub suites: Vec<Suite>,
+    /// Rounds of the compare suite; modes alternate within each round.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+    /// Where the reports go.
+    #[arg(long, default_value = "docs/benchmarks")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let suites = if args.suites.is_empty() {
+        Suite::value_variants().to_vec()
+    } else {
+        args.suites.clone()
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for suite in suites {
+        let name = suite
+            .to_possible_value()
+            .expect("no skipped variants")
+            .get_name()
+            .to_owned();
+        eprintln!("bench: suite {name}");
+        let body = match suite {
+            Suite::Engine => engine::suite()?,
+            Suite::Compare => compare::suite(args.rounds, &args.out)?,
+            Suite::Defaults => compare::defaults()?,
+            Suite::CowFault => micro::cow_fault()?,
+            Suite::MergeNow => micro::merge_now()?,
+        };
+        let path = args.out.join(format!("{name}.md"));
+        std::fs::write(&path, with_header(&body))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The report with the machine, date and command it was measured with.
+fn with_header(body: &str) -> String {
+    let command: Vec<String> = std::env::args().collect();
+    format!(
+        "{body}\n---\nMeasured on {}.\nCommand: `{}` (release build).\n",
+        machine(),
+        command.join(" ")
+    )
+}
+
+/// One line describing this machine and the date.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1048576.0);
+    let uname = rustix::system::uname();
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{cpu}, {cores} cores, {memory_gib:.0} GiB, Linux {}, {date}",
+        uname.release().to_string_lossy()
+    )
+}
+
+/// A Markdown table.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        headers.join(" | "),
+        " --- |".repeat(headers.len())
+    );
+    for row in rows {
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / 1048576.0)
+}
+
+/// The repository root (where `examples/` is), for guests and real programs.
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}

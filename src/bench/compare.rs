@@ -1,0 +1,400 @@
+//! samepage against the baselines, each run in a child `samepage run --json` process so that
+//! no mode inherits another's memory, with the modes' order rotating from round to round so
+//! that drift of the machine hits them all alike.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use super::{mib, repo_path, table};
+use crate::ksm::KsmSysfs;
+
+/// A program run as many instances.
+struct Workload {
+    name: &'static str,
+    /// File-name-safe name, for the plot.
+    slug: &'static str,
+    module: PathBuf,
+    instances: u32,
+    /// `samepage run` options before `--`, then the guest's arguments after it.
+    options: Vec<String>,
+    guest_args: Vec<String>,
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn workloads(scratch: &Path) -> Vec<Workload> {
+    let out = format!("{}::/out", scratch.display());
+    vec![
+        Workload {
+            name: "A: 8 × 16,384 pages, page i identical",
+            slug: "a",
+            module: repo_path("examples/guests/fill.wat"),
+            instances: 8,
+            options: strings(&["--env", "FILL_PAGES=16384"]),
+            guest_args: Vec::new(),
+        },
+        Workload {
+            name: "B: as A, every other page unique",
+            slug: "b",
+            module: repo_path("examples/guests/fill.wat"),
+            instances: 8,
+            options: strings(&["--env", "FILL_PAGES=16384", "--env", "FILL_UNIQUE_ODD=1"]),
+            guest_args: Vec::new(),
+        },
+        Workload {
+            name: "Flite (speech synthesis, C), 16 instances",
+            slug: "flite",
+            module: repo_path("examples/real/flite.wasm"),
+            instances: 16,
+            options: vec!["--dir".into(), out.clone()],
+            guest_args: strings(&[
+                "-t",
+                "Many tenants, one copy of every page.",
+                "-o",
+                "/out/speech.wav",
+            ]),
+        },
+    ]
+}
+
+/// Runs `samepage run` in a child process and returns its JSON report.
+fn run_child(
+    module: &Path,
+    instances: u32,
+    mode: &str,
+    options: &[String],
+    guest_args: &[String],
+) -> Result<Value> {
+    let exe = std::env::current_exe().context("locating the samepage binary")?;
+    let output = Command::new(exe)
+        .arg("run")
+        .arg(module)
+        .args([
+            "--instances",
+            &instances.to_string(),
+            "--dedup",
+            mode,
+            "--json",
+        ])
+        .args(options)
+        .arg("--")
+        .args(guest_args)
+        .output()
+        .context("running samepage run")?;
+    if !output.status.success() {
+        bail!(
+            "samepage run {} --dedup {mode} failed: {}",
+            module.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("parsing the run's JSON report")
+}
+
+fn number(report: &Value, field: &str) -> f64 {
+    report[field].as_f64().unwrap_or(f64::NAN)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The median of `field` over a mode's rounds.
+fn med(reports: &[Value], field: &str) -> f64 {
+    median(reports.iter().map(|r| number(r, field)).collect())
+}
+
+fn saved(report: &Value) -> f64 {
+    number(report, "pss_bytes_before") - number(report, "pss_bytes_after")
+}
+
+const MODES: [&str; 4] = ["on", "off", "cow", "ksm"];
+
+/// Every workload under every mode, `rounds` times, rotating the modes' order.
+pub fn suite(rounds: u32, out: &Path) -> Result<String> {
+    let scratch = std::env::temp_dir().join(format!("samepage-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let ksm = KsmSysfs::system().check_usable();
+    let modes: Vec<&str> = MODES
+        .iter()
+        .copied()
+        .filter(|&m| m != "ksm" || ksm.is_ok())
+        .collect();
+    let mut report = String::from(
+        "# samepage, wasmtime and Linux KSM side by side\n\n\
+         Each workload runs as N instances in a child `samepage run --json` process per mode:\n\n\
+         - `on`: samepage (memfd memories, samepage's scanner at its defaults: 4,096 pages \
+         per batch, 20 ms between batches, scan on park);\n\
+         - `off`: the same memfd memories, no merging;\n\
+         - `cow`: wasmtime's own memories with its copy-on-write instantiation, no merging \
+         (a plain wasmtime host);\n\
+         - `ksm`: wasmtime's own memories, `MADV_MERGEABLE`, ksmd at full speed \
+         (`pages_to_scan` 100,000, `sleep_millisecs` 0).\n\n\
+         The instances run to completion, memory is measured, then merging starts; a run ends \
+         when its merger completed a pass (after two) that merged nothing. Memory is given two \
+         ways: the memory cgroup each run makes for itself (everything the run allocated, \
+         mapped or not: the fairer figure, and the one in bold) and PSS. PSS cannot see memfd \
+         pages nobody maps, such as the parts of wasmtime's module image that no instance \
+         touched, while samepage's stable pages are mapped by the engine that compared them, \
+         so PSS flatters `cow` and `ksm` against `on`. samepage merges each instance's data \
+         segments right after instantiation, so `on` starts out shared as `cow` does. Time to converge is \
+         the time until PSS had fallen by 99% of its final fall; CPU is samepage's scanner \
+         thread or ksmd, over the same span. Each cell is the median of the rounds. samepage \
+         scans on one thread; the instances ran before merging began, so the other core was \
+         idle for both mergers.\n\n",
+    );
+    if let Err(error) = &ksm {
+        report.push_str(&format!("**Linux KSM not measured**: {error:#}.\n\n"));
+    }
+    let mut target_rows = Vec::new();
+    for workload in workloads(&scratch) {
+        if !workload.module.exists() {
+            report.push_str(&format!(
+                "## {}\n\nNot measured: {} is missing (run `scripts/fetch-real-programs`).\n\n",
+                workload.name,
+                workload.module.display()
+            ));
+            continue;
+        }
+        let mut results: Vec<(&str, Vec<Value>)> = modes.iter().map(|&m| (m, Vec::new())).collect();
+        for round in 0..rounds as usize {
+            for k in 0..modes.len() {
+                let index = (round + k) % modes.len();
+                let mode = modes[index];
+                eprintln!("bench: {} round {} mode {mode}", workload.slug, round + 1);
+                let result = run_child(
+                    &workload.module,
+                    workload.instances,
+                    mode,
+                    &workload.options,
+                    &workload.guest_args,
+                )?;
+                results[index].1.push(result);
+            }
+        }
+        let ksm_results = results
+            .iter()
+            .find(|(m, _)| *m == "ksm")
+            .map(|(_, r)| r.as_slice());
+        let ratio = |value: f64, field: &dyn Fn(&[Value]) -> f64| match ksm_results {
+            Some(k) => format!("{:.2}×", value / field(k)),
+            None => "-".into(),
+        };
+        let saved_of = |r: &[Value]| median(r.iter().map(saved).collect());
+        let rows: Vec<Vec<String>> = results
+            .iter()
+            .map(|(mode, r)| {
+                let saved = saved_of(r);
+                let converge = med(r, "converge_seconds");
+                let cpu = med(r, "scanner_cpu_seconds");
+                let cgroup_after = med(r, "cgroup_memory_bytes_after");
+                vec![
+                    (*mode).to_owned(),
+                    format!(
+                        "{} / {}",
+                        mib(med(r, "cgroup_memory_bytes_before")),
+                        mib(med(r, "pss_bytes_after_instantiate"))
+                    ),
+                    format!(
+                        "**{}** ({}) / {}",
+                        mib(cgroup_after),
+                        ratio(cgroup_after, &|k| med(k, "cgroup_memory_bytes_after")),
+                        mib(med(r, "pss_bytes_after"))
+                    ),
+                    format!("{} ({})", mib(saved), ratio(saved, &saved_of)),
+                    format!(
+                        "{converge:.2} s ({})",
+                        ratio(converge, &|k| med(k, "converge_seconds"))
+                    ),
+                    format!(
+                        "{cpu:.3} s ({})",
+                        ratio(cpu, &|k| med(k, "scanner_cpu_seconds"))
+                    ),
+                    format!(
+                        "{:.0} / {:.0}",
+                        med(r, "pages_shared"),
+                        med(r, "pages_sharing")
+                    ),
+                    format!("{:.0}", med(r, "vmas")),
+                    format!("{:.2} s", med(r, "instantiate_seconds")),
+                ]
+            })
+            .collect();
+        report.push_str(&format!(
+            "## {}\n\n{} instances of `{}`.\n\n{}\n![PSS over time]({}-{}.svg)\n\n",
+            workload.name,
+            workload.instances,
+            workload
+                .module
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            table(
+                &[
+                    "mode",
+                    "memory after instantiation: cgroup / PSS",
+                    "memory after convergence: cgroup (÷ KSM) / PSS",
+                    "PSS saved by merging (÷ KSM)",
+                    "time to converge (÷ KSM)",
+                    "merger CPU (÷ KSM)",
+                    "pages shared / sharing",
+                    "mappings",
+                    "instantiate + run",
+                ],
+                &rows,
+            ),
+            "compare",
+            workload.slug
+        ));
+        super::plot::pss_over_time(
+            &out.join(format!("compare-{}.svg", workload.slug)),
+            workload.name,
+            &results
+                .iter()
+                .map(|(mode, r)| (*mode, trace(&r[0])))
+                .collect::<Vec<_>>(),
+        )?;
+        if let Some(k) = ksm_results {
+            let on = &results[0].1;
+            if workload.slug == "a" {
+                let (t, c, s) = (
+                    med(on, "converge_seconds") / med(k, "converge_seconds"),
+                    med(on, "scanner_cpu_seconds") / med(k, "scanner_cpu_seconds"),
+                    saved_of(on) / saved_of(k),
+                );
+                target_rows.push(verdict(
+                    "A: time to 99% of the saving ≤ 0.5× KSM's",
+                    t,
+                    t <= 0.5,
+                ));
+                target_rows.push(verdict("A: merger CPU ≤ 0.5× KSM's", c, c <= 0.5));
+                target_rows.push(verdict("A: saving ≥ 0.95× KSM's", s, s >= 0.95));
+            } else if workload.slug != "b" {
+                // Modes start from different memory (wasmtime's copy-on-write image against
+                // samepage's merged data segments), so what counts is where they end.
+                let m = med(on, "cgroup_memory_bytes_after") / med(k, "cgroup_memory_bytes_after");
+                target_rows.push(verdict(
+                    &format!(
+                        "{}: memory after convergence (cgroup) ≤ KSM's",
+                        workload.slug
+                    ),
+                    m,
+                    m <= 1.0,
+                ));
+            }
+        }
+    }
+    if !target_rows.is_empty() {
+        report.push_str(&format!(
+            "## Targets\n\n{}\n",
+            table(&["target", "samepage ÷ KSM", "met"], &target_rows)
+        ));
+    }
+    std::fs::remove_dir_all(&scratch).ok();
+    Ok(report)
+}
+
+fn verdict(target: &str, ratio: f64, met: bool) -> Vec<String> {
+    vec![
+        target.to_owned(),
+        format!("{ratio:.2}"),
+        if met { "yes" } else { "**no**" }.into(),
+    ]
+}
+
+/// A report's PSS trace, as (seconds, MiB).
+fn trace(report: &Value) -> Vec<(f64, f64)> {
+    report["pss_trace"]
+        .as_array()
+        .map(|points| {
+            points
+                .iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()? / 1048576.0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// samepage and KSM at their default settings, on the README's workload.
+pub fn defaults() -> Result<String> {
+    let module = repo_path("examples/guests/fill.wat");
+    let common = strings(&["--settle-secs", "300", "--idle-secs", "10"]);
+    let mut runs: Vec<(&str, Value)> = vec![
+        (
+            "samepage, defaults",
+            run_child(&module, 32, "on", &common, &[])?,
+        ),
+        ("samepage, defaults, scan on park off", {
+            let mut options = common.clone();
+            options.extend(strings(&["--scan-on-park", "off"]));
+            run_child(&module, 32, "on", &options, &[])?
+        }),
+    ];
+    let ksm = KsmSysfs::system().check_usable();
+    if ksm.is_ok() {
+        let mut options = common.clone();
+        options.extend(strings(&[
+            "--ksm-pages-to-scan",
+            "100",
+            "--ksm-sleep-ms",
+            "20",
+        ]));
+        runs.push((
+            "Linux KSM, defaults",
+            run_child(&module, 32, "ksm", &options, &[])?,
+        ));
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|(name, r)| {
+            vec![
+                (*name).to_owned(),
+                mib(saved(r)),
+                format!("{:.2} s", number(r, "converge_seconds")),
+                format!("{:.3} s", number(r, "scanner_cpu_seconds")),
+                format!("{:.2}%", number(r, "idle_cpu_percent")),
+                format!("{:.0}", number(r, "pages_sharing")),
+            ]
+        })
+        .collect();
+    let mut report = format!(
+        "# Default settings\n\n\
+         32 instances of `examples/guests/fill.wat` (16 MiB each, page i identical), each \
+         merger at its default settings: samepage 4,096 pages per batch and 20 ms between \
+         batches, with and without scan on park; KSM `pages_to_scan` 100 and \
+         `sleep_millisecs` 20. Time to converge counts from the moment the instances had all \
+         run (they park), until PSS had fallen by 99% of its final fall. Idle CPU is the \
+         merger's CPU over the 10 s after convergence, with nothing changing.\n\n{}\n",
+        table(
+            &[
+                "merger",
+                "saved",
+                "time to converge",
+                "CPU to converge",
+                "CPU while idle (of one core)",
+                "pages_sharing"
+            ],
+            &rows,
+        )
+    );
+    match ksm {
+        Ok(()) => {
+            let (on, k) = (&runs[0].1, &runs[2].1);
+            let sooner = number(k, "converge_seconds") / number(on, "converge_seconds");
+            let cpu = number(on, "scanner_cpu_seconds") / number(k, "scanner_cpu_seconds");
+            report.push_str(&format!(
+                "samepage converged {sooner:.0}× sooner than KSM (target ≥ 20×: {}), with {cpu:.2}× \
+                 its CPU (target ≤ 1×: {}).\n",
+                if sooner >= 20.0 { "met" } else { "**missed**" },
+                if cpu <= 1.0 { "met" } else { "**missed**" }
+            ));
+        }
+        Err(error) => report.push_str(&format!("Linux KSM not measured: {error:#}.\n")),
+    }
+    Ok(report)
+}
