@@ -131,11 +131,24 @@ fn the_ksm_baseline_merges_and_puts_the_system_settings_back() {
     let read = |name: &str| std::fs::read_to_string(ksm.join(name)).expect("ksm setting");
     let before = (read("run"), read("pages_to_scan"), read("sleep_millisecs"));
     let output = samepage(&[
-        "run", "examples/guests/fill.wat", "--instances", "4", "--dedup", "ksm", "--json",
+        "run",
+        "examples/guests/fill.wat",
+        "--instances",
+        "4",
+        "--dedup",
+        "ksm",
+        "--json",
     ]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(report["mode"], "ksm");
     assert!(report["pages_sharing"].as_u64().expect("sharing") >= 3 * 4096);
-    assert_eq!((read("run"), read("pages_to_scan"), read("sleep_millisecs")), before);
+    assert_eq!(
+        (read("run"), read("pages_to_scan"), read("sleep_millisecs")),
+        before
+    );
 }

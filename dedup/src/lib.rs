@@ -20,6 +20,11 @@
 //! a page matches, the engine extends the match page by page and merges the whole run with one
 //! `mmap` onto *contiguous* stable pages. A later sharer of the same run then finds page `i + 1`
 //! of its run in stable slot `s + 1`, compares, and takes the whole run with one `mmap` too.
+//! A run may also bridge a few pages that differ (up to eight in a row, and no more than it
+//! shares): the whole *window* is mapped at once, and the differing pages get private copies
+//! of their own bytes through the mapping's copy-on-write. A private copy costs a fault
+//! (about 2 µs) and no memory beyond the page it replaces; the mappings it saves are what
+//! runs out first when identical pages alternate with unique ones.
 //! The engine counts the mappings it creates and stays within a share of `vm.max_map_count`;
 //! when that budget is tight it merges only long runs and counts what it skipped.
 //!
@@ -44,8 +49,9 @@
 //! The scanner reads `/proc/self/pagemap` for the merged pages it passes: a merged page that
 //! became an anonymous page was written by its owner. The engine copies it back into the
 //! region's own memfd, maps the memfd there again, and drops the sharer; a stable page that
-//! no one maps any more is punched and its slot reused. Every page of a region is thus either
-//! its own memfd page or a stable page it shares — never a stray private copy.
+//! no one maps any more is punched, and its slot is reused once no mapping covers it. Every
+//! page of a region is thus its own memfd page, a stable page it shares, or a private copy in
+//! a window the engine made (and accounts for) — never a stray copy nobody knows about.
 //!
 //! # Who may remap what
 //!

@@ -85,6 +85,36 @@ pub(crate) fn restore_own(
     Ok(())
 }
 
+/// Gives pages `first..first + count`, just mapped over a window of stable slots, their own
+/// bytes back as private copies: reads them from the region's memfd (which still holds them;
+/// it is punched afterwards) into the mapping, whose copy-on-write makes each page private.
+pub(crate) fn fill_private_from_own(
+    q: Quiescent<'_>,
+    region: &Region,
+    first: usize,
+    count: usize,
+) -> io::Result<()> {
+    check_owner(q, region);
+    // SAFETY: the range lies inside the region's mapping (caller's bound); the owner cannot
+    // touch it (the token); what is written is the owner's own bytes, read from its memfd.
+    let target = unsafe {
+        std::slice::from_raw_parts_mut(region.page_addr(first) as *mut u8, count * PAGE_SIZE)
+    };
+    let mut done = 0;
+    while done < target.len() {
+        let read = rustix::io::pread(
+            region.memfd.as_file(),
+            &mut target[done..],
+            (first * PAGE_SIZE + done) as u64,
+        )?;
+        if read == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        done += read;
+    }
+    Ok(())
+}
+
 /// Frees the region's own memfd pages `first..first + count`. Called once the region no
 /// longer maps them (they were replaced by stable pages), or for a page of zeros, which
 /// reads back as zeros from the hole.

@@ -61,13 +61,20 @@ impl IndexEntry {
     }
 }
 
-/// A slot in use: one stable page.
+/// A slot in use: one stable page, or a place in a merged window where the regions that map
+/// the window hold private copies of their own (see [`crate::state`]'s windows).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StableNode {
     /// Index key of the content (the domain of its sharers and the xxh3 of its bytes).
     pub(crate) key: ContentKey,
     /// Region pages mapping this page that have not written it (yet).
     pub(crate) sharers: u32,
+    /// Region pages whose mapping covers this slot but that hold a private copy instead. They
+    /// keep the slot from being reused, so that nothing a mapping covers ever changes under
+    /// it, but need no content in it.
+    pub(crate) copies: u32,
+    /// Whether the slot holds a stable page (from publication until its last sharer left).
+    pub(crate) content: bool,
     /// Whether the index finds this page (false after a checksum collision).
     pub(crate) indexed: bool,
 }
@@ -147,9 +154,9 @@ impl StableStore {
         self.memfd.as_file()
     }
 
-    /// The bytes of a slot in use.
+    /// The bytes of a stable page.
     pub(crate) fn page(&self, slot: Slot) -> &[u8] {
-        debug_assert!(self.node(slot).is_some());
+        debug_assert!(self.node(slot).is_some_and(|node| node.content));
         // SAFETY: the slot is below `capacity`, so inside the view; a slot in use was written
         // before use and is immutable (quiescence rule 4), so the bytes stay put.
         unsafe { std::slice::from_raw_parts(self.view.add(slot as usize * PAGE_SIZE), PAGE_SIZE) }
@@ -186,9 +193,9 @@ impl StableStore {
         self.node(slot).map_or(0, |node| node.sharers)
     }
 
-    /// Whether `slot` can take one more sharer.
+    /// Whether `slot` holds a stable page that can take one more sharer.
     pub(crate) fn has_room_at(&self, slot: Slot) -> bool {
-        self.sharers(slot) < self.max_sharing
+        self.node(slot).is_some_and(|node| node.content) && self.sharers(slot) < self.max_sharing
     }
 
     /// Changes the sharing limit; only while nothing is shared, so that no page is above it.
@@ -272,40 +279,92 @@ impl StableStore {
         (chains, dups, sound)
     }
 
-    /// Publishes `bytes` (whole pages) as new stable pages in contiguous slots, with no
-    /// sharers yet, and indexes each under its key. `None` when the store is full.
+    /// Publishes a window of contiguous slots, with no sharers yet: where `keys` has a key,
+    /// the page of `bytes` there becomes a stable page, indexed under the key; where it has
+    /// none, the slot stays empty, a place for private copies. `None` when the store is full.
     pub(crate) fn publish(
         &mut self,
         bytes: &[u8],
-        keys: &[ContentKey],
+        keys: &[Option<ContentKey>],
     ) -> io::Result<Option<Slot>> {
-        let count = keys.len() as Slot;
-        let Some(first) = self.allocate(count) else {
+        let Some(first) = self.allocate(keys.len() as Slot) else {
             return Ok(None);
         };
-        let mut written = 0;
-        while written < bytes.len() {
-            written += rustix::io::pwrite(
-                self.memfd.as_file(),
-                &bytes[written..],
-                first as u64 * PAGE_SIZE as u64 + written as u64,
-            )?;
+        let mut n = 0;
+        while n < keys.len() {
+            if keys[n].is_none() {
+                n += 1;
+                continue;
+            }
+            let start = n;
+            while n < keys.len() && keys[n].is_some() {
+                n += 1;
+            }
+            let run = &bytes[start * PAGE_SIZE..n * PAGE_SIZE];
+            let offset = (first as usize + start) * PAGE_SIZE;
+            let mut written = 0;
+            while written < run.len() {
+                written += rustix::io::pwrite(
+                    self.memfd.as_file(),
+                    &run[written..],
+                    (offset + written) as u64,
+                )?;
+            }
         }
-        for (i, &key) in keys.iter().enumerate() {
-            let slot = first + i as Slot;
+        for (n, key) in keys.iter().enumerate() {
+            let slot = first + n as Slot;
             self.nodes[slot as usize] = Some(StableNode {
-                key,
+                key: key.unwrap_or_default(),
                 sharers: 0,
+                copies: 0,
+                content: key.is_some(),
                 indexed: false,
             });
-            let indexed = self.index_slot(key, slot);
-            self.nodes[slot as usize]
-                .as_mut()
-                .expect("just set")
-                .indexed = indexed;
-            self.in_use += 1;
+            if let Some(key) = *key {
+                let indexed = self.index_slot(key, slot);
+                self.nodes[slot as usize]
+                    .as_mut()
+                    .expect("just set")
+                    .indexed = indexed;
+                self.in_use += 1;
+            }
         }
         Ok(Some(first))
+    }
+
+    /// Records one more private copy over `slot`.
+    pub(crate) fn add_copy(&mut self, slot: Slot) {
+        self.nodes[slot as usize]
+            .as_mut()
+            .expect("copy over a free slot")
+            .copies += 1;
+    }
+
+    /// Records that a private copy over `slot` went; frees the slot when nothing covers it.
+    pub(crate) fn drop_copy(&mut self, slot: Slot) {
+        let node = self.nodes[slot as usize]
+            .as_mut()
+            .expect("copy over a free slot");
+        node.copies -= 1;
+        if node.copies == 0 && node.sharers == 0 {
+            self.nodes[slot as usize] = None;
+            self.release(slot, 1);
+        }
+    }
+
+    /// Punches the empty slots among `count` from `first`: a private copy made over an
+    /// empty slot faults a page of zeros into it first.
+    pub(crate) fn punch_empty(&self, first: Slot, count: Slot) -> io::Result<()> {
+        for slot in first..first + count {
+            if self.node(slot).is_some_and(|node| !node.content) {
+                remap::punch(
+                    self.memfd.as_file(),
+                    slot as u64 * PAGE_SIZE as u64,
+                    PAGE_SIZE,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Records one more sharer of `slot`.

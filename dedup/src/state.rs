@@ -31,7 +31,7 @@ struct PageRecord {
     checksum: u64,
     /// The stable slot this page maps, plus one; zero when the page maps its own memfd.
     stable: u32,
-    /// `SEEN`, `VOLATILE`, `ZERO`.
+    /// `SEEN`, `VOLATILE`, `ZERO`, `COPY`.
     flags: u8,
     /// Consecutive visits in which the page was unchanged but matched nothing (smart scan).
     misses: u8,
@@ -40,10 +40,16 @@ struct PageRecord {
 const SEEN: u8 = 1;
 const VOLATILE: u8 = 2;
 const ZERO: u8 = 4;
+/// The page lies in a merged window but holds a private copy of its own bytes.
+const COPY: u8 = 8;
 
 impl PageRecord {
     fn slot(&self) -> Option<Slot> {
         self.stable.checked_sub(1)
+    }
+    /// Whether the page maps a stable page it shares.
+    fn shares(&self) -> bool {
+        self.stable != 0 && !self.has(COPY)
     }
     fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
@@ -177,7 +183,7 @@ impl MergeState {
         let mut result = Ok(());
         for page in &record.pages {
             if let Some(slot) = page.slot()
-                && let Err(source) = self.stable.drop_sharer(slot)
+                && let Err(source) = self.leave_slot(slot, page.has(COPY))
             {
                 result = Err(Error::Remap { region: id, source });
             }
@@ -236,7 +242,7 @@ impl MergeState {
             .values()
             .filter(|r| r.region.owner.id() == owner)
         {
-            stats.pages_merged += record.pages.iter().filter(|p| p.stable != 0).count() as u64;
+            stats.pages_merged += record.pages.iter().filter(|p| p.shares()).count() as u64;
             stats.zero_pages += record.pages.iter().filter(|p| p.has(ZERO)).count() as u64;
             metadata += (record.pages.capacity() * size_of::<PageRecord>()) as i64;
         }
@@ -437,7 +443,7 @@ impl MergeState {
         let mut page = range.start;
         while page < range.end {
             let written = |state: &Self, p: usize| {
-                state.regions[&id].pages[p].stable != 0
+                state.regions[&id].pages[p].shares()
                     && state.backing[p - range.start] == PageBacking::Private
             };
             if !written(self, page) {
@@ -469,17 +475,29 @@ impl MergeState {
         for page in range {
             let record = &mut self.regions.get_mut(&id).expect("caller checked").pages[page];
             let slot = record.slot().expect("restore of an unmerged page");
+            let copy = record.has(COPY);
             record.stable = 0;
-            self.stable.drop_sharer(slot)?;
+            record.flags &= !COPY;
+            self.leave_slot(slot, copy)?;
         }
         Ok(())
+    }
+
+    /// A page stops mapping `slot`, as a sharer or as a private copy.
+    fn leave_slot(&mut self, slot: Slot, copy: bool) -> std::io::Result<()> {
+        if copy {
+            self.stable.drop_copy(slot);
+            Ok(())
+        } else {
+            self.stable.drop_sharer(slot)
+        }
     }
 
     /// Gives every merged page of region `id` back to it: afterwards the region is one
     /// mapping of its own memfd again.
     pub(crate) fn unmerge_region(&mut self, q: Quiescent<'_>, id: RegionId) -> Result<(), Error> {
         let record = self.regions.get(&id).ok_or(Error::UnknownRegion(id))?;
-        let merged: Vec<Range<usize>> = runs(&record.pages, |p| p.stable != 0).collect();
+        let merged: Vec<Range<usize>> = runs_of(&record.pages, |p| p.stable != 0).collect();
         for range in merged {
             self.restore(q, id, range)
                 .map_err(|source| Error::Remap { region: id, source })?;
@@ -643,8 +661,9 @@ impl MergeState {
         allowed
     }
 
-    /// Merges the run starting at `page` onto the stable run starting at `slot`, extending it
-    /// while the next region page equals the next stable page.
+    /// Merges the window starting at `page` onto the stable slots starting at `slot`: it
+    /// extends while the next region page equals the next stable page, and bridges up to
+    /// [`MAX_GAP`] pages in a row that differ, which keep private copies (see [`trim_window`]).
     fn merge_onto_stable(
         &mut self,
         q: Quiescent<'_>,
@@ -655,36 +674,51 @@ impl MergeState {
         visit: Visit,
     ) -> Result<usize, Error> {
         let region = self.regions[&id].region.clone();
-        let mut run = 1;
-        while page + run < end {
-            let next = page + run;
+        let domain = region.owner.domain();
+        let mut shares = vec![true];
+        let mut gap = 0;
+        while page + shares.len() < end {
+            let next = page + shares.len();
+            let next_slot = slot + shares.len() as Slot;
             let record = self.regions[&id].pages[next];
-            let Some(node) = self.stable.node(slot + run as Slot) else {
+            let Some(node) = self.stable.node(next_slot) else {
                 break;
             };
-            let fits = record.stable == 0
-                && self.stable.has_room_at(slot + run as Slot)
-                && self.backing_of(next) == PageBacking::File
-                && node.key.0 == region.owner.domain()
-                && (visit == Visit::Now || (record.has(SEEN) && record.checksum == node.key.1));
-            // SAFETY: gate held (`q`), `next` below the length read under it.
-            if !fits || unsafe { region.page(next) } != self.stable.page(slot + run as Slot) {
+            if record.stable != 0
+                || self.backing_of(next) != PageBacking::File
+                || node.key.0 != domain
+            {
                 break;
             }
-            run += 1;
+            let share = self.stable.has_room_at(next_slot)
+                && (visit == Visit::Now || (record.has(SEEN) && record.checksum == node.key.1))
+                // SAFETY: gate held (`q`), `next` below the length read under it.
+                && unsafe { region.page(next) } == self.stable.page(next_slot);
+            gap = if share { 0 } else { gap + 1 };
+            if gap > MAX_GAP {
+                break;
+            }
+            shares.push(share);
         }
-        self.map_run(q, id, page, run, slot)?;
-        Ok(run)
+        trim_window(&mut shares);
+        self.map_window(q, id, page, &shares, slot)?;
+        Ok(shares.len())
     }
 
     /// Walks every record and stable node and checks that they agree: each stable page's
     /// sharer count is the number of region pages that map it, and none is above `limit`.
     pub(crate) fn audit(&self) -> Audit {
-        let mut mapped: HashMap<Slot, u32> = HashMap::new();
+        // Per slot: (sharers, private copies) found in the page records.
+        let mut mapped: HashMap<Slot, (u32, u32)> = HashMap::new();
         for record in self.regions.values() {
             for page in &record.pages {
                 if let Some(slot) = page.slot() {
-                    *mapped.entry(slot).or_default() += 1;
+                    let counts = mapped.entry(slot).or_default();
+                    if page.has(COPY) {
+                        counts.1 += 1;
+                    } else {
+                        counts.0 += 1;
+                    }
                 }
             }
         }
@@ -696,9 +730,11 @@ impl MergeState {
             ..Audit::default()
         };
         for (slot, node) in self.stable.nodes() {
-            audit.stable_pages += 1;
+            audit.stable_pages += u64::from(node.content);
             audit.max_sharers = audit.max_sharers.max(node.sharers);
-            if mapped.remove(&slot) != Some(node.sharers) {
+            if mapped.remove(&slot) != Some((node.sharers, node.copies))
+                || node.content != (node.sharers > 0)
+            {
                 audit.mismatched_slots.push(slot);
             }
         }
@@ -763,7 +799,8 @@ impl MergeState {
         }
         // The partner's backing, read a chunk at a time as the run grows: most runs are short.
         let mut other_backing: Vec<PageBacking> = Vec::new();
-        let mut keys = vec![key];
+        let mut keys = vec![Some(key)];
+        let mut gap = 0;
         while keys.len() < limit {
             let n = keys.len();
             if n >= other_backing.len() {
@@ -788,24 +825,32 @@ impl MergeState {
                 || theirs.stable != 0
                 || self.backing_of(page + n) != PageBacking::File
                 || other_backing[n] != PageBacking::File
-                || !theirs.has(SEEN)
-                || (visit == Visit::Scan && !(mine.has(SEEN) && mine.checksum == theirs.checksum))
             {
                 break;
             }
+            let settled = theirs.has(SEEN)
+                && (visit != Visit::Scan || (mine.has(SEEN) && mine.checksum == theirs.checksum));
             // SAFETY: as above.
             let next = unsafe { region.page(page + n) };
-            let checksum = xxh3_64(next);
+            let checksum = if settled { xxh3_64(next) } else { 0 };
             let next_key = (key.0, checksum);
-            if checksum != theirs.checksum
-                || self.stable.has_room(next_key)
-                // SAFETY: as above.
-                || next != unsafe { other_region.page(partner.page + n) }
-            {
+            if settled && checksum == theirs.checksum && self.stable.has_room(next_key) {
+                // Already stable with room: the page merges onto that when visited.
                 break;
             }
-            keys.push(next_key);
+            let share = settled
+                && checksum == theirs.checksum
+                // SAFETY: as above.
+                && next == unsafe { other_region.page(partner.page + n) };
+            gap = if share { 0 } else { gap + 1 };
+            if gap > MAX_GAP {
+                break;
+            }
+            keys.push(share.then_some(next_key));
         }
+        let mut shares: Vec<bool> = keys.iter().map(Option::is_some).collect();
+        trim_window(&mut shares);
+        keys.truncate(shares.len());
         let run = keys.len();
 
         // The run's slots are not chosen yet; any fresh contiguous numbers stand for them.
@@ -831,11 +876,13 @@ impl MergeState {
                 region: partner.region,
                 page: partner.page + n,
             };
-            if self.unstable.get(key) == Some(&entry) {
+            if let Some(key) = key
+                && self.unstable.get(key) == Some(&entry)
+            {
                 self.unstable.remove(key);
             }
         }
-        let partner_mapped = self.map_run(other_q, partner.region, partner.page, run, slot);
+        let partner_mapped = self.map_window(other_q, partner.region, partner.page, &shares, slot);
         if !matches!(partner_mapped, Ok(true)) {
             // Nobody maps the new pages: take them back before reporting.
             let unpublished = self.stable.unpublish(slot, run as Slot);
@@ -843,49 +890,81 @@ impl MergeState {
             unpublished.map_err(|source| Error::Remap { region: id, source })?;
             return Ok(Some(run));
         }
-        self.map_run(q, id, page, run, slot)?;
+        self.map_window(q, id, page, &shares, slot)?;
         Ok(Some(run))
     }
 
-    /// Maps `run` pages of region `id` from `page` onto stable slots from `slot`, frees the
-    /// region's own copies and records the sharing, if the map-count budget allows. Returns
-    /// whether it did.
-    fn map_run(
+    /// Maps the window of region `id` from `page` onto the stable slots from `slot` with one
+    /// mapping, if the map-count budget allows; returns whether it did. Where `shares` is
+    /// true the page shares the stable page; where it is false the page gets a private copy
+    /// of its own bytes. Then the region's own copies are freed and the sharing recorded.
+    fn map_window(
         &mut self,
         q: Quiescent<'_>,
         id: RegionId,
         page: usize,
-        run: usize,
+        shares: &[bool],
         slot: Slot,
     ) -> Result<bool, Error> {
+        let len = shares.len();
         let record = &self.regions[&id];
-        let delta = mapping_delta(&record.pages, page..page + run, |n| slot + 1 + n as Slot);
+        let delta = mapping_delta(&record.pages, page..page + len, |n| slot + 1 + n as Slot);
         let region = record.region.clone();
-        if !self.budget_allows(delta, run) {
+        if !self.budget_allows(delta, len) {
             return Ok(false);
         }
         let remap_error = |source| Error::Remap { region: id, source };
-        remap::map_stable(q, &region, page, run, self.stable.fd(), u64::from(slot))
+        remap::map_stable(q, &region, page, len, self.stable.fd(), u64::from(slot))
             .map_err(remap_error)?;
+        for copies in runs_of(shares, |&share| !share) {
+            remap::fill_private_from_own(q, &region, page + copies.start, copies.len())
+                .map_err(remap_error)?;
+        }
+        if shares.contains(&false) {
+            self.stable
+                .punch_empty(slot, len as Slot)
+                .map_err(remap_error)?;
+        }
         let record = self.regions.get_mut(&id).expect("visited region");
         record.vmas = record.vmas.saturating_add_signed(delta);
-        for n in 0..run {
-            record.pages[page + n].stable = slot + 1 + n as Slot;
-        }
         self.vmas = self.vmas.saturating_add_signed(delta);
-        for n in 0..run {
-            self.stable.add_sharer(slot + n as Slot);
-            let checksum = self
-                .stable
-                .node(slot + n as Slot)
-                .expect("just shared")
-                .key
-                .1;
-            self.record_visit(id, page + n, checksum, true);
+        for (n, &share) in shares.iter().enumerate() {
+            let page_slot = slot + n as Slot;
+            self.regions.get_mut(&id).expect("visited region").pages[page + n].stable =
+                page_slot + 1;
+            if share {
+                self.stable.add_sharer(page_slot);
+                let checksum = self.stable.node(page_slot).expect("just shared").key.1;
+                self.record_visit(id, page + n, checksum, true);
+                self.regions.get_mut(&id).expect("visited region").pages[page + n].misses = 0;
+            } else {
+                self.stable.add_copy(page_slot);
+                let flags = self.regions[&id].pages[page + n].flags;
+                self.set_flags(id, page + n, flags | COPY);
+            }
         }
         self.counters.merges_this_pass += 1;
-        remap::punch_own(q, &region, page, run).map_err(remap_error)?;
+        remap::punch_own(q, &region, page, len).map_err(remap_error)?;
         Ok(true)
+    }
+}
+
+/// A window bridges at most this many differing pages in a row. Each costs a private copy
+/// (a copy-on-write fault, about 2 µs); each window saves the two mappings that merging its
+/// pieces separately would cost, and `vm.max_map_count` is what runs out first.
+const MAX_GAP: usize = 8;
+
+/// Cuts a window (true: a page that shares, false: one that gets a private copy) to one that
+/// ends on a shared page and copies no more pages than it shares; past that ratio, only the
+/// leading run of shared pages is kept.
+fn trim_window(shares: &mut Vec<bool>) {
+    while shares.last() == Some(&false) {
+        shares.pop();
+    }
+    let shared = shares.iter().filter(|&&share| share).count();
+    if shares.len() - shared > shared {
+        let lead = shares.iter().take_while(|&&share| share).count();
+        shares.truncate(lead);
     }
 }
 
@@ -919,10 +998,10 @@ fn smart_scan_period(misses: u8) -> u64 {
     }
 }
 
-/// Maximal runs of consecutive pages that satisfy `pred`.
-fn runs<'a>(
-    pages: &'a [PageRecord],
-    pred: impl Fn(&PageRecord) -> bool + 'a,
+/// Maximal runs of consecutive items that satisfy `pred`.
+fn runs_of<'a, T>(
+    pages: &'a [T],
+    pred: impl Fn(&T) -> bool + 'a,
 ) -> impl Iterator<Item = Range<usize>> + 'a {
     let mut page = 0;
     std::iter::from_fn(move || {
