@@ -73,11 +73,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// The report with the machine, date and command it was measured with.
 fn with_header(body: &str) -> String {
-    let command: Vec<String> = std::env::args().collect();
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
     format!(
-        "{body}\n---\nMeasured on {}.\nCommand: `{}` (release build).\n",
+        "{body}\n---\nMeasured on {}.\nCommand: `cargo build --release && target/release/samepage {}`.\n",
         machine(),
-        command.join(" ")
+        arguments.join(" ")
     )
 }
 
