@@ -10,22 +10,23 @@ fn samepage(args: &[&str]) -> std::process::Output {
         .expect("run samepage")
 }
 
-#[test]
-fn thirty_two_instances_of_4096_identical_pages_merge() {
-    let output = samepage(&[
-        "run",
-        "examples/guests/fill.wat",
-        "--instances",
-        "32",
-        "--json",
-    ]);
+/// Runs `samepage run ARGS --json`, which must succeed, and returns its report.
+fn run_report(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let output = samepage(&all);
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    serde_json::from_slice(&output.stdout).expect("one JSON object")
+}
+
+#[test]
+fn thirty_two_instances_of_4096_identical_pages_merge() {
+    let report = run_report(&["examples/guests/fill.wat", "--instances", "32"]);
     let field = |name: &str| report[name].as_f64().unwrap_or_else(|| panic!("no {name}"));
     let ideal = 31.0 * 4096.0;
     let sharing = field("pages_sharing");
@@ -55,21 +56,13 @@ fn thirty_two_instances_of_4096_identical_pages_merge() {
 
 #[test]
 fn a_sharing_limit_of_four_gives_exact_chain_arithmetic() {
-    let output = samepage(&[
-        "run",
+    let report = run_report(&[
         "examples/guests/fill.wat",
         "--instances",
         "16",
         "--max-page-sharing",
         "4",
-        "--json",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     let p = report["stable_node_chains"].as_u64().expect("chains");
     assert!(p >= 4096, "every filled page hit the limit: {p}");
     assert_eq!(report["pages_shared"].as_u64(), Some(4 * p));
@@ -130,21 +123,13 @@ fn the_ksm_baseline_merges_and_puts_the_system_settings_back() {
     }
     let read = |name: &str| std::fs::read_to_string(ksm.join(name)).expect("ksm setting");
     let before = (read("run"), read("pages_to_scan"), read("sleep_millisecs"));
-    let output = samepage(&[
-        "run",
+    let report = run_report(&[
         "examples/guests/fill.wat",
         "--instances",
         "4",
         "--dedup",
         "ksm",
-        "--json",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(report["mode"], "ksm");
     assert!(report["pages_sharing"].as_u64().expect("sharing") >= 3 * 4096);
     assert_eq!(

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 
 use rustix::fs::{FallocateFlags, fallocate};
 use rustix::mm::{MapFlags, ProtFlags, mmap};
@@ -63,14 +64,10 @@ pub(crate) fn restore_own(
     // SAFETY: the token keeps the owner from writing, so the bytes stay as read; the range is
     // inside the mapping (caller's bound).
     let bytes = unsafe { region.pages(first..first + count) };
-    let mut done = 0;
-    while done < bytes.len() {
-        done += rustix::io::pwrite(
-            region.memfd.as_file(),
-            &bytes[done..],
-            (first * PAGE_SIZE + done) as u64,
-        )?;
-    }
+    region
+        .memfd
+        .as_file()
+        .write_all_at(bytes, (first * PAGE_SIZE) as u64)?;
     // SAFETY: as for `map_stable`; the memfd now holds exactly the bytes the owner saw.
     unsafe {
         mmap(
@@ -100,19 +97,10 @@ pub(crate) fn fill_private_from_own(
     let target = unsafe {
         std::slice::from_raw_parts_mut(region.page_addr(first) as *mut u8, count * PAGE_SIZE)
     };
-    let mut done = 0;
-    while done < target.len() {
-        let read = rustix::io::pread(
-            region.memfd.as_file(),
-            &mut target[done..],
-            (first * PAGE_SIZE + done) as u64,
-        )?;
-        if read == 0 {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-        }
-        done += read;
-    }
-    Ok(())
+    region
+        .memfd
+        .as_file()
+        .read_exact_at(target, (first * PAGE_SIZE) as u64)
 }
 
 /// Frees the region's own memfd pages `first..first + count`. Called once the region no

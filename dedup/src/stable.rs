@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 
 use memfd::{Memfd, MemfdOptions};
 use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
@@ -300,16 +301,10 @@ impl StableStore {
             while n < keys.len() && keys[n].is_some() {
                 n += 1;
             }
-            let run = &bytes[start * PAGE_SIZE..n * PAGE_SIZE];
-            let offset = (first as usize + start) * PAGE_SIZE;
-            let mut written = 0;
-            while written < run.len() {
-                written += rustix::io::pwrite(
-                    self.memfd.as_file(),
-                    &run[written..],
-                    (offset + written) as u64,
-                )?;
-            }
+            self.memfd.as_file().write_all_at(
+                &bytes[start * PAGE_SIZE..n * PAGE_SIZE],
+                ((first as usize + start) * PAGE_SIZE) as u64,
+            )?;
         }
         for (n, key) in keys.iter().enumerate() {
             let slot = first + n as Slot;

@@ -59,6 +59,19 @@ fn workloads(scratch: &Path) -> Vec<Workload> {
                 "/out/speech.wav",
             ]),
         },
+        Workload {
+            name: "CPython 3.12 (interpreter, C), 8 instances",
+            slug: "python",
+            module: repo_path("examples/real/python.wasm"),
+            instances: 8,
+            options: vec![
+                "--dir".into(),
+                format!("{}::/in", repo_path("examples/real-inputs").display()),
+                "--env".into(),
+                "PYTHONHASHSEED=0".into(),
+            ],
+            guest_args: strings(&["/in/python-heap.py"]),
+        },
     ]
 }
 

@@ -95,13 +95,14 @@ fn ksm_cow_us() -> Result<f64> {
         }
         regions.push(base);
     }
+    // Before ksmd starts: at full speed it may merge everything before a later look.
+    let already = sysfs.read("pages_sharing")?;
     let session = sysfs.configure(&[
         ("pages_to_scan", 100_000),
         ("sleep_millisecs", 0),
         ("run", 1),
     ])?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let already = session.sysfs().read("pages_sharing")?;
     while session.sysfs().read("pages_sharing")? < already + PAGES as u64 {
         if Instant::now() > deadline {
             bail!("KSM did not merge the pages within 60 s");
