@@ -181,7 +181,14 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         ..Knobs::default()
     };
     knobs.validate()?;
-    // Before anything is allocated, so that the cgroup is charged with all of it.
+    // Page cache is charged to the cgroup that first reads a file: read the module first, so
+    // that whether another process read it lately does not change this run's figures. (Into
+    // a small buffer: a large short-lived allocation would raise glibc's mmap threshold and
+    // leave later ones of that size in the heap.)
+    if let Ok(mut module) = std::fs::File::open(&args.module) {
+        let _ = std::io::copy(&mut module, &mut std::io::sink());
+    }
+    // Before anything else is allocated, so that the cgroup is charged with all of it.
     let cgroup = MemoryCgroup::enter_new();
     let ksm = KsmSysfs::system();
     if args.dedup == DedupMode::Ksm {

@@ -372,7 +372,11 @@ impl MergeState {
     fn end_pass(&mut self) {
         self.counters.full_scans += 1;
         self.counters.merges_last_pass = std::mem::take(&mut self.counters.merges_this_pass);
+        // Keep room for as many entries as this pass had, no more: once everything merged,
+        // the index of a host that converged should cost next to nothing.
+        let used = self.unstable.len();
         self.unstable.clear();
+        self.unstable.shrink_to(used);
         self.cursor = Cursor::default();
     }
 
