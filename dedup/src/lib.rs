@@ -53,6 +53,21 @@
 //! page of a region is thus its own memfd page, a stable page it shares, or a private copy in
 //! a window the engine made (and accounts for) — never a stray copy nobody knows about.
 //!
+//! # What KSM grew, here too
+//!
+//! - *Sharing limits* (`max_page_sharing`): a content whose stable page is full gets another
+//!   page of the same bytes, a dup, and its index entry becomes a chain of dups
+//!   ([`stable`](crate) module docs).
+//! - *Zero pages* (`use_zero_pages`): a page of zeros is punched out of its own memfd, which
+//!   then reads back zeros; it needs no stable page and no mapping.
+//! - *Smart scan*: a page that stays unchanged and matches nothing is looked at less and less
+//!   often, on passes aligned so that two such pages still meet.
+//! - *The scan-time advisor* ([`Advisor`]) tunes `pages_to_scan` to a target pass time under
+//!   a CPU cap.
+//! - *Scan on park*, which KSM cannot have: the host tells the engine when an instance
+//!   returns from a call ([`Engine::parked`]), and the engine looks at that instance's memory
+//!   at once and again shortly after, merging what did not change in between.
+//!
 //! # Who may remap what
 //!
 //! See [`quiesce`]: the engine remaps a region only while holding its owner's gate, and the
