@@ -17,6 +17,10 @@ use crate::stable::StableStore;
 use crate::state::{Audit, MergeState, Visit};
 use crate::{Error, Knobs, OwnerStats, PAGE_SIZE, RunMode, Stats};
 
+/// The pause between batches while every region is idle (its owner has not run since the
+/// engine found nothing to do in it): owners that park wake the scanner at once anyway.
+const IDLE_NAP: Duration = Duration::from_millis(250);
+
 /// How an engine starts.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -161,6 +165,7 @@ impl Engine {
         }
         let region = Arc::new(Region::new(owner.clone(), memfd, base, len));
         self.shared.state.lock().add_region(region.clone());
+        self.shared.wake.notify_all();
         Ok(RegionHandle {
             region,
             shared: self.shared.clone(),
@@ -308,11 +313,20 @@ impl Shared {
                             nap = Duration::ZERO;
                             Ok(())
                         }
-                        Ok(false) => self.state.lock().scan_batch().map(|pass_ended| {
-                            if pass_ended {
-                                self.advise(&knobs, &mut pass_start);
-                            }
-                        }),
+                        Ok(false) => {
+                            let mut state = self.state.lock();
+                            state.scan_batch().map(|pass_ended| {
+                                if pass_ended && state.last_pass_idle() {
+                                    // Nothing ran since everything was done: until an owner
+                                    // parks (which wakes the scanner), look less often.
+                                    nap = nap.max(IDLE_NAP);
+                                }
+                                drop(state);
+                                if pass_ended {
+                                    self.advise(&knobs, &mut pass_start);
+                                }
+                            })
+                        }
                     }
                 }
                 RunMode::UnmergeAll => {

@@ -51,6 +51,10 @@ pub struct Owner {
     domain: DomainId,
     /// Held while the owner may write its regions (rule 1).
     gate: Arc<Mutex<()>>,
+    /// Times the owner took its gate. By rule 1, a region whose owner has not taken it since
+    /// the engine last looked cannot have changed: the scanner skips such regions when that
+    /// look found nothing left to do.
+    entries: Arc<AtomicU64>,
 }
 
 /// Proof that an owner is quiescent for the engine: while it lives, the owner cannot write.
@@ -79,6 +83,7 @@ impl Owner {
             id: OwnerId(NEXT_OWNER.fetch_add(1, Ordering::Relaxed)),
             domain,
             gate: Arc::new(Mutex::new(())),
+            entries: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -93,10 +98,18 @@ impl Owner {
     /// Takes the gate before running guest code or touching the owner's memory (rule 1).
     /// Waits at most for one scanner batch over this owner's regions.
     pub fn enter(&self) -> OwnerGuard {
+        let gate = self.gate.lock_arc();
+        self.entries.fetch_add(1, Ordering::AcqRel);
         OwnerGuard {
             owner: self.id,
-            _gate: self.gate.lock_arc(),
+            _gate: gate,
         }
+    }
+
+    /// Times the owner took its gate so far; read under the gate, it cannot change until the
+    /// gate is released.
+    pub(crate) fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Acquire)
     }
 
     /// The scanner's side of rule 2: the gate if it is free right now, else `None`.

@@ -63,6 +63,13 @@ struct RegionPages {
     pages: Vec<PageRecord>,
     /// Mappings the engine's merges split this region's mapping into, beyond the first.
     vmas: u64,
+    /// The owner's gate entries (see [`Owner`]) at which a whole visit of the region found
+    /// nothing left to do: every page merged, a hole, or a copy. While the owner has not
+    /// entered since, the scanner skips the region.
+    quiet_at: Option<u64>,
+    /// The visit in progress: the owner's entries when it began, and whether it has found
+    /// nothing to do so far.
+    visit: (u64, bool),
 }
 
 /// A page in the unstable index: unchanged for one pass, matched nothing yet.
@@ -103,6 +110,11 @@ struct Counters {
     zero_pages: u64,
     /// Page visits smart scan skipped (KSM `pages_skipped`).
     pages_skipped: u64,
+    regions_idle_skips: u64,
+    /// Pages visited in the pass in progress, and whether the last whole pass visited none
+    /// (every region idle): then the scanner may sleep longer.
+    pages_visited_this_pass: u64,
+    last_pass_idle: bool,
     merges_this_pass: u64,
     merges_last_pass: u64,
 }
@@ -169,6 +181,8 @@ impl MergeState {
                 region,
                 pages: Vec::new(),
                 vmas: 0,
+                quiet_at: None,
+                visit: (0, false),
             },
         );
     }
@@ -258,6 +272,11 @@ impl MergeState {
         Ok(())
     }
 
+    /// Whether the last whole pass found every region idle (see `RegionPages::quiet_at`).
+    pub(crate) fn last_pass_idle(&self) -> bool {
+        self.counters.last_pass_idle
+    }
+
     /// Pages of `range` in region `id` that map a stable page.
     pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> u64 {
         self.regions.get(&id).map_or(0, |record| {
@@ -293,6 +312,7 @@ impl MergeState {
             merges_last_pass: self.counters.merges_last_pass,
             zero_pages: self.counters.zero_pages,
             pages_skipped: self.counters.pages_skipped,
+            regions_idle_skips: self.counters.regions_idle_skips,
             stable_node_chains: self.stable.chain_counts().0,
             stable_node_dups: self.stable.chain_counts().1,
             map_budget: map_budget(&self.knobs, self.max_map_count),
@@ -320,11 +340,26 @@ impl MergeState {
                 pass_ended |= self.advance_region(id);
                 continue;
             };
+            let entries = region.owner.entries();
+            let record = self.regions.get_mut(&id).expect("cursor region");
+            if start == 0 {
+                if record.quiet_at == Some(entries) {
+                    // The owner has not run since a visit found nothing to do here.
+                    self.counters.regions_idle_skips += 1;
+                    budget -= 1;
+                    pass_ended |= self.advance_region(id);
+                    continue;
+                }
+                record.visit = (entries, true);
+            }
             let end = pages.min(start + budget);
             let result = self.scan_range(guard.quiescent(), id, start..end, Visit::Scan);
             drop(guard);
             budget -= (end - start).max(1);
             if end >= pages {
+                let record = self.regions.get_mut(&id).expect("cursor region");
+                let (entries, quiet) = record.visit;
+                record.quiet_at = quiet.then_some(entries);
                 pass_ended |= self.advance_region(id);
             } else {
                 self.cursor.page = end;
@@ -372,6 +407,8 @@ impl MergeState {
     fn end_pass(&mut self) {
         self.counters.full_scans += 1;
         self.counters.merges_last_pass = std::mem::take(&mut self.counters.merges_this_pass);
+        self.counters.last_pass_idle =
+            std::mem::take(&mut self.counters.pages_visited_this_pass) == 0;
         // Keep room for as many entries as this pass had, no more: once everything merged,
         // the index of a host that converged should cost next to nothing.
         let used = self.unstable.len();
@@ -413,6 +450,7 @@ impl MergeState {
             return Ok(());
         }
         self.counters.pages_scanned += range.len() as u64;
+        self.counters.pages_visited_this_pass += range.len() as u64;
         let remap_error = |source| Error::Remap { region: id, source };
         self.read_backing(&region, range.clone())
             .map_err(remap_error)?;
@@ -473,6 +511,9 @@ impl MergeState {
     ) -> std::io::Result<()> {
         let record = self.regions.get_mut(&id).expect("caller checked");
         remap::restore_own(q, &record.region, range.start, range.len())?;
+        // Pages of its own again: the region needs visits, whoever ran.
+        record.quiet_at = None;
+        record.visit.1 = false;
         let delta = mapping_delta(&record.pages, range.clone(), |_| 0);
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
@@ -544,6 +585,12 @@ impl MergeState {
         if record.stable != 0 {
             return Ok(1);
         }
+        if backing == PageBacking::Untouched {
+            // A hole (never written, or punched as zeros): reading it would allocate a page.
+            return Ok(1);
+        }
+        // A page of the region's own with bytes in it: there may be work here next time.
+        self.regions.get_mut(&id).expect("visited region").visit.1 = false;
         if visit == Visit::Scan
             && self.knobs.smart_scan
             && !self
@@ -552,10 +599,6 @@ impl MergeState {
                 .is_multiple_of(smart_scan_period(record.misses))
         {
             self.counters.pages_skipped += 1;
-            return Ok(1);
-        }
-        if backing == PageBacking::Untouched {
-            // A hole (never written, or punched as zeros): reading it would allocate a page.
             return Ok(1);
         }
         if record.has(ZERO) {

@@ -413,3 +413,30 @@ fn a_window_merges_every_other_page_with_one_mapping_and_copies_the_rest() {
     assert_eq!((stats.pages_shared, stats.pages_sharing), (0, 0));
     assert_eq!(engine.audit().stable_pages, 0);
 }
+
+#[test]
+fn idle_owners_are_skipped_until_they_run_again() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 32);
+    let mut b = TestRegion::new(&engine, 32);
+    a.fill(16, 0..32);
+    b.fill(16, 0..32);
+    settle(&engine);
+    engine.scan_pass().expect("pass");
+    let skips = engine.stats().regions_idle_skips;
+    engine.scan_pass().expect("pass");
+    assert_eq!(
+        engine.stats().regions_idle_skips,
+        skips + 2,
+        "both regions idle"
+    );
+
+    // The owner runs and writes: its region is visited again and the write noticed.
+    a.write(5 * PAGE_SIZE, b"ran");
+    engine.scan_pass().expect("pass");
+    let stats = engine.stats();
+    assert_eq!(stats.regions_idle_skips, skips + 3, "only b is idle");
+    assert_eq!(stats.pages_sharing, 31);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+}
