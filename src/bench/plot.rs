@@ -33,9 +33,11 @@ pub fn pss_over_time(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)
     let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
     for ((label, points), colour) in series.iter().zip(colours.iter().cycle()) {
         let colour = *colour;
+        // A run that ended early stays where it ended: draw it on to the right edge.
+        let held = points.last().map(|&(_, mib)| (max_t, mib));
         chart
             .draw_series(LineSeries::new(
-                points.iter().copied(),
+                points.iter().copied().chain(held),
                 colour.stroke_width(2),
             ))
             .map_err(|e| anyhow!("{e}"))?
