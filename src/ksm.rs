@@ -2,7 +2,8 @@
 //!
 //! KSM's settings are system-wide, so a run that changes them must put them back however it
 //! ends: when the session is dropped (normal end, error, panic unwinding) and on Ctrl-C, from
-//! a signal handler thread that restores them and exits. Every setting is saved before the
+//! a signal handler thread that restores them and exits (Ctrl-C, and also `SIGTERM` and
+//! `SIGHUP`: a benchmark killed by its runner must not leave ksmd at full speed). Every setting is saved before the
 //! first write, and a write that fails half-way restores what was already written.
 
 use std::path::PathBuf;
