@@ -23,6 +23,34 @@ fn check_owner(q: Quiescent<'_>, region: &Region) {
     );
 }
 
+/// Maps `count` pages of `file` from `offset` over the region's pages from `first`, in
+/// place of whatever mapped them. Callers hold the owner's token (checked) and map pages
+/// that hold the bytes the owner saw there.
+fn replace_pages(
+    region: &Region,
+    first: usize,
+    count: usize,
+    sharing: MapFlags,
+    file: impl AsFd,
+    offset: u64,
+) -> io::Result<()> {
+    // SAFETY: the range lies inside the region's mapping (callers bound it by the length
+    // read under the gate), which the engine is allowed to replace (module contract); the
+    // owner cannot touch it meanwhile (callers hold its token); and the new pages hold the
+    // bytes the owner saw, so nothing it can observe changes.
+    unsafe {
+        mmap(
+            region.page_addr(first) as *mut _,
+            count * PAGE_SIZE,
+            ProtFlags::READ | ProtFlags::WRITE,
+            sharing | MapFlags::FIXED,
+            file,
+            offset,
+        )?;
+    }
+    Ok(())
+}
+
 /// Maps `count` stable pages starting at `slot` of `stable` over the region's pages starting
 /// at `first`, copy-on-write. The caller has checked that the region's bytes there equal the
 /// stable pages' bytes, under the same token.
@@ -35,20 +63,15 @@ pub(crate) fn map_stable(
     slot: u64,
 ) -> io::Result<()> {
     check_owner(q, region);
-    // SAFETY: the range lies inside the region's mapping (the caller bounds it by the length
-    // read under the gate), which the engine is allowed to replace (module contract); the
-    // owner cannot touch it meanwhile (the token); and the new pages hold the same bytes.
-    unsafe {
-        mmap(
-            region.page_addr(first) as *mut _,
-            count * PAGE_SIZE,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::FIXED,
-            stable,
-            slot * PAGE_SIZE as u64,
-        )?;
-    }
-    Ok(())
+    // The new pages hold the same bytes (the caller compared them under the same token).
+    replace_pages(
+        region,
+        first,
+        count,
+        MapFlags::PRIVATE,
+        stable,
+        slot * PAGE_SIZE as u64,
+    )
 }
 
 /// Gives the region back its own pages `first..first + count`: copies what the owner sees
@@ -68,18 +91,15 @@ pub(crate) fn restore_own(
         .memfd
         .as_file()
         .write_all_at(bytes, (first * PAGE_SIZE) as u64)?;
-    // SAFETY: as for `map_stable`; the memfd now holds exactly the bytes the owner saw.
-    unsafe {
-        mmap(
-            region.page_addr(first) as *mut _,
-            count * PAGE_SIZE,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::SHARED | MapFlags::FIXED,
-            region.memfd.as_file(),
-            (first * PAGE_SIZE) as u64,
-        )?;
-    }
-    Ok(())
+    // The memfd now holds exactly the bytes the owner saw.
+    replace_pages(
+        region,
+        first,
+        count,
+        MapFlags::SHARED,
+        region.memfd.as_file(),
+        (first * PAGE_SIZE) as u64,
+    )
 }
 
 /// Gives pages `first..first + count`, just mapped over a window of stable slots, their own
