@@ -56,8 +56,8 @@
 //! # What KSM grew, here too
 //!
 //! - *Sharing limits* (`max_page_sharing`): a content whose stable page is full gets another
-//!   page of the same bytes, a dup, and its index entry becomes a chain of dups
-//!   ([`stable`](crate) module docs).
+//!   page of the same bytes, a dup, and its index entry becomes a chain of dups (the
+//!   engine's `stable` module states how).
 //! - *Zero pages* (`use_zero_pages`): a page of zeros is punched out of its own memfd, which
 //!   then reads back zeros; it needs no stable page and no mapping.
 //! - *Smart scan*: a page that stays unchanged and matches nothing is looked at less and less

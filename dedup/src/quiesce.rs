@@ -26,8 +26,8 @@
 //! by the instance (with its guard held, by rule 1) takes a copy-on-write fault and never
 //! reaches the stable page or any other sharer.
 //!
-//! Every system call that changes a region's mapping lives in [`crate::remap`] and takes a
-//! [`Quiescent`] token, which only this module can produce from a held gate.
+//! Every system call that changes a region's mapping lives in the engine's `remap` module
+//! and takes a `Quiescent` token, which only this module can produce from a held gate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
