@@ -440,3 +440,41 @@ fn idle_owners_are_skipped_until_they_run_again() {
     a.assert_matches_shadow();
     b.assert_matches_shadow();
 }
+
+#[test]
+fn the_advisor_raises_pages_to_scan_to_meet_its_target_pass_time() {
+    let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
+        scanner: true,
+        knobs: Knobs {
+            pages_to_scan: 16,
+            sleep: std::time::Duration::from_millis(10),
+            advisor: Some(samepage_dedup::Advisor {
+                target_scan_time: std::time::Duration::from_millis(50),
+                min_pages_to_scan: 16,
+                max_pages_to_scan: 1 << 16,
+                max_cpu_percent: 100,
+            }),
+            ..Knobs::default()
+        },
+        stable_capacity_bytes: 1 << 30,
+    })
+    .expect("engine");
+    // 2,048 pages at 16 a batch and 10 ms between batches: passes of over a second, far
+    // slower than the 50 ms asked for.
+    let mut regions: Vec<TestRegion> = (0..4).map(|_| TestRegion::new(&engine, 512)).collect();
+    for region in &mut regions {
+        region.fill(17, 0..512);
+    }
+    let start = std::time::Instant::now();
+    while engine.knobs().pages_to_scan < 256 {
+        assert!(start.elapsed().as_secs() < 20, "{:?}", engine.knobs());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    while engine.stats().pages_sharing < 3 * 512 {
+        assert!(start.elapsed().as_secs() < 20, "{:?}", engine.stats());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for region in &regions {
+        region.assert_matches_shadow();
+    }
+}
