@@ -92,7 +92,10 @@ impl KsmSysfs {
             let path = self.root.join(name);
             let old = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            SAVED.lock().push(Saved {
+            // Saved and written under one lock: a Ctrl-C restore in between would otherwise
+            // run before the write and leave the new value behind.
+            let mut saved = SAVED.lock();
+            saved.push(Saved {
                 session: session.id,
                 path,
                 value: old.trim().to_owned(),

@@ -45,7 +45,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = DedupMode::On)]
     pub dedup: DedupMode,
     /// Longest wait for the scanner to converge after the instances ran.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
     pub settle_secs: f64,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
@@ -84,11 +84,21 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
     pub pss_trace_ms: u64,
     /// After converging, measure the merger's CPU over this many idle seconds.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_seconds)]
     pub idle_secs: f64,
     /// Arguments passed to the guest after its name.
     #[arg(last = true)]
     pub args: Vec<String>,
+}
+
+/// Seconds from 0 to a day.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if (0.0..=86_400.0).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(format!("{seconds} is not in 0..=86400 seconds"))
+    }
 }
 
 fn parse_dir(text: &str) -> Result<(PathBuf, String), String> {
@@ -240,7 +250,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
     let settled = settle(
         &mut merger,
         pss_bytes_before,
-        Duration::from_secs_f64(args.settle_secs.max(0.0)),
+        Duration::from_secs_f64(args.settle_secs),
         Duration::from_millis(args.pss_trace_ms),
     )?;
     let pss_bytes_after = pss_bytes()?;

@@ -44,7 +44,8 @@ impl Default for EngineConfig {
 }
 
 /// The merge engine. Cloning gives another handle to the same engine; the scanner stops when
-/// the last handle and the last region handle are gone.
+/// the last engine handle is gone (region handles keep the engine's state alive, not its
+/// scanner).
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,

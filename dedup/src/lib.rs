@@ -32,7 +32,7 @@
 //!
 //! - The *stable index* finds merged pages by content (domain and xxh3 of the bytes). It is
 //!   never flushed: its pages cannot change, because nobody can write a stable page
-//!   ([`quiesce`], rule 4).
+//!   ([`quiesce`], rule 5).
 //! - The *unstable index* holds this pass's pages that stayed unchanged since the last pass
 //!   but matched nothing yet. Its pages belong to running instances and may change under it,
 //!   so it is rebuilt every full pass, its entries are re-checked when found, and a match is

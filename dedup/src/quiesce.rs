@@ -18,7 +18,10 @@
 //! 3. **Calls made by the owner prove quiescence with the guard.** Engine entry points that
 //!    remap on behalf of an owner ([`crate::Engine::merge_now`],
 //!    [`crate::Engine::unmerge_region`]) take `&OwnerGuard` and refuse a guard of another owner.
-//! 4. **Stable pages are immutable once mapped.** The engine writes a stable page only before
+//! 4. **The owner changes its memory only by writing it.** It never discards pages of a
+//!    registered region (`MADV_DONTNEED`, `MADV_FREE`, punching its memfd): a discarded
+//!    private copy would read back whatever its stable slot holds. Growing is fine.
+//! 5. **Stable pages are immutable once mapped.** The engine writes a stable page only before
 //!    its first sharer maps it, and keeps its own view of the stable memfd read-only, so a
 //!    stray write through that view faults instead of corrupting every sharer.
 //!

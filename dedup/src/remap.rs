@@ -92,6 +92,19 @@ pub(crate) fn restore_own(
         .as_file()
         .write_all_at(bytes, (first * PAGE_SIZE) as u64)?;
     // The memfd now holds exactly the bytes the owner saw.
+    map_own(q, region, first, count)
+}
+
+/// Maps the region's own memfd over pages `first..first + count` again. Only for pages whose
+/// bytes the memfd holds: after `restore_own` copied them in, or when a merge is undone
+/// before the memfd was punched.
+pub(crate) fn map_own(
+    q: Quiescent<'_>,
+    region: &Region,
+    first: usize,
+    count: usize,
+) -> io::Result<()> {
+    check_owner(q, region);
     replace_pages(
         region,
         first,

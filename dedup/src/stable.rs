@@ -25,7 +25,7 @@
 //! no dups left is removed at once, so no stale dup ever waits for a prune.
 //!
 //! The engine keeps a read-only view of the whole memfd: comparisons read stable pages there,
-//! and no write can reach a published stable page through it (quiescence rule 4).
+//! and no write can reach a published stable page through it (quiescence rule 5).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -159,7 +159,7 @@ impl StableStore {
     pub(crate) fn page(&self, slot: Slot) -> &[u8] {
         debug_assert!(self.node(slot).is_some_and(|node| node.content));
         // SAFETY: the slot is below `capacity`, so inside the view; a slot in use was written
-        // before use and is immutable (quiescence rule 4), so the bytes stay put.
+        // before use and is immutable (quiescence rule 5), so the bytes stay put.
         unsafe { std::slice::from_raw_parts(self.view.add(slot as usize * PAGE_SIZE), PAGE_SIZE) }
     }
 
@@ -217,7 +217,9 @@ impl StableStore {
             self.index.insert(key, IndexEntry::Page(slot));
             return true;
         };
-        if self.page(entry.slots()[0]) != self.page(slot) {
+        // Other bytes under the same key (a checksum collision), or a page of this content
+        // that still has room (the same bytes twice in one run): no dup, just unindexed.
+        if self.page(entry.slots()[0]) != self.page(slot) || self.with_room(key).is_some() {
             return false;
         }
         let entry = self.index.get_mut(&key).expect("looked up above");
@@ -378,20 +380,28 @@ impl StableStore {
             .expect("sharer of a free slot");
         node.sharers -= 1;
         self.sharers -= 1;
-        if node.sharers == 0 {
-            let node = self.nodes[slot as usize].take().expect("checked above");
-            if node.indexed {
-                self.unindex_slot(node.key, slot);
-            }
-            self.in_use -= 1;
-            remap::punch(
-                self.memfd.as_file(),
-                slot as u64 * PAGE_SIZE as u64,
-                PAGE_SIZE,
-            )?;
-            self.release(slot, 1);
+        if node.sharers > 0 {
+            return Ok(());
         }
-        Ok(())
+        let node = *node;
+        if node.indexed {
+            self.unindex_slot(node.key, slot);
+        }
+        self.in_use -= 1;
+        if node.copies == 0 {
+            self.nodes[slot as usize] = None;
+            self.release(slot, 1);
+        } else {
+            // Private copies still lie over the slot: it keeps its place, not its page.
+            let node = self.nodes[slot as usize].as_mut().expect("kept");
+            node.content = false;
+            node.indexed = false;
+        }
+        remap::punch(
+            self.memfd.as_file(),
+            slot as u64 * PAGE_SIZE as u64,
+            PAGE_SIZE,
+        )
     }
 
     /// Frees a published run that never got a sharer (a merge that failed half-way).
@@ -400,11 +410,13 @@ impl StableStore {
             let node = self.nodes[slot as usize]
                 .take()
                 .expect("unpublish of a free slot");
-            debug_assert_eq!(node.sharers, 0);
+            debug_assert_eq!((node.sharers, node.copies), (0, 0));
             if node.indexed {
-                self.index.remove(&node.key);
+                self.unindex_slot(node.key, slot);
             }
-            self.in_use -= 1;
+            if node.content {
+                self.in_use -= 1;
+            }
         }
         remap::punch(
             self.memfd.as_file(),

@@ -111,6 +111,8 @@ struct Counters {
     /// Page visits smart scan skipped (KSM `pages_skipped`).
     pages_skipped: u64,
     regions_idle_skips: u64,
+    /// Hole punches that failed (memory left allocated, no data affected).
+    punch_failures: u64,
     /// Pages visited in the pass in progress, and whether the last whole pass visited none
     /// (every region idle): then the scanner may sleep longer.
     pages_visited_this_pass: u64,
@@ -193,7 +195,7 @@ impl MergeState {
         let Some(record) = self.regions.remove(&id) else {
             return Err(Error::UnknownRegion(id));
         };
-        self.vmas -= record.vmas;
+        self.vmas = self.vmas.saturating_sub(record.vmas);
         let mut result = Ok(());
         for page in &record.pages {
             if let Some(slot) = page.slot()
@@ -313,6 +315,7 @@ impl MergeState {
             zero_pages: self.counters.zero_pages,
             pages_skipped: self.counters.pages_skipped,
             regions_idle_skips: self.counters.regions_idle_skips,
+            punch_failures: self.counters.punch_failures,
             stable_node_chains: self.stable.chain_counts().0,
             stable_node_dups: self.stable.chain_counts().1,
             map_budget: map_budget(&self.knobs, self.max_map_count),
@@ -443,7 +446,14 @@ impl MergeState {
         let region = record.region.clone();
         let pages = region.len() / PAGE_SIZE;
         if record.pages.len() < pages {
+            // Grown: a merged last page now has the new memfd range after it, a boundary
+            // between two mappings.
+            let boundary = record.pages.last().is_some_and(|last| last.stable != 0);
             record.pages.resize(pages, PageRecord::default());
+            if boundary {
+                record.vmas += 1;
+                self.vmas += 1;
+            }
         }
         let range = range.start.min(pages)..range.end.min(pages);
         if range.is_empty() {
@@ -876,13 +886,17 @@ impl MergeState {
                 break;
             }
             let settled = theirs.has(SEEN)
-                && (visit != Visit::Scan || (mine.has(SEEN) && mine.checksum == theirs.checksum));
+                && (visit == Visit::Now || (mine.has(SEEN) && mine.checksum == theirs.checksum));
             // SAFETY: as above.
             let next = unsafe { region.page(page + n) };
             let checksum = if settled { xxh3_64(next) } else { 0 };
             let next_key = (key.0, checksum);
-            if settled && checksum == theirs.checksum && self.stable.has_room(next_key) {
-                // Already stable with room: the page merges onto that when visited.
+            if settled
+                && checksum == theirs.checksum
+                && (self.stable.has_room(next_key)
+                    || (self.knobs.use_zero_pages && checksum == zero_page_hash()))
+            {
+                // Already stable with room, or zeros: the page's own visit deals with it.
                 break;
             }
             let share = settled
@@ -963,14 +977,17 @@ impl MergeState {
         let remap_error = |source| Error::Remap { region: id, source };
         remap::map_stable(q, &region, page, len, self.stable.fd(), u64::from(slot))
             .map_err(remap_error)?;
-        for copies in runs_of(shares, |&share| !share) {
+        let filled = runs_of(shares, |&share| !share).try_for_each(|copies| {
             remap::fill_private_from_own(q, &region, page + copies.start, copies.len())
-                .map_err(remap_error)?;
+        });
+        if let Err(source) = filled {
+            // The region's memfd still holds every byte: map it back, and nothing happened.
+            remap::map_own(q, &region, page, len).map_err(remap_error)?;
+            return Err(remap_error(source));
         }
-        if shares.contains(&false) {
-            self.stable
-                .punch_empty(slot, len as Slot)
-                .map_err(remap_error)?;
+        // From here on the merge stands; a failed punch only leaves memory unfreed.
+        if shares.contains(&false) && self.stable.punch_empty(slot, len as Slot).is_err() {
+            self.counters.punch_failures += 1;
         }
         let record = self.regions.get_mut(&id).expect("visited region");
         record.vmas = record.vmas.saturating_add_signed(delta);
@@ -979,6 +996,12 @@ impl MergeState {
             let page_slot = slot + n as Slot;
             self.regions.get_mut(&id).expect("visited region").pages[page + n].stable =
                 page_slot + 1;
+            let flags = self.regions[&id].pages[page + n].flags;
+            if flags & ZERO != 0 {
+                // Read back in since it was punched, and merged now: no longer a zero page.
+                self.set_flags(id, page + n, flags & !ZERO);
+                self.counters.zero_pages -= 1;
+            }
             if share {
                 self.stable.add_sharer(page_slot);
                 let checksum = self.stable.node(page_slot).expect("just shared").key.1;
@@ -991,7 +1014,9 @@ impl MergeState {
             }
         }
         self.counters.merges_this_pass += 1;
-        remap::punch_own(q, &region, page, len).map_err(remap_error)?;
+        if remap::punch_own(q, &region, page, len).is_err() {
+            self.counters.punch_failures += 1;
+        }
         Ok(true)
     }
 }

@@ -22,6 +22,8 @@ pub struct Stats {
     pub pages_skipped_map_budget: u64,
     /// Times the scanner found an owner running and skipped its regions for a batch.
     pub regions_busy_skips: u64,
+    /// Hole punches that failed: memory left allocated, no data affected.
+    pub punch_failures: u64,
     /// Region visits skipped because the owner had not run since a visit found nothing left
     /// to do in the region (the owner's gate counts its entries).
     pub regions_idle_skips: u64,

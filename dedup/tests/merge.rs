@@ -478,3 +478,48 @@ fn the_advisor_raises_pages_to_scan_to_meet_its_target_pass_time() {
         region.assert_matches_shadow();
     }
 }
+
+#[test]
+fn a_slot_keeps_its_place_while_private_copies_lie_over_it() {
+    // A and B share pages 0..4; C matches 0, 2 and 3 but not 1, so C's window holds a
+    // private copy over the slot of page 1. Then A and B both write page 1: its stable page
+    // loses its last sharer while C's copy still lies over the slot.
+    let engine = manual_engine(Knobs::default());
+    let mut regions: Vec<TestRegion> = (0..3).map(|_| TestRegion::new(&engine, 4)).collect();
+    for region in &mut regions {
+        region.fill(18, 0..4);
+    }
+    regions[2].write(PAGE_SIZE, &page_content(19, 1));
+    settle(&engine);
+    assert_eq!(engine.stats().pages_sharing, 4 + 3);
+    assert_eq!(
+        regions[2].mappings(),
+        1,
+        "C's window covers page 1 with a copy"
+    );
+    for (n, region) in regions[..2].iter_mut().enumerate() {
+        region.write(PAGE_SIZE + n, b"!");
+    }
+    engine.scan_pass().expect("pass");
+    assert!(
+        engine.audit().mismatched_slots.is_empty(),
+        "{:?}",
+        engine.audit()
+    );
+    // New content merging now must not reuse the slot under C's copy.
+    let mut d = TestRegion::new(&engine, 4);
+    let mut e = TestRegion::new(&engine, 4);
+    d.fill(20, 0..4);
+    e.fill(20, 0..4);
+    settle(&engine);
+    for region in regions.iter().chain([&d, &e]) {
+        region.assert_matches_shadow();
+    }
+    assert!(engine.audit().mismatched_slots.is_empty());
+    engine.unmerge_all().expect("unmerge");
+    drop(regions);
+    for region in [&d, &e] {
+        region.assert_matches_shadow();
+    }
+    assert_eq!(engine.stats().pages_shared, 0);
+}

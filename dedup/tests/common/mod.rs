@@ -105,11 +105,14 @@ impl TestRegion {
     }
 
     /// The owner discards pages `pages` (`MADV_DONTNEED`): their page-table entries go, and
-    /// the next access finds what the mapping's file holds there.
+    /// the next access finds what the mapping's file holds there. The quiescence contract
+    /// forbids this in general (a discarded private copy would read its stable slot); tests
+    /// use it only on pages that share a stable page or are the region's own, which read
+    /// back the same bytes.
     pub fn discard(&mut self, pages: std::ops::Range<usize>) {
         let _guard = self.owner.enter();
-        // SAFETY: the range is inside the accessible mapping, under the guard; the test's
-        // shadow stays right because merged and own pages both read back from their files.
+        // SAFETY: the range is inside the accessible mapping, under the guard; callers
+        // discard only shared or own pages, which read back the same bytes from their files.
         unsafe {
             rustix::mm::madvise(
                 self.mapping.as_ptr().add(pages.start * PAGE_SIZE).cast(),
