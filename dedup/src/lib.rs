@@ -81,6 +81,7 @@ pub mod quiesce;
 pub mod stats;
 
 mod engine;
+mod layout;
 mod pagemap;
 mod region;
 mod remap;

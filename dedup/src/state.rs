@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::layout::{MAX_GAP, mapping_delta, runs_of, trim_window};
 use crate::pagemap::{PageBacking, Pagemap};
 use crate::quiesce::{Owner, OwnerGuard, OwnerId, Quiescent};
 use crate::region::{Region, RegionId};
@@ -524,7 +525,7 @@ impl MergeState {
         // Pages of its own again: the region needs visits, whoever ran.
         record.quiet_at = None;
         record.visit.1 = false;
-        let delta = mapping_delta(&record.pages, range.clone(), |_| 0);
+        let delta = region_delta(&record.pages, range.clone(), |_| 0);
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
         for page in range {
@@ -916,8 +917,8 @@ impl MergeState {
 
         // The run's slots are not chosen yet; any fresh contiguous numbers stand for them.
         let fresh = |n: usize| u32::MAX - (run - n) as u32;
-        let delta = mapping_delta(&self.regions[&id].pages, page..page + run, fresh)
-            + mapping_delta(
+        let delta = region_delta(&self.regions[&id].pages, page..page + run, fresh)
+            + region_delta(
                 &self.regions[&partner.region].pages,
                 partner.page..partner.page + run,
                 fresh,
@@ -969,7 +970,7 @@ impl MergeState {
     ) -> Result<bool, Error> {
         let len = shares.len();
         let record = &self.regions[&id];
-        let delta = mapping_delta(&record.pages, page..page + len, |n| slot + 1 + n as Slot);
+        let delta = region_delta(&record.pages, page..page + len, |n| slot + 1 + n as Slot);
         let region = record.region.clone();
         if !self.budget_allows(delta, len) {
             return Ok(false);
@@ -1021,25 +1022,6 @@ impl MergeState {
     }
 }
 
-/// A window bridges at most this many differing pages in a row. Each costs a private copy
-/// (a copy-on-write fault, about 2 µs); each window saves the two mappings that merging its
-/// pieces separately would cost, and `vm.max_map_count` is what runs out first.
-const MAX_GAP: usize = 8;
-
-/// Cuts a window (true: a page that shares, false: one that gets a private copy) to one that
-/// ends on a shared page and copies no more pages than it shares; past that ratio, only the
-/// leading run of shared pages is kept.
-fn trim_window(shares: &mut Vec<bool>) {
-    while shares.last() == Some(&false) {
-        shares.pop();
-    }
-    let shared = shares.iter().filter(|&&share| share).count();
-    if shares.len() - shared > shared {
-        let lead = shares.iter().take_while(|&&share| share).count();
-        shares.truncate(lead);
-    }
-}
-
 /// The result of walking the engine's records ([`crate::Engine::audit`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Audit {
@@ -1070,46 +1052,7 @@ fn smart_scan_period(misses: u8) -> u64 {
     }
 }
 
-/// Maximal runs of consecutive items that satisfy `pred`.
-fn runs_of<'a, T>(
-    pages: &'a [T],
-    pred: impl Fn(&T) -> bool + 'a,
-) -> impl Iterator<Item = Range<usize>> + 'a {
-    let mut page = 0;
-    std::iter::from_fn(move || {
-        while page < pages.len() && !pred(&pages[page]) {
-            page += 1;
-        }
-        let start = page;
-        while page < pages.len() && pred(&pages[page]) {
-            page += 1;
-        }
-        (start < page).then_some(start..page)
-    })
-}
-
-/// How many mappings a region gains when pages `range` change to map what `kind(n)` says
-/// for page `range.start + n` (0: the region's own memfd; s + 1: stable slot s).
-///
-/// The kernel keeps neighbouring pages in one mapping when both map the region's memfd, or
-/// both map the stable memfd at consecutive slots; every other neighbour pair is a boundary
-/// between two mappings. Only boundaries touching the range can change.
-fn mapping_delta(pages: &[PageRecord], range: Range<usize>, kind: impl Fn(usize) -> u32) -> i64 {
-    let before = |p: usize| pages[p].stable;
-    let after = |p: usize| {
-        if range.contains(&p) {
-            kind(p - range.start)
-        } else {
-            pages[p].stable
-        }
-    };
-    let boundary = |left: u32, right: u32| {
-        let joined = (left == 0 && right == 0) || (left != 0 && right == left.wrapping_add(1));
-        i64::from(!joined)
-    };
-    let first = range.start.max(1);
-    let last = range.end.min(pages.len() - 1);
-    (first..=last)
-        .map(|p| boundary(after(p - 1), after(p)) - boundary(before(p - 1), before(p)))
-        .sum()
+/// [`mapping_delta`] over a region's page records.
+fn region_delta(pages: &[PageRecord], range: Range<usize>, kind: impl Fn(usize) -> u32) -> i64 {
+    mapping_delta(|p| pages[p].stable, pages.len(), range, kind)
 }
