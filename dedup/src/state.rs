@@ -613,7 +613,6 @@ impl MergeState {
             return Ok(1);
         }
         if record.has(ZERO) {
-            self.counters.zero_pages -= 1;
             self.set_flags(id, page, record.flags & !ZERO);
         }
         let domain = region.owner.domain();
@@ -641,7 +640,6 @@ impl MergeState {
                 .map_err(|source| Error::Remap { region: id, source })?;
             let flags = self.regions[&id].pages[page].flags;
             self.set_flags(id, page, flags | ZERO);
-            self.counters.zero_pages += 1;
             return Ok(1);
         }
         let key = (domain, checksum);
@@ -683,22 +681,28 @@ impl MergeState {
     /// Sets a page's flags, keeping the counters derived from them in step.
     fn set_flags(&mut self, id: RegionId, page: usize, flags: u8) {
         let record = &mut self.regions.get_mut(&id).expect("visited region").pages[page];
-        let was = record.has(VOLATILE);
+        let was = record.flags;
         record.flags = flags;
-        match (was, flags & VOLATILE != 0) {
-            (false, true) => self.counters.pages_volatile += 1,
-            (true, false) => self.counters.pages_volatile -= 1,
-            _ => {}
+        self.forget_flags(was);
+        for (flag, counter) in [
+            (VOLATILE, &mut self.counters.pages_volatile),
+            (ZERO, &mut self.counters.zero_pages),
+        ] {
+            if flags & flag != 0 {
+                *counter += 1;
+            }
         }
     }
 
-    /// Takes a forgotten page's flags out of the counters.
+    /// Takes a page's flags out of the counters derived from them.
     fn forget_flags(&mut self, flags: u8) {
-        if flags & VOLATILE != 0 {
-            self.counters.pages_volatile -= 1;
-        }
-        if flags & ZERO != 0 {
-            self.counters.zero_pages -= 1;
+        for (flag, counter) in [
+            (VOLATILE, &mut self.counters.pages_volatile),
+            (ZERO, &mut self.counters.zero_pages),
+        ] {
+            if flags & flag != 0 {
+                *counter -= 1;
+            }
         }
     }
 
@@ -997,12 +1001,9 @@ impl MergeState {
             let page_slot = slot + n as Slot;
             self.regions.get_mut(&id).expect("visited region").pages[page + n].stable =
                 page_slot + 1;
+            // A zero page read back in since it was punched, merged now, is no longer one.
             let flags = self.regions[&id].pages[page + n].flags;
-            if flags & ZERO != 0 {
-                // Read back in since it was punched, and merged now: no longer a zero page.
-                self.set_flags(id, page + n, flags & !ZERO);
-                self.counters.zero_pages -= 1;
-            }
+            self.set_flags(id, page + n, flags & !ZERO);
             if share {
                 self.stable.add_sharer(page_slot);
                 let checksum = self.stable.node(page_slot).expect("just shared").key.1;
