@@ -215,13 +215,12 @@ impl MergeState {
     /// Merges every region of the guard's owner at once (see [`crate::Engine::merge_owner_now`]);
     /// returns how many of their pages map stable pages afterwards.
     pub(crate) fn merge_owner_now(&mut self, guard: &OwnerGuard) -> Result<u64, Error> {
-        let mut merged = 0;
-        for id in self.regions_of(guard.owner()) {
-            let pages = self.regions[&id].region.len() / PAGE_SIZE;
-            self.scan_range(guard.quiescent(), id, 0..pages, Visit::Now)?;
-            merged += self.merged_pages(id, 0..pages);
-        }
-        Ok(merged)
+        let ids = self.regions_of(guard.owner());
+        self.visit_whole(guard, &ids, Visit::Now)?;
+        Ok(ids
+            .iter()
+            .map(|&id| self.merged_pages(id, 0..usize::MAX))
+            .sum())
     }
 
     fn regions_of(&self, owner: OwnerId) -> Vec<RegionId> {
@@ -230,6 +229,20 @@ impl MergeState {
             .filter(|(_, r)| r.region.owner.id() == owner)
             .map(|(&id, _)| id)
             .collect()
+    }
+
+    /// Visits regions `ids`, all of the guard's owner, from end to end.
+    fn visit_whole(
+        &mut self,
+        guard: &OwnerGuard,
+        ids: &[RegionId],
+        visit: Visit,
+    ) -> Result<(), Error> {
+        for &id in ids {
+            let pages = self.regions[&id].region.len() / PAGE_SIZE;
+            self.scan_range(guard.quiescent(), id, 0..pages, visit)?;
+        }
+        Ok(())
     }
 
     /// Visits every region of `owner` (its park visit). `false` when the owner is running
@@ -243,10 +256,7 @@ impl MergeState {
             self.counters.regions_busy_skips += 1;
             return Ok(false);
         };
-        for id in ids {
-            let pages = self.regions[&id].region.len() / PAGE_SIZE;
-            self.scan_range(guard.quiescent(), id, 0..pages, Visit::Park)?;
-        }
+        self.visit_whole(&guard, &ids, Visit::Park)?;
         Ok(true)
     }
 
@@ -287,7 +297,7 @@ impl MergeState {
             let start = range.start.min(end);
             record.pages[start..end]
                 .iter()
-                .filter(|p| p.stable != 0)
+                .filter(|p| p.shares())
                 .count() as u64
         })
     }
