@@ -300,46 +300,15 @@ impl Shared {
                     self.sleep(Duration::from_secs(3600));
                     continue;
                 }
-                RunMode::Merge => {
-                    let (visited, next_due) = self.visit_parked(&knobs);
-                    if let Some(due) = next_due {
-                        nap = nap.min(due.saturating_duration_since(Instant::now()));
-                    }
-                    match visited {
-                        Err(error) => Err(error),
-                        // A park visit was this turn's work; the batch waits for the next.
-                        // Park visits follow activity (two per park), so they do not wait
-                        // out the sleep between batches.
-                        Ok(true) => {
-                            nap = Duration::ZERO;
-                            Ok(())
-                        }
-                        Ok(false) => {
-                            let mut state = self.state.lock();
-                            state.scan_batch().map(|pass_ended| {
-                                if pass_ended && state.last_pass_idle() {
-                                    // Nothing ran since everything was done: until an owner
-                                    // parks (which wakes the scanner), look less often.
-                                    nap = nap.max(IDLE_NAP);
-                                }
-                                drop(state);
-                                if pass_ended {
-                                    self.advise(&knobs, &mut pass_start);
-                                }
-                            })
-                        }
-                    }
-                }
+                RunMode::Merge => self.merge_turn(&knobs, &mut pass_start, &mut nap),
                 RunMode::UnmergeAll => {
                     let mut state = self.state.lock();
-                    match state.unmerge_all() {
-                        Ok(0) => {
+                    state.unmerge_all().map(|busy| {
+                        // Busy owners are tried again next turn; when none is left, stop.
+                        if busy == 0 {
                             state.knobs.run = RunMode::Stop;
-                            Ok(())
                         }
-                        Ok(_busy) => Ok(()),
-                        Err(error) => Err(error),
-                    }
+                    })
                 }
             };
             self.scanner_cpu_ns
@@ -352,6 +321,38 @@ impl Shared {
                 self.sleep(nap);
             }
         }
+    }
+
+    /// One turn of merging: the first due park visit if there is one, else a batch. Shortens
+    /// `nap` for park visits (they follow activity, two per park, so they do not wait out
+    /// the sleep between batches) and lengthens it while every region is idle (an owner that
+    /// parks wakes the scanner anyway).
+    fn merge_turn(
+        &self,
+        knobs: &Knobs,
+        pass_start: &mut (Instant, u64),
+        nap: &mut Duration,
+    ) -> Result<(), Error> {
+        let (visited, next_due) = self.visit_parked(knobs);
+        if let Some(due) = next_due {
+            *nap = (*nap).min(due.saturating_duration_since(Instant::now()));
+        }
+        if visited? {
+            *nap = Duration::ZERO;
+            return Ok(());
+        }
+        let (pass_ended, idle) = {
+            let mut state = self.state.lock();
+            let pass_ended = state.scan_batch()?;
+            (pass_ended, state.last_pass_idle())
+        };
+        if pass_ended {
+            if idle {
+                *nap = (*nap).max(IDLE_NAP);
+            }
+            self.advise(knobs, pass_start);
+        }
+        Ok(())
     }
 
     /// Makes the first due park visit, if any. Returns whether it visited, and when the

@@ -385,7 +385,10 @@ fn a_window_merges_every_other_page_with_one_mapping_and_copies_the_rest() {
     assert_eq!(stats.pages_sharing, 3 * pages as u64 / 2);
     assert_eq!(stats.pages_shared, pages as u64 / 2);
     // Private copies are not merged pages.
-    assert_eq!(engine.owner_stats(regions[0].owner.id()).pages_merged, pages as u64 / 2);
+    assert_eq!(
+        engine.owner_stats(regions[0].owner.id()).pages_merged,
+        pages as u64 / 2
+    );
     for region in &regions {
         region.assert_matches_shadow();
         // One window, which ends on the last shared page: the last page, unique, stays out.
