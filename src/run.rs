@@ -253,7 +253,11 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         Duration::from_secs_f64(args.settle_secs),
         Duration::from_millis(args.pss_trace_ms),
     )?;
-    let pss_bytes_after = pss_bytes()?;
+    // The trace's last point was read as the merger converged.
+    let pss_bytes_after = settled
+        .pss_trace
+        .last()
+        .map_or(pss_bytes_before, |&(_, pss)| pss);
     let cgroup_bytes_after = cgroup.as_ref().and_then(MemoryCgroup::usage_bytes);
     let idle_cpu_percent = if args.idle_secs > 0.0 {
         let before = merger.sample()?.cpu_seconds;
@@ -316,7 +320,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         metadata_bytes: stats.metadata_bytes,
         converge_seconds: settled.converge_seconds,
         settle_timed_out: settled.timed_out,
-        scanner_cpu_seconds: settled.cpu_seconds,
+        scanner_cpu_seconds: sample.cpu_seconds,
         idle_cpu_percent,
         pss_trace: settled.pss_trace,
         problems: ran.problems,
@@ -437,7 +441,6 @@ fn mark_mergeable(instance: &mut Instance) -> Result<()> {
 struct Settled {
     last: Sample,
     converge_seconds: f64,
-    cpu_seconds: f64,
     timed_out: bool,
     pss_trace: Vec<(f64, u64)>,
 }
@@ -470,7 +473,6 @@ fn settle(
         .find(|&&(_, pss)| pss_before.saturating_sub(pss) as f64 >= 0.99 * saving)
         .map_or(0.0, |&(t, _)| t);
     Ok(Settled {
-        cpu_seconds: last.cpu_seconds,
         last,
         converge_seconds,
         timed_out,
