@@ -43,6 +43,18 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// An engine without a background scanner, at `knobs`: passes run only when the caller
+    /// asks ([`Engine::scan_pass`]), for exact, repeatable steps in tests and benchmarks.
+    pub fn manual(knobs: Knobs) -> Self {
+        Self {
+            scanner: false,
+            knobs,
+            ..Self::default()
+        }
+    }
+}
+
 /// The merge engine. Cloning gives another handle to the same engine; the scanner stops when
 /// the last engine handle is gone (region handles keep the engine's state alive, not its
 /// scanner).

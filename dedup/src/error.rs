@@ -1,9 +1,10 @@
-//! Errors of the merge engine: one variant per failure, each saying what was refused and why.
+//! Errors of the merge engine: one variant per failure, each saying what was refused or what
+//! failed, and why.
 
 use std::io;
 use std::ops::Range;
 
-use crate::RegionId;
+use crate::{KnobRange, RegionId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,17 +30,30 @@ pub enum Error {
         range: Range<usize>,
         len: usize,
     },
-    #[error("{knob} = {value} is out of range: accepted {accepted}")]
-    InvalidKnob {
-        knob: &'static str,
-        value: u64,
-        accepted: &'static str,
-    },
+    #[error("{} = {value} is out of range: accepted {knob}", knob.name)]
+    InvalidKnob { knob: KnobRange, value: u64 },
+    #[error(
+        "advisor_min_pages_to_scan = {min} is above advisor_max_pages_to_scan = {max}: the \
+         minimum must be at most the maximum"
+    )]
+    AdvisorBounds { min: usize, max: usize },
     #[error(
         "max_page_sharing cannot change while pages are shared ({pages_shared} stable pages): \
          unmerge everything first (run mode unmerge)"
     )]
     SharingLimitInUse { pages_shared: u64 },
+    #[error("reading the page map of region {region:?} failed: {source}")]
+    PagemapRead { region: RegionId, source: io::Error },
+    #[error("writing new stable pages into the stable memfd failed: {0}")]
+    StableWrite(#[source] io::Error),
+    #[error("freeing stable pages nobody shares any more failed: {0}")]
+    StablePunch(#[source] io::Error),
     #[error("remapping region {region:?} failed: {source}")]
     Remap { region: RegionId, source: io::Error },
+    #[error("copying merged pages of region {region:?} back into its memfd failed: {source}")]
+    RestoreWrite { region: RegionId, source: io::Error },
+    #[error("giving pages of region {region:?} private copies of their bytes failed: {source}")]
+    PrivateCopy { region: RegionId, source: io::Error },
+    #[error("freeing pages of zeros in region {region:?}'s memfd failed: {source}")]
+    Punch { region: RegionId, source: io::Error },
 }

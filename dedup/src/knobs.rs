@@ -63,75 +63,155 @@ impl Default for Knobs {
     }
 }
 
+/// The values a knob accepts. The engine validates with it, its errors quote it, and command
+/// lines build their parsers from it, so a range is written down once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnobRange {
+    /// The knob's name, as in `/sys/kernel/mm/ksm/` where KSM has it.
+    pub name: &'static str,
+    pub min: u64,
+    pub max: u64,
+    /// The unit of the values (`"ms"`, `"%"`), or `""` for counts.
+    pub unit: &'static str,
+}
+
+impl KnobRange {
+    pub fn contains(&self, value: u64) -> bool {
+        (self.min..=self.max).contains(&value)
+    }
+
+    /// Refuses `value` when it is outside the range, naming the knob and the range.
+    pub fn check(&self, value: u64) -> Result<(), Error> {
+        if self.contains(value) {
+            Ok(())
+        } else {
+            Err(Error::InvalidKnob { knob: *self, value })
+        }
+    }
+}
+
+impl std::fmt::Display for KnobRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} to {}", self.min, self.max)?;
+        if !self.unit.is_empty() {
+            write!(f, " {}", self.unit)?;
+        }
+        Ok(())
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Knobs {
-    pub const PAGES_TO_SCAN: std::ops::RangeInclusive<usize> = 1..=1 << 24;
-    pub const MAP_BUDGET_PERCENT: std::ops::RangeInclusive<u8> = 1..=90;
+    pub const PAGES_TO_SCAN: KnobRange = KnobRange {
+        name: "pages_to_scan",
+        min: 1,
+        max: 1 << 24,
+        unit: "",
+    };
+    pub const SLEEP_MILLISECS: KnobRange = KnobRange {
+        name: "sleep_millisecs",
+        min: 0,
+        max: 60_000,
+        unit: "ms",
+    };
+    pub const MAP_BUDGET_PERCENT: KnobRange = KnobRange {
+        name: "map_budget_percent",
+        min: 1,
+        max: 90,
+        unit: "%",
+    };
+    /// At least 2, since a new stable page starts with two sharers.
+    pub const MAX_PAGE_SHARING: KnobRange = KnobRange {
+        name: "max_page_sharing",
+        min: 2,
+        max: u32::MAX as u64,
+        unit: "",
+    };
+    pub const PARK_RECHECK_MILLISECS: KnobRange = KnobRange {
+        name: "park_recheck_millisecs",
+        min: 0,
+        max: 60_000,
+        unit: "ms",
+    };
+    pub const ADVISOR_TARGET_SCAN_TIME: KnobRange = KnobRange {
+        name: "advisor_target_scan_time",
+        min: 10,
+        max: 3_600_000,
+        unit: "ms",
+    };
+    pub const ADVISOR_MAX_CPU: KnobRange = KnobRange {
+        name: "advisor_max_cpu",
+        min: 1,
+        max: 100,
+        unit: "%",
+    };
+    /// Each of the advisor's bounds of `pages_to_scan`; the minimum is also at most the maximum.
+    pub const ADVISOR_PAGES_TO_SCAN: KnobRange = KnobRange {
+        name: "advisor_min_pages_to_scan, advisor_max_pages_to_scan",
+        ..Self::PAGES_TO_SCAN
+    };
 
     /// Refuses values outside the accepted ranges, naming the range.
     pub fn validate(&self) -> Result<(), Error> {
-        if !Self::PAGES_TO_SCAN.contains(&self.pages_to_scan) {
-            return Err(Error::InvalidKnob {
-                knob: "pages_to_scan",
-                value: self.pages_to_scan as u64,
-                accepted: "1 to 16777216",
-            });
-        }
-        if !Self::MAP_BUDGET_PERCENT.contains(&self.map_budget_percent) {
-            return Err(Error::InvalidKnob {
-                knob: "map_budget_percent",
-                value: u64::from(self.map_budget_percent),
-                accepted: "1 to 90",
-            });
-        }
-        if self.max_page_sharing < 2 {
-            return Err(Error::InvalidKnob {
-                knob: "max_page_sharing",
-                value: u64::from(self.max_page_sharing),
-                accepted: "2 to 4294967295",
-            });
-        }
+        Self::PAGES_TO_SCAN.check(self.pages_to_scan as u64)?;
+        Self::SLEEP_MILLISECS.check(millis(self.sleep))?;
+        Self::MAP_BUDGET_PERCENT.check(u64::from(self.map_budget_percent))?;
+        Self::MAX_PAGE_SHARING.check(u64::from(self.max_page_sharing))?;
+        Self::PARK_RECHECK_MILLISECS.check(millis(self.park_recheck))?;
         if let Some(advisor) = &self.advisor {
-            let bounds = advisor.min_pages_to_scan..=advisor.max_pages_to_scan;
-            if advisor.min_pages_to_scan == 0
-                || advisor.min_pages_to_scan > advisor.max_pages_to_scan
-                || !Self::PAGES_TO_SCAN.contains(bounds.end())
-            {
-                return Err(Error::InvalidKnob {
-                    knob: "advisor_min_pages_to_scan",
-                    value: advisor.min_pages_to_scan as u64,
-                    accepted: "1 to advisor_max_pages_to_scan, at most 16777216",
+            Self::ADVISOR_TARGET_SCAN_TIME.check(millis(advisor.target_scan_time))?;
+            Self::ADVISOR_MAX_CPU.check(u64::from(advisor.max_cpu_percent))?;
+            Self::ADVISOR_PAGES_TO_SCAN.check(advisor.min_pages_to_scan as u64)?;
+            Self::ADVISOR_PAGES_TO_SCAN.check(advisor.max_pages_to_scan as u64)?;
+            if advisor.min_pages_to_scan > advisor.max_pages_to_scan {
+                return Err(Error::AdvisorBounds {
+                    min: advisor.min_pages_to_scan,
+                    max: advisor.max_pages_to_scan,
                 });
             }
-            if !(1..=100).contains(&advisor.max_cpu_percent) {
-                return Err(Error::InvalidKnob {
-                    knob: "advisor_max_cpu",
-                    value: u64::from(advisor.max_cpu_percent),
-                    accepted: "1 to 100",
-                });
-            }
-            let target = advisor.target_scan_time;
-            if target < Duration::from_millis(10) || target > Duration::from_secs(3600) {
-                return Err(Error::InvalidKnob {
-                    knob: "advisor_target_scan_time (ms)",
-                    value: target.as_millis() as u64,
-                    accepted: "10 to 3600000",
-                });
-            }
-        }
-        if self.park_recheck > Duration::from_secs(60) {
-            return Err(Error::InvalidKnob {
-                knob: "park_recheck (ms)",
-                value: self.park_recheck.as_millis() as u64,
-                accepted: "0 to 60000",
-            });
-        }
-        if self.sleep > Duration::from_secs(60) {
-            return Err(Error::InvalidKnob {
-                knob: "sleep_millisecs",
-                value: self.sleep.as_millis() as u64,
-                accepted: "0 to 60000",
-            });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_values_are_refused_with_the_range() {
+        assert!(Knobs::default().validate().is_ok());
+        let error = Knobs {
+            pages_to_scan: 0,
+            ..Knobs::default()
+        }
+        .validate()
+        .expect_err("zero pages to scan");
+        assert_eq!(
+            error.to_string(),
+            "pages_to_scan = 0 is out of range: accepted 1 to 16777216"
+        );
+        let error = Knobs {
+            sleep: Duration::from_secs(61),
+            ..Knobs::default()
+        }
+        .validate()
+        .expect_err("a minute's sleep");
+        assert!(error.to_string().contains("0 to 60000 ms"), "{error}");
+        let advisor = Advisor {
+            min_pages_to_scan: 10,
+            max_pages_to_scan: 5,
+            ..Advisor::default()
+        };
+        let error = Knobs {
+            advisor: Some(advisor),
+            ..Knobs::default()
+        }
+        .validate()
+        .expect_err("crossed bounds");
+        assert!(matches!(error, Error::AdvisorBounds { min: 10, max: 5 }));
     }
 }

@@ -77,6 +77,7 @@ pub mod advisor;
 pub mod error;
 pub mod knobs;
 pub mod mapping;
+pub mod pattern;
 pub mod quiesce;
 pub mod stats;
 
@@ -91,12 +92,12 @@ mod state;
 pub use advisor::Advisor;
 pub use engine::{Engine, EngineConfig, MergeNowReport, RegionHandle};
 pub use error::Error;
-pub use knobs::{Knobs, RunMode};
+pub use knobs::{KnobRange, Knobs, RunMode};
 pub use mapping::{MappingError, MemfdMapping};
 pub use quiesce::{DomainId, Owner, OwnerGuard, OwnerId};
 pub use region::RegionId;
 pub use state::Audit;
-pub use stats::{OwnerStats, Stats};
+pub use stats::{Counter, OwnerStats, Stats, Value};
 
 /// The page size samepage merges at: 4 KiB, as on x86_64 and most aarch64 Linux systems.
 pub const PAGE_SIZE: usize = 4096;

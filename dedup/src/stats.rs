@@ -1,55 +1,169 @@
 //! Counters, with Linux KSM's names and meanings where KSM has the same counter.
+//!
+//! [`Stats`] is the one place where a counter's name and meaning are written down. Everything
+//! that shows counters (the run report, its human form, another merger's figures read under
+//! the same names, metrics) walks [`Stats::counters`] or [`Stats::COUNTERS`] instead of
+//! naming fields by hand, so a new counter shows up everywhere at once.
 
-/// A snapshot of the engine's counters ([`crate::Engine::stats`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
+/// Declares [`Stats`] and its table of counters from one list: each field's doc comment is
+/// also its help text, and `ksm` names the file of `/sys/kernel/mm/ksm/` with the same meaning,
+/// if there is one.
+macro_rules! declare_stats {
+    ($( $(#[doc = $doc:literal])+ $name:ident: $ty:ident, ksm: $ksm:expr; )+) => {
+        /// A snapshot of the engine's counters ([`crate::Engine::stats`]).
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        pub struct Stats {
+            $( $(#[doc = $doc])+ pub $name: $ty, )+
+        }
+
+        impl Stats {
+            /// Every counter, in declaration order.
+            pub const COUNTERS: &'static [Counter] = &[
+                $( Counter {
+                    name: stringify!($name),
+                    doc: concat!($($doc),+),
+                    ksm: $ksm,
+                }, )+
+            ];
+
+            /// Every counter with its value, in declaration order.
+            pub fn counters(&self) -> impl Iterator<Item = (&'static Counter, Value)> + '_ {
+                let values = [$( Value::from(self.$name) ),+];
+                Self::COUNTERS.iter().zip(values)
+            }
+
+            /// Sets the counter called `name`; `false` when there is none by that name (or the
+            /// value does not fit it). For figures of another merger under the same names.
+            pub fn set(&mut self, name: &str, value: Value) -> bool {
+                match name {
+                    $( stringify!($name) => match value.try_into() {
+                        Ok(value) => {
+                            self.$name = value;
+                            true
+                        }
+                        Err(_) => false,
+                    }, )+
+                    _ => false,
+                }
+            }
+        }
+    };
+}
+
+/// The name and meaning of one counter of [`Stats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    /// The field's name, as the report and metrics print it.
+    pub name: &'static str,
+    /// The field's documentation, lines joined.
+    doc: &'static str,
+    /// The file of `/sys/kernel/mm/ksm/` that counts the same thing, if KSM has one.
+    pub ksm: Option<&'static str>,
+}
+
+impl Counter {
+    /// What it counts, in a sentence or two (the field's documentation).
+    pub fn help(&self) -> &'static str {
+        self.doc.trim_start()
+    }
+}
+
+/// A counter's value: most count up from zero; profit can go below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Value {
+    Count(u64),
+    Signed(i64),
+}
+
+impl From<u64> for Value {
+    fn from(value: u64) -> Self {
+        Value::Count(value)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(value: i64) -> Self {
+        Value::Signed(value)
+    }
+}
+
+impl TryFrom<Value> for u64 {
+    type Error = std::num::TryFromIntError;
+    fn try_from(value: Value) -> Result<Self, Self::Error> {
+        match value {
+            Value::Count(count) => Ok(count),
+            Value::Signed(signed) => u64::try_from(signed),
+        }
+    }
+}
+
+impl TryFrom<Value> for i64 {
+    type Error = std::num::TryFromIntError;
+    fn try_from(value: Value) -> Result<Self, Self::Error> {
+        match value {
+            Value::Count(count) => i64::try_from(count),
+            Value::Signed(signed) => Ok(signed),
+        }
+    }
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Count(count) => count.fmt(f),
+            Value::Signed(signed) => signed.fmt(f),
+        }
+    }
+}
+
+declare_stats! {
     /// Stable pages in use: distinct contents that at least one sharer maps.
-    pub pages_shared: u64,
+    pages_shared: u64, ksm: Some("pages_shared");
     /// Sharers beyond the first of each stable page: the pages saved.
-    pub pages_sharing: u64,
+    pages_sharing: u64, ksm: Some("pages_sharing");
     /// Pages that were unchanged for a pass but matched nothing (in the unstable index).
-    pub pages_unshared: u64,
+    pages_unshared: u64, ksm: Some("pages_unshared");
     /// Pages whose checksum changed between their last two visits.
-    pub pages_volatile: u64,
+    pages_volatile: u64, ksm: Some("pages_volatile");
     /// Pages visited since the engine started.
-    pub pages_scanned: u64,
+    pages_scanned: u64, ksm: Some("pages_scanned");
     /// Completed passes over every registered region.
-    pub full_scans: u64,
+    full_scans: u64, ksm: Some("full_scans");
     /// Mappings the engine created and holds in the process (each merged run and each piece
     /// its merge split off a region's own mapping, plus the stable store's view).
-    pub vmas: u64,
+    vmas: u64, ksm: None;
     /// Pages left unmerged because merging them would have overrun the map-count budget.
-    pub pages_skipped_map_budget: u64,
+    pages_skipped_map_budget: u64, ksm: None;
     /// Times the scanner found an owner running and skipped its regions for a batch.
-    pub regions_busy_skips: u64,
+    regions_busy_skips: u64, ksm: None;
     /// Hole punches that failed: memory left allocated, no data affected.
-    pub punch_failures: u64,
+    punch_failures: u64, ksm: None;
     /// Region visits skipped because the owner had not run since a visit found nothing left
     /// to do in the region (the owner's gate counts its entries).
-    pub regions_idle_skips: u64,
+    regions_idle_skips: u64, ksm: None;
     /// Bytes saved by merging and zero pages, minus the metadata kept for it (KSM
     /// `general_profit`).
-    pub general_profit_bytes: i64,
+    general_profit_bytes: i64, ksm: Some("general_profit");
     /// Bytes of metadata the engine keeps (per-page records, stable nodes, indexes).
-    pub metadata_bytes: u64,
+    metadata_bytes: u64, ksm: None;
     /// Registered regions.
-    pub regions: u64,
+    regions: u64, ksm: None;
     /// Merges (runs remapped) in the last complete pass; zero means the pass found nothing new.
-    pub merges_last_pass: u64,
+    merges_last_pass: u64, ksm: None;
     /// Contents whose stable page hit `max_page_sharing` and became a chain of dups.
-    pub stable_node_chains: u64,
+    stable_node_chains: u64, ksm: Some("stable_node_chains");
     /// Dups in those chains.
-    pub stable_node_dups: u64,
+    stable_node_dups: u64, ksm: Some("stable_node_dups");
     /// Page visits that smart scan skipped (KSM `pages_skipped`).
-    pub pages_skipped: u64,
+    pages_skipped: u64, ksm: Some("pages_skipped");
     /// Pages of zeros freed by punching them out of their region (KSM `ksm_zero_pages`).
-    pub zero_pages: u64,
+    zero_pages: u64, ksm: Some("ksm_zero_pages");
     /// Failures the background scanner met (see [`crate::Engine::last_error`]).
-    pub errors: u64,
+    errors: u64, ksm: None;
     /// CPU time of the scanner thread, in nanoseconds.
-    pub scanner_cpu_ns: u64,
+    scanner_cpu_ns: u64, ksm: None;
     /// The map-count budget in mappings (share of `vm.max_map_count`).
-    pub map_budget: u64,
+    map_budget: u64, ksm: None;
 }
 
 /// What merging saves one owner, as Linux's `/proc/PID/ksm_stat`
@@ -63,4 +177,30 @@ pub struct OwnerStats {
     /// Bytes those pages save, minus the metadata kept for the owner's regions (KSM
     /// `ksm_process_profit`).
     pub profit_bytes: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_is_a_counter_once_and_can_be_set_by_name() {
+        let mut stats = Stats::default();
+        let mut names: Vec<&str> = Stats::COUNTERS.iter().map(|c| c.name).collect();
+        for (n, name) in names.iter().enumerate() {
+            assert!(stats.set(name, Value::Count(n as u64 + 1)), "{name}");
+        }
+        for (n, (counter, value)) in stats.counters().enumerate() {
+            assert_eq!(counter.name, names[n]);
+            assert_eq!(u64::try_from(value), Ok(n as u64 + 1), "{}", counter.name);
+            assert!(!counter.help().is_empty() && !counter.help().starts_with(' '));
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Stats::COUNTERS.len());
+        assert!(!stats.set("no_such_counter", Value::Count(1)));
+        assert!(!stats.set("pages_shared", Value::Signed(-1)));
+        assert!(stats.set("general_profit_bytes", Value::Signed(-4096)));
+        assert_eq!(stats.general_profit_bytes, -4096);
+    }
 }
