@@ -29,6 +29,31 @@ pub(crate) fn trim_window(shares: &mut Vec<bool>) {
     }
 }
 
+/// Grows a window page by page from its first page, which shares: `next(n)` says whether
+/// page `n` of the window shares (`Some(true)`), differs but may be bridged with a private
+/// copy (`Some(false)`), or ends the window (`None`). Growth stops at `limit` pages, at the
+/// first `None`, or before a gap of more than [`MAX_GAP`] differing pages; the window is then
+/// cut by [`trim_window`].
+pub(crate) fn grow_window<E>(
+    limit: usize,
+    mut next: impl FnMut(usize) -> Result<Option<bool>, E>,
+) -> Result<Vec<bool>, E> {
+    let mut shares = vec![true];
+    let mut gap = 0;
+    while shares.len() < limit {
+        let Some(share) = next(shares.len())? else {
+            break;
+        };
+        gap = if share { 0 } else { gap + 1 };
+        if gap > MAX_GAP {
+            break;
+        }
+        shares.push(share);
+    }
+    trim_window(&mut shares);
+    Ok(shares)
+}
+
 /// Maximal runs of consecutive items that satisfy `pred`.
 pub(crate) fn runs_of<'a, T>(
     pages: &'a [T],
@@ -115,6 +140,27 @@ mod tests {
             [true, true, false, true]
         );
         assert_eq!(trimmed(&[true, false, false]), [true]);
+    }
+
+    #[test]
+    fn a_window_grows_to_its_limit_its_end_or_its_longest_gap() {
+        let grown = |limit: usize, pages: &[bool]| {
+            grow_window(limit, |n| Ok::<_, ()>(pages.get(n - 1).copied())).expect("infallible")
+        };
+        // Up to the limit.
+        assert_eq!(grown(3, &[true; 10]), [true; 3]);
+        // Up to the end the caller names.
+        assert_eq!(grown(10, &[true, false, true]), [true, true, false, true]);
+        // A gap of MAX_GAP bridges; one more ends the window before it, then trims.
+        let mut bridged = vec![false; MAX_GAP];
+        bridged.extend([true; MAX_GAP]);
+        assert_eq!(grown(100, &bridged).len(), 1 + 2 * MAX_GAP);
+        let mut too_long = vec![true; 2 * MAX_GAP];
+        too_long.extend(vec![false; MAX_GAP + 1]);
+        too_long.push(true);
+        assert_eq!(grown(100, &too_long), vec![true; 1 + 2 * MAX_GAP]);
+        // Errors pass through.
+        assert_eq!(grow_window(5, |_| Err::<Option<bool>, _>("pagemap")), Err("pagemap"));
     }
 
     #[test]

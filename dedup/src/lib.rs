@@ -83,6 +83,7 @@ pub mod stats;
 
 mod engine;
 mod layout;
+mod memfds;
 mod pagemap;
 mod region;
 mod remap;

@@ -18,12 +18,13 @@
 //! - nothing else maps inside the reservation, so `MAP_FIXED` over its unused part discards
 //!   nobody's memory;
 //! - the length only grows, by the owner with its guard held; the memfd is never shorter than
-//!   the length (a mapped page past the end of its file raises `SIGBUS`).
+//!   the length (a mapped page past the end of its file raises `SIGBUS`): it is sealed against
+//!   shrinking from its creation.
 
 use std::io;
 use std::sync::Arc;
 
-use memfd::{Memfd, MemfdOptions};
+use memfd::Memfd;
 use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
 
 use crate::{Engine, Error, Owner, PAGE_SIZE, RegionHandle};
@@ -96,10 +97,7 @@ impl MemfdMapping {
         }
         // An overflowing size cannot be mapped anyway: saturate and let mmap refuse it.
         let reservation = capacity.saturating_add(guard).max(PAGE_SIZE);
-        let memfd = MemfdOptions::new()
-            .close_on_exec(true)
-            .create(name)
-            .map_err(|e| MappingError::Memfd(io::Error::other(e)))?;
+        let memfd = crate::memfds::create(name).map_err(MappingError::Memfd)?;
         // SAFETY: a fresh reservation at an address the kernel picks; nothing refers to it.
         let base = unsafe {
             mmap_anonymous(
@@ -197,8 +195,8 @@ impl MemfdMapping {
             )
         };
         if let Err(error) = mapped {
-            // Shrink the file back so that the mapping and the file agree again.
-            let _ = self.memfd.as_file().set_len(self.len as u64);
+            // The file stays longer than the mapping (it is sealed against shrinking), which
+            // costs nothing: its new pages were never touched, and the next growth maps them.
             return Err(MappingError::Map(error.into()));
         }
         self.len = len;

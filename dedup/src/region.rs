@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use memfd::Memfd;
 
-use crate::quiesce::Owner;
+use crate::quiesce::{Owner, Quiescent};
 
 /// Identifies a region for as long as the process runs (ids are never reused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,6 +50,17 @@ impl Region {
 
     pub(crate) fn set_len(&self, len: usize) {
         self.len.store(len, Ordering::Release);
+    }
+
+    /// Refuses a token of another owner: it would let the engine remap memory that someone
+    /// may be writing. Engine code never builds one; this catches it if it ever does.
+    pub(crate) fn check_token(&self, q: Quiescent<'_>) {
+        assert_eq!(
+            q.owner(),
+            self.owner.id(),
+            "remap of region {:?} without its owner's gate",
+            self.id
+        );
     }
 
     /// Address of page `index`.

@@ -1,27 +1,15 @@
 //! Every system call that changes what a region maps. Each takes a [`Quiescent`] token for
-//! the region's owner: see [`crate::quiesce`] for the rules that make these calls sound.
+//! the region's owner: see [`crate::quiesce`] for the rules that make these calls sound, and
+//! [`crate::memfds`] for the one other change a region can observe, punching its memfd.
 
-use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
-use rustix::fs::{FallocateFlags, fallocate};
 use rustix::mm::{MapFlags, ProtFlags, mmap};
 
-use crate::PAGE_SIZE;
 use crate::quiesce::Quiescent;
 use crate::region::Region;
-
-fn check_owner(q: Quiescent<'_>, region: &Region) {
-    // A token for the wrong owner would let the engine remap memory that someone may be
-    // writing; engine code never builds one, and this catches it if it ever does.
-    assert_eq!(
-        q.owner(),
-        region.owner.id(),
-        "remap of region {:?} without its owner's gate",
-        region.id
-    );
-}
+use crate::{Error, PAGE_SIZE};
 
 /// Maps `count` pages of `file` from `offset` over the region's pages from `first`, in
 /// place of whatever mapped them. Callers hold the owner's token (checked) and map pages
@@ -33,7 +21,7 @@ fn replace_pages(
     sharing: MapFlags,
     file: impl AsFd,
     offset: u64,
-) -> io::Result<()> {
+) -> Result<(), Error> {
     // SAFETY: the range lies inside the region's mapping (callers bound it by the length
     // read under the gate), which the engine is allowed to replace (module contract); the
     // owner cannot touch it meanwhile (callers hold its token); and the new pages hold the
@@ -46,8 +34,12 @@ fn replace_pages(
             sharing | MapFlags::FIXED,
             file,
             offset,
-        )?;
+        )
     }
+    .map_err(|e| Error::Remap {
+        region: region.id,
+        source: e.into(),
+    })?;
     Ok(())
 }
 
@@ -61,8 +53,8 @@ pub(crate) fn map_stable(
     count: usize,
     stable: impl AsFd,
     slot: u64,
-) -> io::Result<()> {
-    check_owner(q, region);
+) -> Result<(), Error> {
+    region.check_token(q);
     // The new pages hold the same bytes (the caller compared them under the same token).
     replace_pages(
         region,
@@ -82,15 +74,19 @@ pub(crate) fn restore_own(
     region: &Region,
     first: usize,
     count: usize,
-) -> io::Result<()> {
-    check_owner(q, region);
+) -> Result<(), Error> {
+    region.check_token(q);
     // SAFETY: the token keeps the owner from writing, so the bytes stay as read; the range is
     // inside the mapping (caller's bound).
     let bytes = unsafe { region.pages(first..first + count) };
     region
         .memfd
         .as_file()
-        .write_all_at(bytes, (first * PAGE_SIZE) as u64)?;
+        .write_all_at(bytes, (first * PAGE_SIZE) as u64)
+        .map_err(|source| Error::RestoreWrite {
+            region: region.id,
+            source,
+        })?;
     // The memfd now holds exactly the bytes the owner saw.
     map_own(q, region, first, count)
 }
@@ -103,8 +99,8 @@ pub(crate) fn map_own(
     region: &Region,
     first: usize,
     count: usize,
-) -> io::Result<()> {
-    check_owner(q, region);
+) -> Result<(), Error> {
+    region.check_token(q);
     replace_pages(
         region,
         first,
@@ -123,8 +119,8 @@ pub(crate) fn fill_private_from_own(
     region: &Region,
     first: usize,
     count: usize,
-) -> io::Result<()> {
-    check_owner(q, region);
+) -> Result<(), Error> {
+    region.check_token(q);
     // SAFETY: the range lies inside the region's mapping (caller's bound); the owner cannot
     // touch it (the token); what is written is the owner's own bytes, read from its memfd.
     let target = unsafe {
@@ -134,32 +130,8 @@ pub(crate) fn fill_private_from_own(
         .memfd
         .as_file()
         .read_exact_at(target, (first * PAGE_SIZE) as u64)
-}
-
-/// Frees the region's own memfd pages `first..first + count`. Called once the region no
-/// longer maps them (they were replaced by stable pages), or for a page of zeros, which
-/// reads back as zeros from the hole.
-pub(crate) fn punch_own(
-    q: Quiescent<'_>,
-    region: &Region,
-    first: usize,
-    count: usize,
-) -> io::Result<()> {
-    check_owner(q, region);
-    punch(
-        region.memfd.as_file(),
-        (first * PAGE_SIZE) as u64,
-        count * PAGE_SIZE,
-    )
-}
-
-/// Punches a hole of `len` bytes at `offset` in `fd`, keeping its size.
-pub(crate) fn punch(fd: impl AsFd, offset: u64, len: usize) -> io::Result<()> {
-    fallocate(
-        fd,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len as u64,
-    )?;
-    Ok(())
+        .map_err(|source| Error::PrivateCopy {
+            region: region.id,
+            source,
+        })
 }

@@ -1,0 +1,138 @@
+//! What the records add up to: the engine's counters ([`crate::Stats`]), what merging saves
+//! each owner ([`crate::OwnerStats`]), and the audit that checks records and stable nodes
+//! against each other. Nothing here changes the state.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use crate::quiesce::OwnerId;
+use crate::region::RegionId;
+use crate::stable::{ContentKey, Slot};
+use crate::{OwnerStats, PAGE_SIZE, Stats};
+
+use super::MergeState;
+use super::budget::map_budget;
+use super::records::{COPY, PageRecord, ZERO};
+use super::scan::PageRef;
+
+/// The result of walking the engine's records ([`crate::Engine::audit`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// Stable pages in use.
+    pub stable_pages: u64,
+    /// The most sharers any stable page has.
+    pub max_sharers: u32,
+    /// Stable slots whose sharer count disagrees with the region pages that map them.
+    pub mismatched_slots: Vec<u32>,
+    /// Chains and dups found by walking the stable index.
+    pub stable_node_chains: u64,
+    pub stable_node_dups: u64,
+    /// Whether every page the index names is in use, within the sharing limit, and holds the
+    /// same bytes as the rest of its chain.
+    pub index_sound: bool,
+}
+
+impl MergeState {
+    /// What merging saves one owner (as Linux's `/proc/PID/ksm_stat`).
+    pub(crate) fn owner_stats(&self, owner: OwnerId) -> OwnerStats {
+        let mut stats = OwnerStats::default();
+        let mut metadata = 0;
+        for record in self
+            .regions
+            .values()
+            .filter(|r| r.region.owner.id() == owner)
+        {
+            stats.pages_merged += record.pages.iter().filter(|p| p.shares()).count() as u64;
+            stats.zero_pages += record.pages.iter().filter(|p| p.has(ZERO)).count() as u64;
+            metadata += (record.pages.capacity() * size_of::<PageRecord>()) as i64;
+        }
+        stats.profit_bytes =
+            ((stats.pages_merged + stats.zero_pages) * PAGE_SIZE as u64) as i64 - metadata;
+        stats
+    }
+
+    /// Pages of `range` in region `id` that map a stable page.
+    pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> u64 {
+        self.regions.get(&id).map_or(0, |record| {
+            let end = range.end.min(record.pages.len());
+            let start = range.start.min(end);
+            record.pages[start..end]
+                .iter()
+                .filter(|p| p.shares())
+                .count() as u64
+        })
+    }
+
+    /// The counters; the scanner thread's own (`scanner_cpu_ns`, `errors`) are the
+    /// engine's to fill in.
+    pub(crate) fn stats(&self) -> Stats {
+        let page_records: usize = self.regions.values().map(|r| r.pages.capacity()).sum();
+        let metadata_bytes = (page_records * size_of::<PageRecord>()
+            + self.stable.metadata_bytes()
+            + self.unstable.capacity() * size_of::<(ContentKey, PageRef)>())
+            as u64;
+        let saved = self.stable.pages_sharing() + self.counters.zero_pages;
+        let (stable_node_chains, stable_node_dups) = self.stable.chain_counts();
+        Stats {
+            general_profit_bytes: (saved * PAGE_SIZE as u64) as i64 - metadata_bytes as i64,
+            pages_shared: self.stable.pages_shared(),
+            pages_sharing: self.stable.pages_sharing(),
+            pages_unshared: self.unstable.len() as u64,
+            pages_volatile: self.counters.pages_volatile,
+            pages_scanned: self.counters.pages_scanned,
+            full_scans: self.counters.full_scans,
+            vmas: self.vmas,
+            pages_skipped_map_budget: self.counters.pages_skipped_map_budget,
+            regions_busy_skips: self.counters.regions_busy_skips,
+            metadata_bytes,
+            regions: self.regions.len() as u64,
+            merges_last_pass: self.counters.merges_last_pass,
+            zero_pages: self.counters.zero_pages,
+            pages_skipped: self.counters.pages_skipped,
+            regions_idle_skips: self.counters.regions_idle_skips,
+            punch_failures: self.counters.punch_failures,
+            stable_node_chains,
+            stable_node_dups,
+            map_budget: map_budget(&self.knobs, self.max_map_count),
+            scanner_cpu_ns: 0,
+            errors: 0,
+        }
+    }
+
+    /// Walks every record and stable node and checks that they agree: each stable page's
+    /// sharer count is the number of region pages that map it, and none is above `limit`.
+    pub(crate) fn audit(&self) -> Audit {
+        // Per slot: (sharers, private copies) found in the page records.
+        let mut mapped: HashMap<Slot, (u32, u32)> = HashMap::new();
+        for record in self.regions.values() {
+            for page in &record.pages {
+                if let Some(slot) = page.slot() {
+                    let counts = mapped.entry(slot).or_default();
+                    if page.has(COPY) {
+                        counts.1 += 1;
+                    } else {
+                        counts.0 += 1;
+                    }
+                }
+            }
+        }
+        let (chains, dups, index_sound) = self.stable.walk_index();
+        let mut audit = Audit {
+            stable_node_chains: chains,
+            stable_node_dups: dups,
+            index_sound,
+            ..Audit::default()
+        };
+        for (slot, node) in self.stable.nodes() {
+            audit.stable_pages += u64::from(node.content);
+            audit.max_sharers = audit.max_sharers.max(node.sharers);
+            if mapped.remove(&slot) != Some((node.sharers, node.copies))
+                || node.content != (node.sharers > 0)
+            {
+                audit.mismatched_slots.push(slot);
+            }
+        }
+        audit.mismatched_slots.extend(mapped.keys());
+        audit
+    }
+}

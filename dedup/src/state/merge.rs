@@ -1,0 +1,279 @@
+//! Step 3 of a page's journey: a match becomes a merged run or window.
+//!
+//! A visit that found a match calls one of two methods:
+//!
+//! - [`MergeState::merge_onto_stable`] when the match is a stable page: the run grows while
+//!   the region's next page equals the next stable slot (a later sharer of a run merged
+//!   earlier finds page `i + 1` in slot `s + 1`), and is mapped onto those slots;
+//! - [`MergeState::merge_pair`] when the match is another unmerged page in the unstable
+//!   index: the run grows while both regions' next pages are equal, gets fresh contiguous
+//!   stable slots, and is mapped in both regions.
+//!
+//! Either way the run may bridge a few differing pages (a *window*, see `layout.rs`), which
+//! keep private copies of their own bytes. [`MergeState::map_window`] does the remapping for
+//! both, after asking [`super::budget`] whether the mappings it costs may be spent. The order
+//! of its steps is what keeps every byte the owner sees unchanged: compare (under the gate),
+//! map the stable slots, copy the differing pages' own bytes in, and only then punch the
+//! region's memfd; a failure before the punch maps the memfd back.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::layout::{grow_window, runs_of};
+use crate::pagemap::PageBacking;
+use crate::quiesce::{OwnerGuard, Quiescent};
+use crate::region::RegionId;
+use crate::stable::{ContentKey, Slot};
+use crate::{Error, PAGE_SIZE, remap};
+
+use super::records::{COPY, PageRecord, SEEN, ZERO};
+use super::scan::{PageRef, Visit, zero_page_hash};
+use super::{MergeState, budget::region_delta};
+
+/// Pages of a partner region's page map read at a time while extending a run.
+const BACKING_CHUNK: usize = 64;
+
+impl MergeState {
+    /// Merges the window starting at `page` onto the stable slots starting at `slot`: it
+    /// extends while the next region page equals the next stable page, and bridges differing
+    /// pages, which keep private copies (see `layout::grow_window`).
+    pub(super) fn merge_onto_stable(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+        end: usize,
+        slot: Slot,
+        visit: Visit,
+    ) -> Result<usize, Error> {
+        let region = self.region(id).region.clone();
+        let domain = region.owner.domain();
+        let shares = grow_window(end - page, |n| {
+            let (next, next_slot) = (page + n, slot + n as Slot);
+            let record = self.record(id, next);
+            let Some(node) = self.stable.node(next_slot) else {
+                return Ok::<_, Error>(None);
+            };
+            if record.stable != 0
+                || self.backing_of(next) != PageBacking::File
+                || node.key.0 != domain
+            {
+                return Ok(None);
+            }
+            Ok(Some(
+                self.stable.has_room_at(next_slot)
+                    && (visit == Visit::Now
+                        || (record.has(SEEN) && record.checksum == node.key.1))
+                    // SAFETY: gate held (`q`), `next` below the length read under it.
+                    && unsafe { region.page(next) } == self.stable.page(next_slot),
+            ))
+        })?;
+        self.map_window(q, id, page, &shares, slot)?;
+        Ok(shares.len())
+    }
+
+    /// Merges the run at `page` of region `id` with the equal run at `partner` into new
+    /// stable pages. `None` when the partner is gone, changed, busy or not equal.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn merge_pair(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+        end: usize,
+        partner: PageRef,
+        key: ContentKey,
+        visit: Visit,
+    ) -> Result<Option<usize>, Error> {
+        let Some(other) = self.regions.get(&partner.region) else {
+            return Ok(None);
+        };
+        let other_region = other.region.clone();
+        let other_pages = other_region.len() / PAGE_SIZE;
+        let still_there = |r: &PageRecord| r.stable == 0 && r.has(SEEN) && r.checksum == key.1;
+        if partner.page >= other_pages
+            || partner.page >= other.pages.len()
+            || !still_there(&other.pages[partner.page])
+        {
+            return Ok(None);
+        }
+        let other_guard: Option<OwnerGuard>;
+        let other_q = if other_region.owner.id() == q.owner() {
+            q
+        } else {
+            match other_region.owner.try_enter() {
+                Some(guard) => {
+                    other_guard = Some(guard);
+                    other_guard.as_ref().expect("just set").quiescent()
+                }
+                None => {
+                    self.counters.regions_busy_skips += 1;
+                    return Ok(None);
+                }
+            }
+        };
+        let region = self.region(id).region.clone();
+        // SAFETY: both gates are held (`q`, `other_q`), both pages below the lengths read
+        // under them.
+        let (content, other_content) =
+            unsafe { (region.page(page), other_region.page(partner.page)) };
+        if content != other_content {
+            return Ok(None);
+        }
+
+        // Extend the run while both next pages are unmerged, resident, unchanged since the
+        // partner's last visit and equal. Runs within one region must not overlap.
+        let mut limit = (end - page).min(other_pages - partner.page);
+        if partner.region == id {
+            limit = limit.min(page.abs_diff(partner.page));
+        }
+        // The partner's backing, read a chunk at a time as the run grows: most runs are short.
+        let mut other_backing: Vec<PageBacking> = Vec::new();
+        let mut keys = vec![Some(key)];
+        let shares = grow_window(limit, |n| {
+            if n >= other_backing.len() {
+                let from = other_backing.len();
+                let chunk = (limit - from).min(BACKING_CHUNK);
+                let more = self
+                    .pagemap
+                    .read(other_region.page_addr(partner.page + from), chunk)
+                    .map_err(|source| Error::PagemapRead {
+                        region: partner.region,
+                        source,
+                    })?;
+                other_backing.extend(more);
+            }
+            let mine = self.record(id, page + n);
+            let theirs = self.region(partner.region)
+                .pages
+                .get(partner.page + n)
+                .copied()
+                .unwrap_or_default();
+            if mine.stable != 0
+                || theirs.stable != 0
+                || self.backing_of(page + n) != PageBacking::File
+                || other_backing[n] != PageBacking::File
+            {
+                return Ok(None);
+            }
+            let settled = theirs.has(SEEN)
+                && (visit == Visit::Now || (mine.has(SEEN) && mine.checksum == theirs.checksum));
+            // SAFETY: as above.
+            let next = unsafe { region.page(page + n) };
+            let checksum = if settled { xxh3_64(next) } else { 0 };
+            let next_key = (key.0, checksum);
+            if settled
+                && checksum == theirs.checksum
+                && (self.stable.has_room(next_key)
+                    || (self.knobs.use_zero_pages && checksum == zero_page_hash()))
+            {
+                // Already stable with room, or zeros: the page's own visit deals with it.
+                return Ok(None);
+            }
+            let share = settled
+                && checksum == theirs.checksum
+                // SAFETY: as above.
+                && next == unsafe { other_region.page(partner.page + n) };
+            keys.push(share.then_some(next_key));
+            Ok(Some(share))
+        })?;
+        keys.truncate(shares.len());
+        let run = keys.len();
+
+        // The run's slots are not chosen yet; any fresh contiguous numbers stand for them.
+        let fresh = |n: usize| u32::MAX - (run - n) as u32;
+        let delta = region_delta(&self.region(id).pages, page..page + run, fresh)
+            + region_delta(
+                &self.region(partner.region).pages,
+                partner.page..partner.page + run,
+                fresh,
+            );
+        if !self.budget_allows(delta, run) {
+            return Ok(Some(run));
+        }
+        // SAFETY: as above.
+        let bytes = unsafe { region.pages(page..page + run) };
+        let Some(slot) = self.stable.publish(bytes, &keys)? else {
+            return Ok(None);
+        };
+        for (n, key) in keys.iter().enumerate() {
+            let entry = PageRef {
+                region: partner.region,
+                page: partner.page + n,
+            };
+            if let Some(key) = key
+                && self.unstable.get(key) == Some(&entry)
+            {
+                self.unstable.remove(key);
+            }
+        }
+        let partner_mapped = self.map_window(other_q, partner.region, partner.page, &shares, slot);
+        if !matches!(partner_mapped, Ok(true)) {
+            // Nobody maps the new pages: take them back before reporting.
+            let unpublished = self.stable.unpublish(slot, run as Slot);
+            partner_mapped?;
+            unpublished?;
+            return Ok(Some(run));
+        }
+        self.map_window(q, id, page, &shares, slot)?;
+        Ok(Some(run))
+    }
+
+    /// Maps the window of region `id` from `page` onto the stable slots from `slot` with one
+    /// mapping, if the map-count budget allows; returns whether it did. Where `shares` is
+    /// true the page shares the stable page; where it is false the page gets a private copy
+    /// of its own bytes. Then the region's own copies are freed and the sharing recorded.
+    fn map_window(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+        shares: &[bool],
+        slot: Slot,
+    ) -> Result<bool, Error> {
+        let len = shares.len();
+        let record = self.region(id);
+        let delta = region_delta(&record.pages, page..page + len, |n| slot + 1 + n as Slot);
+        let region = record.region.clone();
+        if !self.budget_allows(delta, len) {
+            return Ok(false);
+        }
+        remap::map_stable(q, &region, page, len, self.stable.fd(), u64::from(slot))?;
+        let filled = runs_of(shares, |&share| !share).try_for_each(|copies| {
+            remap::fill_private_from_own(q, &region, page + copies.start, copies.len())
+        });
+        if let Err(error) = filled {
+            // The region's memfd still holds every byte: map it back, and nothing happened.
+            remap::map_own(q, &region, page, len)?;
+            return Err(error);
+        }
+        // From here on the merge stands; a failed punch only leaves memory unfreed.
+        if shares.contains(&false) && self.stable.punch_empty(slot, len as Slot).is_err() {
+            self.counters.punch_failures += 1;
+        }
+        let record = self.region_mut(id);
+        record.vmas = record.vmas.saturating_add_signed(delta);
+        self.vmas = self.vmas.saturating_add_signed(delta);
+        for (n, &share) in shares.iter().enumerate() {
+            let page_slot = slot + n as Slot;
+            self.record_mut(id, page + n).stable = page_slot + 1;
+            // A zero page read back in since it was punched, merged now, is no longer one.
+            let flags = self.record(id, page + n).flags;
+            self.set_flags(id, page + n, flags & !ZERO);
+            if share {
+                self.stable.add_sharer(page_slot);
+                let checksum = self.stable.node(page_slot).expect("just shared").key.1;
+                self.record_visit(id, page + n, checksum, true);
+                self.record_mut(id, page + n).misses = 0;
+            } else {
+                self.stable.add_copy(page_slot);
+                let flags = self.record(id, page + n).flags;
+                self.set_flags(id, page + n, flags | COPY);
+            }
+        }
+        self.counters.merges_this_pass += 1;
+        if crate::memfds::punch_region(q, &region, page, len).is_err() {
+            self.counters.punch_failures += 1;
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,187 @@
+//! The merge state: what the engine knows of every registered region's pages, and the merge
+//! algorithm over it. Everything here runs under the engine's state lock; a region's mappings
+//! change only with its owner's gate held ([`crate::quiesce`]), which the `Quiescent` token
+//! each remapping method takes proves.
+//!
+//! One file per step of a page's journey, in the order a page takes them:
+//!
+//! 1. [`records`]: what the engine keeps for every page (`PageRecord`: checksum, stable slot,
+//!    flags) and the counters derived from its flags.
+//! 2. [`scan`]: the cursor and full passes; a visit reads the page map, hashes the page,
+//!    applies KSM's volatility rule and smart scan, and looks for a match, first in the
+//!    stable index, then in this pass's unstable index.
+//! 3. [`merge`]: a match grows into a run or a window (`layout.rs` says what a window may
+//!    bridge and what it costs in mappings), which is mapped onto stable slots with one
+//!    `mmap`; the region's own copies are then punched.
+//! 4. The copy-on-write break is the kernel's: a write to a merged page faults and gets a
+//!    private anonymous copy. Nothing in samepage runs in the write path.
+//! 5. [`release`]: the next visit sees the private copy in the page map and gives the page
+//!    back to the region's memfd (sharer-left recovery); a stable page nobody shares any more
+//!    is freed. Unmerging a region takes the same path.
+//!
+//! Beside the journey: [`budget`] decides whether a merge may spend the mappings it costs;
+//! [`accounting`] derives the counters, per-owner figures and the audit from the records.
+//!
+//! Invariants kept across all of them:
+//! - every page of a region maps its own memfd (`stable == 0`), a stable slot it shares, or
+//!   a private copy of its own bytes over a slot (`COPY`); the slot's node counts it;
+//! - `vmas` equals the stable view plus, per region, the mapping boundaries its records imply
+//!   (`layout::mapping_delta` keeps it in step with every change);
+//! - the unstable index is only a hint: its entries are re-checked, and bytes are compared,
+//!   before anything merges.
+
+mod accounting;
+mod budget;
+mod merge;
+mod records;
+mod release;
+mod scan;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::pagemap::{PageBacking, Pagemap};
+use crate::quiesce::OwnerId;
+use crate::region::{Region, RegionId};
+use crate::stable::{ContentKey, StableStore};
+use crate::{Error, Knobs};
+
+pub use accounting::Audit;
+use records::{COPY, PageRecord};
+pub(crate) use scan::Visit;
+use scan::{Cursor, PageRef};
+
+/// A registered region and the engine's records of its pages.
+struct RegionPages {
+    region: Arc<Region>,
+    /// One record per page up to the region's length at the last visit.
+    pages: Vec<PageRecord>,
+    /// Mappings the engine's merges split this region's mapping into, beyond the first.
+    vmas: u64,
+    /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
+    /// found nothing left to do: every page merged, a hole, or a copy. While the owner has
+    /// not entered since, the scanner skips the region.
+    quiet_at: Option<u64>,
+    /// The visit in progress: the owner's entries when it began, and whether it has found
+    /// nothing to do so far.
+    visit: (u64, bool),
+}
+
+pub(crate) struct MergeState {
+    regions: BTreeMap<RegionId, RegionPages>,
+    cursor: Cursor,
+    stable: StableStore,
+    /// This pass's unchanged pages that matched nothing, by content key. Rebuilt every pass;
+    /// entries may be stale (the page changed or merged since) and are checked before use.
+    unstable: HashMap<ContentKey, PageRef>,
+    pagemap: Pagemap,
+    /// Backing of the pages of the range being visited, from page `backing_from` on.
+    backing: Vec<PageBacking>,
+    backing_from: usize,
+    counters: records::Counters,
+    /// Mappings the engine holds: the stable view plus every region's `vmas`.
+    vmas: u64,
+    /// `vm.max_map_count`, read at start.
+    max_map_count: u64,
+    /// Mappings in the whole process at the last reading of `/proc/self/maps`, our `vmas`
+    /// at that time, and the pass it was read in (read at most once a pass, and only when
+    /// a merge needs it: the file is long when the process holds many mappings).
+    process_maps: (u64, u64, u64),
+    pub(crate) knobs: Knobs,
+}
+
+impl MergeState {
+    pub(crate) fn new(stable: StableStore, pagemap: Pagemap, knobs: Knobs) -> Self {
+        let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(65_530);
+        Self {
+            regions: BTreeMap::new(),
+            cursor: Cursor::default(),
+            stable,
+            unstable: HashMap::new(),
+            pagemap,
+            backing: Vec::new(),
+            backing_from: 0,
+            counters: records::Counters::default(),
+            vmas: 1,
+            max_map_count,
+            process_maps: (0, 0, u64::MAX),
+            knobs,
+        }
+    }
+
+    pub(crate) fn add_region(&mut self, region: Arc<Region>) {
+        self.regions.insert(
+            region.id,
+            RegionPages {
+                region,
+                pages: Vec::new(),
+                vmas: 0,
+                quiet_at: None,
+                visit: (0, false),
+            },
+        );
+    }
+
+    /// Forgets a region whose owner is about to unmap it: releases its sharing without
+    /// touching its mapping.
+    pub(crate) fn remove_region(&mut self, id: RegionId) -> Result<(), Error> {
+        let Some(record) = self.regions.remove(&id) else {
+            return Err(Error::UnknownRegion(id));
+        };
+        self.vmas = self.vmas.saturating_sub(record.vmas);
+        let mut result = Ok(());
+        for page in &record.pages {
+            if let Some(slot) = page.slot()
+                && let Err(error) = self.leave_slot(slot, page.has(COPY))
+            {
+                result = Err(error);
+            }
+            self.forget_flags(page.flags);
+        }
+        if self.cursor.region == Some(id) {
+            self.cursor.page = 0;
+        }
+        result
+    }
+
+    /// The records of region `id`, which the caller knows is registered (it was found under
+    /// the same lock).
+    fn region(&self, id: RegionId) -> &RegionPages {
+        self.regions
+            .get(&id)
+            .expect("a region found under the state lock stays registered")
+    }
+
+    fn region_mut(&mut self, id: RegionId) -> &mut RegionPages {
+        self.regions
+            .get_mut(&id)
+            .expect("a region found under the state lock stays registered")
+    }
+
+    /// The record of page `page` of region `id`.
+    fn record(&self, id: RegionId, page: usize) -> PageRecord {
+        self.region(id).pages[page]
+    }
+
+    fn record_mut(&mut self, id: RegionId, page: usize) -> &mut PageRecord {
+        &mut self.region_mut(id).pages[page]
+    }
+
+    fn regions_of(&self, owner: OwnerId) -> Vec<RegionId> {
+        self.regions
+            .iter()
+            .filter(|(_, r)| r.region.owner.id() == owner)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Takes new settings; a new sharing limit only while nothing is shared.
+    pub(crate) fn set_knobs(&mut self, knobs: Knobs) -> Result<(), Error> {
+        self.stable.set_max_sharing(knobs.max_page_sharing)?;
+        self.knobs = knobs;
+        Ok(())
+    }
+}

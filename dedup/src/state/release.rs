@@ -1,0 +1,120 @@
+//! Step 5 of a page's journey: a sharer that wrote leaves, and merged pages go back to their
+//! region.
+//!
+//! After the kernel's copy-on-write (step 4) the written page is a private anonymous page in
+//! the region's `MAP_PRIVATE` mapping of the stable memfd; the page map shows it as
+//! `Private`. The visit that sees this ([`MergeState::release_written`], called by every
+//! visit before it looks for merges) copies what the owner sees into the region's own memfd,
+//! maps the memfd there again ([`crate::remap::restore_own`]), and drops the page's sharing;
+//! the stable page goes when its last sharer does, and its slot once no mapping covers it.
+//! Until that visit the page is simply private memory of the owner's: nobody else sees it,
+//! and it costs what any written page costs.
+//!
+//! Unmerging (`run = 2`, or a region that must not be shared) gives back every merged page
+//! of a region the same way, private copies and shared pages alike, so that the region ends
+//! as one mapping of its own memfd.
+
+use std::ops::Range;
+
+use crate::Error;
+use crate::layout::runs_of;
+use crate::pagemap::PageBacking;
+use crate::quiesce::Quiescent;
+use crate::region::RegionId;
+use crate::remap;
+use crate::stable::Slot;
+
+use super::MergeState;
+use super::budget::region_delta;
+use super::records::COPY;
+
+impl MergeState {
+    /// Merged pages that their owner wrote since (now private copies) leave their stable page:
+    /// each run of them is given back to the region's own memfd.
+    pub(super) fn release_written(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        range: Range<usize>,
+    ) -> Result<(), Error> {
+        let mut page = range.start;
+        while page < range.end {
+            let written = |state: &Self, p: usize| {
+                state.record(id, p).shares() && state.backing_of(p) == PageBacking::Private
+            };
+            if !written(self, page) {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < range.end && written(self, page) {
+                page += 1;
+            }
+            self.restore(q, id, start..page)?;
+        }
+        Ok(())
+    }
+
+    /// Gives pages `range` (all merged) back to the region's own memfd and leaves their
+    /// stable pages.
+    fn restore(&mut self, q: Quiescent<'_>, id: RegionId, range: Range<usize>) -> Result<(), Error> {
+        let record = self.region_mut(id);
+        remap::restore_own(q, &record.region, range.start, range.len())?;
+        // Pages of its own again: the region needs visits, whoever ran.
+        record.quiet_at = None;
+        record.visit.1 = false;
+        let delta = region_delta(&record.pages, range.clone(), |_| 0);
+        record.vmas = record.vmas.saturating_add_signed(delta);
+        self.vmas = self.vmas.saturating_add_signed(delta);
+        for page in range {
+            let record = self.record_mut(id, page);
+            let slot = record.slot().expect("restore of an unmerged page");
+            let copy = record.has(COPY);
+            record.stable = 0;
+            record.flags &= !COPY;
+            self.leave_slot(slot, copy)?;
+        }
+        Ok(())
+    }
+
+    /// A page stops mapping `slot`, as a sharer or as a private copy.
+    pub(super) fn leave_slot(&mut self, slot: Slot, copy: bool) -> Result<(), Error> {
+        if copy {
+            self.stable.drop_copy(slot);
+            Ok(())
+        } else {
+            self.stable.drop_sharer(slot)
+        }
+    }
+
+    /// Gives every merged page of region `id` back to it: afterwards the region is one
+    /// mapping of its own memfd again.
+    pub(crate) fn unmerge_region(&mut self, q: Quiescent<'_>, id: RegionId) -> Result<(), Error> {
+        let record = self.regions.get(&id).ok_or(Error::UnknownRegion(id))?;
+        let merged: Vec<Range<usize>> = runs_of(&record.pages, |p| p.stable != 0).collect();
+        for range in merged {
+            self.restore(q, id, range)?;
+        }
+        Ok(())
+    }
+
+    /// Unmerges every region whose owner is quiescent; returns how many were busy.
+    pub(crate) fn unmerge_all(&mut self) -> Result<usize, Error> {
+        let mut busy = 0;
+        let ids: Vec<RegionId> = self.regions.keys().copied().collect();
+        for id in ids {
+            let record = self.region(id);
+            if !record.pages.iter().any(|p| p.stable != 0) {
+                continue;
+            }
+            match record.region.clone().owner.try_enter() {
+                Some(guard) => self.unmerge_region(guard.quiescent(), id)?,
+                None => {
+                    self.counters.regions_busy_skips += 1;
+                    busy += 1;
+                }
+            }
+        }
+        Ok(busy)
+    }
+}

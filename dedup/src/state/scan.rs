@@ -1,0 +1,355 @@
+//! Step 2 of a page's journey: the scanner's cursor, full passes, and the visit of a page.
+//!
+//! The cursor walks the regions in id order, `pages_to_scan` pages a batch; a *pass* ends when
+//! it passes the last region. Each pass the unstable index starts empty, as in KSM. A visit of
+//! a range first reads its page map (which also tells [`super::release`] which merged pages
+//! were written), then looks at each page:
+//!
+//! - merged pages and holes (never touched, or punched zeros) are passed over: reading a hole
+//!   would allocate a page;
+//! - a page whose last checksum names a stable page with the same bytes merges at once: the
+//!   comparison proves both that it did not change and that it can merge;
+//! - otherwise it is hashed: a changed checksum marks it volatile (KSM's rule), an unchanged
+//!   one makes it a candidate: zeros are punched (`use_zero_pages`), a stable match or an
+//!   unstable partner merges ([`super::merge`]), and anything else enters the unstable index.
+//!
+//! Owners are never waited for: a region whose owner is busy is skipped for the batch
+//! (`regions_busy_skips`); one whose owner has not run since a visit found nothing left to do
+//! is skipped outright (`regions_idle_skips`).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::pagemap::PageBacking;
+use crate::quiesce::{Owner, OwnerGuard, Quiescent};
+use crate::region::{Region, RegionId};
+use crate::{Error, PAGE_SIZE};
+
+use super::MergeState;
+use super::records::{PageRecord, SEEN, ZERO};
+
+/// A page in the unstable index: unchanged for one pass, matched nothing yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PageRef {
+    pub(super) region: RegionId,
+    pub(super) page: usize,
+}
+
+/// How a visit treats a page that has not been seen unchanged for a pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Visit {
+    /// KSM's rule: merge only pages whose checksum did not change since the last visit, and
+    /// (with smart scan) skip pages that keep failing to merge.
+    Scan,
+    /// A visit because the owner parked: the same rule, but no page is skipped, since the
+    /// owner may just have changed any of them.
+    Park,
+    /// The owner says the range is ready: merge at once.
+    Now,
+}
+
+/// Where the scanner resumes.
+#[derive(Default)]
+pub(super) struct Cursor {
+    pub(super) region: Option<RegionId>,
+    pub(super) page: usize,
+}
+
+/// The checksum of a page of zeros.
+pub(super) fn zero_page_hash() -> u64 {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| xxh3_64(&[0; PAGE_SIZE]))
+}
+
+/// Smart scan: a page that stays unchanged and matches nothing visit after visit is looked
+/// at only every second pass, then every fourth, up to every 32nd, until it changes or
+/// merges. The passes are aligned (pass numbers divisible by the period) rather than counted
+/// per page, so that two such pages that became equal still meet in one pass: pages of any
+/// period are all visited on every 32nd pass.
+fn smart_scan_period(misses: u8) -> u64 {
+    if misses < 2 {
+        1
+    } else {
+        1 << (misses - 1).min(5)
+    }
+}
+
+impl MergeState {
+    /// One scanner batch: visits up to `pages_to_scan` pages from the cursor on, region by
+    /// region, skipping regions whose owner is busy, and stops early at the end of a pass.
+    /// Returns whether a full pass ended.
+    pub(crate) fn scan_batch(&mut self) -> Result<bool, Error> {
+        let mut budget = self.knobs.pages_to_scan;
+        let mut pass_ended = false;
+        while budget > 0 && !pass_ended {
+            let Some(id) = self.cursor_region() else {
+                return Ok(true);
+            };
+            let region = self.region(id).region.clone();
+            let pages = region.len() / PAGE_SIZE;
+            let start = self.cursor.page;
+            let Some(guard) = region.owner.try_enter() else {
+                self.counters.regions_busy_skips += 1;
+                budget = budget.saturating_sub(pages.saturating_sub(start).max(1));
+                pass_ended |= self.advance_region(id);
+                continue;
+            };
+            let entries = region.owner.entries();
+            let record = self.region_mut(id);
+            if start == 0 {
+                if record.quiet_at == Some(entries) {
+                    // The owner has not run since a visit found nothing to do here.
+                    self.counters.regions_idle_skips += 1;
+                    budget -= 1;
+                    pass_ended |= self.advance_region(id);
+                    continue;
+                }
+                record.visit = (entries, true);
+            }
+            let end = pages.min(start + budget);
+            let result = self.scan_range(guard.quiescent(), id, start..end, Visit::Scan);
+            drop(guard);
+            budget -= (end - start).max(1);
+            if end >= pages {
+                let record = self.region_mut(id);
+                let (entries, quiet) = record.visit;
+                record.quiet_at = quiet.then_some(entries);
+                pass_ended |= self.advance_region(id);
+            } else {
+                self.cursor.page = end;
+            }
+            result?;
+        }
+        Ok(pass_ended)
+    }
+
+    /// Whether the last whole pass found every region idle (see `RegionPages::quiet_at`).
+    pub(crate) fn last_pass_idle(&self) -> bool {
+        self.counters.last_pass_idle
+    }
+
+    /// The region the cursor is in, or the first one after it; `None` when none is left,
+    /// which ends the pass.
+    fn cursor_region(&mut self) -> Option<RegionId> {
+        let from = self.cursor.region.unwrap_or(RegionId(0));
+        let Some((&id, _)) = self.regions.range(from..).next() else {
+            self.end_pass();
+            return None;
+        };
+        if self.cursor.region != Some(id) {
+            self.cursor = Cursor {
+                region: Some(id),
+                page: 0,
+            };
+        }
+        Some(id)
+    }
+
+    /// Moves the cursor past region `id`; ends the pass when it was the last.
+    fn advance_region(&mut self, id: RegionId) -> bool {
+        let next = self
+            .regions
+            .range(RegionId(id.0 + 1)..)
+            .next()
+            .map(|(&id, _)| id);
+        self.cursor = Cursor {
+            region: next,
+            page: 0,
+        };
+        if next.is_none() {
+            self.end_pass();
+            return true;
+        }
+        false
+    }
+
+    fn end_pass(&mut self) {
+        self.counters.full_scans += 1;
+        self.counters.merges_last_pass = std::mem::take(&mut self.counters.merges_this_pass);
+        self.counters.last_pass_idle =
+            std::mem::take(&mut self.counters.pages_visited_this_pass) == 0;
+        // Keep room for as many entries as this pass had, no more: once everything merged,
+        // the index of a host that converged should cost next to nothing.
+        let used = self.unstable.len();
+        self.unstable.clear();
+        self.unstable.shrink_to(used);
+        self.cursor = Cursor::default();
+    }
+
+    /// Merges every region of the guard's owner at once (see [`crate::Engine::merge_owner_now`]);
+    /// returns how many of their pages map stable pages afterwards.
+    pub(crate) fn merge_owner_now(&mut self, guard: &OwnerGuard) -> Result<u64, Error> {
+        let ids = self.regions_of(guard.owner());
+        self.visit_whole(guard, &ids, Visit::Now)?;
+        Ok(ids
+            .iter()
+            .map(|&id| self.merged_pages(id, 0..usize::MAX))
+            .sum())
+    }
+
+    /// Visits every region of `owner` (its park visit). `false` when the owner is running
+    /// again, or has no regions: then there is nothing to look at now.
+    pub(crate) fn scan_owner(&mut self, owner: &Owner) -> Result<bool, Error> {
+        let ids = self.regions_of(owner.id());
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        let Some(guard) = owner.try_enter() else {
+            self.counters.regions_busy_skips += 1;
+            return Ok(false);
+        };
+        self.visit_whole(&guard, &ids, Visit::Park)?;
+        Ok(true)
+    }
+
+    /// Visits regions `ids`, all of the guard's owner, from end to end.
+    fn visit_whole(
+        &mut self,
+        guard: &OwnerGuard,
+        ids: &[RegionId],
+        visit: Visit,
+    ) -> Result<(), Error> {
+        for &id in ids {
+            let pages = self.region(id).region.len() / PAGE_SIZE;
+            self.scan_range(guard.quiescent(), id, 0..pages, visit)?;
+        }
+        Ok(())
+    }
+
+    /// Visits pages `range` of region `id`, whose gate `q` proves held: notices sharers that
+    /// left, then merges what can be merged.
+    pub(crate) fn scan_range(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        range: Range<usize>,
+        visit: Visit,
+    ) -> Result<(), Error> {
+        let record = self.regions.get_mut(&id).ok_or(Error::UnknownRegion(id))?;
+        let region = record.region.clone();
+        let pages = region.len() / PAGE_SIZE;
+        if record.pages.len() < pages {
+            // Grown: a merged last page now has the new memfd range after it, a boundary
+            // between two mappings.
+            let boundary = record.pages.last().is_some_and(|last| last.stable != 0);
+            record.pages.resize(pages, PageRecord::default());
+            if boundary {
+                record.vmas += 1;
+                self.vmas += 1;
+            }
+        }
+        let range = range.start.min(pages)..range.end.min(pages);
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.counters.pages_scanned += range.len() as u64;
+        self.counters.pages_visited_this_pass += range.len() as u64;
+        self.read_backing(&region, range.clone())?;
+        self.release_written(q, id, range.clone())?;
+
+        let mut page = range.start;
+        while page < range.end {
+            page += self.visit_page(q, id, &region, page, range.end, visit)?;
+        }
+        Ok(())
+    }
+
+    fn read_backing(&mut self, region: &Region, range: Range<usize>) -> Result<(), Error> {
+        self.backing.clear();
+        self.backing_from = range.start;
+        let backing = self
+            .pagemap
+            .read(region.page_addr(range.start), range.len())
+            .map_err(|source| Error::PagemapRead {
+                region: region.id,
+                source,
+            })?;
+        self.backing.extend(backing);
+        Ok(())
+    }
+
+    /// The backing of page `page` of the range being visited.
+    pub(super) fn backing_of(&self, page: usize) -> PageBacking {
+        self.backing[page - self.backing_from]
+    }
+
+    /// Visits one page; returns how many pages it consumed (a merged run counts whole).
+    fn visit_page(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        region: &Arc<Region>,
+        page: usize,
+        end: usize,
+        visit: Visit,
+    ) -> Result<usize, Error> {
+        let record = self.record(id, page);
+        let backing = self.backing_of(page);
+        if record.stable != 0 {
+            return Ok(1);
+        }
+        if backing == PageBacking::Untouched {
+            // A hole (never written, or punched as zeros): reading it would allocate a page.
+            return Ok(1);
+        }
+        // A page of the region's own with bytes in it: there may be work here next time.
+        self.region_mut(id).visit.1 = false;
+        if visit == Visit::Scan
+            && self.knobs.smart_scan
+            && !self
+                .counters
+                .full_scans
+                .is_multiple_of(smart_scan_period(record.misses))
+        {
+            self.counters.pages_skipped += 1;
+            return Ok(1);
+        }
+        if record.has(ZERO) {
+            self.set_flags(id, page, record.flags & !ZERO);
+        }
+        let domain = region.owner.domain();
+        // SAFETY: the gate is held (`q`) and `page` is below the length read under it.
+        let content = unsafe { region.page(page) };
+
+        // A page that matches the stable page its last checksum names is unchanged and
+        // mergeable at once: the comparison proves both, without hashing.
+        if record.has(SEEN)
+            && let Some(slot) = self.stable.lookup((domain, record.checksum), content)
+        {
+            return self.merge_onto_stable(q, id, page, end, slot, visit);
+        }
+
+        let checksum = xxh3_64(content);
+        let unchanged = record.has(SEEN) && record.checksum == checksum;
+        // A first visit proves nothing either way; only a changed checksum is volatile.
+        let changed = record.has(SEEN) && !unchanged;
+        self.record_visit(id, page, checksum, !changed || visit == Visit::Now);
+        if !unchanged && visit != Visit::Now {
+            return Ok(1);
+        }
+        if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
+            crate::memfds::punch_region(q, region, page, 1).map_err(|source| Error::Punch {
+                region: id,
+                source,
+            })?;
+            let flags = self.record(id, page).flags;
+            self.set_flags(id, page, flags | ZERO);
+            return Ok(1);
+        }
+        let key = (domain, checksum);
+        if let Some(slot) = self.stable.lookup(key, content) {
+            return self.merge_onto_stable(q, id, page, end, slot, visit);
+        }
+        if let Some(&partner) = self.unstable.get(&key)
+            && partner != (PageRef { region: id, page })
+            && let Some(merged) = self.merge_pair(q, id, page, end, partner, key, visit)?
+        {
+            return Ok(merged);
+        }
+        self.unstable.insert(key, PageRef { region: id, page });
+        self.note_miss(id, page);
+        Ok(1)
+    }
+}
