@@ -1,25 +1,21 @@
-//! The engine: the public face of the merge state, and the scanner thread that drives it.
+//! The engine's public face: creating an engine, registering regions, merging and unmerging
+//! on an owner's behalf, settings and figures. The merge state behind it lives in `state/`,
+//! the background scanner that drives it in `scanner.rs`.
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use memfd::Memfd;
 use parking_lot::{Condvar, Mutex};
-use rustix::time::{ClockId, clock_gettime};
 
 use crate::pagemap::Pagemap;
 use crate::quiesce::{Owner, OwnerGuard, OwnerId};
 use crate::region::{Region, RegionId};
+use crate::scanner::{ParkVisit, ScannerThread};
 use crate::stable::StableStore;
 use crate::state::{Audit, MergeState, Visit};
-use crate::{Error, Knobs, OwnerStats, PAGE_SIZE, RunMode, Stats};
-
-/// The pause between batches while every region is idle (its owner has not run since the
-/// engine found nothing to do in it): owners that park wake the scanner at once anyway.
-const IDLE_NAP: Duration = Duration::from_millis(250);
+use crate::{Error, Knobs, OwnerStats, PAGE_SIZE, Stats};
 
 /// How an engine starts.
 #[derive(Clone, Debug)]
@@ -67,43 +63,19 @@ pub struct Engine {
 
 /// What the engine's handles, region handles and scanner thread share.
 pub(crate) struct Shared {
-    state: Mutex<MergeState>,
+    pub(crate) state: Mutex<MergeState>,
     /// Signalled when the knobs change or the engine shuts down, to wake a sleeping scanner.
-    wake: Condvar,
+    pub(crate) wake: Condvar,
     /// Set when the last engine handle is dropped.
-    shutdown: Mutex<bool>,
+    pub(crate) shutdown: Mutex<bool>,
     /// Owners that parked, waiting for their park visits (see [`Engine::parked`]). Apart
     /// from the state so that parking never waits for a batch.
-    parked: Mutex<Vec<ParkVisit>>,
+    pub(crate) parked: Mutex<Vec<ParkVisit>>,
     /// CPU time spent by the scanner thread, in nanoseconds.
-    scanner_cpu_ns: AtomicU64,
+    pub(crate) scanner_cpu_ns: AtomicU64,
     /// Failures the scanner met (it cannot return them); the last one is kept.
-    errors: AtomicU64,
-    last_error: Mutex<Option<String>>,
-}
-
-/// A visit owed to an owner that parked.
-struct ParkVisit {
-    owner: Owner,
-    /// When the visit is due.
-    due: Instant,
-    /// Visits still owed: the first records checksums, the second merges what stayed.
-    visits_left: u8,
-}
-
-struct ScannerThread {
-    shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for ScannerThread {
-    fn drop(&mut self) {
-        *self.shared.shutdown.lock() = true;
-        self.shared.wake.notify_all();
-        if let Some(thread) = self.thread.lock().take() {
-            let _ = thread.join();
-        }
-    }
+    pub(crate) errors: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
 }
 
 /// A region registered with the engine. Dropping it unregisters the region and releases all
@@ -138,22 +110,9 @@ impl Engine {
             errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
         });
-        let thread = if config.scanner {
-            let scanner_shared = shared.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("samepage-scan".into())
-                    .spawn(move || scanner_shared.scan_loop())
-                    .map_err(Error::SpawnScanner)?,
-            )
-        } else {
-            None
-        };
+        let scanner = ScannerThread::start(&shared, config.scanner)?;
         Ok(Self {
-            _scanner: Arc::new(ScannerThread {
-                shared: shared.clone(),
-                thread: Mutex::new(thread),
-            }),
+            _scanner: Arc::new(scanner),
             shared,
         })
     }
@@ -241,24 +200,7 @@ impl Engine {
     /// later, and merges what did not change in between — merging follows activity instead
     /// of waiting for the cursor to come round.
     pub fn parked(&self, owner: &Owner) {
-        let mut parked = self.shared.parked.lock();
-        let now = Instant::now();
-        match parked
-            .iter_mut()
-            .find(|visit| visit.owner.id() == owner.id())
-        {
-            Some(visit) => {
-                visit.due = now;
-                visit.visits_left = 2;
-            }
-            None => parked.push(ParkVisit {
-                owner: owner.clone(),
-                due: now,
-                visits_left: 2,
-            }),
-        }
-        drop(parked);
-        self.shared.wake.notify_all();
+        self.shared.park(owner);
     }
 
     /// What merging saves `owner` (as Linux's `/proc/PID/ksm_stat`).
@@ -294,138 +236,6 @@ impl Engine {
     pub fn last_error(&self) -> Option<String> {
         self.shared.last_error.lock().clone()
     }
-}
-
-impl Shared {
-    /// The scanner thread: KSM's `ksmd`, plus park visits.
-    fn scan_loop(&self) {
-        let cpu_start = thread_cpu_ns();
-        let mut pass_start = (Instant::now(), cpu_start);
-        loop {
-            if *self.shutdown.lock() {
-                return;
-            }
-            let knobs = self.state.lock().knobs.clone();
-            let mut nap = knobs.sleep;
-            let result = match knobs.run {
-                RunMode::Stop => {
-                    self.sleep(Duration::from_secs(3600));
-                    continue;
-                }
-                RunMode::Merge => self.merge_turn(&knobs, &mut pass_start, &mut nap),
-                RunMode::UnmergeAll => {
-                    let mut state = self.state.lock();
-                    state.unmerge_all().map(|busy| {
-                        // Busy owners are tried again next turn; when none is left, stop.
-                        if busy == 0 {
-                            state.knobs.run = RunMode::Stop;
-                        }
-                    })
-                }
-            };
-            self.scanner_cpu_ns
-                .store(thread_cpu_ns() - cpu_start, Ordering::Relaxed);
-            if let Err(error) = result {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                *self.last_error.lock() = Some(error.to_string());
-            }
-            if !nap.is_zero() {
-                self.sleep(nap);
-            }
-        }
-    }
-
-    /// One turn of merging: the first due park visit if there is one, else a batch. Shortens
-    /// `nap` for park visits (they follow activity, two per park, so they do not wait out
-    /// the sleep between batches) and lengthens it while every region is idle (an owner that
-    /// parks wakes the scanner anyway).
-    fn merge_turn(
-        &self,
-        knobs: &Knobs,
-        pass_start: &mut (Instant, u64),
-        nap: &mut Duration,
-    ) -> Result<(), Error> {
-        let (visited, next_due) = self.visit_parked(knobs);
-        if let Some(due) = next_due {
-            *nap = (*nap).min(due.saturating_duration_since(Instant::now()));
-        }
-        if visited? {
-            *nap = Duration::ZERO;
-            return Ok(());
-        }
-        let (pass_ended, idle) = {
-            let mut state = self.state.lock();
-            let pass_ended = state.scan_batch()?;
-            (pass_ended, state.last_pass_idle())
-        };
-        if pass_ended {
-            if idle {
-                *nap = (*nap).max(IDLE_NAP);
-            }
-            self.advise(knobs, pass_start);
-        }
-        Ok(())
-    }
-
-    /// Makes the first due park visit, if any. Returns whether it visited, and when the
-    /// next visit falls due.
-    fn visit_parked(&self, knobs: &Knobs) -> (Result<bool, Error>, Option<Instant>) {
-        let now = Instant::now();
-        let mut parked = self.parked.lock();
-        if !knobs.scan_on_park {
-            parked.clear();
-            return (Ok(false), None);
-        }
-        let due = parked.iter().position(|visit| visit.due <= now);
-        let Some(at) = due else {
-            return (Ok(false), parked.iter().map(|visit| visit.due).min());
-        };
-        let visit = parked.swap_remove(at);
-        drop(parked);
-        let result = self.state.lock().scan_owner(&visit.owner);
-        let mut parked = self.parked.lock();
-        // A visit to an owner that parked again meanwhile is superseded by the new one; an
-        // owner running right now parks again when its call returns.
-        if matches!(result, Ok(true))
-            && visit.visits_left > 1
-            && !parked.iter().any(|v| v.owner.id() == visit.owner.id())
-        {
-            parked.push(ParkVisit {
-                due: Instant::now() + knobs.park_recheck,
-                visits_left: visit.visits_left - 1,
-                ..visit
-            });
-        }
-        (result, parked.iter().map(|visit| visit.due).min())
-    }
-
-    /// After a full pass: lets the advisor retune `pages_to_scan`.
-    fn advise(&self, knobs: &Knobs, pass_start: &mut (Instant, u64)) {
-        let now = (Instant::now(), thread_cpu_ns());
-        let (wall, cpu) = (
-            now.0 - pass_start.0,
-            Duration::from_nanos(now.1 - pass_start.1),
-        );
-        *pass_start = now;
-        if let Some(advisor) = &knobs.advisor {
-            let mut state = self.state.lock();
-            state.knobs.pages_to_scan =
-                advisor.next_pages_to_scan(state.knobs.pages_to_scan, wall, cpu);
-        }
-    }
-
-    /// Sleeps up to `duration`, waking early for new knobs or shutdown.
-    fn sleep(&self, duration: Duration) {
-        let mut shutdown = self.shutdown.lock();
-        if !*shutdown {
-            self.wake.wait_for(&mut shutdown, duration);
-        }
-    }
-}
-
-fn thread_cpu_ns() -> u64 {
-    let now = clock_gettime(ClockId::ThreadCPUTime);
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 impl RegionHandle {

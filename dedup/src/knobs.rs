@@ -76,6 +76,15 @@ pub struct KnobRange {
 }
 
 impl KnobRange {
+    const fn new(name: &'static str, min: u64, max: u64, unit: &'static str) -> Self {
+        Self {
+            name,
+            min,
+            max,
+            unit,
+        }
+    }
+
     pub fn contains(&self, value: u64) -> bool {
         (self.min..=self.max).contains(&value)
     }
@@ -105,49 +114,17 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Knobs {
-    pub const PAGES_TO_SCAN: KnobRange = KnobRange {
-        name: "pages_to_scan",
-        min: 1,
-        max: 1 << 24,
-        unit: "",
-    };
-    pub const SLEEP_MILLISECS: KnobRange = KnobRange {
-        name: "sleep_millisecs",
-        min: 0,
-        max: 60_000,
-        unit: "ms",
-    };
-    pub const MAP_BUDGET_PERCENT: KnobRange = KnobRange {
-        name: "map_budget_percent",
-        min: 1,
-        max: 90,
-        unit: "%",
-    };
+    pub const PAGES_TO_SCAN: KnobRange = KnobRange::new("pages_to_scan", 1, 1 << 24, "");
+    pub const SLEEP_MILLISECS: KnobRange = KnobRange::new("sleep_millisecs", 0, 60_000, "ms");
+    pub const MAP_BUDGET_PERCENT: KnobRange = KnobRange::new("map_budget_percent", 1, 90, "%");
     /// At least 2, since a new stable page starts with two sharers.
-    pub const MAX_PAGE_SHARING: KnobRange = KnobRange {
-        name: "max_page_sharing",
-        min: 2,
-        max: u32::MAX as u64,
-        unit: "",
-    };
-    pub const PARK_RECHECK_MILLISECS: KnobRange = KnobRange {
-        name: "park_recheck_millisecs",
-        min: 0,
-        max: 60_000,
-        unit: "ms",
-    };
-    pub const ADVISOR_TARGET_SCAN_TIME: KnobRange = KnobRange {
-        name: "advisor_target_scan_time",
-        min: 10,
-        max: 3_600_000,
-        unit: "ms",
-    };
-    pub const ADVISOR_MAX_CPU: KnobRange = KnobRange {
-        name: "advisor_max_cpu",
-        min: 1,
-        max: 100,
-        unit: "%",
-    };
+    pub const MAX_PAGE_SHARING: KnobRange =
+        KnobRange::new("max_page_sharing", 2, u32::MAX as u64, "");
+    pub const PARK_RECHECK_MILLISECS: KnobRange =
+        KnobRange::new("park_recheck_millisecs", 0, 60_000, "ms");
+    pub const ADVISOR_TARGET_SCAN_TIME: KnobRange =
+        KnobRange::new("advisor_target_scan_time", 10, 3_600_000, "ms");
+    pub const ADVISOR_MAX_CPU: KnobRange = KnobRange::new("advisor_max_cpu", 1, 100, "%");
     /// Each of the advisor's bounds of `pages_to_scan`; the minimum is also at most the maximum.
     pub const ADVISOR_PAGES_TO_SCAN: KnobRange = KnobRange {
         name: "advisor_min_pages_to_scan, advisor_max_pages_to_scan",

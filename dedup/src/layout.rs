@@ -160,7 +160,10 @@ mod tests {
         too_long.push(true);
         assert_eq!(grown(100, &too_long), vec![true; 1 + 2 * MAX_GAP]);
         // Errors pass through.
-        assert_eq!(grow_window(5, |_| Err::<Option<bool>, _>("pagemap")), Err("pagemap"));
+        assert_eq!(
+            grow_window(5, |_| Err::<Option<bool>, _>("pagemap")),
+            Err("pagemap")
+        );
     }
 
     #[test]

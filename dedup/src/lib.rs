@@ -72,6 +72,24 @@
 //!
 //! See [`quiesce`]: the engine remaps a region only while holding its owner's gate, and the
 //! scanner never waits for one.
+//!
+//! # Where each step lives
+//!
+//! One page's journey, file by file, in the order it happens:
+//!
+//! | step | file |
+//! | --- | --- |
+//! | the region is registered (a memfd mapped in a reservation) | `mapping.rs`, `region.rs`, `engine.rs` |
+//! | the scanner thread picks a batch or a park visit | `scanner.rs` |
+//! | the visit: page map, checksum, volatility, smart scan, index lookups | `state/scan.rs` (records in `state/records.rs`) |
+//! | a match grows into a run or a window and is mapped onto stable slots | `state/merge.rs`, with `layout.rs` (window shape, mapping cost) and `state/budget.rs` (map-count budget) |
+//! | the stable page: slots, sharers, chains and dups | `stable/mod.rs`, `stable/index.rs`, `stable/slots.rs` |
+//! | the system calls: remapping, and memfd punches | `remap.rs`, `memfds.rs` |
+//! | copy-on-write break | the kernel (nothing of samepage runs) |
+//! | sharer-left recovery and unmerge | `state/release.rs` (the page map is read in `pagemap.rs`) |
+//! | counters, per-owner figures, audit | `state/accounting.rs`, `stats.rs` |
+//!
+//! `state/mod.rs` opens with the invariants that hold across those steps.
 
 pub mod advisor;
 pub mod error;
@@ -87,6 +105,7 @@ mod memfds;
 mod pagemap;
 mod region;
 mod remap;
+mod scanner;
 mod stable;
 mod state;
 

@@ -178,7 +178,7 @@ impl std::fmt::Debug for Host {
 
 #[cfg(test)]
 mod tests {
-    use samepage_dedup::EngineConfig;
+    use samepage_dedup::{EngineConfig, Knobs};
 
     use super::*;
     use crate::memory::{MemoryError, current_owner};
@@ -186,10 +186,7 @@ mod tests {
 
     fn host() -> Host {
         Host::new(HostConfig {
-            engine_config: EngineConfig {
-                scanner: false,
-                ..EngineConfig::default()
-            },
+            engine_config: EngineConfig::manual(Knobs::default()),
             ..HostConfig::default()
         })
         .expect("host")

@@ -217,7 +217,7 @@ unsafe impl LinearMemory for MemfdMemory {
 mod tests {
     use std::os::unix::fs::FileExt;
 
-    use samepage_dedup::EngineConfig;
+    use samepage_dedup::{EngineConfig, Knobs};
 
     use super::*;
 
@@ -225,10 +225,7 @@ mod tests {
 
     /// A creator registering with an engine whose passes run only when a test asks.
     fn creator() -> MemfdMemoryCreator {
-        let engine = Engine::new(EngineConfig {
-            scanner: false,
-            ..EngineConfig::default()
-        })
+        let engine = Engine::new(EngineConfig::manual(Knobs::default()))
         .expect("merge engine");
         MemfdMemoryCreator::new(Some(engine))
     }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use samepage_dedup::EngineConfig;
+use samepage_dedup::{EngineConfig, Knobs};
 use samepage_runtime::{
     Host, HostConfig, Instance, MemoryBacking, RunOutcome, RuntimeError, Val, WasiOptions,
 };
@@ -20,10 +20,7 @@ fn guest(name: &str) -> PathBuf {
 /// A host whose merge engine scans only when a test asks.
 fn merging_host() -> Host {
     Host::new(HostConfig {
-        engine_config: EngineConfig {
-            scanner: false,
-            ..EngineConfig::default()
-        },
+        engine_config: EngineConfig::manual(Knobs::default()),
         ..HostConfig::default()
     })
     .expect("host")

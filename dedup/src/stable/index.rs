@@ -202,7 +202,11 @@ mod tests {
         check(&store, 1, 3);
         // The lookup picks the fullest dup with room.
         store.drop_sharer(first).expect("punch");
-        assert_eq!(store.lookup(KEY, &bytes(7)), Some(first), "2 sharers before 1");
+        assert_eq!(
+            store.lookup(KEY, &bytes(7)),
+            Some(first),
+            "2 sharers before 1"
+        );
         assert_eq!(store.sharers(third), 1);
         assert_eq!(store.lookup(KEY, &bytes(8)), None, "bytes are compared");
     }
@@ -300,6 +304,9 @@ mod tests {
     fn a_full_store_refuses_to_publish() {
         let mut store = StableStore::new(2 * PAGE_SIZE, LIMIT).expect("stable store");
         let keys = [Some((0, 1)), Some((0, 2)), Some((0, 3))];
-        assert_eq!(store.publish(&bytes(1).repeat(3), &keys).expect("no write"), None);
+        assert_eq!(
+            store.publish(&bytes(1).repeat(3), &keys).expect("no write"),
+            None
+        );
     }
 }

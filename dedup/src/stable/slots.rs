@@ -76,7 +76,10 @@ impl SlotAllocator {
 
     #[cfg(test)]
     fn extents(&self) -> Vec<(Slot, Slot)> {
-        self.free.iter().map(|(&start, &len)| (start, len)).collect()
+        self.free
+            .iter()
+            .map(|(&start, &len)| (start, len))
+            .collect()
     }
 }
 

@@ -143,7 +143,8 @@ impl MergeState {
                 other_backing.extend(more);
             }
             let mine = self.record(id, page + n);
-            let theirs = self.region(partner.region)
+            let theirs = self
+                .region(partner.region)
                 .pages
                 .get(partner.page + n)
                 .copied()

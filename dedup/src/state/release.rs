@@ -57,7 +57,12 @@ impl MergeState {
 
     /// Gives pages `range` (all merged) back to the region's own memfd and leaves their
     /// stable pages.
-    fn restore(&mut self, q: Quiescent<'_>, id: RegionId, range: Range<usize>) -> Result<(), Error> {
+    fn restore(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        range: Range<usize>,
+    ) -> Result<(), Error> {
         let record = self.region_mut(id);
         remap::restore_own(q, &record.region, range.start, range.len())?;
         // Pages of its own again: the region needs visits, whoever ran.

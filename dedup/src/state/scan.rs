@@ -330,10 +330,8 @@ impl MergeState {
             return Ok(1);
         }
         if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
-            crate::memfds::punch_region(q, region, page, 1).map_err(|source| Error::Punch {
-                region: id,
-                source,
-            })?;
+            crate::memfds::punch_region(q, region, page, 1)
+                .map_err(|source| Error::Punch { region: id, source })?;
             let flags = self.record(id, page).flags;
             self.set_flags(id, page, flags | ZERO);
             return Ok(1);

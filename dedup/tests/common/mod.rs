@@ -9,23 +9,14 @@ use std::os::unix::fs::MetadataExt;
 /// An engine without a background scanner: tests step it with `scan_pass`.
 pub fn manual_engine(knobs: Knobs) -> Engine {
     Engine::new(EngineConfig {
-        scanner: false,
-        knobs,
         stable_capacity_bytes: 4 << 30,
+        ..EngineConfig::manual(knobs)
     })
     .expect("engine")
 }
 
 /// Deterministic content: page `page` of a region filled with `seed`.
-pub fn page_content(seed: u64, page: usize) -> Vec<u8> {
-    (0..PAGE_SIZE / 8)
-        .flat_map(|word| {
-            let value =
-                seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((page as u64) << 24) ^ word as u64;
-            value.to_le_bytes()
-        })
-        .collect()
-}
+pub use samepage_dedup::pattern::page as page_content;
 
 /// A [`MemfdMapping`] registered with an engine, plus a shadow copy of what its owner wrote.
 pub struct TestRegion {
