@@ -225,8 +225,7 @@ mod tests {
 
     /// A creator registering with an engine whose passes run only when a test asks.
     fn creator() -> MemfdMemoryCreator {
-        let engine = Engine::new(EngineConfig::manual(Knobs::default()))
-        .expect("merge engine");
+        let engine = Engine::new(EngineConfig::manual(Knobs::default())).expect("merge engine");
         MemfdMemoryCreator::new(Some(engine))
     }
 
