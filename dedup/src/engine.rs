@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memfd::Memfd;
 use parking_lot::{Condvar, Mutex};
 
+use crate::advice::{Advice, MergeScope};
 use crate::pagemap::Pagemap;
 use crate::quiesce::{Owner, OwnerGuard, OwnerId};
 use crate::region::{Region, RegionId};
@@ -27,6 +28,8 @@ pub struct EngineConfig {
     pub knobs: Knobs,
     /// Address space reserved for the stable store's view; bounds the stable pages.
     pub stable_capacity_bytes: usize,
+    /// Which pages may merge without advice ([`crate::advice`]).
+    pub merge_scope: MergeScope,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +38,7 @@ impl Default for EngineConfig {
             scanner: true,
             knobs: Knobs::default(),
             stable_capacity_bytes: 64 << 30,
+            merge_scope: MergeScope::All,
         }
     }
 }
@@ -102,7 +106,7 @@ impl Engine {
         let stable = StableStore::new(config.stable_capacity_bytes, config.knobs.max_page_sharing)?;
         let pagemap = Pagemap::open().map_err(Error::Pagemap)?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(MergeState::new(stable, pagemap, config.knobs)),
+            state: Mutex::new(MergeState::new(stable, pagemap, config.knobs, config.merge_scope)),
             wake: Condvar::new(),
             shutdown: Mutex::new(false),
             parked: Mutex::new(Vec::new()),
@@ -178,6 +182,24 @@ impl Engine {
             .state
             .lock()
             .unmerge_region(guard.quiescent(), region.id())
+    }
+
+    /// Takes the owner's advice for `range` (bytes, page-aligned) of `region`: see
+    /// [`crate::advice`]. Unmergeable pages are back in the region's own memfd when this
+    /// returns. Refused, changing nothing, when the region would hold more than
+    /// [`crate::advice::MAX_ADVISED_RANGES`] advised ranges.
+    pub fn advise(
+        &self,
+        guard: &OwnerGuard,
+        region: &RegionHandle,
+        range: Range<usize>,
+        advice: Advice,
+    ) -> Result<(), Error> {
+        let pages = region.checked_pages(guard, range)?;
+        self.shared
+            .state
+            .lock()
+            .advise(guard.quiescent(), region.id(), pages, advice)
     }
 
     /// Unmerges every region whose owner is quiescent, in the calling thread; returns how many

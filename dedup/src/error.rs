@@ -42,6 +42,8 @@ pub enum Error {
          unmerge everything first (run mode unmerge)"
     )]
     SharingLimitInUse { pages_shared: u64 },
+    #[error("region {region:?} would hold more than {limit} advised ranges")]
+    TooManyAdvisedRanges { region: RegionId, limit: usize },
     #[error("reading the page map of region {region:?} failed: {source}")]
     PagemapRead { region: RegionId, source: io::Error },
     #[error("writing new stable pages into the stable memfd failed: {0}")]

@@ -91,6 +91,7 @@
 //!
 //! `state/mod.rs` opens with the invariants that hold across those steps.
 
+pub mod advice;
 pub mod advisor;
 pub mod error;
 pub mod knobs;
@@ -109,6 +110,7 @@ mod scanner;
 mod stable;
 mod state;
 
+pub use advice::{Advice, MergeScope};
 pub use advisor::Advisor;
 pub use engine::{Engine, EngineConfig, MergeNowReport, RegionHandle};
 pub use error::Error;

@@ -33,6 +33,7 @@ fn owners_see_their_own_writes_while_merging_runs() {
             ..Knobs::default()
         },
         stable_capacity_bytes: 1 << 30,
+        ..samepage_dedup::EngineConfig::default()
     })
     .expect("engine");
     let pages = 512;

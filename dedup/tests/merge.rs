@@ -347,6 +347,7 @@ fn a_parked_owner_is_merged_without_waiting_for_the_cursor() {
             ..Knobs::default()
         },
         stable_capacity_bytes: 1 << 30,
+        ..samepage_dedup::EngineConfig::default()
     })
     .expect("engine");
     let mut regions: Vec<TestRegion> = (0..4).map(|_| TestRegion::new(&engine, 256)).collect();
@@ -462,6 +463,7 @@ fn the_advisor_raises_pages_to_scan_to_meet_its_target_pass_time() {
             ..Knobs::default()
         },
         stable_capacity_bytes: 1 << 30,
+        ..samepage_dedup::EngineConfig::default()
     })
     .expect("engine");
     // 2,048 pages at 16 a batch and 10 ms between batches: passes of over a second, far

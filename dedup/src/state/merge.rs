@@ -54,6 +54,7 @@ impl MergeState {
                 return Ok::<_, Error>(None);
             };
             if record.stable != 0
+                || !self.may_merge(&record)
                 || self.backing_of(next) != PageBacking::File
                 || node.key.0 != domain
             {
@@ -93,6 +94,7 @@ impl MergeState {
         if partner.page >= other_pages
             || partner.page >= other.pages.len()
             || !still_there(&other.pages[partner.page])
+            || !self.may_merge(&other.pages[partner.page])
         {
             return Ok(None);
         }
@@ -151,6 +153,8 @@ impl MergeState {
                 .unwrap_or_default();
             if mine.stable != 0
                 || theirs.stable != 0
+                || !self.may_merge(&mine)
+                || !self.may_merge(&theirs)
                 || self.backing_of(page + n) != PageBacking::File
                 || other_backing[n] != PageBacking::File
             {

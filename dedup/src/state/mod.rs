@@ -31,6 +31,7 @@
 //!   before anything merges.
 
 mod accounting;
+mod advice;
 mod budget;
 mod merge;
 mod records;
@@ -44,6 +45,7 @@ use crate::pagemap::{PageBacking, Pagemap};
 use crate::quiesce::OwnerId;
 use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, StableStore};
+use crate::advice::MergeScope;
 use crate::{Error, Knobs};
 
 pub use accounting::Audit;
@@ -88,10 +90,17 @@ pub(crate) struct MergeState {
     /// a merge needs it: the file is long when the process holds many mappings).
     process_maps: (u64, u64, u64),
     pub(crate) knobs: Knobs,
+    /// Which pages may merge without advice (fixed at start).
+    scope: MergeScope,
 }
 
 impl MergeState {
-    pub(crate) fn new(stable: StableStore, pagemap: Pagemap, knobs: Knobs) -> Self {
+    pub(crate) fn new(
+        stable: StableStore,
+        pagemap: Pagemap,
+        knobs: Knobs,
+        scope: MergeScope,
+    ) -> Self {
         let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
             .ok()
             .and_then(|text| text.trim().parse().ok())
@@ -109,6 +118,7 @@ impl MergeState {
             max_map_count,
             process_maps: (0, 0, u64::MAX),
             knobs,
+            scope,
         }
     }
 
@@ -168,6 +178,24 @@ impl MergeState {
 
     fn record_mut(&mut self, id: RegionId, page: usize) -> &mut PageRecord {
         &mut self.region_mut(id).pages[page]
+    }
+
+    /// Gives region `id` a record for every page of its current length (it may have grown
+    /// since the last visit); returns that length in pages.
+    fn cover_length(&mut self, id: RegionId) -> Result<usize, Error> {
+        let record = self.regions.get_mut(&id).ok_or(Error::UnknownRegion(id))?;
+        let pages = record.region.len() / crate::PAGE_SIZE;
+        if record.pages.len() < pages {
+            // Grown: a merged last page now has the new memfd range after it, a boundary
+            // between two mappings.
+            let boundary = record.pages.last().is_some_and(|last| last.stable != 0);
+            record.pages.resize(pages, PageRecord::default());
+            if boundary {
+                record.vmas += 1;
+                self.vmas += 1;
+            }
+        }
+        Ok(pages)
     }
 
     fn regions_of(&self, owner: OwnerId) -> Vec<RegionId> {

@@ -17,7 +17,7 @@ pub(super) struct PageRecord {
     pub(super) checksum: u64,
     /// The stable slot this page maps, plus one; zero when the page maps its own memfd.
     pub(super) stable: u32,
-    /// `SEEN`, `VOLATILE`, `ZERO`, `COPY`.
+    /// `SEEN`, `VOLATILE`, `ZERO`, `COPY`, `UNMERGEABLE`, `ADVISED`.
     pub(super) flags: u8,
     /// Consecutive visits in which the page was unchanged but matched nothing (smart scan).
     pub(super) misses: u8,
@@ -31,6 +31,10 @@ pub(super) const VOLATILE: u8 = 2;
 pub(super) const ZERO: u8 = 4;
 /// The page lies in a merged window but holds a private copy of its own bytes.
 pub(super) const COPY: u8 = 8;
+/// The owner advised the page unmergeable: the engine never reads it.
+pub(super) const UNMERGEABLE: u8 = 16;
+/// The owner advised the page mergeable (what merge scope `Advised` asks for).
+pub(super) const ADVISED: u8 = 32;
 
 impl PageRecord {
     pub(super) fn slot(&self) -> Option<Slot> {

@@ -57,7 +57,7 @@ impl MergeState {
 
     /// Gives pages `range` (all merged) back to the region's own memfd and leaves their
     /// stable pages.
-    fn restore(
+    pub(super) fn restore(
         &mut self,
         q: Quiescent<'_>,
         id: RegionId,

@@ -28,7 +28,7 @@ use crate::region::{Region, RegionId};
 use crate::{Error, PAGE_SIZE};
 
 use super::MergeState;
-use super::records::{PageRecord, SEEN, ZERO};
+use super::records::{SEEN, ZERO};
 
 /// A page in the unstable index: unchanged for one pass, matched nothing yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,19 +227,8 @@ impl MergeState {
         range: Range<usize>,
         visit: Visit,
     ) -> Result<(), Error> {
-        let record = self.regions.get_mut(&id).ok_or(Error::UnknownRegion(id))?;
-        let region = record.region.clone();
-        let pages = region.len() / PAGE_SIZE;
-        if record.pages.len() < pages {
-            // Grown: a merged last page now has the new memfd range after it, a boundary
-            // between two mappings.
-            let boundary = record.pages.last().is_some_and(|last| last.stable != 0);
-            record.pages.resize(pages, PageRecord::default());
-            if boundary {
-                record.vmas += 1;
-                self.vmas += 1;
-            }
-        }
+        let pages = self.cover_length(id)?;
+        let region = self.region(id).region.clone();
         let range = range.start.min(pages)..range.end.min(pages);
         if range.is_empty() {
             return Ok(());
@@ -287,7 +276,8 @@ impl MergeState {
     ) -> Result<usize, Error> {
         let record = self.record(id, page);
         let backing = self.backing_of(page);
-        if record.stable != 0 {
+        if record.stable != 0 || !self.may_merge(&record) {
+            // Merged already, or advised never to be read.
             return Ok(1);
         }
         if backing == PageBacking::Untouched {

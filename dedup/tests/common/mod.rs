@@ -15,6 +15,17 @@ pub fn manual_engine(knobs: Knobs) -> Engine {
     .expect("engine")
 }
 
+/// A manual engine whose pages merge only where their owners advised it (KSM's classic
+/// `MADV_MERGEABLE`).
+pub fn advised_only_engine() -> Engine {
+    Engine::new(EngineConfig {
+        stable_capacity_bytes: 4 << 30,
+        merge_scope: samepage_dedup::MergeScope::Advised,
+        ..EngineConfig::manual(Knobs::default())
+    })
+    .expect("engine")
+}
+
 /// Deterministic content: page `page` of a region filled with `seed`.
 pub use samepage_dedup::pattern::page as page_content;
 
@@ -68,6 +79,22 @@ impl TestRegion {
         for page in pages {
             self.write(page * PAGE_SIZE, &page_content(seed, page));
         }
+    }
+
+    /// Advises pages `pages` of the region, with its owner's guard held.
+    pub fn advise(
+        &self,
+        engine: &Engine,
+        pages: std::ops::Range<usize>,
+        advice: samepage_dedup::Advice,
+    ) -> Result<(), samepage_dedup::Error> {
+        let guard = self.owner.enter();
+        engine.advise(
+            &guard,
+            self.handle(),
+            pages.start * PAGE_SIZE..pages.end * PAGE_SIZE,
+            advice,
+        )
     }
 
     /// Everything the owner sees, read with its guard held.
