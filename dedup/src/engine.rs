@@ -94,6 +94,8 @@ pub struct RegionHandle {
 pub struct MergeNowReport {
     /// Pages of the range that map a stable page afterwards.
     pub pages_merged: u64,
+    /// Pages of the range that held zeros and are freed.
+    pub zero_pages: u64,
 }
 
 impl Engine {
@@ -154,15 +156,14 @@ impl Engine {
     pub fn merge_now(
         &self,
         guard: &OwnerGuard,
-        region: &RegionHandle,
+        region: impl Into<RegionId>,
         range: Range<usize>,
     ) -> Result<MergeNowReport, Error> {
-        let pages = region.checked_pages(guard, range)?;
+        let id = region.into();
         let mut state = self.shared.state.lock();
-        state.scan_range(guard.quiescent(), region.id(), pages.clone(), Visit::Now)?;
-        Ok(MergeNowReport {
-            pages_merged: state.merged_pages(region.id(), pages),
-        })
+        let pages = state.checked_pages(guard, id, range)?;
+        state.scan_range(guard.quiescent(), id, pages.clone(), Visit::Now)?;
+        Ok(state.merged_pages(id, pages))
     }
 
     /// Merges what can be merged in every region of the guard's owner now, as
@@ -170,18 +171,20 @@ impl Engine {
     /// when the memories hold just the module's data segments, the same in every instance:
     /// they then start out shared, as wasmtime's copy-on-write instantiation would have them.
     pub fn merge_owner_now(&self, guard: &OwnerGuard) -> Result<MergeNowReport, Error> {
-        let pages_merged = self.shared.state.lock().merge_owner_now(guard)?;
-        Ok(MergeNowReport { pages_merged })
+        self.shared.state.lock().merge_owner_now(guard)
     }
 
     /// Gives every merged page of `region` back to it (for memory that must not be shared,
     /// such as secrets): afterwards the region is one mapping of its own memfd again.
-    pub fn unmerge_region(&self, guard: &OwnerGuard, region: &RegionHandle) -> Result<(), Error> {
-        region.checked_pages(guard, 0..0)?;
-        self.shared
-            .state
-            .lock()
-            .unmerge_region(guard.quiescent(), region.id())
+    pub fn unmerge_region(
+        &self,
+        guard: &OwnerGuard,
+        region: impl Into<RegionId>,
+    ) -> Result<(), Error> {
+        let id = region.into();
+        let mut state = self.shared.state.lock();
+        state.checked_pages(guard, id, 0..0)?;
+        state.unmerge_region(guard.quiescent(), id)
     }
 
     /// Takes the owner's advice for `range` (bytes, page-aligned) of `region`: see
@@ -191,15 +194,19 @@ impl Engine {
     pub fn advise(
         &self,
         guard: &OwnerGuard,
-        region: &RegionHandle,
+        region: impl Into<RegionId>,
         range: Range<usize>,
         advice: Advice,
     ) -> Result<(), Error> {
-        let pages = region.checked_pages(guard, range)?;
-        self.shared
-            .state
-            .lock()
-            .advise(guard.quiescent(), region.id(), pages, advice)
+        let id = region.into();
+        let mut state = self.shared.state.lock();
+        let pages = state.checked_pages(guard, id, range)?;
+        state.advise(guard.quiescent(), id, pages, advice)
+    }
+
+    /// The current length of `region` in bytes; `None` once it is unregistered.
+    pub fn region_len(&self, region: impl Into<RegionId>) -> Option<usize> {
+        self.shared.state.lock().region_len(region.into())
     }
 
     /// Unmerges every region whose owner is quiescent, in the calling thread; returns how many
@@ -270,29 +277,11 @@ impl RegionHandle {
     pub fn set_len(&self, len: usize) {
         self.region.set_len(len);
     }
+}
 
-    /// The pages of byte range `range`, after checking the guard and the range.
-    fn checked_pages(
-        &self,
-        guard: &OwnerGuard,
-        range: Range<usize>,
-    ) -> Result<Range<usize>, Error> {
-        if guard.owner() != self.region.owner.id() {
-            return Err(Error::WrongOwner(self.id()));
-        }
-        let len = self.region.len();
-        if range.start > range.end
-            || range.end > len
-            || !range.start.is_multiple_of(PAGE_SIZE)
-            || !range.end.is_multiple_of(PAGE_SIZE)
-        {
-            return Err(Error::OutOfRange {
-                region: self.id(),
-                range,
-                len,
-            });
-        }
-        Ok(range.start / PAGE_SIZE..range.end / PAGE_SIZE)
+impl From<&RegionHandle> for RegionId {
+    fn from(handle: &RegionHandle) -> Self {
+        handle.id()
     }
 }
 

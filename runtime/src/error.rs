@@ -38,6 +38,11 @@ pub enum RuntimeError {
     MemoryCreation(#[source] MemoryError),
     #[error("cannot instantiate the module: {}", describe(.0))]
     Instantiate(#[source] wasmtime::Error),
+    #[error(
+        "wasmtime created {created} of the {expected} linear memories without samepage's \
+         memory creator (the pooling allocator does that): turn pooling off for merged memories"
+    )]
+    ForeignMemories { created: usize, expected: usize },
     #[error("the instance has no export named {0:?}")]
     MissingExport(String),
     #[error(

@@ -1,17 +1,20 @@
-//! The host: one wasmtime engine, its WASI linker and, when merging, the merge engine that all
-//! of its instances' memories are registered with.
+//! The host: one wasmtime engine, its WASI linkers (preview 1 for core modules, preview 2 for
+//! components) and, when merging, the merge engine that all of its instances' memories are
+//! registered with.
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 
 use samepage_dedup::{DomainId, EngineConfig, Owner};
+use wasmtime::component::{self, Component};
 use wasmtime::{Linker, Module, Store};
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
+use wasmtime_wasi::{WasiCtxView, WasiView};
 
+use crate::embed::{Samepage, SamepageConfig};
+use crate::instance::{Instance, InstanceHandle, WasiOptions};
+use crate::store::{HasStoreOwner, StoreOwner};
 use crate::RuntimeError;
-use crate::instance::{Instance, WasiOptions};
-use crate::memory::{MemfdMemoryCreator, OwnerScope};
 
 /// What backs the linear memories of a host's instances.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,18 +56,50 @@ impl Default for HostConfig {
     }
 }
 
-/// Compiles modules and instantiates them, each instance in a store of its own.
+/// A compiled program: a core module or a component, told apart by its header.
+#[derive(Clone)]
+pub enum Program {
+    /// A WASI preview 1 core module (a command with `_start`, or a reactor).
+    Module(Module),
+    /// A component; a command exports `wasi:cli/run` and gets WASI preview 2.
+    Component(Component),
+}
+
+/// What a host's stores hold: the instance's WASI context and its owner.
+pub struct HostState {
+    /// WASI preview 1 for core modules; its preview 2 context serves components.
+    pub(crate) wasi: WasiP1Ctx,
+    /// The owner of the store's memories, with their regions and the guard while it runs.
+    pub(crate) owner: StoreOwner,
+}
+
+impl HasStoreOwner for HostState {
+    fn store_owner(&self) -> &StoreOwner {
+        &self.owner
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.wasi.ctx()
+    }
+}
+
+/// Compiles programs and instantiates them, each instance in a store of its own. A
+/// convenience built on [`Samepage`] and [`StoreOwner`], which embedders with a wasmtime
+/// set-up of their own use directly.
 pub struct Host {
-    /// Compiles modules; with memfd backing, creates every linear memory through
-    /// [`MemfdMemoryCreator`].
+    /// Compiles programs; with memfd backing, creates every linear memory through
+    /// samepage's memory creator.
     engine: wasmtime::Engine,
-    /// WASI preview 1, shared by every instantiation.
-    linker: Linker<WasiP1Ctx>,
-    /// The merge engine, when merging is on; the memory creator holds a handle too.
-    dedup: Option<samepage_dedup::Engine>,
+    /// WASI preview 1, for core modules.
+    linker: Linker<HostState>,
+    /// WASI preview 2, for components.
+    component_linker: component::Linker<HostState>,
+    /// samepage under the engine, when memories are memfd-backed.
+    samepage: Option<Samepage>,
     /// Domain given to every instance's owner.
     domain: DomainId,
-    merge_on_instantiate: bool,
 }
 
 impl Host {
@@ -73,39 +108,47 @@ impl Host {
         if config.dedup && config.memory != MemoryBacking::Memfd {
             return Err(RuntimeError::DedupNeedsMemfd);
         }
-        let dedup = if config.dedup {
-            Some(samepage_dedup::Engine::new(config.engine_config)?)
-        } else {
-            None
-        };
         let mut wasm_config = wasmtime::Config::new();
-        if config.memory == MemoryBacking::Memfd {
-            wasm_config
-                .with_host_memory(Arc::new(MemfdMemoryCreator::new(dedup.clone())))
-                // A copy-on-write image would be mapped over the memfd; see `crate::memory`.
-                .memory_init_cow(false)
-                // The engine knows each memory by its base address.
-                .memory_may_move(false);
-        }
+        let samepage = match config.memory {
+            MemoryBacking::Memfd => Some(Samepage::configure(
+                &mut wasm_config,
+                SamepageConfig {
+                    dedup: config.dedup,
+                    engine_config: config.engine_config,
+                    merge_on_instantiate: config.merge_on_instantiate,
+                },
+            )?),
+            MemoryBacking::WasmtimeDefault => None,
+        };
         let engine = wasmtime::Engine::new(&wasm_config).map_err(RuntimeError::Wasmtime)?;
         let mut linker = Linker::new(&engine);
-        p1::add_to_linker_sync(&mut linker, |wasi| wasi).map_err(RuntimeError::Wasmtime)?;
+        p1::add_to_linker_sync(&mut linker, |state: &mut HostState| &mut state.wasi)
+            .map_err(RuntimeError::Wasmtime)?;
+        let mut component_linker = component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut component_linker)
+            .map_err(RuntimeError::Wasmtime)?;
         Ok(Self {
             engine,
             linker,
-            dedup,
+            component_linker,
+            samepage,
             domain: config.domain,
-            merge_on_instantiate: config.merge_on_instantiate,
         })
     }
 
     /// The merge engine, when merging is on: for its statistics and knobs.
     pub fn dedup(&self) -> Option<&samepage_dedup::Engine> {
-        self.dedup.as_ref()
+        self.samepage.as_ref().and_then(Samepage::dedup)
     }
 
-    /// Compiles the module at `path`, in the binary (`.wasm`) or text (`.wat`) format.
-    pub fn load(&self, path: &Path) -> Result<Module, RuntimeError> {
+    /// The linkers instances are made with, for adding host functions (such as the guest
+    /// API's) before instantiating.
+    pub fn linkers(&mut self) -> (&mut Linker<HostState>, &mut component::Linker<HostState>) {
+        (&mut self.linker, &mut self.component_linker)
+    }
+
+    /// Compiles the program at `path`, in the binary (`.wasm`) or text (`.wat`) format.
+    pub fn load(&self, path: &Path) -> Result<Program, RuntimeError> {
         let bytes = std::fs::read(path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => RuntimeError::ModuleNotFound {
                 path: path.to_owned(),
@@ -115,51 +158,58 @@ impl Host {
                 source,
             },
         })?;
-        Module::new(&self.engine, bytes).map_err(|source| RuntimeError::InvalidModule {
-            path: path.to_owned(),
-            source,
+        self.compile(&bytes)
+            .map_err(|source| RuntimeError::InvalidModule {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    /// Compiles a program from its binary or text format.
+    pub fn load_bytes(&self, bytes: &[u8]) -> Result<Program, RuntimeError> {
+        self.compile(bytes).map_err(RuntimeError::InvalidModuleBytes)
+    }
+
+    fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Program> {
+        Ok(if is_component(bytes) {
+            Program::Component(Component::new(&self.engine, bytes)?)
+        } else {
+            Program::Module(Module::new(&self.engine, bytes)?)
         })
     }
 
-    /// Compiles a module from its binary or text format.
-    pub fn load_bytes(&self, bytes: &[u8]) -> Result<Module, RuntimeError> {
-        Module::new(&self.engine, bytes).map_err(RuntimeError::InvalidModuleBytes)
-    }
-
-    /// Instantiates `module` in a new store with a new owner, and calls its `_initialize`
-    /// export if it has one (a WASI reactor). The instance is quiescent when this returns.
+    /// Instantiates `program` in a new store with a new owner. A core module's `_initialize`
+    /// export runs if it has one (a WASI reactor). The instance is quiescent when this
+    /// returns.
     pub fn instantiate(
         &self,
-        module: &Module,
+        program: &Program,
         wasi: &WasiOptions,
     ) -> Result<Instance, RuntimeError> {
         let context = wasi.build()?;
-        let owner = Owner::new(self.domain);
-        let mut store = Store::new(&self.engine, context.wasi);
-        let handle = {
-            // wasmtime writes data segments into the new memories: that is the owner writing.
-            let guard = owner.enter();
-            let scope = OwnerScope::enter(&owner);
-            let handle =
-                self.linker
-                    .instantiate(&mut store, module)
-                    .map_err(|source| match scope.take_failure() {
-                        Some(memory) => RuntimeError::MemoryCreation(memory),
-                        None => RuntimeError::Instantiate(source),
-                    })?;
-            if let Some(engine) = self.dedup.as_ref().filter(|_| self.merge_on_instantiate) {
-                engine.merge_owner_now(&guard)?;
-            }
-            handle
+        let owner = match &self.samepage {
+            Some(samepage) => samepage.owner(self.domain),
+            // wasmtime's own memories: the owner only counts calls, nobody merges.
+            None => StoreOwner::new(Owner::new(self.domain), None, false),
         };
-        let mut instance = Instance::new(
-            store,
-            handle,
-            owner,
-            self.dedup.clone(),
-            context.stdout,
-            context.stderr,
+        let mut store = Store::new(
+            &self.engine,
+            HostState {
+                wasi: context.wasi,
+                owner: owner.clone(),
+            },
         );
+        let handle = match program {
+            Program::Module(module) => {
+                InstanceHandle::Core(owner.instantiate(&mut store, &self.linker, module)?)
+            }
+            Program::Component(component) => {
+                let instance =
+                    owner.instantiate_component(&mut store, &self.component_linker, component)?;
+                InstanceHandle::Component(instance)
+            }
+        };
+        let mut instance = Instance::new(store, handle, context.stdout, context.stderr);
         if instance.has_export("_initialize") {
             instance.call("_initialize", &[])?;
         }
@@ -167,10 +217,24 @@ impl Host {
     }
 }
 
+/// Whether `bytes` are a component: the binary header's layer field, or `(component` as the
+/// text format's first token.
+fn is_component(bytes: &[u8]) -> bool {
+    if let Some(header) = bytes.strip_prefix(b"\0asm") {
+        return header.get(2..4) == Some(&[1, 0]);
+    }
+    let mut text = std::str::from_utf8(bytes).unwrap_or("").trim_start();
+    while let Some(rest) = text.strip_prefix(";;") {
+        text = rest.split_once('\n').map_or("", |(_, rest)| rest).trim_start();
+    }
+    text.strip_prefix('(')
+        .is_some_and(|rest| rest.trim_start().starts_with("component"))
+}
+
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
-            .field("merging", &self.dedup.is_some())
+            .field("merging", &self.dedup().is_some())
             .field("domain", &self.domain)
             .finish_non_exhaustive()
     }

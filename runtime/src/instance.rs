@@ -1,15 +1,19 @@
-//! Instances: a wasm instance in a store of its own, run under its owner's guard.
+//! Instances: a core module's or a component's instance in a store of its own, run under its
+//! owner's guard.
 
 use std::path::PathBuf;
 
-use samepage_dedup::{Engine, Owner};
+use samepage_dedup::Owner;
 use wasmtime::{Memory, Store, Val};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::sync::Command;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use crate::RuntimeError;
 use crate::error::describe;
+use crate::host::HostState;
+use crate::store::StoreOwner;
+use crate::RuntimeError;
 
 /// Most bytes kept of a captured stdout or stderr; a guest that writes more traps.
 const CAPTURE_LIMIT: usize = 16 << 20;
@@ -83,22 +87,25 @@ pub enum RunOutcome {
     Trapped(String),
 }
 
-/// An instantiated module and everything it owns.
+/// What a store holds an instance of.
+pub(crate) enum InstanceHandle {
+    Core(wasmtime::Instance),
+    Component(wasmtime::component::Instance),
+}
+
+/// An instantiated program and everything it owns.
 ///
-/// The owner's guard is held only while a call runs or the host touches memory: between
-/// calls the instance is quiescent and the merge engine may remap its pages.
+/// The owner's guard is held only while a call runs or the host touches memory (the
+/// [`StoreOwner`]'s call hook and [`StoreOwner::access`] see to it): between calls the
+/// instance is quiescent and the merge engine may remap its pages.
 pub struct Instance {
     /// Owns the instance's memories, tables, globals and WASI context; dropping it drops the
     /// memories, which unregisters them from the merge engine.
-    store: Store<WasiP1Ctx>,
+    store: Store<HostState>,
     /// The instance inside `store`.
-    handle: wasmtime::Instance,
-    /// The exported memory named "memory", looked up once.
+    handle: InstanceHandle,
+    /// A core module's exported memory named "memory", looked up once.
     memory: Option<Memory>,
-    /// Owner of the instance's memories, whose guard every call holds.
-    owner: Owner,
-    /// The engine merging the memories, told when the instance parks; `None` unmerged.
-    dedup: Option<Engine>,
     /// Captured stdout, `None` when inherited.
     stdout: Option<MemoryOutputPipe>,
     /// Captured stderr, `None` when inherited.
@@ -107,70 +114,73 @@ pub struct Instance {
 
 impl Instance {
     pub(crate) fn new(
-        mut store: Store<WasiP1Ctx>,
-        handle: wasmtime::Instance,
-        owner: Owner,
-        dedup: Option<Engine>,
+        mut store: Store<HostState>,
+        handle: InstanceHandle,
         stdout: Option<MemoryOutputPipe>,
         stderr: Option<MemoryOutputPipe>,
     ) -> Self {
-        let memory = handle.get_memory(&mut store, "memory");
+        let memory = match &handle {
+            InstanceHandle::Core(instance) => instance.get_memory(&mut store, "memory"),
+            InstanceHandle::Component(_) => None,
+        };
         Self {
             store,
             handle,
             memory,
-            owner,
-            dedup,
             stdout,
             stderr,
         }
     }
 
-    /// Runs `f` with the owner's guard held; when it returns the instance is quiescent
-    /// again, and the engine hears that it parked (scan on park).
-    fn running<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
-        let guard = self.owner.enter();
-        let result = f(self);
-        drop(guard);
-        if let Some(engine) = &self.dedup {
-            engine.parked(&self.owner);
-        }
-        result
-    }
-
-    /// Runs a WASI command's `_start`. The guest's exits and traps are outcomes, not errors:
-    /// an error means `_start` is missing or has the wrong type.
+    /// Runs a command: a core module's `_start`, or a component's `wasi:cli/run`. The
+    /// guest's exits and traps are outcomes, not errors: an error means the program is not a
+    /// command (no `_start` of the right type, no `wasi:cli/run`).
     pub fn run_start(&mut self) -> Result<RunOutcome, RuntimeError> {
-        if !self.has_export("_start") {
-            return Err(RuntimeError::MissingExport("_start".to_owned()));
-        }
-        let start = self
-            .handle
-            .get_typed_func::<(), ()>(&mut self.store, "_start")
-            .map_err(|source| RuntimeError::ExportType {
-                name: "_start".to_owned(),
-                source,
-            })?;
-        Ok(
-            match self.running(|instance| start.call(&mut instance.store, ())) {
-                Ok(()) => RunOutcome::Exited(0),
-                Err(error) => match error.downcast_ref::<I32Exit>() {
-                    Some(exit) => RunOutcome::Exited(exit.0),
-                    None => RunOutcome::Trapped(describe(&error)),
-                },
+        let ended = match &self.handle {
+            InstanceHandle::Core(instance) => {
+                if instance.get_export(&mut self.store, "_start").is_none() {
+                    return Err(RuntimeError::MissingExport("_start".to_owned()));
+                }
+                let start = instance
+                    .get_typed_func::<(), ()>(&mut self.store, "_start")
+                    .map_err(|source| RuntimeError::ExportType {
+                        name: "_start".to_owned(),
+                        source,
+                    })?;
+                start.call(&mut self.store, ()).map(|()| 0)
+            }
+            InstanceHandle::Component(instance) => {
+                let command = Command::new(&mut self.store, instance).map_err(|source| {
+                    RuntimeError::ExportType {
+                        name: "wasi:cli/run".to_owned(),
+                        source,
+                    }
+                })?;
+                command
+                    .wasi_cli_run()
+                    .call_run(&mut self.store)
+                    .map(|status| i32::from(status.is_err()))
+            }
+        };
+        Ok(match ended {
+            Ok(code) => RunOutcome::Exited(code),
+            Err(error) => match error.downcast_ref::<I32Exit>() {
+                Some(exit) => RunOutcome::Exited(exit.0),
+                None => RunOutcome::Trapped(describe(&error)),
             },
-        )
+        })
     }
 
-    /// Calls the exported function `name`, as a reactor's host does.
+    /// Calls a core module's exported function `name`, as a reactor's host does.
     pub fn call(&mut self, name: &str, args: &[Val]) -> Result<Vec<Val>, RuntimeError> {
-        let func = self
-            .handle
-            .get_func(&mut self.store, name)
-            .ok_or_else(|| RuntimeError::MissingExport(name.to_owned()))?;
+        let func = match &self.handle {
+            InstanceHandle::Core(instance) => instance.get_func(&mut self.store, name),
+            InstanceHandle::Component(_) => None,
+        }
+        .ok_or_else(|| RuntimeError::MissingExport(name.to_owned()))?;
         // Placeholders of any type: wasmtime checks the count and overwrites each one.
         let mut results = vec![Val::I32(0); func.ty(&self.store).results().len()];
-        self.running(|instance| func.call(&mut instance.store, args, &mut results))
+        func.call(&mut self.store, args, &mut results)
             .map_err(|source| match source.downcast_ref::<I32Exit>() {
                 Some(exit) => RuntimeError::Exited {
                     name: name.to_owned(),
@@ -188,8 +198,8 @@ impl Instance {
     /// engine leaves the memory alone meanwhile.
     pub fn with_memory<R>(&mut self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, RuntimeError> {
         let memory = self.exported_memory()?;
-        let _guard = self.owner.enter();
-        Ok(f(memory.data_mut(&mut self.store)))
+        let owner = self.store.data().owner.clone();
+        Ok(owner.access(|| f(memory.data_mut(&mut self.store))))
     }
 
     /// Size of the exported memory, in bytes.
@@ -199,7 +209,12 @@ impl Instance {
 
     /// The owner of the instance's memories.
     pub fn owner(&self) -> &Owner {
-        &self.owner
+        self.store.data().owner.owner()
+    }
+
+    /// The store's owner: its regions, figures and guard.
+    pub fn store_owner(&self) -> &StoreOwner {
+        &self.store.data().owner
     }
 
     /// What the guest wrote to stdout so far, `None` if stdout is inherited.
@@ -212,8 +227,17 @@ impl Instance {
         self.stderr.as_ref().map(|pipe| pipe.contents().to_vec())
     }
 
+    /// Whether a core module exports `name`; a component exports no core items.
     pub fn has_export(&mut self, name: &str) -> bool {
-        self.handle.get_export(&mut self.store, name).is_some()
+        match &self.handle {
+            InstanceHandle::Core(instance) => instance.get_export(&mut self.store, name).is_some(),
+            InstanceHandle::Component(_) => false,
+        }
+    }
+
+    /// Whether the instance is a component.
+    pub fn is_component(&self) -> bool {
+        matches!(self.handle, InstanceHandle::Component(_))
     }
 
     fn exported_memory(&self) -> Result<Memory, RuntimeError> {
@@ -225,7 +249,7 @@ impl Instance {
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Instance")
-            .field("owner", &self.owner.id())
+            .field("owner", &self.owner().id())
             .finish_non_exhaustive()
     }
 }

@@ -27,13 +27,17 @@
 //! # }
 //! ```
 
+mod embed;
 mod error;
 mod host;
 mod instance;
 mod memory;
+mod store;
 
+pub use embed::{Samepage, SamepageConfig};
 pub use error::RuntimeError;
-pub use host::{Host, HostConfig, MemoryBacking};
+pub use host::{Host, HostConfig, HostState, MemoryBacking, Program};
 pub use instance::{Instance, RunOutcome, WasiOptions};
 pub use memory::MemoryError;
+pub use store::{HasStoreOwner, MemoryRegion, StoreOwner};
 pub use wasmtime::{Module, Val};

@@ -26,13 +26,16 @@
 //! A [`MemoryCreator`] belongs to a wasmtime engine and is told nothing about the store it
 //! creates a memory for, so it cannot know the owner. The runtime names the owner in a
 //! thread-local [`OwnerScope`] around instantiation, which is when wasmtime creates an
-//! instance's memories, on the instantiating thread.
+//! instance's memories, on the instantiating thread; the scope also collects the memories
+//! created, which become the store owner's regions ([`crate::StoreOwner`]).
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
 use samepage_dedup::{Engine, MappingError, MemfdMapping, Owner, PAGE_SIZE};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
+
+use crate::store::MemoryRegion;
 
 /// Why a linear memory could not be created or grown.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,8 @@ pub enum MemoryError {
 struct Instantiation {
     /// Owner of every memory created on this thread meanwhile.
     owner: Owner,
+    /// The memories created so far, registered under `owner`, in order.
+    created: Vec<MemoryRegion>,
     /// Why creating a memory failed, if it did. wasmtime flattens the creator's error into a
     /// string; the typed error waits here for the runtime to report.
     failure: Option<MemoryError>,
@@ -79,12 +84,23 @@ impl OwnerScope {
     pub(crate) fn enter(owner: &Owner) -> Self {
         let previous = INSTANTIATING.replace(Some(Instantiation {
             owner: owner.clone(),
+            created: Vec::new(),
             failure: None,
         }));
         Self {
             previous,
             _not_send: PhantomData,
         }
+    }
+
+    /// The merged memories created inside this scope so far, in order.
+    pub(crate) fn take_created(&self) -> Vec<MemoryRegion> {
+        INSTANTIATING.with_borrow_mut(|current| {
+            current
+                .as_mut()
+                .map(|instantiation| std::mem::take(&mut instantiation.created))
+                .unwrap_or_default()
+        })
     }
 
     /// Why memory creation failed inside this scope, if it did.
@@ -101,6 +117,15 @@ impl Drop for OwnerScope {
 
 pub(crate) fn current_owner() -> Option<Owner> {
     INSTANTIATING.with_borrow(|current| Some(current.as_ref()?.owner.clone()))
+}
+
+/// Records a memory created for the scope's owner.
+fn record_created(region: MemoryRegion) {
+    INSTANTIATING.with_borrow_mut(|current| {
+        if let Some(instantiation) = current {
+            instantiation.created.push(region);
+        }
+    });
 }
 
 /// Keeps `error` for the scope around the failing instantiation, if there is one.
@@ -154,6 +179,12 @@ impl MemfdMemoryCreator {
             capacity,
             guard_size_in_bytes,
         )?;
+        if let Some(handle) = mapping.region() {
+            record_created(MemoryRegion {
+                base: mapping.as_ptr() as usize,
+                id: handle.id(),
+            });
+        }
         Ok(MemfdMemory { mapping })
     }
 }

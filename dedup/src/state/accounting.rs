@@ -8,7 +8,7 @@ use std::ops::Range;
 use crate::quiesce::OwnerId;
 use crate::region::RegionId;
 use crate::stable::{ContentKey, Slot};
-use crate::{OwnerStats, PAGE_SIZE, Stats};
+use crate::{MergeNowReport, OwnerStats, PAGE_SIZE, Stats};
 
 use super::MergeState;
 use super::budget::map_budget;
@@ -51,15 +51,16 @@ impl MergeState {
         stats
     }
 
-    /// Pages of `range` in region `id` that map a stable page.
-    pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> u64 {
-        self.regions.get(&id).map_or(0, |record| {
+    /// Pages of `range` in region `id` that map a stable page, and that are freed zeros.
+    pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> MergeNowReport {
+        self.regions.get(&id).map_or_else(MergeNowReport::default, |record| {
             let end = range.end.min(record.pages.len());
             let start = range.start.min(end);
-            record.pages[start..end]
-                .iter()
-                .filter(|p| p.shares())
-                .count() as u64
+            let pages = &record.pages[start..end];
+            MergeNowReport {
+                pages_merged: pages.iter().filter(|p| p.shares()).count() as u64,
+                zero_pages: pages.iter().filter(|p| p.has(ZERO)).count() as u64,
+            }
         })
     }
 

@@ -198,6 +198,39 @@ impl MergeState {
         Ok(pages)
     }
 
+    /// The pages of byte range `range` of region `id`, after checking that `guard` is its
+    /// owner's and that the range is page-aligned and inside the region.
+    pub(crate) fn checked_pages(
+        &self,
+        guard: &crate::OwnerGuard,
+        id: RegionId,
+        range: std::ops::Range<usize>,
+    ) -> Result<std::ops::Range<usize>, Error> {
+        let region = &self.regions.get(&id).ok_or(Error::UnknownRegion(id))?.region;
+        if guard.owner() != region.owner.id() {
+            return Err(Error::WrongOwner(id));
+        }
+        let len = region.len();
+        let page = crate::PAGE_SIZE;
+        if range.start > range.end
+            || range.end > len
+            || !range.start.is_multiple_of(page)
+            || !range.end.is_multiple_of(page)
+        {
+            return Err(Error::OutOfRange {
+                region: id,
+                range,
+                len,
+            });
+        }
+        Ok(range.start / page..range.end / page)
+    }
+
+    /// The current length of region `id` in bytes.
+    pub(crate) fn region_len(&self, id: RegionId) -> Option<usize> {
+        Some(self.regions.get(&id)?.region.len())
+    }
+
     fn regions_of(&self, owner: OwnerId) -> Vec<RegionId> {
         self.regions
             .iter()

@@ -25,7 +25,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::pagemap::PageBacking;
 use crate::quiesce::{Owner, OwnerGuard, Quiescent};
 use crate::region::{Region, RegionId};
-use crate::{Error, PAGE_SIZE};
+use crate::{Error, MergeNowReport, PAGE_SIZE};
 
 use super::MergeState;
 use super::records::{SEEN, ZERO};
@@ -179,14 +179,17 @@ impl MergeState {
     }
 
     /// Merges every region of the guard's owner at once (see [`crate::Engine::merge_owner_now`]);
-    /// returns how many of their pages map stable pages afterwards.
-    pub(crate) fn merge_owner_now(&mut self, guard: &OwnerGuard) -> Result<u64, Error> {
+    /// returns how many of their pages map stable pages, or are freed zeros, afterwards.
+    pub(crate) fn merge_owner_now(&mut self, guard: &OwnerGuard) -> Result<MergeNowReport, Error> {
         let ids = self.regions_of(guard.owner());
         self.visit_whole(guard, &ids, Visit::Now)?;
         Ok(ids
             .iter()
             .map(|&id| self.merged_pages(id, 0..usize::MAX))
-            .sum())
+            .fold(MergeNowReport::default(), |sum, report| MergeNowReport {
+                pages_merged: sum.pages_merged + report.pages_merged,
+                zero_pages: sum.zero_pages + report.zero_pages,
+            }))
     }
 
     /// Visits every region of `owner` (its park visit). `false` when the owner is running

@@ -1,0 +1,124 @@
+//! samepage under an embedder's own wasmtime set-up.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use samepage_runtime::{Samepage, SamepageConfig};
+//! use wasmtime::{Config, Engine, Linker, Module, Store};
+//!
+//! let mut config = Config::new();
+//! let samepage = Samepage::configure(&mut config, SamepageConfig::default())?;
+//! let engine = Engine::new(&config)?;
+//! let module = Module::new(&engine, "(module (memory (export \"memory\") 1))")?;
+//! let linker = Linker::new(&engine);
+//!
+//! let owner = samepage.owner(0);
+//! let mut store = Store::new(&engine, owner.clone());
+//! let instance = owner.instantiate(&mut store, &linker, &module)?;
+//! # let _ = instance;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`Samepage::configure`] makes every linear memory of the wasmtime engine a memfd that the
+//! merge engine can remap (`crate::memory` says how), and sets what such memories need:
+//!
+//! - `memory_may_move(false)`: the merge engine knows a memory by its base address;
+//! - `memory_init_cow(false)`: wasmtime's copy-on-write images map over a memory as if it
+//!   were wasmtime's own mmap, which would replace the memfd; data segments are copied in
+//!   instead (and merged at once, see [`SamepageConfig::merge_on_instantiate`]);
+//! - the on-demand instance allocator: the pooling allocator keeps memories of its own and
+//!   never asks a custom memory creator. An embedder who turns pooling on afterwards gets
+//!   [`crate::RuntimeError::ForeignMemories`] at the first instantiation, not silently
+//!   unmerged memory.
+//!
+//! Shared memories (the threads proposal) are refused at instantiation: other threads would
+//! write them without the owner's guard.
+//!
+//! Each store then gets a [`crate::StoreOwner`] from [`Samepage::owner`], which drives the
+//! quiescence contract for it; any `T` and any host functions work.
+
+use std::sync::Arc;
+
+use samepage_dedup::{DomainId, EngineConfig, Owner};
+
+use crate::RuntimeError;
+use crate::memory::MemfdMemoryCreator;
+use crate::store::StoreOwner;
+
+/// How samepage is set up under a wasmtime engine.
+#[derive(Clone, Debug)]
+pub struct SamepageConfig {
+    /// Register every memory with a merge engine; without, memories are memfd-backed but
+    /// never merged (a baseline to measure against).
+    pub dedup: bool,
+    /// Settings of the merge engine; unused without `dedup`.
+    pub engine_config: EngineConfig,
+    /// Merge each new instance's memories right after instantiation, when they hold just
+    /// the module's data segments: instances then start out sharing them, as with wasmtime's
+    /// copy-on-write instantiation (which memfd memories cannot use).
+    pub merge_on_instantiate: bool,
+}
+
+impl Default for SamepageConfig {
+    fn default() -> Self {
+        Self {
+            dedup: true,
+            engine_config: EngineConfig::default(),
+            merge_on_instantiate: true,
+        }
+    }
+}
+
+/// samepage's part of a wasmtime engine: the merge engine its memories are registered with.
+/// Cloning gives another handle to the same one.
+#[derive(Clone)]
+pub struct Samepage {
+    dedup: Option<samepage_dedup::Engine>,
+    merge_on_instantiate: bool,
+}
+
+impl Samepage {
+    /// Configures `config` for memfd memories merged by a new merge engine, and returns the
+    /// handle that owns it. Build the wasmtime engine from `config` afterwards.
+    pub fn configure(
+        config: &mut wasmtime::Config,
+        settings: SamepageConfig,
+    ) -> Result<Self, RuntimeError> {
+        let dedup = if settings.dedup {
+            Some(samepage_dedup::Engine::new(settings.engine_config)?)
+        } else {
+            None
+        };
+        config
+            .with_host_memory(Arc::new(MemfdMemoryCreator::new(dedup.clone())))
+            .memory_init_cow(false)
+            .memory_may_move(false)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+        Ok(Self {
+            dedup,
+            merge_on_instantiate: settings.merge_on_instantiate,
+        })
+    }
+
+    /// The merge engine, when merging is on: for its statistics and knobs.
+    pub fn dedup(&self) -> Option<&samepage_dedup::Engine> {
+        self.dedup.as_ref()
+    }
+
+    /// A new owner for one store, in tenant `domain` (pages merge only within a domain).
+    pub fn owner(&self, domain: DomainId) -> StoreOwner {
+        StoreOwner::new(
+            Owner::new(domain),
+            self.dedup.clone(),
+            self.merge_on_instantiate,
+        )
+    }
+}
+
+impl std::fmt::Debug for Samepage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Samepage")
+            .field("merging", &self.dedup.is_some())
+            .finish_non_exhaustive()
+    }
+}

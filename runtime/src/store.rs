@@ -1,0 +1,257 @@
+//! A store's owner: the piece of samepage that lives in an embedder's `Store<T>`.
+//!
+//! Every store whose memories samepage merges has one [`StoreOwner`], made by
+//! [`crate::Samepage::owner`]. It is the store's [`Owner`] for the merge engine, and it keeps
+//! the quiescence contract ([`samepage_dedup::quiesce`]) for the embedder, who never holds a
+//! guard by hand:
+//!
+//! - **While wasm runs, the guard is held.** [`StoreOwner::instantiate`] (and its component
+//!   twin) installs a `Store::call_hook` that takes the owner's guard when the host calls
+//!   into wasm and lets go when the outermost call returns. Host functions that wasm calls run
+//!   inside that call, guard held, so they may read and write guest memory freely; a host
+//!   function that calls back into wasm nests (the hook counts depth and never takes the gate
+//!   twice). When the outermost call returns, the engine hears that the owner parked (scan on
+//!   park).
+//! - **Instantiation is an owner writing.** wasmtime creates the memories and writes data
+//!   segments inside `instantiate`; the owner's scope names the owner to the memory creator
+//!   and holds the guard throughout, and the memories it created become this owner's
+//!   [`MemoryRegion`]s (in creation order: the first is a core module's memory 0, or the main
+//!   module's memory of a component made by `wasm-tools component new`).
+//! - **Host access outside calls goes through [`StoreOwner::access`]**, which holds the guard
+//!   for the closure (nesting too).
+//! - **Host calls that need the guard** (the guest API's `merge-now` and `advise`) get it with
+//!   [`StoreOwner::with_guard`], which lends the guard the hook holds.
+//!
+//! An embedder that has a call hook of its own calls [`StoreOwner::on_call`] from it instead
+//! of letting samepage install one (a store has one call hook).
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use samepage_dedup::{Engine, Owner, OwnerGuard, OwnerStats, RegionId};
+use wasmtime::{CallHook, Store};
+
+use crate::RuntimeError;
+use crate::memory::OwnerScope;
+
+/// A linear memory of the store, registered with the merge engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// Where the memory starts; it never moves.
+    pub base: usize,
+    /// The engine's name for it.
+    pub id: RegionId,
+}
+
+/// Store data that holds a [`StoreOwner`]: what host functions that need the owner (the guest
+/// API's) ask of a store's data.
+pub trait HasStoreOwner {
+    fn store_owner(&self) -> &StoreOwner;
+}
+
+impl HasStoreOwner for StoreOwner {
+    fn store_owner(&self) -> &StoreOwner {
+        self
+    }
+}
+
+/// The owner of one store's memories; cheap to clone (all clones are the same owner). Keep
+/// one in the store's data to reach it from host functions.
+#[derive(Clone)]
+pub struct StoreOwner {
+    shared: Arc<OwnerState>,
+}
+
+struct OwnerState {
+    owner: Owner,
+    /// The engine merging this owner's memories; `None` when the host does not merge.
+    dedup: Option<Engine>,
+    /// The guard while the owner runs, and how deeply calls nest.
+    held: Mutex<Held>,
+    /// The store's memories, in creation order.
+    regions: Mutex<Vec<MemoryRegion>>,
+    /// Merge new memories right after instantiation (see [`crate::SamepageConfig`]).
+    merge_on_instantiate: bool,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Calls into wasm (and host accesses) in progress.
+    depth: u32,
+    /// The owner's guard, while `depth > 0`.
+    guard: Option<OwnerGuard>,
+    /// Whether wasm ran since the guard was taken: then its release is a park.
+    ran: bool,
+}
+
+impl StoreOwner {
+    pub(crate) fn new(owner: Owner, dedup: Option<Engine>, merge_on_instantiate: bool) -> Self {
+        Self {
+            shared: Arc::new(OwnerState {
+                owner,
+                dedup,
+                held: Mutex::new(Held::default()),
+                regions: Mutex::new(Vec::new()),
+                merge_on_instantiate,
+            }),
+        }
+    }
+
+    /// The owner the merge engine knows this store by.
+    pub fn owner(&self) -> &Owner {
+        &self.shared.owner
+    }
+
+    /// The merge engine, when the host merges.
+    pub fn dedup(&self) -> Option<&Engine> {
+        self.shared.dedup.as_ref()
+    }
+
+    /// The store's memories registered with the engine, in creation order.
+    pub fn regions(&self) -> Vec<MemoryRegion> {
+        self.shared.regions.lock().clone()
+    }
+
+    /// The region of the memory that starts at `base`.
+    pub fn region_at(&self, base: usize) -> Option<RegionId> {
+        let regions = self.shared.regions.lock();
+        regions.iter().find(|r| r.base == base).map(|r| r.id)
+    }
+
+    /// What merging saves this owner (as Linux's `/proc/PID/ksm_stat`); zeros unmerged.
+    pub fn stats(&self) -> OwnerStats {
+        self.dedup()
+            .map(|engine| engine.owner_stats(self.owner().id()))
+            .unwrap_or_default()
+    }
+
+    /// What samepage's call hook does, for an embedder whose own hook calls it.
+    pub fn on_call(&self, hook: CallHook) -> wasmtime::Result<()> {
+        match hook {
+            CallHook::CallingWasm => self.enter(true),
+            CallHook::ReturningFromWasm => self.leave(),
+            // Host functions called by wasm run inside the call, with the guard held.
+            CallHook::CallingHost | CallHook::ReturningFromHost => {}
+        }
+        Ok(())
+    }
+
+    /// Installs samepage's call hook on `store` (replacing any other).
+    pub fn drive<T>(&self, store: &mut Store<T>) {
+        let owner = self.clone();
+        store.call_hook(move |_, hook| owner.on_call(hook));
+    }
+
+    /// Runs `f` with the owner's guard held: for the host's reads and writes of the store's
+    /// memories outside calls into wasm. Nests with calls and with itself.
+    pub fn access<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.enter(false);
+        let result = f();
+        self.leave();
+        result
+    }
+
+    /// Runs `f` with the guard the owner holds right now (inside a call into wasm, or inside
+    /// [`StoreOwner::access`]); `None` when the owner is not running.
+    pub fn with_guard<R>(&self, f: impl FnOnce(&OwnerGuard) -> R) -> Option<R> {
+        let held = self.shared.held.lock();
+        held.guard.as_ref().map(f)
+    }
+
+    /// Instantiates `module` through `linker` into `store`, with this owner's memories:
+    /// installs the call hook, names the owner to the memory creator and holds the guard
+    /// while wasmtime creates memories, writes data segments and runs the start function.
+    pub fn instantiate<T>(
+        &self,
+        store: &mut Store<T>,
+        linker: &wasmtime::Linker<T>,
+        module: &wasmtime::Module,
+    ) -> Result<wasmtime::Instance, RuntimeError> {
+        let memories = module.resources_required().num_memories;
+        self.drive(store);
+        self.creating(store, memories, |store| linker.instantiate(store, module))
+    }
+
+    /// [`StoreOwner::instantiate`] for a component: its core instances' memories are all this
+    /// owner's.
+    pub fn instantiate_component<T>(
+        &self,
+        store: &mut Store<T>,
+        linker: &wasmtime::component::Linker<T>,
+        component: &wasmtime::component::Component,
+    ) -> Result<wasmtime::component::Instance, RuntimeError> {
+        let memories = component
+            .resources_required()
+            .map_or(0, |resources| resources.num_memories);
+        self.drive(store);
+        self.creating(store, memories, |store| linker.instantiate(store, component))
+    }
+
+    /// Runs an instantiation `f` that creates `memories` linear memories, as the owner.
+    fn creating<T, R>(
+        &self,
+        store: &mut Store<T>,
+        memories: u32,
+        f: impl FnOnce(&mut Store<T>) -> wasmtime::Result<R>,
+    ) -> Result<R, RuntimeError> {
+        let scope = OwnerScope::enter(self.owner());
+        let result = self.access(|| f(store));
+        let created = scope.take_created();
+        let result = result.map_err(|source| match scope.take_failure() {
+            Some(memory) => RuntimeError::MemoryCreation(memory),
+            None => RuntimeError::Instantiate(source),
+        })?;
+        if created.len() < memories as usize && self.dedup().is_some() {
+            // wasmtime made memories without asking samepage's creator: the pooling
+            // allocator does that. They cannot be merged, and nothing must pretend they are.
+            return Err(RuntimeError::ForeignMemories {
+                created: created.len(),
+                expected: memories as usize,
+            });
+        }
+        let merge_now = self
+            .dedup()
+            .filter(|_| self.shared.merge_on_instantiate && !created.is_empty());
+        self.shared.regions.lock().extend(created);
+        if let Some(engine) = merge_now {
+            // The memories hold just the data segments, the same in every instance of the
+            // module: they start out shared, as wasmtime's copy-on-write images would be.
+            self.access(|| self.with_guard(|guard| engine.merge_owner_now(guard)))
+                .transpose()?;
+        }
+        Ok(result)
+    }
+
+    fn enter(&self, wasm: bool) {
+        let mut held = self.shared.held.lock();
+        if held.depth == 0 {
+            held.guard = Some(self.shared.owner.enter());
+            held.ran = false;
+        }
+        held.depth += 1;
+        held.ran |= wasm;
+    }
+
+    fn leave(&self) {
+        let mut held = self.shared.held.lock();
+        held.depth = held.depth.saturating_sub(1);
+        if held.depth > 0 {
+            return;
+        }
+        held.guard = None;
+        let parked = std::mem::take(&mut held.ran);
+        drop(held);
+        if parked && let Some(engine) = &self.shared.dedup {
+            engine.parked(&self.shared.owner);
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOwner")
+            .field("owner", &self.shared.owner.id())
+            .field("regions", &self.shared.regions.lock().len())
+            .finish()
+    }
+}
