@@ -39,8 +39,10 @@ pub enum RuntimeError {
     #[error("cannot instantiate the module: {}", describe(.0))]
     Instantiate(#[source] wasmtime::Error),
     #[error(
-        "wasmtime created {created} of the {expected} linear memories without samepage's \
-         memory creator (the pooling allocator does that): turn pooling off for merged memories"
+        "only {created} of the instance's {expected} linear memories were created by samepage's \
+         memory creator, so the others cannot be merged: build the wasmtime engine from the \
+         Config that Samepage::configure set up, and do not replace its memory creator or turn \
+         on the pooling allocator"
     )]
     ForeignMemories { created: usize, expected: usize },
     #[error("the instance has no export named {0:?}")]
