@@ -1,19 +1,29 @@
 //! What merges the instances' memory in a `run`, behind one face: samepage's engine, Linux
 //! KSM, or nothing (the baselines). The run samples it to know when it has converged.
 
-use anyhow::{Context, Result};
-use samepage_dedup::{Engine, Knobs};
+use anyhow::{Context, Result, bail};
+use samepage_dedup::{Engine, Knobs, Stats, Value};
 
 use crate::ksm::{KsmSession, KsmSysfs, ksmd_cpu_seconds};
 
+/// The counters a run takes from its merger as it converges, whichever merger it is: under
+/// `--dedup ksm` these are ksmd's own (read from the sysfs files [`Counter::ksm`] names);
+/// every other counter of a run's report is samepage's engine's.
+///
+/// [`Counter::ksm`]: samepage_dedup::Counter::ksm
+pub const SAMPLED: [&str; 5] = [
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "full_scans",
+];
+
 /// One look at the merger's counters, with KSM's names and meanings.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Sample {
-    pub pages_shared: u64,
-    pub pages_sharing: u64,
-    pub pages_unshared: u64,
-    pub pages_volatile: u64,
-    pub full_scans: u64,
+    /// samepage's engine's counters; for ksmd, those of [`SAMPLED`] (the others zero).
+    pub stats: Stats,
     /// CPU the merger spent since it started, in seconds.
     pub cpu_seconds: f64,
     /// Whether a whole pass, begun after the merger had seen every page twice, merged
@@ -76,14 +86,10 @@ impl Merger {
             } => {
                 let stats = engine.stats();
                 Sample {
-                    pages_shared: stats.pages_shared,
-                    pages_sharing: stats.pages_sharing,
-                    pages_unshared: stats.pages_unshared,
-                    pages_volatile: stats.pages_volatile,
-                    full_scans: stats.full_scans,
                     cpu_seconds: stats.scanner_cpu_ns as f64 * 1e-9,
                     converged: stats.full_scans >= *first_full_scans + 3
                         && stats.merges_last_pass == 0,
+                    stats,
                 }
             }
             Self::Ksm {
@@ -93,9 +99,8 @@ impl Merger {
                 last_pass,
                 converged_at,
             } => {
-                let sysfs = session.sysfs();
-                let full_scans = sysfs.read("full_scans")?;
-                let pages_sharing = sysfs.read("pages_sharing")?;
+                let stats = read_sampled(session.sysfs())?;
+                let (full_scans, pages_sharing) = (stats.full_scans, stats.pages_sharing);
                 if full_scans > last_pass.0 {
                     // A pass ended: KSM needs two to merge anything, so count from the third.
                     if full_scans >= *first_full_scans + 3 && pages_sharing == last_pass.1 {
@@ -104,11 +109,7 @@ impl Merger {
                     *last_pass = (full_scans, pages_sharing);
                 }
                 Sample {
-                    pages_shared: sysfs.read("pages_shared")?,
-                    pages_sharing,
-                    pages_unshared: sysfs.read("pages_unshared")?,
-                    pages_volatile: sysfs.read("pages_volatile")?,
-                    full_scans,
+                    stats,
                     cpu_seconds: ksmd_cpu_seconds()? - *cpu_start,
                     converged: converged_at.is_some(),
                 }
@@ -119,12 +120,34 @@ impl Merger {
             },
         })
     }
+}
 
-    /// Mappings the merger created in this process (samepage's only).
-    pub fn vmas(&self) -> u64 {
-        match self {
-            Self::Samepage { engine, .. } => engine.stats().vmas,
-            _ => 0,
+/// ksmd's figures for the counters of [`SAMPLED`], from the files their [`Counter::ksm`]
+/// names.
+///
+/// [`Counter::ksm`]: samepage_dedup::Counter::ksm
+fn read_sampled(sysfs: &KsmSysfs) -> Result<Stats> {
+    let mut stats = Stats::default();
+    for counter in Stats::COUNTERS {
+        if let (true, Some(file)) = (SAMPLED.contains(&counter.name), counter.ksm) {
+            let value = Value::Count(sysfs.read(file)?);
+            if !stats.set(counter.name, value) {
+                bail!("ksmd's {file} ({value}) does not fit {}", counter.name);
+            }
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sampled_counter_is_one_ksm_counts_too() {
+        for name in SAMPLED {
+            let counter = Stats::COUNTERS.iter().find(|c| c.name == name);
+            assert!(counter.and_then(|c| c.ksm).is_some(), "{name}");
         }
     }
 }

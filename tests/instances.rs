@@ -10,11 +10,7 @@ const REACTOR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/guests/reac
 /// A host whose engine scans only when a test asks, so every step is exact.
 fn manual_host() -> Host {
     Host::new(HostConfig {
-        engine_config: EngineConfig {
-            scanner: false,
-            knobs: Knobs::default(),
-            ..EngineConfig::default()
-        },
+        engine_config: EngineConfig::manual(Knobs::default()),
         ..HostConfig::default()
     })
     .expect("host")

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use samepage_dedup::{EngineConfig, PAGE_SIZE};
+use samepage_dedup::{EngineConfig, Knobs, PAGE_SIZE};
 use samepage_runtime::{Host, HostConfig, Instance, RunOutcome, WasiOptions};
 
 fn page(memory: &[u8], p: usize) -> &[u8] {
@@ -24,10 +24,7 @@ fn flite() -> PathBuf {
 #[test]
 fn flite_instances_merge_the_pages_they_hold_in_common() {
     let host = Host::new(HostConfig {
-        engine_config: EngineConfig {
-            scanner: false,
-            ..EngineConfig::default()
-        },
+        engine_config: EngineConfig::manual(Knobs::default()),
         ..HostConfig::default()
     })
     .expect("host");

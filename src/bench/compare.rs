@@ -1,13 +1,14 @@
-//! samepage against the baselines, each run in a child `samepage run --json` process so that
-//! no mode inherits another's memory, with the modes' order rotating from round to round so
-//! that drift of the machine hits them all alike.
+//! The compare suite: samepage against the baselines, each run in a child `samepage run
+//! --json` process so that no mode inherits another's memory, with the modes' order rotating
+//! from round to round so that drift of the machine hits them all alike. The report's prose
+//! is at the end of the file.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::Value;
 
+use super::child::{med, median, run_child, saved, strings};
 use super::{mib, repo_path, table};
 use crate::ksm::KsmSysfs;
 
@@ -21,10 +22,6 @@ struct Workload {
     /// `samepage run` options before `--`, then the guest's arguments after it.
     options: Vec<String>,
     guest_args: Vec<String>,
-}
-
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|s| (*s).to_owned()).collect()
 }
 
 fn workloads(scratch: &Path) -> Vec<Workload> {
@@ -75,58 +72,6 @@ fn workloads(scratch: &Path) -> Vec<Workload> {
     ]
 }
 
-/// Runs `samepage run` in a child process and returns its JSON report.
-fn run_child(
-    module: &Path,
-    instances: u32,
-    mode: &str,
-    options: &[String],
-    guest_args: &[String],
-) -> Result<Value> {
-    let exe = std::env::current_exe().context("locating the samepage binary")?;
-    let output = Command::new(exe)
-        .arg("run")
-        .arg(module)
-        .args([
-            "--instances",
-            &instances.to_string(),
-            "--dedup",
-            mode,
-            "--json",
-        ])
-        .args(options)
-        .arg("--")
-        .args(guest_args)
-        .output()
-        .context("running samepage run")?;
-    if !output.status.success() {
-        bail!(
-            "samepage run {} --dedup {mode} failed: {}",
-            module.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&output.stdout).context("parsing the run's JSON report")
-}
-
-fn number(report: &Value, field: &str) -> f64 {
-    report[field].as_f64().unwrap_or(f64::NAN)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// The median of `field` over a mode's rounds.
-fn med(reports: &[Value], field: &str) -> f64 {
-    median(reports.iter().map(|r| number(r, field)).collect())
-}
-
-fn saved(report: &Value) -> f64 {
-    number(report, "pss_bytes_before") - number(report, "pss_bytes_after")
-}
-
 const MODES: [&str; 4] = ["on", "off", "cow", "ksm"];
 
 /// Every workload under every mode, `rounds` times, rotating the modes' order.
@@ -139,29 +84,7 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
         .copied()
         .filter(|&m| m != "ksm" || ksm.is_ok())
         .collect();
-    let mut report = String::from(
-        "# samepage, wasmtime and Linux KSM side by side\n\n\
-         Each workload runs as N instances in a child `samepage run --json` process per mode:\n\n\
-         - `on`: samepage (memfd memories, samepage's scanner at its defaults: 4,096 pages \
-         per batch, 20 ms between batches, scan on park);\n\
-         - `off`: the same memfd memories, no merging;\n\
-         - `cow`: wasmtime's own memories with its copy-on-write instantiation, no merging \
-         (a plain wasmtime host);\n\
-         - `ksm`: wasmtime's own memories, `MADV_MERGEABLE`, ksmd at full speed \
-         (`pages_to_scan` 100,000, `sleep_millisecs` 0).\n\n\
-         The instances run to completion, memory is measured, then merging starts; a run ends \
-         when its merger completed a pass (after two) that merged nothing. Memory is given two \
-         ways: the memory cgroup each run makes for itself (everything the run allocated, \
-         mapped or not: the fairer figure, and the one in bold) and PSS. PSS cannot see memfd \
-         pages nobody maps, such as the parts of wasmtime's module image that no instance \
-         touched, while samepage's stable pages are mapped by the engine that compared them, \
-         so PSS flatters `cow` and `ksm` against `on`. samepage merges each instance's data \
-         segments right after instantiation, so `on` starts out shared as `cow` does. Time to converge is \
-         the time until PSS had fallen by 99% of its final fall; CPU is samepage's scanner \
-         thread or ksmd, over the same span. Each cell is the median of the rounds. samepage \
-         scans on one thread; the instances ran before merging began, so the other core was \
-         idle for both mergers.\n\n",
-    );
+    let mut report = String::from(INTRO);
     if let Err(error) = &ksm {
         report.push_str(&format!("**Linux KSM not measured**: {error:#}.\n\n"));
     }
@@ -333,81 +256,25 @@ fn trace(report: &Value) -> Vec<(f64, f64)> {
         .unwrap_or_default()
 }
 
-/// samepage and KSM at their default settings, on the README's workload.
-pub fn defaults() -> Result<String> {
-    let module = repo_path("examples/guests/fill.wat");
-    let common = strings(&["--settle-secs", "300", "--idle-secs", "10"]);
-    let mut runs: Vec<(&str, Value)> = vec![
-        (
-            "samepage, defaults",
-            run_child(&module, 32, "on", &common, &[])?,
-        ),
-        ("samepage, defaults, scan on park off", {
-            let mut options = common.clone();
-            options.extend(strings(&["--scan-on-park", "off"]));
-            run_child(&module, 32, "on", &options, &[])?
-        }),
-    ];
-    let ksm = KsmSysfs::system().check_usable();
-    if ksm.is_ok() {
-        let mut options = common.clone();
-        options.extend(strings(&[
-            "--ksm-pages-to-scan",
-            "100",
-            "--ksm-sleep-ms",
-            "20",
-        ]));
-        runs.push((
-            "Linux KSM, defaults",
-            run_child(&module, 32, "ksm", &options, &[])?,
-        ));
-    }
-    let rows: Vec<Vec<String>> = runs
-        .iter()
-        .map(|(name, r)| {
-            vec![
-                (*name).to_owned(),
-                mib(saved(r)),
-                format!("{:.2} s", number(r, "converge_seconds")),
-                format!("{:.3} s", number(r, "scanner_cpu_seconds")),
-                format!("{:.2}%", number(r, "idle_cpu_percent")),
-                format!("{:.0}", number(r, "pages_sharing")),
-            ]
-        })
-        .collect();
-    let mut report = format!(
-        "# Default settings\n\n\
-         32 instances of `examples/guests/fill.wat` (16 MiB each, page i identical), each \
-         merger at its default settings: samepage 4,096 pages per batch and 20 ms between \
-         batches, with and without scan on park; KSM `pages_to_scan` 100 and \
-         `sleep_millisecs` 20. Time to converge counts from the moment the instances had all \
-         run (they park), until PSS had fallen by 99% of its final fall. Idle CPU is the \
-         merger's CPU over the 10 s after convergence, with nothing changing.\n\n{}\n",
-        table(
-            &[
-                "merger",
-                "saved",
-                "time to converge",
-                "CPU to converge",
-                "CPU while idle (of one core)",
-                "pages_sharing"
-            ],
-            &rows,
-        )
-    );
-    match ksm {
-        Ok(()) => {
-            let (on, k) = (&runs[0].1, &runs[2].1);
-            let sooner = number(k, "converge_seconds") / number(on, "converge_seconds");
-            let cpu = number(on, "scanner_cpu_seconds") / number(k, "scanner_cpu_seconds");
-            report.push_str(&format!(
-                "samepage converged {sooner:.0}× sooner than KSM (target ≥ 20×: {}), with {cpu:.2}× \
-                 its CPU (target ≤ 1×: {}).\n",
-                if sooner >= 20.0 { "met" } else { "**missed**" },
-                if cpu <= 1.0 { "met" } else { "**missed**" }
-            ));
-        }
-        Err(error) => report.push_str(&format!("Linux KSM not measured: {error:#}.\n")),
-    }
-    Ok(report)
-}
+/// What the compare report says first: what the modes are and how they are measured.
+const INTRO: &str = "# samepage, wasmtime and Linux KSM side by side\n\n\
+    Each workload runs as N instances in a child `samepage run --json` process per mode:\n\n\
+    - `on`: samepage (memfd memories, samepage's scanner at its defaults: 4,096 pages \
+    per batch, 20 ms between batches, scan on park);\n\
+    - `off`: the same memfd memories, no merging;\n\
+    - `cow`: wasmtime's own memories with its copy-on-write instantiation, no merging \
+    (a plain wasmtime host);\n\
+    - `ksm`: wasmtime's own memories, `MADV_MERGEABLE`, ksmd at full speed \
+    (`pages_to_scan` 100,000, `sleep_millisecs` 0).\n\n\
+    The instances run to completion, memory is measured, then merging starts; a run ends \
+    when its merger completed a pass (after two) that merged nothing. Memory is given two \
+    ways: the memory cgroup each run makes for itself (everything the run allocated, \
+    mapped or not: the fairer figure, and the one in bold) and PSS. PSS cannot see memfd \
+    pages nobody maps, such as the parts of wasmtime's module image that no instance \
+    touched, while samepage's stable pages are mapped by the engine that compared them, \
+    so PSS flatters `cow` and `ksm` against `on`. samepage merges each instance's data \
+    segments right after instantiation, so `on` starts out shared as `cow` does. Time to converge is \
+    the time until PSS had fallen by 99% of its final fall; CPU is samepage's scanner \
+    thread or ksmd, over the same span. Each cell is the median of the rounds. samepage \
+    scans on one thread; the instances ran before merging began, so the other core was \
+    idle for both mergers.\n\n";

@@ -1,10 +1,10 @@
-//! The merge path alone, on plain memfd regions (no wasm): workload A (every page identical
+//! The engine suite: the merge path alone, on plain memfd regions (no wasm): workload A (every page identical
 //! across regions) and workload B (every other page unique).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE};
+use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE, pattern};
 use serde::Serialize;
 
 use crate::measure::{pss_bytes, thread_cpu_seconds};
@@ -95,17 +95,7 @@ pub fn suite() -> Result<String> {
         ]);
     }
     Ok(format!(
-        "# The merge path on synthetic regions\n\n\
-         The engine alone (no wasm), over memfd regions, scanning in the calling thread pass \
-         after pass until a pass merges nothing (`pages_to_scan` = 65,536, no sleep). CPU is \
-         that thread's (user + system) from the first pass to the end of the pass that merged \
-         the last page; per merged page divides it by `pages_sharing`. Memory is the \
-         process's PSS. Each row is the run with the median CPU of three (the range in \
-         brackets), after one uncounted run of A.\n\n\
-         - A: 8 regions × 16,384 pages, page *i* identical across regions.\n\
-         - B: the same with every odd page unique to its region.\n\
-         - 64 × 2,048 pages: 64 regions, page *i* identical across them, with \
-         `max_page_sharing` 256, 16 and 2.\n\n{}",
+        "{ABOUT}{}",
         super::table(
             &[
                 "workload",
@@ -150,29 +140,22 @@ pub struct EngineFigures {
     pub passes: u64,
 }
 
-/// Content of page `page` of region `region`.
+/// Fills region `region`: page *i* is page *i* of the shared pattern (seed 0), or, for odd
+/// pages of a workload whose odd pages are unique, of the region's own pattern.
 fn fill(workload: &Synthetic, mapping: &MemfdMapping, region: usize) {
     // SAFETY: the mapping is ours, fresh and unshared; nobody merges it before registration
     // completes scanning, and the caller holds the owner's guard.
     let memory = unsafe { std::slice::from_raw_parts_mut(mapping.as_ptr(), mapping.len()) };
     for (page, bytes) in memory.chunks_exact_mut(PAGE_SIZE).enumerate() {
         let unique = workload.odd_pages_unique && page % 2 == 1;
-        let tag = if unique { region as u64 + 1 } else { 0 };
-        for (word, chunk) in bytes.chunks_exact_mut(8).enumerate() {
-            let value = (tag << 56) ^ ((page as u64) << 20) ^ word as u64 ^ 0x5A5A_0000_0000_0000;
-            chunk.copy_from_slice(&value.to_le_bytes());
-        }
+        let seed = if unique { region as u64 + 1 } else { 0 };
+        pattern::fill_page(bytes, seed, page);
     }
 }
 
 /// Builds the workload, then scans pass after pass in this thread until a pass merges nothing.
 pub fn run(workload: &Synthetic, knobs: Knobs) -> Result<EngineFigures> {
-    let engine = Engine::new(EngineConfig {
-        scanner: false,
-        knobs,
-        ..EngineConfig::default()
-    })
-    .context("starting the engine")?;
+    let engine = Engine::new(EngineConfig::manual(knobs)).context("starting the engine")?;
     let len = workload.pages * PAGE_SIZE;
     let mut regions = Vec::new();
     for region in 0..workload.regions {
@@ -222,3 +205,16 @@ pub fn run(workload: &Synthetic, knobs: Knobs) -> Result<EngineFigures> {
         passes,
     })
 }
+
+/// What the engine report says before its table.
+const ABOUT: &str = "# The merge path on synthetic regions\n\n\
+    The engine alone (no wasm), over memfd regions, scanning in the calling thread pass \
+    after pass until a pass merges nothing (`pages_to_scan` = 65,536, no sleep). CPU is \
+    that thread's (user + system) from the first pass to the end of the pass that merged \
+    the last page; per merged page divides it by `pages_sharing`. Memory is the \
+    process's PSS. Each row is the run with the median CPU of three (the range in \
+    brackets), after one uncounted run of A.\n\n\
+    - A: 8 regions × 16,384 pages, page *i* identical across regions.\n\
+    - B: the same with every odd page unique to its region.\n\
+    - 64 × 2,048 pages: 64 regions, page *i* identical across them, with \
+    `max_page_sharing` 256, 16 and 2.\n\n";

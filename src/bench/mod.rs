@@ -2,9 +2,12 @@
 //! compare suite SVG plots) under `--out`, stamped with the machine, the date and the exact
 //! command, and prints where it wrote them.
 
-pub mod compare;
-pub mod engine;
-pub mod micro;
+mod child;
+mod compare;
+mod cow_fault;
+mod defaults;
+mod engine;
+mod merge_now;
 mod plot;
 
 use std::fmt::Write as _;
@@ -12,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use samepage_dedup::{PAGE_SIZE, pattern};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
@@ -59,9 +63,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let body = match suite {
             Suite::Engine => engine::suite()?,
             Suite::Compare => compare::suite(args.rounds, &args.out)?,
-            Suite::Defaults => compare::defaults()?,
-            Suite::CowFault => micro::cow_fault()?,
-            Suite::MergeNow => micro::merge_now()?,
+            Suite::Defaults => defaults::suite()?,
+            Suite::CowFault => cow_fault::suite()?,
+            Suite::MergeNow => merge_now::suite()?,
         };
         let path = args.out.join(format!("{name}.md"));
         std::fs::write(&path, with_header(&body))
@@ -132,4 +136,15 @@ fn mib(bytes: f64) -> String {
 /// The repository root (where `examples/` is), for guests and real programs.
 fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Fills `pages` pages at `base` with pages `0..pages` of the pattern `seed`
+/// ([`pattern`], as the engine's tests fill theirs).
+///
+/// # Safety
+/// `base` points to `pages` writable pages nobody else touches meanwhile.
+unsafe fn fill_pages(base: *mut u8, pages: usize, seed: u64) {
+    // SAFETY: the caller's contract.
+    let memory = unsafe { std::slice::from_raw_parts_mut(base, pages * PAGE_SIZE) };
+    pattern::fill(memory, seed, 0);
 }

@@ -1,4 +1,5 @@
-//! Small measurements of single mechanisms: the first write to a merged page, and merge-now.
+//! The cow-fault suite: the cost of the first write to a merged page (the kernel's
+//! copy-on-write), samepage against KSM.
 
 use std::time::{Duration, Instant};
 
@@ -6,30 +7,16 @@ use anyhow::{Context, Result, bail};
 use rustix::mm::{Advice, MapFlags, ProtFlags, madvise, mmap_anonymous, munmap};
 use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE};
 
+use super::fill_pages;
 use crate::ksm::KsmSysfs;
-use crate::measure::thread_cpu_seconds;
 
 /// Pages per region in these measurements: 64 MiB.
 const PAGES: usize = 16_384;
 
-/// Fills `pages` pages at `base` with content that depends only on the page index.
-///
-/// # Safety
-/// `base` points to `pages` writable pages nobody else touches meanwhile.
-unsafe fn fill(base: *mut u8, pages: usize) {
-    // SAFETY: the caller's contract.
-    let memory = unsafe { std::slice::from_raw_parts_mut(base, pages * PAGE_SIZE) };
-    for (page, bytes) in memory.chunks_exact_mut(PAGE_SIZE).enumerate() {
-        for (word, chunk) in bytes.chunks_exact_mut(8).enumerate() {
-            chunk.copy_from_slice(&(((page as u64) << 20) ^ word as u64 ^ 0xC0FFEE).to_le_bytes());
-        }
-    }
-}
-
 /// Microseconds per first write, writing one byte into each of `pages` pages at `base`.
 ///
 /// # Safety
-/// As for [`fill`].
+/// `base` points to `pages` writable pages nobody else touches meanwhile.
 unsafe fn time_first_writes(base: *mut u8, pages: usize) -> f64 {
     let start = Instant::now();
     for page in 0..pages {
@@ -40,10 +27,7 @@ unsafe fn time_first_writes(base: *mut u8, pages: usize) -> f64 {
 }
 
 fn samepage_cow_us() -> Result<(f64, f64)> {
-    let engine = Engine::new(EngineConfig {
-        scanner: false,
-        ..EngineConfig::default()
-    })?;
+    let engine = Engine::new(EngineConfig::manual(Knobs::default()))?;
     let len = PAGES * PAGE_SIZE;
     let owners = [Owner::new(0), Owner::new(0)];
     let mut mappings = Vec::new();
@@ -51,7 +35,7 @@ fn samepage_cow_us() -> Result<(f64, f64)> {
         let mapping = MemfdMapping::new(Some(&engine), owner, "cow-bench", len, len, 0)?;
         let _guard = owner.enter();
         // SAFETY: a fresh mapping of `len` bytes, its owner's guard held.
-        unsafe { fill(mapping.as_ptr(), PAGES) };
+        unsafe { fill_pages(mapping.as_ptr(), PAGES, 0) };
         mappings.push(mapping);
     }
     engine.scan_pass()?;
@@ -90,7 +74,7 @@ fn ksm_cow_us() -> Result<f64> {
         // would make the first write after merging a split, not a copy-on-write.
         unsafe {
             madvise(base, len, Advice::LinuxNoHugepage)?;
-            fill(base.cast(), PAGES);
+            fill_pages(base.cast(), PAGES, 0);
             madvise(base, len, Advice::LinuxMergeable)?;
         }
         regions.push(base);
@@ -126,18 +110,14 @@ fn merging_pages() -> Result<u64> {
 }
 
 /// µs per first write to a merged page (the kernel's copy-on-write), samepage against KSM.
-pub fn cow_fault() -> Result<String> {
+pub fn suite() -> Result<String> {
     let (samepage, private) = samepage_cow_us().context("samepage's copy-on-write")?;
     let ksm = match ksm_cow_us() {
         Ok(us) => format!("{us:.2} µs"),
         Err(error) => format!("not measured: {error:#}"),
     };
     Ok(format!(
-        "# The first write to a merged page\n\n\
-         Two regions of 16,384 pages with identical content are merged; then one byte is \
-         written into each page of one region, and the loop is timed. For samepage the page \
-         is a `MAP_PRIVATE` mapping of a stable memfd page; for KSM an anonymous page KSM \
-         merged. The write after that (to the now private page) is shown for reference.\n\n{}",
+        "{ABOUT}{}",
         super::table(
             &["merger", "first write to a merged page", "a later write"],
             &[
@@ -152,61 +132,9 @@ pub fn cow_fault() -> Result<String> {
     ))
 }
 
-/// The merge-now API on 64 regions of 16 MiB holding the same pages.
-pub fn merge_now() -> Result<String> {
-    let instances = 64;
-    let pages = 4096;
-    let engine = Engine::new(EngineConfig {
-        scanner: false,
-        knobs: Knobs::default(),
-        ..EngineConfig::default()
-    })?;
-    let len = pages * PAGE_SIZE;
-    let mut regions = Vec::new();
-    for _ in 0..instances {
-        let owner = Owner::new(0);
-        let mapping = MemfdMapping::new(Some(&engine), &owner, "merge-now-bench", len, len, 0)?;
-        let _guard = owner.enter();
-        // SAFETY: a fresh mapping of `len` bytes, its owner's guard held.
-        unsafe { fill(mapping.as_ptr(), pages) };
-        drop(_guard);
-        regions.push((owner, mapping));
-    }
-    let mut per_instance = Vec::new();
-    let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
-    for (owner, mapping) in &regions {
-        let start = Instant::now();
-        let guard = owner.enter();
-        engine.merge_now(&guard, mapping.region().context("registered")?, 0..len)?;
-        per_instance.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    let (wall, cpu) = (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
-    let stats = engine.stats();
-    per_instance.sort_by(f64::total_cmp);
-    Ok(format!(
-        "# Merge now\n\n\
-         64 regions of 16 MiB (4,096 pages) hold the same pages. Each owner in turn calls \
-         `Engine::merge_now` over its whole region with its guard held, as the `merge-now` \
-         guest hint does: no waiting for a pass, no volatility check.\n\n{}",
-        super::table(
-            &[
-                "instances",
-                "pages merged",
-                "all merged after",
-                "CPU",
-                "CPU per merged page",
-                "per call (median)",
-                "per call (max)"
-            ],
-            &[vec![
-                instances.to_string(),
-                stats.pages_sharing.to_string(),
-                format!("{:.1} ms", wall * 1e3),
-                format!("{:.1} ms", cpu * 1e3),
-                format!("{:.2} µs", cpu * 1e6 / stats.pages_sharing.max(1) as f64),
-                format!("{:.2} ms", per_instance[per_instance.len() / 2]),
-                format!("{:.2} ms", per_instance[per_instance.len() - 1]),
-            ]],
-        )
-    ))
-}
+/// What the cow-fault report says before its table.
+const ABOUT: &str = "# The first write to a merged page\n\n\
+    Two regions of 16,384 pages with identical content are merged; then one byte is \
+    written into each page of one region, and the loop is timed. For samepage the page \
+    is a `MAP_PRIVATE` mapping of a stable memfd page; for KSM an anonymous page KSM \
+    merged. The write after that (to the now private page) is shown for reference.\n\n";

@@ -1,0 +1,65 @@
+//! The child runner the compare and defaults suites share: `samepage run --json` in a child
+//! process (so that no mode inherits another's memory), and reading figures off its JSON
+//! report.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Runs `samepage run` in a child process and returns its JSON report.
+pub fn run_child(
+    module: &Path,
+    instances: u32,
+    mode: &str,
+    options: &[String],
+    guest_args: &[String],
+) -> Result<Value> {
+    let exe = std::env::current_exe().context("locating the samepage binary")?;
+    let output = Command::new(exe)
+        .arg("run")
+        .arg(module)
+        .args([
+            "--instances",
+            &instances.to_string(),
+            "--dedup",
+            mode,
+            "--json",
+        ])
+        .args(options)
+        .arg("--")
+        .args(guest_args)
+        .output()
+        .context("running samepage run")?;
+    if !output.status.success() {
+        bail!(
+            "samepage run {} --dedup {mode} failed: {}",
+            module.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("parsing the run's JSON report")
+}
+
+pub fn number(report: &Value, field: &str) -> f64 {
+    report[field].as_f64().unwrap_or(f64::NAN)
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The median of `field` over a mode's rounds.
+pub fn med(reports: &[Value], field: &str) -> f64 {
+    median(reports.iter().map(|r| number(r, field)).collect())
+}
+
+pub fn saved(report: &Value) -> f64 {
+    number(report, "pss_bytes_before") - number(report, "pss_bytes_after")
+}

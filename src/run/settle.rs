@@ -1,0 +1,60 @@
+//! Waiting for the merger to converge: sampling it and PSS until a pass finds nothing new or
+//! time runs out, and reading the time to converge off the PSS trace.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::measure::pss_bytes;
+use crate::merger::{Merger, Sample};
+
+/// How merging went, once `settle` returned.
+pub struct Settled {
+    pub last: Sample,
+    pub converge_seconds: f64,
+    pub timed_out: bool,
+    /// (seconds since merging began, PSS bytes), from `pss_before` at 0.
+    pub pss_trace: Vec<(f64, u64)>,
+}
+
+impl Settled {
+    /// PSS once the merger converged: the trace's last point, read as it did.
+    pub fn pss_after(&self) -> u64 {
+        self.pss_trace.last().map_or(0, |&(_, pss)| pss)
+    }
+}
+
+/// Samples PSS and the merger every `every` until the merger converged or `limit` passed.
+/// Convergence time is read off the PSS trace, the same way for every mode.
+pub fn settle(
+    merger: &mut Merger,
+    pss_before: u64,
+    limit: Duration,
+    every: Duration,
+) -> Result<Settled> {
+    let start = Instant::now();
+    let mut pss_trace = vec![(0.0, pss_before)];
+    let (last, timed_out) = loop {
+        std::thread::sleep(every);
+        let sample = merger.sample()?;
+        pss_trace.push((start.elapsed().as_secs_f64(), pss_bytes()?));
+        if sample.converged {
+            break (sample, false);
+        }
+        if start.elapsed() >= limit {
+            break (sample, true);
+        }
+    };
+    let final_pss = pss_trace.last().map_or(pss_before, |&(_, pss)| pss);
+    let saving = pss_before.saturating_sub(final_pss) as f64;
+    let converge_seconds = pss_trace
+        .iter()
+        .find(|&&(_, pss)| pss_before.saturating_sub(pss) as f64 >= 0.99 * saving)
+        .map_or(0.0, |&(t, _)| t);
+    Ok(Settled {
+        last,
+        converge_seconds,
+        timed_out,
+        pss_trace,
+    })
+}
