@@ -4,7 +4,6 @@
 //!
 //! `cargo run --release --example wasmtime_embed`
 
-use anyhow::Context;
 use samepage_runtime::{HasStoreOwner, Samepage, SamepageConfig, StoreOwner};
 use wasmtime::{Caller, Config, Engine, Linker, Module, Store};
 
@@ -36,7 +35,7 @@ const GUEST: &str = r#"
   (start $build))
 "#;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> wasmtime::Result<()> {
     let mut config = Config::new();
     let samepage = Samepage::configure(&mut config, SamepageConfig::default())?; // samepage
     let engine = Engine::new(&config)?;
@@ -57,7 +56,9 @@ fn main() -> anyhow::Result<()> {
     }
 
     // The scanner merges in the background while the instances sit idle.
-    let dedup = samepage.dedup().context("merging is on by default")?;
+    let dedup = samepage
+        .dedup()
+        .ok_or_else(|| wasmtime::Error::msg("merging is on by default"))?;
     let started = std::time::Instant::now();
     while dedup.stats().pages_sharing < 15 * 1024 && started.elapsed().as_secs() < 10 {
         std::thread::sleep(std::time::Duration::from_millis(50));

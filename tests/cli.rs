@@ -137,3 +137,35 @@ fn the_ksm_baseline_merges_and_puts_the_system_settings_back() {
         before
     );
 }
+
+#[test]
+fn tenants_are_merge_domains_and_nothing_is_shared_between_them() {
+    // Four instances with byte-for-byte the same pages, as one tenant and as two.
+    let one = run_report(&["examples/guests/fill.wat", "--instances", "4"]);
+    let two = run_report(&[
+        "examples/guests/fill.wat",
+        "--instances",
+        "4",
+        "--tenants",
+        "2",
+    ]);
+    let pages = one["pages_shared"].as_u64().expect("shared");
+    assert!(pages >= 4096, "{pages}");
+    assert_eq!(one["pages_sharing"].as_u64(), Some(3 * pages));
+    // Two tenants of two instances: each merges its own pair, and nothing across.
+    assert_eq!(two["pages_shared"].as_u64(), Some(2 * pages));
+    assert_eq!(two["pages_sharing"].as_u64(), Some(2 * pages));
+    let domains = two["per_domain"].as_array().expect("per domain");
+    assert_eq!(domains.len(), 2);
+    for (n, domain) in domains.iter().enumerate() {
+        assert_eq!(domain["domain"].as_u64(), Some(n as u64));
+        assert_eq!(domain["instances"].as_u64(), Some(2));
+        assert_eq!(domain["pages_merged"].as_u64(), Some(2 * pages));
+    }
+    let instances = two["per_instance"].as_array().expect("per instance");
+    let domains_of: Vec<u64> = instances
+        .iter()
+        .map(|i| i["domain"].as_u64().expect("domain"))
+        .collect();
+    assert_eq!(domains_of, [0, 1, 0, 1], "round-robin");
+}

@@ -14,11 +14,11 @@
 //! argument out of range, or a `ret` that is misaligned or outside the memory, traps, as the
 //! canonical ABI says; every other failure is an `error` value.
 
-use samepage_runtime::HasStoreOwner;
+use samepage_runtime::{HasStoreOwner, RuntimeError};
 use wasmtime::{Caller, Extern, Linker};
 
 use crate::GuestApi;
-use crate::samepage::dedup::advice::{AdviceKind, Error, MergeReport, Stats};
+use crate::samepage::dedup::advice::{AdviceKind, Error, InstanceStats, MergeReport};
 
 /// The module name the imports live under.
 pub const IMPORT_MODULE: &str = "samepage:dedup/advice@0.1.0";
@@ -86,7 +86,7 @@ fn report_result(result: Result<MergeReport, Error>) -> [u8; 24] {
     bytes
 }
 
-fn stats_record(stats: Stats) -> [u8; 24] {
+fn stats_record(stats: InstanceStats) -> [u8; 24] {
     let mut bytes = [0; 24];
     bytes[0..8].copy_from_slice(&stats.pages_merged.to_le_bytes());
     bytes[8..16].copy_from_slice(&stats.zero_pages.to_le_bytes());
@@ -96,7 +96,11 @@ fn stats_record(stats: Stats) -> [u8; 24] {
 
 /// Adds the guest API's core imports to `linker`, for stores whose data holds a
 /// [`samepage_runtime::StoreOwner`].
-pub fn add_to_linker<T: HasStoreOwner + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+pub fn add_to_linker<T: HasStoreOwner + 'static>(linker: &mut Linker<T>) -> Result<(), RuntimeError> {
+    add_imports(linker).map_err(RuntimeError::Wasmtime)
+}
+
+fn add_imports<T: HasStoreOwner + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     linker.func_wrap(
         IMPORT_MODULE,
         "advise",

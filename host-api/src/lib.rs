@@ -23,7 +23,7 @@
 mod core;
 
 use samepage_dedup::{Advice, PAGE_SIZE, RegionId};
-use samepage_runtime::{HasStoreOwner, StoreOwner};
+use samepage_runtime::{HasStoreOwner, RuntimeError, StoreOwner};
 
 pub use crate::core::{IMPORT_MODULE, add_to_linker};
 
@@ -32,7 +32,7 @@ wasmtime::component::bindgen!({
     world: "guest",
 });
 
-use samepage::dedup::advice::{self, AdviceKind, Error, MergeReport, Stats};
+use samepage::dedup::advice::{self, AdviceKind, Error, InstanceStats, MergeReport};
 
 /// The guest API for one call: the caller's owner and the memory its offsets refer to.
 pub struct GuestApi<'a> {
@@ -95,9 +95,9 @@ impl<'a> GuestApi<'a> {
         })
     }
 
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> InstanceStats {
         let stats = self.owner.stats();
-        Stats {
+        InstanceStats {
             pages_merged: stats.pages_merged,
             zero_pages: stats.zero_pages,
             profit_bytes: stats.profit_bytes,
@@ -134,7 +134,7 @@ impl advice::Host for GuestApi<'_> {
         GuestApi::merge_now(self, offset, length)
     }
 
-    fn stats(&mut self) -> Stats {
+    fn stats(&mut self) -> InstanceStats {
         GuestApi::stats(self)
     }
 }
@@ -154,6 +154,6 @@ fn component_api<T: HasStoreOwner>(data: &mut T) -> GuestApi<'_> {
 /// Adds the guest API to a component linker, for stores whose data holds a [`StoreOwner`].
 pub fn add_to_component_linker<T: HasStoreOwner + 'static>(
     linker: &mut wasmtime::component::Linker<T>,
-) -> wasmtime::Result<()> {
-    advice::add_to_linker::<T, Api>(linker, component_api::<T>)
+) -> Result<(), RuntimeError> {
+    advice::add_to_linker::<T, Api>(linker, component_api::<T>).map_err(RuntimeError::Wasmtime)
 }

@@ -1,7 +1,7 @@
 //! samepage under an embedder's own wasmtime set-up.
 //!
 //! ```no_run
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # fn main() -> wasmtime::Result<()> {
 //! use samepage_runtime::{Samepage, SamepageConfig};
 //! use wasmtime::{Config, Engine, Linker, Module, Store};
 //!

@@ -57,7 +57,7 @@ impl Default for HostConfig {
 }
 
 /// A compiled program: a core module or a component, told apart by its header.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum Program {
     /// A WASI preview 1 core module (a command with `_start`, or a reactor).
     Module(Module),
@@ -186,11 +186,22 @@ impl Host {
         program: &Program,
         wasi: &WasiOptions,
     ) -> Result<Instance, RuntimeError> {
+        self.instantiate_in(program, wasi, self.domain)
+    }
+
+    /// [`Host::instantiate`] for tenant `domain` instead of the host's: its pages merge only
+    /// with other instances of the same domain.
+    pub fn instantiate_in(
+        &self,
+        program: &Program,
+        wasi: &WasiOptions,
+        domain: DomainId,
+    ) -> Result<Instance, RuntimeError> {
         let context = wasi.build()?;
         let owner = match &self.samepage {
-            Some(samepage) => samepage.owner(self.domain),
+            Some(samepage) => samepage.owner(domain),
             // wasmtime's own memories: the owner only counts calls, nobody merges.
-            None => StoreOwner::new(Owner::new(self.domain), None, false),
+            None => StoreOwner::new(Owner::new(domain), None, false),
         };
         let mut store = Store::new(
             &self.engine,

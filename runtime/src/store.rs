@@ -24,6 +24,12 @@
 //!
 //! An embedder that has a call hook of its own calls [`StoreOwner::on_call`] from it instead
 //! of letting samepage install one (a store has one call hook).
+//!
+//! One case the hook cannot see: calling a *component* export whose parameters or results
+//! pass through linear memory (strings, lists) makes wasmtime write them into guest memory
+//! around the core call, outside it. Make such calls inside [`StoreOwner::access`], which
+//! holds the guard across the whole call. (`wasi:cli/run`, which takes and returns nothing
+//! in memory, needs no such care.)
 
 use std::sync::Arc;
 
@@ -110,6 +116,19 @@ impl StoreOwner {
     /// The store's memories registered with the engine, in creation order.
     pub fn regions(&self) -> Vec<MemoryRegion> {
         self.shared.regions.lock().clone()
+    }
+
+    /// Bytes of the store's registered memories, added up (zero when nothing merges them).
+    pub fn memory_bytes(&self) -> u64 {
+        let Some(engine) = self.dedup() else {
+            return 0;
+        };
+        let regions = self.shared.regions.lock();
+        regions
+            .iter()
+            .filter_map(|region| engine.region_len(region.id))
+            .map(|len| len as u64)
+            .sum()
     }
 
     /// The region of the memory that starts at `base`.

@@ -118,7 +118,8 @@ fn a_plain_wasmtime_program_merges_with_its_own_host_functions_and_data() {
     dedup.scan_pass().expect("pass");
     dedup.scan_pass().expect("pass");
     assert_eq!(dedup.stats().pages_sharing, 32);
-    let shadow = memory_bytes(&mut stores[1].0, &stores[1].1);
+    let (store, instance) = &mut stores[1];
+    let shadow = memory_bytes(store, instance);
 
     // A host function writes into a merged page inside the call: only its own instance sees it.
     let (store, instance) = &mut stores[0];
@@ -154,6 +155,23 @@ fn memories_samepage_did_not_create_are_refused_with_a_clear_error() {
     let error = owner
         .instantiate(&mut store, &linker(&engine), &module)
         .expect_err("memories samepage cannot merge");
+    assert!(
+        matches!(error, RuntimeError::ForeignMemories { created: 0, expected: 1 }),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_pooling_allocator_is_refused_with_a_clear_error() {
+    let (mut config, samepage) = config();
+    config.allocation_strategy(wasmtime::InstanceAllocationStrategy::pooling());
+    let engine = Engine::new(&config).expect("engine");
+    let module = Module::new(&engine, GUEST).expect("module");
+    let mut store = store(&engine, &samepage);
+    let owner = store.data().owner.clone();
+    let error = owner
+        .instantiate(&mut store, &linker(&engine), &module)
+        .expect_err("pooled memories cannot be merged");
     assert!(
         matches!(error, RuntimeError::ForeignMemories { created: 0, expected: 1 }),
         "{error}"

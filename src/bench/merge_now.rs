@@ -1,6 +1,10 @@
-//! The merge-now suite: `Engine::merge_now` on 64 instances of 16 MiB holding the same pages.
+//! The merge-now suite: `Engine::merge_now` on 64 regions of 16 MiB holding the same pages,
+//! and a guest's own `merge-now` call (the `samepage:dedup` API) on a 16 MiB range that
+//! matches an instance merged before it, against the floor of comparing those bytes once.
 
 use std::time::Instant;
+
+use samepage_runtime::{Host, HostConfig, Instance, Val, WasiOptions};
 
 use anyhow::{Context, Result};
 use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE};
@@ -35,8 +39,9 @@ pub fn suite() -> Result<String> {
     let (wall, cpu) = (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
     let stats = engine.stats();
     per_instance.sort_by(f64::total_cmp);
+    let guest = guest_merge_now().context("a guest's merge-now")?;
     Ok(format!(
-        "{ABOUT}{}",
+        "{ABOUT}{}{GUEST_ABOUT}{guest}",
         super::table(
             &[
                 "instances",
@@ -60,8 +65,113 @@ pub fn suite() -> Result<String> {
     ))
 }
 
+/// The guest's range: 4,096 pages (16 MiB) from page 16 of `examples/guests/advice.wat`.
+const GUEST_FIRST: usize = 16;
+const GUEST_PAGES: usize = 4096;
+/// Instances timed, each matching the first two (merged before them).
+const GUEST_ROUNDS: usize = 7;
+
+/// Fills the guest range of `instance` with the pattern every instance shares.
+fn fill_guest(instance: &mut Instance) -> Result<()> {
+    instance.call(
+        "fill",
+        &[
+            Val::I64(0x5EED),
+            Val::I32(GUEST_FIRST as i32),
+            Val::I32(GUEST_PAGES as i32),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Calls the guest's `merge-now` over its range; returns the pages it merged.
+fn guest_merge(instance: &mut Instance) -> Result<u64> {
+    let results = instance.call(
+        "merge_now",
+        &[
+            Val::I64((GUEST_FIRST * PAGE_SIZE) as i64),
+            Val::I64((GUEST_PAGES * PAGE_SIZE) as i64),
+        ],
+    )?;
+    anyhow::ensure!(results[0].unwrap_i32() == 0, "merge-now failed: {results:?}");
+    Ok(results[1].unwrap_i64() as u64)
+}
+
+/// The guest's range of `instance`, copied out.
+fn guest_range(instance: &mut Instance) -> Result<Vec<u8>> {
+    let range = GUEST_FIRST * PAGE_SIZE..(GUEST_FIRST + GUEST_PAGES) * PAGE_SIZE;
+    Ok(instance.with_memory(|memory| memory[range].to_vec())?)
+}
+
+/// A guest's `merge-now` on a range that matches merged pages, against `memcmp` of it.
+fn guest_merge_now() -> Result<String> {
+    let mut host = Host::new(HostConfig {
+        engine_config: EngineConfig::manual(Knobs::default()),
+        ..HostConfig::default()
+    })?;
+    let (core, component) = host.linkers();
+    samepage_host_api::add_to_linker(core)?;
+    samepage_host_api::add_to_component_linker(component)?;
+    let program = host.load(&super::repo_path("examples/guests/advice.wat"))?;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut instance = host.instantiate(&program, &WasiOptions::default())?;
+        fill_guest(&mut instance)?;
+        guest_merge(&mut instance)?;
+        instances.push(instance);
+    }
+    let reference = guest_range(&mut instances[0])?;
+    let range = GUEST_FIRST * PAGE_SIZE..(GUEST_FIRST + GUEST_PAGES) * PAGE_SIZE;
+    let (mut calls, mut floors, mut merged) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..GUEST_ROUNDS {
+        let mut instance = host.instantiate(&program, &WasiOptions::default())?;
+        fill_guest(&mut instance)?;
+        // The floor: comparing the same bytes once, in the same memory, in this run.
+        let start = Instant::now();
+        let equal = instance.with_memory(|memory| memory[range.clone()] == reference[..])?;
+        floors.push(start.elapsed().as_secs_f64());
+        anyhow::ensure!(equal, "the instances' ranges differ");
+        let start = Instant::now();
+        merged = guest_merge(&mut instance)?;
+        calls.push(start.elapsed().as_secs_f64());
+        instances.push(instance);
+    }
+    anyhow::ensure!(merged == GUEST_PAGES as u64, "merge-now merged {merged} pages");
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let (call, floor) = (median(calls), median(floors));
+    let ratio = call / floor;
+    Ok(super::table(
+        &[
+            "pages merged by the call",
+            "merge-now call (median)",
+            "memcmp of the range (median)",
+            "ratio",
+            "target ≤ 1.5×",
+        ],
+        &[vec![
+            merged.to_string(),
+            format!("{:.2} ms", call * 1e3),
+            format!("{:.2} ms", floor * 1e3),
+            format!("{ratio:.2}×"),
+            if ratio <= 1.5 { "met" } else { "**missed**" }.into(),
+        ]],
+    ))
+}
+
 /// What the merge-now report says before its table.
 const ABOUT: &str = "# Merge now\n\n\
     64 regions of 16 MiB (4,096 pages) hold the same pages. Each owner in turn calls \
     `Engine::merge_now` over its whole region with its guard held, as the `merge-now` \
     guest hint does: no waiting for a pass, no volatility check.\n\n";
+
+/// What the report says before the guest's table.
+const GUEST_ABOUT: &str = "\n## From a guest\n\n\
+    Two instances of `examples/guests/advice.wat` fill 4,096 pages (16 MiB) with the same \
+    bytes and call the guest API's `merge-now` on them, so that they are merged. Then each of \
+    seven more instances fills the same range and calls `merge-now` on it: the call, from \
+    the guest's import to its return, against the floor of comparing those bytes once \
+    (`memcmp` of the instance's range against a copy of the first instance's, in the same \
+    run). Medians of the seven.\n\n";

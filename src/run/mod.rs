@@ -1,4 +1,4 @@
-//! `samepage run`: instantiate one module many times, keep the instances, let the scanner
+//! `samepage run`: instantiate one program (core module or component) many times, keep the instances, let the scanner
 //! merge their memory, and report what it saved. This file owns the run itself: the host and
 //! its memory cgroup, running the instances, and starting the merger (`malloc_trim` after
 //! compiling, `madvise` for KSM); the command line, settling and the report have files of
@@ -14,7 +14,9 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use samepage_dedup::{EngineConfig, Knobs, RunMode};
-use samepage_runtime::{Host, HostConfig, Instance, MemoryBacking, RunOutcome, WasiOptions};
+use samepage_runtime::{
+    Host, HostConfig, Instance, MemoryBacking, Program, RunOutcome, WasiOptions,
+};
 use serde::Serialize;
 
 pub use report::{Counters, RunReport, print_human};
@@ -54,7 +56,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
     if args.dedup == DedupMode::Ksm {
         ksm.check_usable()?;
     }
-    let host = Host::new(HostConfig {
+    let mut host = Host::new(HostConfig {
         memory: match args.dedup {
             DedupMode::On | DedupMode::Off => MemoryBacking::Memfd,
             DedupMode::Cow | DedupMode::Ksm => MemoryBacking::WasmtimeDefault,
@@ -67,11 +69,15 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
                 run: RunMode::Stop,
                 ..knobs.clone()
             },
+            merge_scope: args.merge_scope.into(),
             ..EngineConfig::default()
         },
         ..HostConfig::default()
     })
     .context("starting the host")?;
+    let (core, component) = host.linkers();
+    samepage_host_api::add_to_linker(core).context("adding the guest API")?;
+    samepage_host_api::add_to_component_linker(component).context("adding the guest API")?;
     let module = host
         .load(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
@@ -82,7 +88,11 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
     let mut instances = ran.instances;
     let linear_memory_bytes = instances
         .iter()
-        .map(|i| i.memory_size().unwrap_or(0) as u64)
+        .map(|i| {
+            // A component exports no memory of its own: count its core instances' memories.
+            i.memory_size()
+                .map_or_else(|_| i.store_owner().memory_bytes(), |size| size as u64)
+        })
         .sum();
 
     let pss_bytes_before = pss_bytes()?;
@@ -116,7 +126,8 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         .dedup()
         .map(|engine| engine.stats())
         .unwrap_or_default();
-    let per_instance = report::per_instance(&host, &instances);
+    let per_instance = report::per_instance(&instances);
+    let per_domain = report::per_domain(&per_instance);
     Ok(RunReport {
         mode: args.dedup,
         module: args.module.display().to_string(),
@@ -139,6 +150,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         pss_trace: settled.pss_trace,
         problems: ran.problems,
         per_instance,
+        per_domain,
     })
 }
 
@@ -153,7 +165,7 @@ struct Ran {
 
 /// Creates and runs `--instances` instances, with a progress bar on a terminal; fails when
 /// none could run.
-fn run_instances(host: &Host, module: &samepage_runtime::Module, args: &RunArgs) -> Result<Ran> {
+fn run_instances(host: &Host, program: &Program, args: &RunArgs) -> Result<Ran> {
     let name = args
         .module
         .file_name()
@@ -182,9 +194,12 @@ fn run_instances(host: &Host, module: &samepage_runtime::Module, args: &RunArgs)
         problems: Vec::new(),
     };
     for n in 0..args.instances {
-        match host.instantiate(module, &wasi) {
+        // Round-robin over the tenants, each its own merge domain.
+        let domain = n % args.tenants;
+        match host.instantiate_in(program, &wasi, domain) {
             Ok(mut instance) => {
-                match instance.has_export("_start").then(|| instance.run_start()) {
+                let command = instance.is_component() || instance.has_export("_start");
+                match command.then(|| instance.run_start()) {
                     None | Some(Ok(RunOutcome::Exited(0))) => ran.ok += 1,
                     Some(Ok(RunOutcome::Exited(code))) => {
                         ran.ok += 1;

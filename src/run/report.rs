@@ -3,7 +3,7 @@
 //! report's reading for a person.
 
 use samepage_dedup::{OwnerStats, Stats, Value};
-use samepage_runtime::{Host, Instance};
+use samepage_runtime::Instance;
 use serde::{Serialize, Serializer};
 
 use super::DedupMode;
@@ -51,11 +51,24 @@ pub struct RunReport {
     pub problems: Vec<String>,
     /// What merging saves each instance (as Linux's /proc/PID/ksm_stat).
     pub per_instance: Vec<InstanceReport>,
+    /// The same, added up per tenant (merge domain).
+    pub per_domain: Vec<DomainReport>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct InstanceReport {
     pub instance: usize,
+    /// The tenant (merge domain) the instance belongs to.
+    pub domain: u32,
+    pub pages_merged: u64,
+    pub zero_pages: u64,
+    pub profit_bytes: i64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct DomainReport {
+    pub domain: u32,
+    pub instances: u32,
     pub pages_merged: u64,
     pub zero_pages: u64,
     pub profit_bytes: i64,
@@ -104,7 +117,7 @@ impl Serialize for Figure {
 }
 
 /// What merging saved each instance, from samepage's engine (zeros without it).
-pub fn per_instance(host: &Host, instances: &[Instance]) -> Vec<InstanceReport> {
+pub fn per_instance(instances: &[Instance]) -> Vec<InstanceReport> {
     instances
         .iter()
         .enumerate()
@@ -113,18 +126,32 @@ pub fn per_instance(host: &Host, instances: &[Instance]) -> Vec<InstanceReport> 
                 pages_merged,
                 zero_pages,
                 profit_bytes,
-            } = host
-                .dedup()
-                .map(|engine| engine.owner_stats(i.owner().id()))
-                .unwrap_or_default();
+            } = i.store_owner().stats();
             InstanceReport {
                 instance,
+                domain: i.owner().domain(),
                 pages_merged,
                 zero_pages,
                 profit_bytes,
             }
         })
         .collect()
+}
+
+/// The instances' figures added up per domain, in domain order.
+pub fn per_domain(instances: &[InstanceReport]) -> Vec<DomainReport> {
+    let mut domains: std::collections::BTreeMap<u32, DomainReport> = Default::default();
+    for instance in instances {
+        let domain = domains.entry(instance.domain).or_insert(DomainReport {
+            domain: instance.domain,
+            ..DomainReport::default()
+        });
+        domain.instances += 1;
+        domain.pages_merged += instance.pages_merged;
+        domain.zero_pages += instance.zero_pages;
+        domain.profit_bytes += instance.profit_bytes;
+    }
+    domains.into_values().collect()
 }
 
 /// The report for a reader.
@@ -187,6 +214,18 @@ pub fn print_human(report: &RunReport) {
         report.scanner_cpu_seconds,
         counters.vmas
     );
+    if report.per_domain.len() > 1 {
+        for domain in &report.per_domain {
+            println!(
+                "tenant {:<10} {} instances, {} pages merged, {} zero, profit {:.1} MiB",
+                domain.domain,
+                domain.instances,
+                domain.pages_merged,
+                domain.zero_pages,
+                domain.profit_bytes as f64 / (1 << 20) as f64
+            );
+        }
+    }
     for problem in &report.problems {
         println!("problem           {problem}");
     }

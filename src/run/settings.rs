@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::builder::RangedI64ValueParser;
 use clap::{Args, ValueEnum};
-use samepage_dedup::{Advisor, KnobRange, Knobs};
+use samepage_dedup::{Advisor, KnobRange, Knobs, MergeScope};
 
 use super::DedupMode;
 
@@ -15,6 +15,22 @@ use super::DedupMode;
 pub enum Switch {
     On,
     Off,
+}
+
+/// `--merge-scope`: [`MergeScope`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scope {
+    All,
+    Advised,
+}
+
+impl From<Scope> for MergeScope {
+    fn from(scope: Scope) -> Self {
+        match scope {
+            Scope::All => MergeScope::All,
+            Scope::Advised => MergeScope::Advised,
+        }
+    }
 }
 
 impl From<bool> for Switch {
@@ -25,13 +41,22 @@ impl From<bool> for Switch {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// The module to run: a WASI preview1 command or reactor, as .wasm or .wat.
+    /// The program to run: a WASI preview 1 command or reactor, or a component command
+    /// (`wasi:cli/run`, WASI preview 2), as .wasm or .wat.
     pub module: PathBuf,
     /// How many instances to create and keep.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub instances: u32,
     #[arg(long, value_enum, default_value_t = DedupMode::On)]
     pub dedup: DedupMode,
+    /// Spread the instances round-robin over this many tenants, each a merge domain: no page
+    /// is shared between tenants.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub tenants: u32,
+    /// Which pages may merge without guest advice: all (as KSM's PR_SET_MEMORY_MERGE) or
+    /// only ranges a guest advised mergeable (as MADV_MERGEABLE).
+    #[arg(long, value_enum, default_value_t = Scope::All)]
+    pub merge_scope: Scope,
     /// Longest wait for the scanner to converge after the instances ran.
     #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
     pub settle_secs: f64,
