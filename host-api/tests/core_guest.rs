@@ -120,10 +120,11 @@ impl Guest {
         )
     }
 
+    /// Every page but page 0, the return area the host writes results into, matches.
     fn assert_matches_shadow(&mut self) {
         let memory = self.instance.with_memory(|memory| memory.to_vec()).expect("memory");
         assert_eq!(memory.len(), self.shadow.len(), "memory size");
-        if let Some(page) = (0..memory.len() / PAGE_SIZE).find(|&p| {
+        if let Some(page) = (1..memory.len() / PAGE_SIZE).find(|&p| {
             memory[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
                 != self.shadow[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
         }) {
@@ -226,7 +227,8 @@ fn merge_now_counts_exactly_and_unmergeable_pages_are_never_read() {
         engine.scan_pass().expect("pass");
     }
     let stats = engine.stats();
-    assert_eq!(stats.pages_sharing, PAGES as u64);
+    // Page 0 merges too: the return area holds the same results in both.
+    assert_eq!(stats.pages_sharing, PAGES as u64 + 1);
     assert_eq!((stats.pages_unshared, stats.pages_volatile), (0, 0));
     a.assert_matches_shadow();
     b.assert_matches_shadow();
