@@ -48,7 +48,13 @@ fn main() -> wasmtime::Result<()> {
     let mut stores = Vec::new();
     for _ in 0..16 {
         let owner = samepage.owner(0); // samepage: one owner per store, in tenant 0
-        let mut store = Store::new(&engine, MyState { requests: 0, owner: owner.clone() });
+        let mut store = Store::new(
+            &engine,
+            MyState {
+                requests: 0,
+                owner: owner.clone(),
+            },
+        );
         let instance = owner.instantiate(&mut store, &linker, &module)?; // samepage
         let handle = instance.get_typed_func::<(), ()>(&mut store, "handle")?;
         handle.call(&mut store, ())?;
@@ -66,7 +72,10 @@ fn main() -> wasmtime::Result<()> {
     let stats = dedup.stats();
     println!(
         "16 instances, {} requests; after {:.2} s {} pages are shared by {} more ({} MiB saved)",
-        stores.iter().map(|store| store.data().requests).sum::<u64>(),
+        stores
+            .iter()
+            .map(|store| store.data().requests)
+            .sum::<u64>(),
         started.elapsed().as_secs_f64(),
         stats.pages_shared,
         stats.pages_sharing,

@@ -169,3 +169,31 @@ fn tenants_are_merge_domains_and_nothing_is_shared_between_them() {
         .collect();
     assert_eq!(domains_of, [0, 1, 0, 1], "round-robin");
 }
+
+#[test]
+fn a_component_command_runs_as_a_preview_1_command_does() {
+    // Built by scripts/build-c-guests (scripts/test runs it first).
+    let guest = |name: &str| {
+        let path = format!("target/c-guests/{name}");
+        let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&path);
+        assert!(
+            full.exists(),
+            "{path} is missing: run scripts/build-c-guests"
+        );
+        path
+    };
+    for program in [guest("advice-c.wasm"), guest("advice-c.component.wasm")] {
+        let report = run_report(&[&program, "--instances", "3"]);
+        assert_eq!(report["instances_ok"].as_u64(), Some(3), "{program}");
+        assert_eq!(
+            report["problems"].as_array().map(Vec::len),
+            Some(0),
+            "{program}"
+        );
+        // The guest merged its 4 MiB buffer with merge-now in the second and third instance,
+        // and the scanner merged the rest.
+        let sharing = report["pages_sharing"].as_u64().expect("sharing");
+        assert!(sharing >= 2 * 1024, "{program}: pages_sharing {sharing}");
+        assert!(report["linear_memory_bytes"].as_u64().expect("memory") >= 3 * (4 << 20));
+    }
+}

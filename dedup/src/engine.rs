@@ -108,7 +108,12 @@ impl Engine {
         let stable = StableStore::new(config.stable_capacity_bytes, config.knobs.max_page_sharing)?;
         let pagemap = Pagemap::open().map_err(Error::Pagemap)?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(MergeState::new(stable, pagemap, config.knobs, config.merge_scope)),
+            state: Mutex::new(MergeState::new(
+                stable,
+                pagemap,
+                config.knobs,
+                config.merge_scope,
+            )),
             wake: Condvar::new(),
             shutdown: Mutex::new(false),
             parked: Mutex::new(Vec::new()),

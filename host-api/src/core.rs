@@ -24,7 +24,9 @@ use crate::samepage::dedup::advice::{AdviceKind, Error, InstanceStats, MergeRepo
 pub const IMPORT_MODULE: &str = "samepage:dedup/advice@0.1.0";
 
 /// The API for a core caller: offsets refer to its memory 0, exported as `memory`.
-fn api<'a, T: HasStoreOwner>(caller: &'a mut Caller<'_, T>) -> (GuestApi<'a>, Option<wasmtime::Memory>) {
+fn api<'a, T: HasStoreOwner>(
+    caller: &'a mut Caller<'_, T>,
+) -> (GuestApi<'a>, Option<wasmtime::Memory>) {
     let memory = match caller.get_export("memory") {
         Some(Extern::Memory(memory)) => Some(memory),
         _ => None,
@@ -96,7 +98,9 @@ fn stats_record(stats: InstanceStats) -> [u8; 24] {
 
 /// Adds the guest API's core imports to `linker`, for stores whose data holds a
 /// [`samepage_runtime::StoreOwner`].
-pub fn add_to_linker<T: HasStoreOwner + 'static>(linker: &mut Linker<T>) -> Result<(), RuntimeError> {
+pub fn add_to_linker<T: HasStoreOwner + 'static>(
+    linker: &mut Linker<T>,
+) -> Result<(), RuntimeError> {
     add_imports(linker).map_err(RuntimeError::Wasmtime)
 }
 
@@ -124,10 +128,14 @@ fn add_imports<T: HasStoreOwner + 'static>(linker: &mut Linker<T>) -> wasmtime::
             write_return(&mut caller, memory, ret, 8, &report_result(result))
         },
     )?;
-    linker.func_wrap(IMPORT_MODULE, "stats", |mut caller: Caller<'_, T>, ret: i32| {
-        let (api, memory) = api(&mut caller);
-        let stats = api.stats();
-        write_return(&mut caller, memory, ret, 8, &stats_record(stats))
-    })?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "stats",
+        |mut caller: Caller<'_, T>, ret: i32| {
+            let (api, memory) = api(&mut caller);
+            let stats = api.stats();
+            write_return(&mut caller, memory, ret, 8, &stats_record(stats))
+        },
+    )?;
     Ok(())
 }

@@ -107,7 +107,10 @@ impl<'a> GuestApi<'a> {
     /// Runs `f` with the engine and the guard the caller holds.
     fn with_engine<R>(
         &self,
-        f: impl FnOnce(&samepage_dedup::Engine, &samepage_dedup::OwnerGuard) -> Result<R, samepage_dedup::Error>,
+        f: impl FnOnce(
+            &samepage_dedup::Engine,
+            &samepage_dedup::OwnerGuard,
+        ) -> Result<R, samepage_dedup::Error>,
     ) -> Result<R, Error> {
         let engine = self.owner.dedup().ok_or(Error::Disabled)?;
         let result = self

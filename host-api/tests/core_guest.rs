@@ -48,7 +48,9 @@ impl Guest {
         let mut instance = host
             .instantiate(program, &WasiOptions::default())
             .expect("instance");
-        let shadow = instance.with_memory(|memory| memory.to_vec()).expect("memory");
+        let shadow = instance
+            .with_memory(|memory| memory.to_vec())
+            .expect("memory");
         Self { instance, shadow }
     }
 
@@ -57,7 +59,11 @@ impl Guest {
         self.instance
             .call(
                 "fill",
-                &[Val::I64(seed as i64), Val::I32(first as i32), Val::I32(pages as i32)],
+                &[
+                    Val::I64(seed as i64),
+                    Val::I32(first as i32),
+                    Val::I32(pages as i32),
+                ],
             )
             .expect("fill");
         for page in first..first + pages {
@@ -75,7 +81,11 @@ impl Guest {
             .instance
             .call(
                 "advise",
-                &[Val::I64(offset as i64), Val::I64(length as i64), Val::I32(kind)],
+                &[
+                    Val::I64(offset as i64),
+                    Val::I64(length as i64),
+                    Val::I32(kind),
+                ],
             )
             .expect("advise never traps on a bad range");
         match (results[0].unwrap_i32(), results[1].unwrap_i32()) {
@@ -105,7 +115,10 @@ impl Guest {
             )
             .expect("merge-now never traps on a bad range");
         match results[0].unwrap_i32() {
-            0 => Ok((results[1].unwrap_i64() as u64, results[2].unwrap_i64() as u64)),
+            0 => Ok((
+                results[1].unwrap_i64() as u64,
+                results[2].unwrap_i64() as u64,
+            )),
             _ => Err(results[1].unwrap_i64() as i32),
         }
     }
@@ -122,7 +135,10 @@ impl Guest {
 
     /// Every page but page 0, the return area the host writes results into, matches.
     fn assert_matches_shadow(&mut self) {
-        let memory = self.instance.with_memory(|memory| memory.to_vec()).expect("memory");
+        let memory = self
+            .instance
+            .with_memory(|memory| memory.to_vec())
+            .expect("memory");
         assert_eq!(memory.len(), self.shadow.len(), "memory size");
         if let Some(page) = (1..memory.len() / PAGE_SIZE).find(|&p| {
             memory[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
@@ -140,12 +156,32 @@ fn bad_ranges_are_error_values() {
     let mut guest = Guest::new(&host, &program);
     let size = guest.instance.memory_size().expect("size") as u64;
     assert_eq!(guest.advise(100, 4096, MERGEABLE), Err(UNALIGNED));
-    assert_eq!(guest.advise(4096, u64::MAX, MERGEABLE), Err(OUT_OF_BOUNDS), "overflow");
-    assert_eq!(guest.advise(u64::MAX - 4095, 1, MERGEABLE), Err(OUT_OF_BOUNDS), "overflow");
+    assert_eq!(
+        guest.advise(4096, u64::MAX, MERGEABLE),
+        Err(OUT_OF_BOUNDS),
+        "overflow"
+    );
+    assert_eq!(
+        guest.advise(u64::MAX - 4095, 1, MERGEABLE),
+        Err(OUT_OF_BOUNDS),
+        "overflow"
+    );
     assert_eq!(guest.advise(size, 4096, MERGEABLE), Err(OUT_OF_BOUNDS));
-    assert_eq!(guest.advise(size - 4096, 4097, MERGEABLE), Err(OUT_OF_BOUNDS), "rounded up");
-    assert_eq!(guest.advise(size - 4096, 1, UNMERGEABLE), Ok(()), "rounded up, inside");
-    assert_eq!(guest.advise(size, 0, MERGEABLE), Ok(()), "length 0 does nothing");
+    assert_eq!(
+        guest.advise(size - 4096, 4097, MERGEABLE),
+        Err(OUT_OF_BOUNDS),
+        "rounded up"
+    );
+    assert_eq!(
+        guest.advise(size - 4096, 1, UNMERGEABLE),
+        Ok(()),
+        "rounded up, inside"
+    );
+    assert_eq!(
+        guest.advise(size, 0, MERGEABLE),
+        Ok(()),
+        "length 0 does nothing"
+    );
     assert_eq!(guest.merge_now(0..0), Ok((0, 0)));
     assert_eq!(
         guest.merge_now((size as usize) / PAGE_SIZE..(size as usize) / PAGE_SIZE + 1),
@@ -197,7 +233,10 @@ fn the_advised_range_bound_is_limit() {
     for n in 0..bound {
         assert_eq!(guest.advise_pages(2 * n..2 * n + 1, UNMERGEABLE), Ok(()));
     }
-    assert_eq!(guest.advise_pages(2 * bound..2 * bound + 1, UNMERGEABLE), Err(LIMIT));
+    assert_eq!(
+        guest.advise_pages(2 * bound..2 * bound + 1, UNMERGEABLE),
+        Err(LIMIT)
+    );
 }
 
 #[test]
@@ -221,7 +260,10 @@ fn merge_now_counts_exactly_and_unmergeable_pages_are_never_read() {
     assert_eq!(b.stats().0, PAGES as u64);
     let engine = host.dedup().expect("merging");
     let stats = engine.stats();
-    assert_eq!((stats.pages_shared, stats.pages_sharing), (PAGES as u64, PAGES as u64));
+    assert_eq!(
+        (stats.pages_shared, stats.pages_sharing),
+        (PAGES as u64, PAGES as u64)
+    );
     // Scanning on does not touch the secrets either: never hashed, never indexed.
     for _ in 0..3 {
         engine.scan_pass().expect("pass");
@@ -245,7 +287,10 @@ fn memories_match_their_shadows_across_advise_merge_now_and_unmerge() {
     for guest in &mut guests {
         guest.merge_now(FIRST..FIRST + PAGES).expect("merge now");
     }
-    assert_eq!(host.dedup().expect("merging").stats().pages_sharing, 2 * PAGES as u64);
+    assert_eq!(
+        host.dedup().expect("merging").stats().pages_sharing,
+        2 * PAGES as u64
+    );
     // Writes into merged pages are each guest's own.
     guests[0].fill(1, FIRST + 10, 5);
     guests[1].fill(2, FIRST + 12, 100);
@@ -253,17 +298,32 @@ fn memories_match_their_shadows_across_advise_merge_now_and_unmerge() {
         guest.assert_matches_shadow();
     }
     // Unmergeable gives the pages back; mergeable again lets them merge again.
-    guests[2].advise_pages(FIRST..FIRST + 512, UNMERGEABLE).expect("advise");
+    guests[2]
+        .advise_pages(FIRST..FIRST + 512, UNMERGEABLE)
+        .expect("advise");
     guests[2].assert_matches_shadow();
     assert_eq!(guests[2].stats().0, (PAGES - 512) as u64);
     guests[2].fill(3, FIRST + 500, 2);
-    guests[2].advise_pages(FIRST..FIRST + 512, MERGEABLE).expect("advise");
-    let (merged, _) = guests[2].merge_now(FIRST..FIRST + PAGES).expect("merge now");
+    guests[2]
+        .advise_pages(FIRST..FIRST + 512, MERGEABLE)
+        .expect("advise");
+    let (merged, _) = guests[2]
+        .merge_now(FIRST..FIRST + PAGES)
+        .expect("merge now");
     assert_eq!(merged, (PAGES - 2) as u64, "all but the two pages written");
-    host.dedup().expect("merging").unmerge_all().expect("unmerge all");
+    host.dedup()
+        .expect("merging")
+        .unmerge_all()
+        .expect("unmerge all");
     for guest in &mut guests {
         guest.assert_matches_shadow();
         assert_eq!(guest.stats().0, 0);
     }
-    assert!(host.dedup().expect("merging").audit().mismatched_slots.is_empty());
+    assert!(
+        host.dedup()
+            .expect("merging")
+            .audit()
+            .mismatched_slots
+            .is_empty()
+    );
 }

@@ -11,10 +11,10 @@ use wasmtime::{Linker, Module, Store};
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::{WasiCtxView, WasiView};
 
+use crate::RuntimeError;
 use crate::embed::{Samepage, SamepageConfig};
 use crate::instance::{Instance, InstanceHandle, WasiOptions};
 use crate::store::{HasStoreOwner, StoreOwner};
-use crate::RuntimeError;
 
 /// What backs the linear memories of a host's instances.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -167,7 +167,8 @@ impl Host {
 
     /// Compiles a program from its binary or text format.
     pub fn load_bytes(&self, bytes: &[u8]) -> Result<Program, RuntimeError> {
-        self.compile(bytes).map_err(RuntimeError::InvalidModuleBytes)
+        self.compile(bytes)
+            .map_err(RuntimeError::InvalidModuleBytes)
     }
 
     fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Program> {
@@ -236,7 +237,10 @@ fn is_component(bytes: &[u8]) -> bool {
     }
     let mut text = std::str::from_utf8(bytes).unwrap_or("").trim_start();
     while let Some(rest) = text.strip_prefix(";;") {
-        text = rest.split_once('\n').map_or("", |(_, rest)| rest).trim_start();
+        text = rest
+            .split_once('\n')
+            .map_or("", |(_, rest)| rest)
+            .trim_start();
     }
     text.strip_prefix('(')
         .is_some_and(|rest| rest.trim_start().starts_with("component"))

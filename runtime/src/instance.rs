@@ -10,10 +10,10 @@ use wasmtime_wasi::p2::bindings::sync::Command;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+use crate::RuntimeError;
 use crate::error::describe;
 use crate::host::HostState;
 use crate::store::StoreOwner;
-use crate::RuntimeError;
 
 /// Most bytes kept of a captured stdout or stderr; a guest that writes more traps.
 const CAPTURE_LIMIT: usize = 16 << 20;

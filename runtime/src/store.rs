@@ -203,7 +203,9 @@ impl StoreOwner {
             .resources_required()
             .map_or(0, |resources| resources.num_memories);
         self.drive(store);
-        self.creating(store, memories, |store| linker.instantiate(store, component))
+        self.creating(store, memories, |store| {
+            linker.instantiate(store, component)
+        })
     }
 
     /// Runs an instantiation `f` that creates `memories` linear memories, as the owner.

@@ -55,17 +55,21 @@ fn config() -> (Config, Samepage) {
 fn linker(engine: &Engine) -> Linker<State> {
     let mut linker = Linker::new(engine);
     linker
-        .func_wrap("host", "poke", |mut caller: Caller<'_, State>, at: i32, value: i32| {
-            let held = caller.data().owner.with_guard(|_| ()).is_some();
-            let state = caller.data_mut();
-            state.host_calls += 1;
-            state.guard_held_in_host_calls &= held;
-            let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
-                wasmtime::bail!("no memory");
-            };
-            memory.write(&mut caller, at as usize, &value.to_le_bytes())?;
-            Ok(())
-        })
+        .func_wrap(
+            "host",
+            "poke",
+            |mut caller: Caller<'_, State>, at: i32, value: i32| {
+                let held = caller.data().owner.with_guard(|_| ()).is_some();
+                let state = caller.data_mut();
+                state.host_calls += 1;
+                state.guard_held_in_host_calls &= held;
+                let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+                    wasmtime::bail!("no memory");
+                };
+                memory.write(&mut caller, at as usize, &value.to_le_bytes())?;
+                Ok(())
+            },
+        )
         .expect("poke");
     linker
         .func_wrap("host", "call_back", |mut caller: Caller<'_, State>| {
@@ -107,10 +111,17 @@ fn a_plain_wasmtime_program_merges_with_its_own_host_functions_and_data() {
     for _ in 0..2 {
         let mut store = store(&engine, &samepage);
         let owner = store.data().owner.clone();
-        let instance = owner.instantiate(&mut store, &linker, &module).expect("instance");
-        let fill = instance.get_typed_func::<(), ()>(&mut store, "fill").expect("fill");
+        let instance = owner
+            .instantiate(&mut store, &linker, &module)
+            .expect("instance");
+        let fill = instance
+            .get_typed_func::<(), ()>(&mut store, "fill")
+            .expect("fill");
         fill.call(&mut store, ()).expect("fill");
-        assert!(owner.with_guard(|_| ()).is_none(), "the guard goes with the call");
+        assert!(
+            owner.with_guard(|_| ()).is_none(),
+            "the guard goes with the call"
+        );
         assert_eq!(owner.regions().len(), 1);
         stores.push((store, instance));
     }
@@ -127,13 +138,26 @@ fn a_plain_wasmtime_program_merges_with_its_own_host_functions_and_data() {
         .get_typed_func::<(i32, i32), ()>(&mut *store, "poke")
         .expect("poke");
     poke.call(&mut *store, (8192, 7)).expect("poke");
-    assert_eq!((store.data().host_calls, store.data().guard_held_in_host_calls), (1, true));
-    let nest = instance.get_typed_func::<(), ()>(&mut *store, "nest").expect("nest");
-    nest.call(&mut *store, ()).expect("a host function calling back into wasm");
+    assert_eq!(
+        (
+            store.data().host_calls,
+            store.data().guard_held_in_host_calls
+        ),
+        (1, true)
+    );
+    let nest = instance
+        .get_typed_func::<(), ()>(&mut *store, "nest")
+        .expect("nest");
+    nest.call(&mut *store, ())
+        .expect("a host function calling back into wasm");
     let mine = memory_bytes(store, instance);
     assert_eq!(&mine[8192..8196], &7i32.to_le_bytes());
     let (store, instance) = &mut stores[1];
-    assert_eq!(memory_bytes(store, instance), shadow, "the other instance is untouched");
+    assert_eq!(
+        memory_bytes(store, instance),
+        shadow,
+        "the other instance is untouched"
+    );
 
     dedup.scan_pass().expect("pass");
     assert_eq!(dedup.stats().pages_sharing, 31, "the written page left");
@@ -156,7 +180,13 @@ fn memories_samepage_did_not_create_are_refused_with_a_clear_error() {
         .instantiate(&mut store, &linker(&engine), &module)
         .expect_err("memories samepage cannot merge");
     assert!(
-        matches!(error, RuntimeError::ForeignMemories { created: 0, expected: 1 }),
+        matches!(
+            error,
+            RuntimeError::ForeignMemories {
+                created: 0,
+                expected: 1
+            }
+        ),
         "{error}"
     );
 }
@@ -173,7 +203,13 @@ fn the_pooling_allocator_is_refused_with_a_clear_error() {
         .instantiate(&mut store, &linker(&engine), &module)
         .expect_err("pooled memories cannot be merged");
     assert!(
-        matches!(error, RuntimeError::ForeignMemories { created: 0, expected: 1 }),
+        matches!(
+            error,
+            RuntimeError::ForeignMemories {
+                created: 0,
+                expected: 1
+            }
+        ),
         "{error}"
     );
 }
@@ -206,7 +242,11 @@ fn a_component_s_core_memories_belong_to_its_owner() {
     let mut store = store(&engine, &samepage);
     let owner = store.data().owner.clone();
     owner
-        .instantiate_component(&mut store, &wasmtime::component::Linker::new(&engine), &component)
+        .instantiate_component(
+            &mut store,
+            &wasmtime::component::Linker::new(&engine),
+            &component,
+        )
         .expect("instance");
     assert_eq!(owner.regions().len(), 2);
     // Merged on instantiation: the data segment's page is the same in both core instances.

@@ -93,7 +93,10 @@ fn guest_merge(instance: &mut Instance) -> Result<u64> {
             Val::I64((GUEST_PAGES * PAGE_SIZE) as i64),
         ],
     )?;
-    anyhow::ensure!(results[0].unwrap_i32() == 0, "merge-now failed: {results:?}");
+    anyhow::ensure!(
+        results[0].unwrap_i32() == 0,
+        "merge-now failed: {results:?}"
+    );
     Ok(results[1].unwrap_i64() as u64)
 }
 
@@ -136,7 +139,10 @@ fn guest_merge_now() -> Result<String> {
         calls.push(start.elapsed().as_secs_f64());
         instances.push(instance);
     }
-    anyhow::ensure!(merged == GUEST_PAGES as u64, "merge-now merged {merged} pages");
+    anyhow::ensure!(
+        merged == GUEST_PAGES as u64,
+        "merge-now merged {merged} pages"
+    );
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]

@@ -53,15 +53,17 @@ impl MergeState {
 
     /// Pages of `range` in region `id` that map a stable page, and that are freed zeros.
     pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> MergeNowReport {
-        self.regions.get(&id).map_or_else(MergeNowReport::default, |record| {
-            let end = range.end.min(record.pages.len());
-            let start = range.start.min(end);
-            let pages = &record.pages[start..end];
-            MergeNowReport {
-                pages_merged: pages.iter().filter(|p| p.shares()).count() as u64,
-                zero_pages: pages.iter().filter(|p| p.has(ZERO)).count() as u64,
-            }
-        })
+        self.regions
+            .get(&id)
+            .map_or_else(MergeNowReport::default, |record| {
+                let end = range.end.min(record.pages.len());
+                let start = range.start.min(end);
+                let pages = &record.pages[start..end];
+                MergeNowReport {
+                    pages_merged: pages.iter().filter(|p| p.shares()).count() as u64,
+                    zero_pages: pages.iter().filter(|p| p.has(ZERO)).count() as u64,
+                }
+            })
     }
 
     /// The counters; the scanner thread's own (`scanner_cpu_ns`, `errors`) are the

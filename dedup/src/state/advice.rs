@@ -5,11 +5,11 @@
 
 use std::ops::Range;
 
+use crate::Error;
 use crate::advice::{Advice, MAX_ADVISED_RANGES, MergeScope};
 use crate::layout::runs_of;
 use crate::quiesce::Quiescent;
 use crate::region::RegionId;
-use crate::Error;
 
 use super::MergeState;
 use super::records::{ADVISED, PageRecord, SEEN, UNMERGEABLE, VOLATILE};

@@ -41,11 +41,11 @@ mod scan;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use crate::advice::MergeScope;
 use crate::pagemap::{PageBacking, Pagemap};
 use crate::quiesce::OwnerId;
 use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, StableStore};
-use crate::advice::MergeScope;
 use crate::{Error, Knobs};
 
 pub use accounting::Audit;
@@ -206,7 +206,11 @@ impl MergeState {
         id: RegionId,
         range: std::ops::Range<usize>,
     ) -> Result<std::ops::Range<usize>, Error> {
-        let region = &self.regions.get(&id).ok_or(Error::UnknownRegion(id))?.region;
+        let region = &self
+            .regions
+            .get(&id)
+            .ok_or(Error::UnknownRegion(id))?
+            .region;
         if guard.owner() != region.owner.id() {
             return Err(Error::WrongOwner(id));
         }
