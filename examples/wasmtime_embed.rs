@@ -79,7 +79,7 @@ fn main() -> wasmtime::Result<()> {
         started.elapsed().as_secs_f64(),
         stats.pages_shared,
         stats.pages_sharing,
-        stats.pages_sharing * 4096 >> 20,
+        (stats.pages_sharing * 4096) >> 20,
     );
     Ok(())
 }

@@ -1,11 +1,12 @@
-//! The C guest (`examples/guests/advice-c`, bindings from `wit-bindgen c`) run twice as a
-//! core module and twice as a component, through the same host: the imports match what
-//! wit-bindgen generates, every call gives what the WIT says, merge-now counts exactly, and
-//! the guest's bytes survive merging. `scripts/build-c-guests` builds both (`scripts/test`
+//! The C guest (`examples/guests/advice-c`, bindings from `wit-bindgen c`) run three times
+//! as a core module and three times as a component, through the same host: the imports
+//! match what wit-bindgen generates, every call gives what the WIT says, merge-now counts
+//! exactly, the guest's bytes survive merging (its own check), and every instance's memories
+//! match shadow copies while the scanner merges, after unmerging and after merging again. `scripts/build-c-guests` builds both (`scripts/test`
 //! runs it first).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use samepage_dedup::{EngineConfig, Knobs};
 use samepage_runtime::{Host, HostConfig, RunOutcome, WasiOptions};
@@ -39,7 +40,7 @@ fn host() -> Host {
 
 /// Runs `instances` instances of the guest at `path`, one after the other, and returns each
 /// one's `key=value` output.
-fn run(path: &PathBuf, instances: usize) -> Vec<HashMap<String, String>> {
+fn run(path: &Path, instances: usize) -> Vec<HashMap<String, String>> {
     let host = host();
     let program = host.load(path).expect("the guest loads");
     let mut outputs = Vec::new();
@@ -61,7 +62,30 @@ fn run(path: &PathBuf, instances: usize) -> Vec<HashMap<String, String>> {
         // Kept alive: the next instance merges with it.
         kept.push(instance);
     }
+    // Every instance's memories against shadow copies taken now, while the scanner merges
+    // the rest, after unmerging everything, and after merging again.
     let engine = host.dedup().expect("merging");
+    let shadows: Vec<Vec<Vec<u8>>> = kept.iter().map(|i| i.store_owner().snapshot()).collect();
+    let check_shadows = |when: &str| {
+        for (n, (instance, shadow)) in kept.iter().zip(&shadows).enumerate() {
+            assert!(
+                instance.store_owner().snapshot() == *shadow,
+                "instance {n}'s memory changed {when}"
+            );
+        }
+    };
+    for _ in 0..3 {
+        engine.scan_pass().expect("pass");
+    }
+    check_shadows("while the scanner merged");
+    assert!(engine.stats().pages_sharing >= (instances as u64 - 1) * BUFFER_PAGES);
+    assert_eq!(engine.unmerge_all().expect("unmerge"), 0);
+    assert_eq!(engine.stats().pages_sharing, 0);
+    check_shadows("after unmerging");
+    for _ in 0..2 {
+        engine.scan_pass().expect("pass");
+    }
+    check_shadows("after merging again");
     assert!(engine.audit().mismatched_slots.is_empty());
     outputs
 }

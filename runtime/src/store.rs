@@ -131,6 +131,30 @@ impl StoreOwner {
             .sum()
     }
 
+    /// Copies of the store's registered memories, in creation order, read with the guard
+    /// held: what the instance sees, for checks against a shadow copy.
+    pub fn snapshot(&self) -> Vec<Vec<u8>> {
+        let Some(engine) = self.dedup() else {
+            return Vec::new();
+        };
+        let regions = self.regions();
+        self.access(|| {
+            regions
+                .iter()
+                .filter_map(|region| {
+                    let len = engine.region_len(region.id)?;
+                    // SAFETY: a registered region is `len` readable bytes at `base` for as
+                    // long as it stays registered, which the store (alive behind `&self`'s
+                    // store data) keeps it; the guard held here keeps the owner from writing
+                    // and the engine from remapping while the bytes are copied.
+                    let bytes =
+                        unsafe { std::slice::from_raw_parts(region.base as *const u8, len) };
+                    Some(bytes.to_vec())
+                })
+                .collect()
+        })
+    }
+
     /// The region of the memory that starts at `base`.
     pub fn region_at(&self, base: usize) -> Option<RegionId> {
         let regions = self.shared.regions.lock();
