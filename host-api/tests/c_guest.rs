@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use samepage_dedup::{EngineConfig, Knobs};
-use samepage_runtime::{Host, HostConfig, RunOutcome, WasiOptions};
+mod common;
+
+use common::host;
+use samepage_runtime::{RunOutcome, WasiOptions};
 
 /// The buffer `merge-now` covers: 4 MiB.
 const BUFFER_PAGES: u64 = 1024;
@@ -26,22 +28,10 @@ fn artifact(name: &str) -> PathBuf {
     path
 }
 
-fn host() -> Host {
-    let mut host = Host::new(HostConfig {
-        engine_config: EngineConfig::manual(Knobs::default()),
-        ..HostConfig::default()
-    })
-    .expect("host");
-    let (core, component) = host.linkers();
-    samepage_host_api::add_to_linker(core).expect("core imports");
-    samepage_host_api::add_to_component_linker(component).expect("component imports");
-    host
-}
-
 /// Runs `instances` instances of the guest at `path`, one after the other, and returns each
 /// one's `key=value` output.
 fn run(path: &Path, instances: usize) -> Vec<HashMap<String, String>> {
-    let host = host();
+    let host = host(true);
     let program = host.load(path).expect("the guest loads");
     let mut outputs = Vec::new();
     let mut kept = Vec::new();

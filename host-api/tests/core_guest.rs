@@ -4,8 +4,11 @@
 
 use std::path::Path;
 
-use samepage_dedup::{EngineConfig, Knobs, PAGE_SIZE};
-use samepage_runtime::{Host, HostConfig, Instance, Program, Val, WasiOptions};
+mod common;
+
+use common::host;
+use samepage_dedup::PAGE_SIZE;
+use samepage_runtime::{Host, Instance, Program, Val, WasiOptions};
 
 /// The return values of the guest's `advise` wrapper for the WIT `error` cases.
 const OUT_OF_BOUNDS: i32 = 0;
@@ -18,19 +21,6 @@ const UNMERGEABLE: i32 = 1;
 /// Pages the tests fill, from page `FIRST` on (page 0 is the guest's return area).
 const FIRST: usize = 16;
 const PAGES: usize = 1024;
-
-fn host(dedup: bool) -> Host {
-    let mut host = Host::new(HostConfig {
-        dedup,
-        engine_config: EngineConfig::manual(Knobs::default()),
-        ..HostConfig::default()
-    })
-    .expect("host");
-    let (core, component) = host.linkers();
-    samepage_host_api::add_to_linker(core).expect("core imports");
-    samepage_host_api::add_to_component_linker(component).expect("component imports");
-    host
-}
 
 fn guest(host: &Host) -> Program {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/advice.wat");
