@@ -113,6 +113,7 @@ impl Engine {
                 pagemap,
                 config.knobs,
                 config.merge_scope,
+                config.scanner,
             )),
             wake: Condvar::new(),
             shutdown: Mutex::new(false),
@@ -158,6 +159,8 @@ impl Engine {
     /// Merges what can be merged in `range` (bytes, page-aligned) of `region` now, without
     /// waiting for its pages to stay unchanged for a pass. The guard proves the owner is not
     /// writing; matches in other owners' regions are merged when those owners are quiescent.
+    /// On an engine with a scanner thread, freeing the region's own copies of the pages it
+    /// merged is left to that thread, right after the call, so that the call returns sooner.
     pub fn merge_now(
         &self,
         guard: &OwnerGuard,
@@ -167,8 +170,14 @@ impl Engine {
         let id = region.into();
         let mut state = self.shared.state.lock();
         let pages = state.checked_pages(guard, id, range)?;
-        state.scan_range(guard.quiescent(), id, pages.clone(), Visit::Now)?;
-        Ok(state.merged_pages(id, pages))
+        state.owner_call(|state| {
+            state.scan_range(guard.quiescent(), id, pages.clone(), Visit::Now)
+        })?;
+        let report = state.merged_pages(id, pages);
+        drop(state);
+        // The scanner frees the pages the merge replaced.
+        self.shared.wake.notify_all();
+        Ok(report)
     }
 
     /// Merges what can be merged in every region of the guard's owner now, as
@@ -176,7 +185,9 @@ impl Engine {
     /// when the memories hold just the module's data segments, the same in every instance:
     /// they then start out shared, as wasmtime's copy-on-write instantiation would have them.
     pub fn merge_owner_now(&self, guard: &OwnerGuard) -> Result<MergeNowReport, Error> {
-        self.shared.state.lock().merge_owner_now(guard)
+        let report = self.shared.state.lock().merge_owner_now(guard);
+        self.shared.wake.notify_all();
+        report
     }
 
     /// Gives every merged page of `region` back to it (for memory that must not be shared,
@@ -222,6 +233,7 @@ impl Engine {
 
     /// Runs scanner batches in the calling thread until the current pass completes.
     pub fn scan_pass(&self) -> Result<(), Error> {
+        self.shared.state.lock().free_deferred();
         loop {
             if self.shared.state.lock().scan_batch()? {
                 return Ok(());

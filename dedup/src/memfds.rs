@@ -9,14 +9,21 @@
 //! # Punching holes
 //!
 //! A punch frees a memfd page at once, and a mapping of the page then reads zeros. So a punch
-//! is sound only where nobody can observe the page's bytes through any mapping. There are two
-//! kinds, and these are the only punches in the engine:
+//! is sound only where nobody can observe the page's bytes through any mapping. There are
+//! three kinds, and these are the only punches in the engine:
 //!
 //! - **A page of a region's own memfd** ([`punch_region`]). The region maps its memfd
 //!   `MAP_SHARED`, so punching changes what the owner reads, unless the region no longer
 //!   maps that page (a stable page was just mapped over it) or the page holds zeros (a zero
 //!   page reads back the same). Both facts hold only while the owner cannot write, so this
 //!   punch takes the owner's [`Quiescent`] token, like every remap.
+//! - **A page of a region's own memfd that the region no longer maps**
+//!   ([`punch_unmapped`]), when freeing the pages a merge replaced is left for after an
+//!   owner's merge-now call. The region maps a stable slot there, so nobody reads the memfd
+//!   page; the only way back to it is a restore (sharer-left recovery, unmerge), which writes
+//!   the page and remaps it under the engine's state lock and updates the page's record under
+//!   the same lock. So this punch needs no owner's token, but the state lock, and a record that
+//!   still says the page is merged: the caller (`state::merge`) checks it page by page.
 //! - **A stable slot that no region page shares** ([`punch_stable`]). Every region page whose
 //!   mapping still covers such a slot holds a private anonymous copy (a window's differing
 //!   page, or a sharer that wrote and has not been released yet): a private copy no longer
@@ -112,6 +119,12 @@ pub(crate) fn punch_region(
     count: usize,
 ) -> io::Result<()> {
     region.check_token(q);
+    punch(region.memfd.as_file(), first, count)
+}
+
+/// Frees the region's own memfd pages `first..first + count`, which it no longer maps (see
+/// the module docs for why that needs the state lock and the pages' records, not a token).
+pub(crate) fn punch_unmapped(region: &Region, first: usize, count: usize) -> io::Result<()> {
     punch(region.memfd.as_file(), first, count)
 }
 

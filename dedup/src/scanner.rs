@@ -105,10 +105,17 @@ impl Shared {
             if *self.shutdown.lock() {
                 return;
             }
-            let knobs = self.state.lock().knobs.clone();
+            let knobs = {
+                let mut state = self.state.lock();
+                // Pages that merges on owners' calls replaced, freed after those calls.
+                state.free_deferred();
+                state.knobs.clone()
+            };
             let mut nap = knobs.sleep;
             let result = match knobs.run {
                 RunMode::Stop => {
+                    self.scanner_cpu_ns
+                        .store(thread_cpu_ns() - cpu_start, Ordering::Relaxed);
                     self.sleep(Duration::from_secs(3600));
                     continue;
                 }

@@ -530,3 +530,59 @@ fn a_slot_keeps_its_place_while_private_copies_lie_over_it() {
     }
     assert_eq!(engine.stats().pages_shared, 0);
 }
+
+#[test]
+fn pages_a_merge_now_replaced_are_freed_after_the_call_and_never_once_given_back() {
+    // With a scanner thread (stopped, so that only merge-now merges), merge-now leaves
+    // freeing the replaced pages to it.
+    let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
+        knobs: Knobs {
+            run: RunMode::Stop,
+            ..Knobs::default()
+        },
+        stable_capacity_bytes: 1 << 30,
+        ..samepage_dedup::EngineConfig::default()
+    })
+    .expect("engine");
+    let pages = 64;
+    let mut a = TestRegion::new(&engine, pages);
+    let mut b = TestRegion::new(&engine, pages);
+    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    for round in 0..20u64 {
+        a.fill(100 + round, 0..pages);
+        b.fill(100 + round, 0..pages);
+        for region in [&a, &b] {
+            let guard = region.owner.enter();
+            engine
+                .merge_now(&guard, region.handle(), 0..pages * PAGE_SIZE)
+                .expect("merge now");
+        }
+        assert_eq!(engine.stats().pages_sharing, pages as u64);
+        // Given back at once, before the scanner may have freed anything: whichever comes
+        // first, the pages a holds again must keep their bytes.
+        {
+            let guard = a.owner.enter();
+            engine.unmerge_region(&guard, a.handle()).expect("unmerge");
+        }
+        wait_until("b's own copies are freed", &|| b.own_resident_pages() == 0);
+        a.assert_matches_shadow();
+        b.assert_matches_shadow();
+        assert_eq!(
+            a.own_resident_pages(),
+            pages as u64,
+            "a's pages are its own again"
+        );
+        {
+            let guard = b.owner.enter();
+            engine.unmerge_region(&guard, b.handle()).expect("unmerge");
+        }
+    }
+    assert!(engine.audit().mismatched_slots.is_empty());
+    assert_eq!(engine.stats().punch_failures, 0);
+}

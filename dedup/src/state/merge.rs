@@ -16,6 +16,8 @@
 //! map the stable slots, copy the differing pages' own bytes in, and only then punch the
 //! region's memfd; a failure before the punch maps the memfd back.
 
+use std::sync::Arc;
+
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::layout::{grow_window, runs_of};
@@ -25,7 +27,7 @@ use crate::region::RegionId;
 use crate::stable::{ContentKey, Slot};
 use crate::{Error, PAGE_SIZE, remap};
 
-use super::records::{COPY, PageRecord, SEEN, ZERO};
+use super::records::{COPY, PageRecord, SEEN, VOLATILE, ZERO};
 use super::scan::{PageRef, Visit, zero_page_hash};
 use super::{MergeState, budget::region_delta};
 
@@ -47,9 +49,10 @@ impl MergeState {
     ) -> Result<usize, Error> {
         let region = self.region(id).region.clone();
         let domain = region.owner.domain();
+        let records = &self.region(id).pages;
         let shares = grow_window(end - page, |n| {
             let (next, next_slot) = (page + n, slot + n as Slot);
-            let record = self.record(id, next);
+            let record = records[next];
             let Some(node) = self.stable.node(next_slot) else {
                 return Ok::<_, Error>(None);
             };
@@ -258,27 +261,75 @@ impl MergeState {
         let record = self.region_mut(id);
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
-        for (n, &share) in shares.iter().enumerate() {
+        // One lookup of the region's records for the whole window: this loop runs once per
+        // merged page.
+        let records = &mut self
+            .regions
+            .get_mut(&id)
+            .expect("a region found under the state lock stays registered")
+            .pages[page..page + len];
+        for ((n, &share), record) in shares.iter().enumerate().zip(records) {
             let page_slot = slot + n as Slot;
-            self.record_mut(id, page + n).stable = page_slot + 1;
+            record.stable = page_slot + 1;
             // A zero page read back in since it was punched, merged now, is no longer one.
-            let flags = self.record(id, page + n).flags;
-            self.set_flags(id, page + n, flags & !ZERO);
-            if share {
+            let flags = record.flags & !ZERO;
+            let flags = if share {
                 self.stable.add_sharer(page_slot);
-                let checksum = self.stable.node(page_slot).expect("just shared").key.1;
-                self.record_visit(id, page + n, checksum, true);
-                self.record_mut(id, page + n).misses = 0;
+                // A merged page's checksum is its stable page's, and ends any smart-scan
+                // streak and volatility.
+                record.checksum = self.stable.node(page_slot).expect("just shared").key.1;
+                record.misses = 0;
+                (flags | SEEN) & !VOLATILE
             } else {
                 self.stable.add_copy(page_slot);
-                let flags = self.record(id, page + n).flags;
-                self.set_flags(id, page + n, flags | COPY);
-            }
+                flags | COPY
+            };
+            self.counters.set_flags(record, flags);
         }
         self.counters.merges_this_pass += 1;
-        if crate::memfds::punch_region(q, &region, page, len).is_err() {
+        if self.punch_after_calls && self.in_owner_call {
+            // The merge stands; freeing the replaced pages can wait for the scanner.
+            self.deferred_punches.push((region, page..page + len));
+        } else if crate::memfds::punch_region(q, &region, page, len).is_err() {
             self.counters.punch_failures += 1;
         }
         Ok(true)
+    }
+
+    /// Runs `f`, a merge on an owner's call (merge-now, merge on instantiation): on an engine
+    /// with a scanner thread, the pages it replaces are freed afterwards, by the scanner.
+    pub(crate) fn owner_call<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.in_owner_call = true;
+        let result = f(self);
+        self.in_owner_call = false;
+        result
+    }
+
+    /// Frees the pages that merges on owners' calls replaced: every page of the recorded
+    /// ranges whose region is still registered and whose record still says it is merged
+    /// (a page given back since holds the owner's bytes again, and stays). Returns whether
+    /// there was anything to do.
+    pub(crate) fn free_deferred(&mut self) -> bool {
+        if self.deferred_punches.is_empty() {
+            return false;
+        }
+        for (region, range) in std::mem::take(&mut self.deferred_punches) {
+            let Some(record) = self
+                .regions
+                .get(&region.id)
+                .filter(|record| Arc::ptr_eq(&record.region, &region))
+            else {
+                continue;
+            };
+            let end = range.end.min(record.pages.len());
+            let start = range.start.min(end);
+            for run in runs_of(&record.pages[start..end], |p| p.stable != 0) {
+                let first = start + run.start;
+                if crate::memfds::punch_unmapped(&region, first, run.len()).is_err() {
+                    self.counters.punch_failures += 1;
+                }
+            }
+        }
+        true
     }
 }

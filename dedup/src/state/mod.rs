@@ -92,6 +92,14 @@ pub(crate) struct MergeState {
     pub(crate) knobs: Knobs,
     /// Which pages may merge without advice (fixed at start).
     scope: MergeScope,
+    /// Whether a merge made on an owner's call leaves freeing the replaced pages to the
+    /// scanner thread, so that the call returns sooner (only engines that have one).
+    punch_after_calls: bool,
+    /// Set while such a call merges.
+    in_owner_call: bool,
+    /// Ranges of regions' own memfd pages that merges on owners' calls replaced, waiting to
+    /// be freed ([`MergeState::free_deferred`]).
+    deferred_punches: Vec<(Arc<Region>, std::ops::Range<usize>)>,
 }
 
 impl MergeState {
@@ -100,6 +108,7 @@ impl MergeState {
         pagemap: Pagemap,
         knobs: Knobs,
         scope: MergeScope,
+        punch_after_calls: bool,
     ) -> Self {
         let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
             .ok()
@@ -119,6 +128,9 @@ impl MergeState {
             process_maps: (0, 0, u64::MAX),
             knobs,
             scope,
+            punch_after_calls,
+            in_owner_call: false,
+            deferred_punches: Vec::new(),
         }
     }
 

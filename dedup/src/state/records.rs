@@ -94,9 +94,25 @@ impl MergeState {
 
     /// Sets a page's flags, keeping the counters derived from them in step.
     pub(super) fn set_flags(&mut self, id: RegionId, page: usize, flags: u8) {
-        let record = self.record_mut(id, page);
-        let was = record.flags;
-        record.flags = flags;
+        let record = &mut self
+            .regions
+            .get_mut(&id)
+            .expect("a region found under the state lock stays registered")
+            .pages[page];
+        self.counters.set_flags(record, flags);
+    }
+
+    /// Takes a page's flags out of the counters derived from them.
+    pub(super) fn forget_flags(&mut self, flags: u8) {
+        self.counters.forget_flags(flags);
+    }
+}
+
+impl Counters {
+    /// Sets `record`'s flags to `flags`, keeping the counters derived from them in step; for
+    /// loops that hold a region's records already.
+    pub(super) fn set_flags(&mut self, record: &mut PageRecord, flags: u8) {
+        let was = std::mem::replace(&mut record.flags, flags);
         self.forget_flags(was);
         for (flag, counter) in self.flag_counters() {
             if flags & flag != 0 {
@@ -105,8 +121,7 @@ impl MergeState {
         }
     }
 
-    /// Takes a page's flags out of the counters derived from them.
-    pub(super) fn forget_flags(&mut self, flags: u8) {
+    fn forget_flags(&mut self, flags: u8) {
         for (flag, counter) in self.flag_counters() {
             if flags & flag != 0 {
                 *counter -= 1;
@@ -116,8 +131,8 @@ impl MergeState {
 
     fn flag_counters(&mut self) -> [(u8, &mut u64); 2] {
         [
-            (VOLATILE, &mut self.counters.pages_volatile),
-            (ZERO, &mut self.counters.zero_pages),
+            (VOLATILE, &mut self.pages_volatile),
+            (ZERO, &mut self.zero_pages),
         ]
     }
 }

@@ -182,7 +182,7 @@ impl MergeState {
     /// returns how many of their pages map stable pages, or are freed zeros, afterwards.
     pub(crate) fn merge_owner_now(&mut self, guard: &OwnerGuard) -> Result<MergeNowReport, Error> {
         let ids = self.regions_of(guard.owner());
-        self.visit_whole(guard, &ids, Visit::Now)?;
+        self.owner_call(|state| state.visit_whole(guard, &ids, Visit::Now))?;
         Ok(ids
             .iter()
             .map(|&id| self.merged_pages(id, 0..usize::MAX))
