@@ -114,10 +114,10 @@ impl Shared {
             let mut nap = knobs.sleep;
             let result = match knobs.run {
                 RunMode::Stop => {
-                    self.scanner_cpu_ns
-                        .store(thread_cpu_ns() - cpu_start, Ordering::Relaxed);
-                    self.sleep(Duration::from_secs(3600));
-                    continue;
+                    // Nothing to do until the knobs change (or an owner's call leaves pages
+                    // to free), which wakes the scanner.
+                    nap = Duration::from_secs(3600);
+                    Ok(())
                 }
                 RunMode::Merge => self.merge_turn(&knobs, &mut pass_start, &mut nap),
                 RunMode::UnmergeAll => {

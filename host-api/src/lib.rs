@@ -151,7 +151,7 @@ impl wasmtime::component::HasData for Api {
 
 fn component_api<T: HasStoreOwner>(data: &mut T) -> GuestApi<'_> {
     let owner = data.store_owner();
-    GuestApi::new(owner, owner.regions().first().map(|region| region.id))
+    GuestApi::new(owner, owner.first_region().map(|region| region.id))
 }
 
 /// Adds the guest API to a component linker, for stores whose data holds a [`StoreOwner`].

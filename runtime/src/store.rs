@@ -118,6 +118,11 @@ impl StoreOwner {
         self.shared.regions.lock().clone()
     }
 
+    /// The store's first memory (a core module's memory 0, a component's main module's).
+    pub fn first_region(&self) -> Option<MemoryRegion> {
+        self.shared.regions.lock().first().copied()
+    }
+
     /// Bytes of the store's registered memories, added up (zero when nothing merges them).
     pub fn memory_bytes(&self) -> u64 {
         let Some(engine) = self.dedup() else {

@@ -30,32 +30,34 @@ impl MergeState {
         advice: Advice,
     ) -> Result<(), Error> {
         self.cover_length(id)?;
-        let before: Vec<PageRecord> = self.region(id).pages[pages.clone()].to_vec();
         let scope = self.scope;
-        for page in pages.clone() {
-            let flags = self.record(id, page).flags;
+        // One lookup of the region's records for the whole range.
+        let (records, counters) = self.records_and_counters(id);
+        let records = &mut records[pages.clone()];
+        let before: Vec<PageRecord> = records.to_vec();
+        for record in records.iter_mut() {
             let flags = match advice {
-                Advice::Unmergeable => (flags | UNMERGEABLE) & !ADVISED & !SEEN & !VOLATILE,
-                Advice::Mergeable if scope == MergeScope::Advised => {
-                    (flags | ADVISED) & !UNMERGEABLE
+                Advice::Unmergeable => {
+                    // Nothing of the bytes stays with the engine.
+                    record.checksum = 0;
+                    record.misses = 0;
+                    (record.flags | UNMERGEABLE) & !ADVISED & !SEEN & !VOLATILE
                 }
-                Advice::Mergeable => flags & !UNMERGEABLE,
+                Advice::Mergeable if scope == MergeScope::Advised => {
+                    (record.flags | ADVISED) & !UNMERGEABLE
+                }
+                Advice::Mergeable => record.flags & !UNMERGEABLE,
             };
-            self.set_flags(id, page, flags);
-            let record = self.record_mut(id, page);
-            if advice == Advice::Unmergeable {
-                // Nothing of the bytes stays with the engine.
-                record.checksum = 0;
-                record.misses = 0;
-            }
+            counters.set_flags(record, flags);
         }
-        let records = &self.region(id).pages;
-        let ranges = runs_of(records, |r| r.has(UNMERGEABLE)).count()
-            + runs_of(records, |r| r.has(ADVISED)).count();
+        let all = &self.region(id).pages;
+        let ranges =
+            runs_of(all, |r| r.has(UNMERGEABLE)).count() + runs_of(all, |r| r.has(ADVISED)).count();
         if ranges > MAX_ADVISED_RANGES {
-            for (page, record) in pages.zip(before) {
-                self.set_flags(id, page, record.flags);
-                *self.record_mut(id, page) = record;
+            let (records, counters) = self.records_and_counters(id);
+            for (record, was) in records[pages].iter_mut().zip(before) {
+                counters.set_flags(record, was.flags);
+                *record = was;
             }
             return Err(Error::TooManyAdvisedRanges {
                 region: id,

@@ -183,6 +183,19 @@ impl MergeState {
             .expect("a region found under the state lock stays registered")
     }
 
+    /// The records of region `id` and the counters their flags feed, borrowed together, for
+    /// loops over many pages (one lookup of the region for all of them).
+    fn records_and_counters(
+        &mut self,
+        id: RegionId,
+    ) -> (&mut [PageRecord], &mut records::Counters) {
+        let region = self
+            .regions
+            .get_mut(&id)
+            .expect("a region found under the state lock stays registered");
+        (&mut region.pages, &mut self.counters)
+    }
+
     /// The record of page `page` of region `id`.
     fn record(&self, id: RegionId, page: usize) -> PageRecord {
         self.region(id).pages[page]

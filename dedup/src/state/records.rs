@@ -94,12 +94,8 @@ impl MergeState {
 
     /// Sets a page's flags, keeping the counters derived from them in step.
     pub(super) fn set_flags(&mut self, id: RegionId, page: usize, flags: u8) {
-        let record = &mut self
-            .regions
-            .get_mut(&id)
-            .expect("a region found under the state lock stays registered")
-            .pages[page];
-        self.counters.set_flags(record, flags);
+        let (records, counters) = self.records_and_counters(id);
+        counters.set_flags(&mut records[page], flags);
     }
 
     /// Takes a page's flags out of the counters derived from them.
