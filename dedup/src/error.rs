@@ -46,6 +46,8 @@ pub enum Error {
     TooManyAdvisedRanges { region: RegionId, limit: usize },
     #[error("reading the page map of region {region:?} failed: {source}")]
     PagemapRead { region: RegionId, source: io::Error },
+    #[error("finding the pages that hold data in the memfd of region {region:?} failed: {source}")]
+    DataExtents { region: RegionId, source: io::Error },
     #[error("writing new stable pages into the stable memfd failed: {0}")]
     StableWrite(#[source] io::Error),
     #[error("freeing stable pages nobody shares any more failed: {0}")]

@@ -33,10 +33,11 @@
 //!   sharer.
 
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsFd;
 
 use memfd::{FileSeal, Memfd, MemfdOptions};
-use rustix::fs::{FallocateFlags, fallocate};
+use rustix::fs::{FallocateFlags, SeekFrom, fallocate, seek};
 use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
 
 use crate::PAGE_SIZE;
@@ -143,4 +144,33 @@ fn punch(fd: impl AsFd, first: usize, count: usize) -> io::Result<()> {
         (count * PAGE_SIZE) as u64,
     )?;
     Ok(())
+}
+
+/// The pages of `pages` that hold data in `memfd` (allocated, whatever their bytes), as
+/// maximal runs in order, found with `SEEK_DATA` and `SEEK_HOLE`: a page never written has
+/// no data, and costs nothing to pass over.
+pub(crate) fn data_extents(memfd: &Memfd, pages: Range<usize>) -> io::Result<Vec<Range<usize>>> {
+    let fd = memfd.as_file();
+    let end = (pages.end as u64).saturating_mul(PAGE_SIZE as u64);
+    let mut offset = pages.start as u64 * PAGE_SIZE as u64;
+    let mut extents: Vec<Range<usize>> = Vec::new();
+    while offset < end {
+        let data = match seek(fd, SeekFrom::Data(offset)) {
+            Ok(data) => data,
+            // No data past `offset`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(error) => return Err(error.into()),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(fd, SeekFrom::Hole(data))?.min(end);
+        let run = (data / PAGE_SIZE as u64) as usize..hole.div_ceil(PAGE_SIZE as u64) as usize;
+        match extents.last_mut() {
+            Some(last) if last.end >= run.start => last.end = last.end.max(run.end),
+            _ => extents.push(run),
+        }
+        offset = hole;
+    }
+    Ok(extents)
 }

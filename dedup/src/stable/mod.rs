@@ -50,6 +50,9 @@ use slots::SlotAllocator;
 /// Index of a page in the stable memfd.
 pub(crate) type Slot = u32;
 
+/// Most slots a store holds (128 GiB of stable pages): a page record keeps a slot in 25 bits.
+pub(crate) const MAX_SLOTS: Slot = (1 << 25) - 2;
+
 /// Content key of the stable and unstable indexes.
 pub(crate) type ContentKey = (DomainId, u64);
 
@@ -94,7 +97,7 @@ pub(crate) struct StableStore {
 impl StableStore {
     pub(crate) fn new(capacity_bytes: usize, max_sharing: u32) -> Result<Self, Error> {
         let memfd = create("samepage-stable").map_err(Error::StableMemfd)?;
-        let capacity = (capacity_bytes / PAGE_SIZE).min(Slot::MAX as usize) as Slot;
+        let capacity = (capacity_bytes / PAGE_SIZE).min(MAX_SLOTS as usize) as Slot;
         let bytes = capacity as usize * PAGE_SIZE;
         memfd
             .as_file()

@@ -12,7 +12,7 @@ use crate::{MergeNowReport, OwnerStats, PAGE_SIZE, Stats};
 
 use super::MergeState;
 use super::budget::map_budget;
-use super::records::{COPY, PageRecord, ZERO};
+use super::records::{COPY, ZERO};
 use super::scan::PageRef;
 
 /// The result of walking the engine's records ([`crate::Engine::audit`]).
@@ -42,9 +42,9 @@ impl MergeState {
             .values()
             .filter(|r| r.region.owner.id() == owner)
         {
-            stats.pages_merged += record.pages.iter().filter(|p| p.shares()).count() as u64;
-            stats.zero_pages += record.pages.iter().filter(|p| p.has(ZERO)).count() as u64;
-            metadata += (record.pages.capacity() * size_of::<PageRecord>()) as i64;
+            stats.pages_merged += record.pages.all().filter(|(_, p)| p.shares()).count() as u64;
+            stats.zero_pages += record.pages.all().filter(|(_, p)| p.has(ZERO)).count() as u64;
+            metadata += (record.pages.metadata_bytes() + record.advice.metadata_bytes()) as i64;
         }
         stats.profit_bytes =
             ((stats.pages_merged + stats.zero_pages) * PAGE_SIZE as u64) as i64 - metadata;
@@ -56,12 +56,10 @@ impl MergeState {
         self.regions
             .get(&id)
             .map_or_else(MergeNowReport::default, |record| {
-                let end = range.end.min(record.pages.len());
-                let start = range.start.min(end);
-                let pages = &record.pages[start..end];
+                let pages = || record.pages.existing(range.clone());
                 MergeNowReport {
-                    pages_merged: pages.iter().filter(|p| p.shares()).count() as u64,
-                    zero_pages: pages.iter().filter(|p| p.has(ZERO)).count() as u64,
+                    pages_merged: pages().filter(|(_, p)| p.shares()).count() as u64,
+                    zero_pages: pages().filter(|(_, p)| p.has(ZERO)).count() as u64,
                 }
             })
     }
@@ -69,8 +67,12 @@ impl MergeState {
     /// The counters; the scanner thread's own (`scanner_cpu_ns`, `errors`) are the
     /// engine's to fill in.
     pub(crate) fn stats(&self) -> Stats {
-        let page_records: usize = self.regions.values().map(|r| r.pages.capacity()).sum();
-        let metadata_bytes = (page_records * size_of::<PageRecord>()
+        let region_bytes: usize = self
+            .regions
+            .values()
+            .map(|r| r.pages.metadata_bytes() + r.advice.metadata_bytes())
+            .sum();
+        let metadata_bytes = (region_bytes
             + self.stable.metadata_bytes()
             + self.unstable.capacity() * size_of::<(ContentKey, PageRef)>())
             as u64;
@@ -108,7 +110,7 @@ impl MergeState {
         // Per slot: (sharers, private copies) found in the page records.
         let mut mapped: HashMap<Slot, (u32, u32)> = HashMap::new();
         for record in self.regions.values() {
-            for page in &record.pages {
+            for (_, page) in record.pages.all() {
                 if let Some(slot) = page.slot() {
                     let counts = mapped.entry(slot).or_default();
                     if page.has(COPY) {

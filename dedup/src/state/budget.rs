@@ -11,8 +11,7 @@ use std::ops::Range;
 use crate::Knobs;
 use crate::layout::mapping_delta;
 
-use super::MergeState;
-use super::records::PageRecord;
+use super::{MergeState, RegionPages};
 
 /// Runs shorter than this are not merged while the map-count budget is tight (more than
 /// three quarters used): an isolated page costs two mappings and saves one page.
@@ -27,13 +26,12 @@ pub(super) fn map_budget(knobs: &Knobs, max_map_count: u64) -> u64 {
     max_map_count * u64::from(knobs.map_budget_percent) / 100
 }
 
-/// [`mapping_delta`] over a region's page records.
-pub(super) fn region_delta(
-    pages: &[PageRecord],
-    range: Range<usize>,
-    kind: impl Fn(usize) -> u32,
-) -> i64 {
-    mapping_delta(|p| pages[p].stable, pages.len(), range, kind)
+impl RegionPages {
+    /// [`mapping_delta`] over the region's page records.
+    pub(super) fn mapping_delta(&self, range: Range<usize>, kind: impl Fn(usize) -> u32) -> i64 {
+        let len = self.len.max(range.end);
+        mapping_delta(|p| self.pages.get(p).stable(), len, range, kind)
+    }
 }
 
 impl MergeState {

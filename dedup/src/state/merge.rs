@@ -25,11 +25,11 @@ use crate::pagemap::PageBacking;
 use crate::quiesce::{OwnerGuard, Quiescent};
 use crate::region::RegionId;
 use crate::stable::{ContentKey, Slot};
-use crate::{Error, PAGE_SIZE, remap};
+use crate::{Error, remap};
 
+use super::MergeState;
 use super::records::{COPY, PageRecord, SEEN, VOLATILE, ZERO};
 use super::scan::{PageRef, Visit, zero_page_hash};
-use super::{MergeState, budget::region_delta};
 
 /// Pages of a partner region's page map read at a time while extending a run.
 const BACKING_CHUNK: usize = 64;
@@ -52,12 +52,12 @@ impl MergeState {
         let records = &self.region(id).pages;
         let shares = grow_window(end - page, |n| {
             let (next, next_slot) = (page + n, slot + n as Slot);
-            let record = records[next];
+            let record = records.get(next);
             let Some(node) = self.stable.node(next_slot) else {
                 return Ok::<_, Error>(None);
             };
-            if record.stable != 0
-                || !self.may_merge(&record)
+            if record.stable() != 0
+                || !self.may_merge(id, next)
                 || self.backing_of(next) != PageBacking::File
                 || node.key.0 != domain
             {
@@ -66,7 +66,7 @@ impl MergeState {
             Ok(Some(
                 self.stable.has_room_at(next_slot)
                     && (visit == Visit::Now
-                        || (record.has(SEEN) && record.checksum == node.key.1))
+                        || (record.has(SEEN) && record.checksum() == node.key.1))
                     // SAFETY: gate held (`q`), `next` below the length read under it.
                     && unsafe { region.page(next) } == self.stable.page(next_slot),
             ))
@@ -88,16 +88,16 @@ impl MergeState {
         key: ContentKey,
         visit: Visit,
     ) -> Result<Option<usize>, Error> {
-        let Some(other) = self.regions.get(&partner.region) else {
+        if !self.regions.contains_key(&partner.region) {
             return Ok(None);
-        };
+        }
+        let other_pages = self.cover_length(partner.region)?;
+        let other = self.region(partner.region);
         let other_region = other.region.clone();
-        let other_pages = other_region.len() / PAGE_SIZE;
-        let still_there = |r: &PageRecord| r.stable == 0 && r.has(SEEN) && r.checksum == key.1;
+        let still_there = |r: PageRecord| r.stable() == 0 && r.has(SEEN) && r.checksum() == key.1;
         if partner.page >= other_pages
-            || partner.page >= other.pages.len()
-            || !still_there(&other.pages[partner.page])
-            || !self.may_merge(&other.pages[partner.page])
+            || !still_there(other.pages.get(partner.page))
+            || !self.may_merge(partner.region, partner.page)
         {
             return Ok(None);
         }
@@ -148,29 +148,25 @@ impl MergeState {
                 other_backing.extend(more);
             }
             let mine = self.record(id, page + n);
-            let theirs = self
-                .region(partner.region)
-                .pages
-                .get(partner.page + n)
-                .copied()
-                .unwrap_or_default();
-            if mine.stable != 0
-                || theirs.stable != 0
-                || !self.may_merge(&mine)
-                || !self.may_merge(&theirs)
+            let theirs = self.record(partner.region, partner.page + n);
+            if mine.stable() != 0
+                || theirs.stable() != 0
+                || !self.may_merge(id, page + n)
+                || !self.may_merge(partner.region, partner.page + n)
                 || self.backing_of(page + n) != PageBacking::File
                 || other_backing[n] != PageBacking::File
             {
                 return Ok(None);
             }
             let settled = theirs.has(SEEN)
-                && (visit == Visit::Now || (mine.has(SEEN) && mine.checksum == theirs.checksum));
+                && (visit == Visit::Now
+                    || (mine.has(SEEN) && mine.checksum() == theirs.checksum()));
             // SAFETY: as above.
             let next = unsafe { region.page(page + n) };
             let checksum = if settled { xxh3_64(next) } else { 0 };
             let next_key = (key.0, checksum);
             if settled
-                && checksum == theirs.checksum
+                && checksum == theirs.checksum()
                 && (self.stable.has_room(next_key)
                     || (self.knobs.use_zero_pages && checksum == zero_page_hash()))
             {
@@ -178,7 +174,7 @@ impl MergeState {
                 return Ok(None);
             }
             let share = settled
-                && checksum == theirs.checksum
+                && checksum == theirs.checksum()
                 // SAFETY: as above.
                 && next == unsafe { other_region.page(partner.page + n) };
             keys.push(share.then_some(next_key));
@@ -189,12 +185,10 @@ impl MergeState {
 
         // The run's slots are not chosen yet; any fresh contiguous numbers stand for them.
         let fresh = |n: usize| u32::MAX - (run - n) as u32;
-        let delta = region_delta(&self.region(id).pages, page..page + run, fresh)
-            + region_delta(
-                &self.region(partner.region).pages,
-                partner.page..partner.page + run,
-                fresh,
-            );
+        let delta = self.region(id).mapping_delta(page..page + run, fresh)
+            + self
+                .region(partner.region)
+                .mapping_delta(partner.page..partner.page + run, fresh);
         if !self.budget_allows(delta, run) {
             return Ok(Some(run));
         }
@@ -240,7 +234,7 @@ impl MergeState {
     ) -> Result<bool, Error> {
         let len = shares.len();
         let record = self.region(id);
-        let delta = region_delta(&record.pages, page..page + len, |n| slot + 1 + n as Slot);
+        let delta = record.mapping_delta(page..page + len, |n| slot + 1 + n as Slot);
         let region = record.region.clone();
         if !self.budget_allows(delta, len) {
             return Ok(false);
@@ -267,25 +261,26 @@ impl MergeState {
             .regions
             .get_mut(&id)
             .expect("a region found under the state lock stays registered")
-            .pages[page..page + len];
-        for ((n, &share), record) in shares.iter().enumerate().zip(records) {
+            .pages;
+        records.update(page..page + len, |p, record| {
+            let n = p - page;
             let page_slot = slot + n as Slot;
-            record.stable = page_slot + 1;
+            record.set_stable(page_slot + 1);
             // A zero page read back in since it was punched, merged now, is no longer one.
-            let flags = record.flags & !ZERO;
-            let flags = if share {
+            let flags = record.flags() & !ZERO;
+            let flags = if shares[n] {
                 self.stable.add_sharer(page_slot);
                 // A merged page's checksum is its stable page's, and ends any smart-scan
                 // streak and volatility.
-                record.checksum = self.stable.node(page_slot).expect("just shared").key.1;
-                record.misses = 0;
+                record.set_checksum(self.stable.node(page_slot).expect("just shared").key.1);
+                record.set_misses(0);
                 (flags | SEEN) & !VOLATILE
             } else {
                 self.stable.add_copy(page_slot);
                 flags | COPY
             };
             self.counters.set_flags(record, flags);
-        }
+        });
         self.counters.merges_this_pass += 1;
         if self.punch_after_calls && self.in_owner_call {
             // The merge stands; freeing the replaced pages can wait for the scanner.
@@ -321,11 +316,8 @@ impl MergeState {
             else {
                 continue;
             };
-            let end = range.end.min(record.pages.len());
-            let start = range.start.min(end);
-            for run in runs_of(&record.pages[start..end], |p| p.stable != 0) {
-                let first = start + run.start;
-                if crate::memfds::punch_unmapped(&region, first, run.len()).is_err() {
+            for run in record.pages.runs(range, |p| p.stable() != 0) {
+                if crate::memfds::punch_unmapped(&region, run.start, run.len()).is_err() {
                     self.counters.punch_failures += 1;
                 }
             }

@@ -5,8 +5,9 @@
 //!
 //! One file per step of a page's journey, in the order a page takes them:
 //!
-//! 1. [`records`]: what the engine keeps for every page (`PageRecord`: checksum, stable slot,
-//!    flags) and the counters derived from its flags.
+//! 1. [`records`]: what the engine keeps for every page that exists, and only for those
+//!    (`PageRecord`: checksum, stable slot, flags, in a sparse `PageTable`), and the counters
+//!    derived from its flags.
 //! 2. [`scan`]: the cursor and full passes; a visit reads the page map, hashes the page,
 //!    applies KSM's volatility rule and smart scan, and looks for a match, first in the
 //!    stable index, then in this pass's unstable index.
@@ -49,15 +50,20 @@ use crate::stable::{ContentKey, StableStore};
 use crate::{Error, Knobs};
 
 pub use accounting::Audit;
-use records::{COPY, PageRecord};
+use advice::AdviceMap;
+use records::{COPY, PageRecord, PageTable};
 pub(crate) use scan::Visit;
 use scan::{Cursor, PageRef};
 
 /// A registered region and the engine's records of its pages.
 struct RegionPages {
     region: Arc<Region>,
-    /// One record per page up to the region's length at the last visit.
-    pages: Vec<PageRecord>,
+    /// Records of the pages that exist (see [`records`]).
+    pages: PageTable,
+    /// The region's length in pages at the last visit.
+    len: usize,
+    /// The owner's advice, by range.
+    advice: AdviceMap,
     /// Mappings the engine's merges split this region's mapping into, beyond the first.
     vmas: u64,
     /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
@@ -139,7 +145,9 @@ impl MergeState {
             region.id,
             RegionPages {
                 region,
-                pages: Vec::new(),
+                pages: PageTable::default(),
+                len: 0,
+                advice: AdviceMap::default(),
                 vmas: 0,
                 quiet_at: None,
                 visit: (0, false),
@@ -155,13 +163,13 @@ impl MergeState {
         };
         self.vmas = self.vmas.saturating_sub(record.vmas);
         let mut result = Ok(());
-        for page in &record.pages {
+        for (_, page) in record.pages.all() {
             if let Some(slot) = page.slot()
                 && let Err(error) = self.leave_slot(slot, page.has(COPY))
             {
                 result = Err(error);
             }
-            self.forget_flags(page.flags);
+            self.forget_flags(page.flags());
         }
         if self.cursor.region == Some(id) {
             self.cursor.page = 0;
@@ -185,10 +193,7 @@ impl MergeState {
 
     /// The records of region `id` and the counters their flags feed, borrowed together, for
     /// loops over many pages (one lookup of the region for all of them).
-    fn records_and_counters(
-        &mut self,
-        id: RegionId,
-    ) -> (&mut [PageRecord], &mut records::Counters) {
+    fn records_and_counters(&mut self, id: RegionId) -> (&mut PageTable, &mut records::Counters) {
         let region = self
             .regions
             .get_mut(&id)
@@ -198,23 +203,24 @@ impl MergeState {
 
     /// The record of page `page` of region `id`.
     fn record(&self, id: RegionId, page: usize) -> PageRecord {
-        self.region(id).pages[page]
+        self.region(id).pages.get(page)
     }
 
+    /// The record of page `page` of region `id`, made if it has none.
     fn record_mut(&mut self, id: RegionId, page: usize) -> &mut PageRecord {
-        &mut self.region_mut(id).pages[page]
+        self.region_mut(id).pages.get_mut(page)
     }
 
-    /// Gives region `id` a record for every page of its current length (it may have grown
-    /// since the last visit); returns that length in pages.
+    /// Takes note of region `id`'s current length (it may have grown since the last visit);
+    /// returns it in pages.
     fn cover_length(&mut self, id: RegionId) -> Result<usize, Error> {
         let record = self.regions.get_mut(&id).ok_or(Error::UnknownRegion(id))?;
         let pages = record.region.len() / crate::PAGE_SIZE;
-        if record.pages.len() < pages {
+        if record.len < pages {
             // Grown: a merged last page now has the new memfd range after it, a boundary
             // between two mappings.
-            let boundary = record.pages.last().is_some_and(|last| last.stable != 0);
-            record.pages.resize(pages, PageRecord::default());
+            let boundary = record.len > 0 && record.pages.get(record.len - 1).stable() != 0;
+            record.len = pages;
             if boundary {
                 record.vmas += 1;
                 self.vmas += 1;

@@ -1,27 +1,56 @@
 //! What the engine keeps for each page of a region, and the counters that follow from it.
 //!
-//! A `PageRecord` is 16 bytes: the checksum of the last visit, the stable slot the page maps
-//! (if any) and a few flags. Flags that counters follow (`VOLATILE`, `ZERO`) change only
-//! through [`MergeState::set_flags`], which keeps `pages_volatile` and `zero_pages` equal to
-//! the number of records that carry them.
+//! # Only pages that exist
+//!
+//! A region may be gigabytes of address space of which a guest touched a few pages; KSM keeps
+//! an `rmap_item` only for pages that are present, and so does this engine. A page has a
+//! record once a visit found bytes in it (its memfd page exists) or a merge mapped a stable
+//! page there; a page nobody touched has none, costs nothing, and is never visited (the scan
+//! finds pages that exist from the memfd's data extents and the records, see
+//! [`super::scan`]).
+//!
+//! Records live in a [`PageTable`]: chunks of [`CHUNK_PAGES`] records, allocated the first
+//! time a page of the chunk gets a record, in a B-tree keyed by chunk. A dense region costs
+//! 12 bytes a page plus about 16 bytes a chunk; a page alone in its chunk costs the chunk.
+//!
+//! # The record
+//!
+//! A `PageRecord` is 12 bytes: the checksum of the last visit, and one word holding the stable
+//! slot the page maps (if any), the flags, and the smart-scan streak. Flags that counters
+//! follow (`VOLATILE`, `ZERO`) change only through [`MergeState::set_flags`] or
+//! [`Counters::set_flags`], which keep `pages_volatile` and `zero_pages` equal to the number of
+//! records that carry them. Advice is not kept per page but per range
+//! ([`super::advice::AdviceMap`]): a guest may advise gigabytes it never touches.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
 
 use crate::region::RegionId;
-use crate::stable::Slot;
+use crate::stable::{MAX_SLOTS, Slot};
 
 use super::MergeState;
 
 /// What the engine remembers of one page of a region.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, packed(4))]
 pub(super) struct PageRecord {
     /// xxh3 of the content at the last visit (valid when `SEEN`).
-    pub(super) checksum: u64,
-    /// The stable slot this page maps, plus one; zero when the page maps its own memfd.
-    pub(super) stable: u32,
-    /// `SEEN`, `VOLATILE`, `ZERO`, `COPY`, `UNMERGEABLE`, `ADVISED`.
-    pub(super) flags: u8,
-    /// Consecutive visits in which the page was unchanged but matched nothing (smart scan).
-    pub(super) misses: u8,
+    checksum: u64,
+    /// Bits 0..25: the stable slot this page maps, plus one (zero when the page maps its own
+    /// memfd). Bits 25..29: the flags. Bits 29..32: consecutive visits in which the page was
+    /// unchanged but matched nothing (smart scan), saturating at 7.
+    word: u32,
 }
+
+const STABLE_BITS: u32 = 25;
+const STABLE_MASK: u32 = (1 << STABLE_BITS) - 1;
+const FLAGS_SHIFT: u32 = STABLE_BITS;
+const FLAGS_MASK: u32 = 0xf << FLAGS_SHIFT;
+const MISSES_SHIFT: u32 = FLAGS_SHIFT + 4;
+const MAX_MISSES: u8 = 7;
+
+const _: () = assert!(size_of::<PageRecord>() == 12);
+const _: () = assert!(MAX_SLOTS <= STABLE_MASK - 1);
 
 /// The page was visited at least once: `checksum` is valid.
 pub(super) const SEEN: u8 = 1;
@@ -31,21 +60,175 @@ pub(super) const VOLATILE: u8 = 2;
 pub(super) const ZERO: u8 = 4;
 /// The page lies in a merged window but holds a private copy of its own bytes.
 pub(super) const COPY: u8 = 8;
-/// The owner advised the page unmergeable: the engine never reads it.
-pub(super) const UNMERGEABLE: u8 = 16;
-/// The owner advised the page mergeable (what merge scope `Advised` asks for).
-pub(super) const ADVISED: u8 = 32;
 
 impl PageRecord {
+    pub(super) fn checksum(&self) -> u64 {
+        self.checksum
+    }
+    pub(super) fn set_checksum(&mut self, checksum: u64) {
+        self.checksum = checksum;
+    }
+    /// The stable slot this page maps, plus one; zero when it maps its own memfd.
+    pub(super) fn stable(&self) -> u32 {
+        self.word & STABLE_MASK
+    }
+    pub(super) fn set_stable(&mut self, stable: u32) {
+        debug_assert!(stable <= STABLE_MASK);
+        self.word = self.word & !STABLE_MASK | stable;
+    }
+    pub(super) fn flags(&self) -> u8 {
+        ((self.word & FLAGS_MASK) >> FLAGS_SHIFT) as u8
+    }
+    /// Sets the flags without touching the counters: only for flags no counter follows
+    /// (`SEEN`, `COPY`), or through [`Counters::set_flags`].
+    fn put_flags(&mut self, flags: u8) {
+        self.word = self.word & !FLAGS_MASK | (u32::from(flags & 0xf) << FLAGS_SHIFT);
+    }
+    pub(super) fn misses(&self) -> u8 {
+        (self.word >> MISSES_SHIFT) as u8
+    }
+    pub(super) fn set_misses(&mut self, misses: u8) {
+        let misses = u32::from(misses.min(MAX_MISSES));
+        self.word = self.word & !(0x7 << MISSES_SHIFT) | (misses << MISSES_SHIFT);
+    }
     pub(super) fn slot(&self) -> Option<Slot> {
-        self.stable.checked_sub(1)
+        self.stable().checked_sub(1)
     }
     /// Whether the page maps a stable page it shares.
     pub(super) fn shares(&self) -> bool {
-        self.stable != 0 && !self.has(COPY)
+        self.stable() != 0 && !self.has(COPY)
     }
     pub(super) fn has(&self, flag: u8) -> bool {
-        self.flags & flag != 0
+        self.flags() & flag != 0
+    }
+    /// Whether the record holds anything (a page with no record reads as the default).
+    pub(super) fn in_use(&self) -> bool {
+        *self != Self::default()
+    }
+    /// Ends the page's merge: it maps its own memfd again.
+    pub(super) fn unmap_stable(&mut self) {
+        self.set_stable(0);
+        let flags = self.flags() & !COPY;
+        self.put_flags(flags);
+    }
+}
+
+/// Records per chunk of a [`PageTable`]: 32 pages (128 KiB of memory) in 384 bytes.
+pub(super) const CHUNK_PAGES: usize = 32;
+
+type Chunk = [PageRecord; CHUNK_PAGES];
+
+/// The chunks that hold the records of pages `range` (none for an empty range).
+fn chunks_of(range: &Range<usize>) -> Range<usize> {
+    let first = range.start / CHUNK_PAGES;
+    first..range.end.div_ceil(CHUNK_PAGES).max(first)
+}
+
+/// The records of one region's pages that exist, in chunks (see the module docs). A page
+/// without a record reads as `PageRecord::default()`: unseen, unmerged.
+#[derive(Default)]
+pub(super) struct PageTable {
+    chunks: BTreeMap<usize, Box<Chunk>>,
+}
+
+impl PageTable {
+    /// The record of page `page` (the default when it has none).
+    pub(super) fn get(&self, page: usize) -> PageRecord {
+        self.chunks
+            .get(&(page / CHUNK_PAGES))
+            .map_or_else(PageRecord::default, |chunk| chunk[page % CHUNK_PAGES])
+    }
+
+    /// The record of page `page`, made if it has none.
+    pub(super) fn get_mut(&mut self, page: usize) -> &mut PageRecord {
+        &mut self.chunk_mut(page / CHUNK_PAGES)[page % CHUNK_PAGES]
+    }
+
+    fn chunk_mut(&mut self, chunk: usize) -> &mut Chunk {
+        self.chunks
+            .entry(chunk)
+            .or_insert_with(|| Box::new([PageRecord::default(); CHUNK_PAGES]))
+    }
+
+    /// Calls `f` with every page of `range` and its record, making records where there are
+    /// none (for merges, which give every page of a window a record).
+    pub(super) fn update(
+        &mut self,
+        range: Range<usize>,
+        mut f: impl FnMut(usize, &mut PageRecord),
+    ) {
+        let mut page = range.start;
+        while page < range.end {
+            let chunk = page / CHUNK_PAGES;
+            let end = range.end.min((chunk + 1) * CHUNK_PAGES);
+            let records = self.chunk_mut(chunk);
+            for p in page..end {
+                f(p, &mut records[p % CHUNK_PAGES]);
+            }
+            page = end;
+        }
+    }
+
+    /// Calls `f` with every record of `range` that exists, and its page; makes none.
+    pub(super) fn update_existing(
+        &mut self,
+        range: Range<usize>,
+        mut f: impl FnMut(usize, &mut PageRecord),
+    ) {
+        for (&chunk, records) in self.chunks.range_mut(chunks_of(&range)) {
+            let first = chunk * CHUNK_PAGES;
+            for p in first.max(range.start)..(first + CHUNK_PAGES).min(range.end) {
+                if records[p - first].in_use() {
+                    f(p, &mut records[p - first]);
+                }
+            }
+        }
+    }
+
+    /// The records of `range` that are in use, with their pages, in page order.
+    pub(super) fn existing(
+        &self,
+        range: Range<usize>,
+    ) -> impl Iterator<Item = (usize, PageRecord)> + '_ {
+        self.chunks
+            .range(chunks_of(&range))
+            .flat_map(move |(&chunk, records)| {
+                let first = chunk * CHUNK_PAGES;
+                (first.max(range.start)..(first + CHUNK_PAGES).min(range.end))
+                    .map(move |p| (p, records[p - first]))
+                    .filter(|(_, record)| record.in_use())
+            })
+    }
+
+    /// Every record in use, with its page.
+    pub(super) fn all(&self) -> impl Iterator<Item = (usize, PageRecord)> + '_ {
+        self.existing(0..usize::MAX)
+    }
+
+    /// Maximal runs of pages in `range` whose records satisfy `pred`, which must be false for
+    /// a page without a record.
+    pub(super) fn runs(
+        &self,
+        range: Range<usize>,
+        pred: impl Fn(&PageRecord) -> bool,
+    ) -> Vec<Range<usize>> {
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for (page, record) in self.existing(range) {
+            if !pred(&record) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(run) if run.end == page => run.end += 1,
+                _ => runs.push(page..page + 1),
+            }
+        }
+        runs
+    }
+
+    /// Bytes the table takes: its chunks, and per chunk its B-tree entry (key and pointer)
+    /// with the allocator's header, an estimate of the tree's nodes.
+    pub(super) fn metadata_bytes(&self) -> usize {
+        self.chunks.len() * (size_of::<Chunk>() + 2 * size_of::<usize>() + 16)
     }
 }
 
@@ -77,25 +260,26 @@ impl MergeState {
     /// Stores a visit's checksum and whether the page counts as volatile; a change (or a
     /// merge) ends a smart-scan streak.
     pub(super) fn record_visit(&mut self, id: RegionId, page: usize, checksum: u64, settled: bool) {
-        let record = self.record_mut(id, page);
-        if record.checksum != checksum || !settled {
-            record.misses = 0;
+        let (records, counters) = self.records_and_counters(id);
+        let record = records.get_mut(page);
+        if record.checksum() != checksum || !settled {
+            record.set_misses(0);
         }
-        record.checksum = checksum;
-        let flags = (record.flags | SEEN) & !VOLATILE | if settled { 0 } else { VOLATILE };
-        self.set_flags(id, page, flags);
+        record.set_checksum(checksum);
+        let flags = (record.flags() | SEEN) & !VOLATILE | if settled { 0 } else { VOLATILE };
+        counters.set_flags(record, flags);
     }
 
     /// One more visit in which the page was unchanged and matched nothing (smart scan).
     pub(super) fn note_miss(&mut self, id: RegionId, page: usize) {
         let record = self.record_mut(id, page);
-        record.misses = record.misses.saturating_add(1);
+        record.set_misses(record.misses().saturating_add(1));
     }
 
     /// Sets a page's flags, keeping the counters derived from them in step.
     pub(super) fn set_flags(&mut self, id: RegionId, page: usize, flags: u8) {
         let (records, counters) = self.records_and_counters(id);
-        counters.set_flags(&mut records[page], flags);
+        counters.set_flags(records.get_mut(page), flags);
     }
 
     /// Takes a page's flags out of the counters derived from them.
@@ -108,7 +292,8 @@ impl Counters {
     /// Sets `record`'s flags to `flags`, keeping the counters derived from them in step; for
     /// loops that hold a region's records already.
     pub(super) fn set_flags(&mut self, record: &mut PageRecord, flags: u8) {
-        let was = std::mem::replace(&mut record.flags, flags);
+        let was = record.flags();
+        record.put_flags(flags);
         self.forget_flags(was);
         for (flag, counter) in self.flag_counters() {
             if flags & flag != 0 {
@@ -130,5 +315,49 @@ impl Counters {
             (VOLATILE, &mut self.pages_volatile),
             (ZERO, &mut self.zero_pages),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_packs_slot_flags_and_streak_into_one_word() {
+        let mut record = PageRecord::default();
+        assert!(!record.in_use());
+        record.set_stable(MAX_SLOTS + 1);
+        record.put_flags(SEEN | COPY);
+        record.set_misses(200);
+        record.set_checksum(u64::MAX);
+        assert_eq!(record.stable(), MAX_SLOTS + 1);
+        assert_eq!(record.flags(), SEEN | COPY);
+        assert_eq!(record.misses(), MAX_MISSES);
+        assert_eq!(record.checksum(), u64::MAX);
+        record.unmap_stable();
+        assert_eq!((record.stable(), record.flags()), (0, SEEN));
+        assert_eq!(record.misses(), MAX_MISSES);
+    }
+
+    #[test]
+    fn a_table_keeps_chunks_only_where_pages_have_records() {
+        let mut table = PageTable::default();
+        let far = (4usize << 30) / crate::PAGE_SIZE - 1;
+        table.get_mut(far).set_checksum(7);
+        table.get_mut(3).set_stable(5);
+        assert_eq!(table.chunks.len(), 2);
+        assert_eq!(table.get(far).checksum(), 7);
+        assert_eq!(table.get(far - 1), PageRecord::default());
+        let pages: Vec<usize> = table.all().map(|(page, _)| page).collect();
+        assert_eq!(pages, [3, far]);
+        assert_eq!(table.runs(2..far + 1, |r| r.in_use()), [3..4, far..far + 1]);
+        assert_eq!(table.runs(0..usize::MAX, |r| r.stable() != 0), [3..4]);
+        table.update(30..34, |_, record| record.set_stable(1));
+        assert_eq!(table.chunks.len(), 3);
+        assert_eq!(table.runs(0..100, |r| r.stable() != 0), [3..4, 30..34]);
+        let mut seen = Vec::new();
+        table.update_existing(0..40, |page, _| seen.push(page));
+        assert_eq!(seen, [3, 30, 31, 32, 33]);
+        assert!(table.metadata_bytes() < 2048);
     }
 }

@@ -17,7 +17,6 @@
 use std::ops::Range;
 
 use crate::Error;
-use crate::layout::runs_of;
 use crate::pagemap::PageBacking;
 use crate::quiesce::Quiescent;
 use crate::region::RegionId;
@@ -25,7 +24,6 @@ use crate::remap;
 use crate::stable::Slot;
 
 use super::MergeState;
-use super::budget::region_delta;
 use super::records::COPY;
 
 impl MergeState {
@@ -68,15 +66,14 @@ impl MergeState {
         // Pages of its own again: the region needs visits, whoever ran.
         record.quiet_at = None;
         record.visit.1 = false;
-        let delta = region_delta(&record.pages, range.clone(), |_| 0);
+        let delta = record.mapping_delta(range.clone(), |_| 0);
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
         for page in range {
             let record = self.record_mut(id, page);
             let slot = record.slot().expect("restore of an unmerged page");
             let copy = record.has(COPY);
-            record.stable = 0;
-            record.flags &= !COPY;
+            record.unmap_stable();
             self.leave_slot(slot, copy)?;
         }
         Ok(())
@@ -96,7 +93,7 @@ impl MergeState {
     /// mapping of its own memfd again.
     pub(crate) fn unmerge_region(&mut self, q: Quiescent<'_>, id: RegionId) -> Result<(), Error> {
         let record = self.regions.get(&id).ok_or(Error::UnknownRegion(id))?;
-        let merged: Vec<Range<usize>> = runs_of(&record.pages, |p| p.stable != 0).collect();
+        let merged = record.pages.runs(0..usize::MAX, |p| p.stable() != 0);
         for range in merged {
             self.restore(q, id, range)?;
         }
@@ -109,7 +106,7 @@ impl MergeState {
         let ids: Vec<RegionId> = self.regions.keys().copied().collect();
         for id in ids {
             let record = self.region(id);
-            if !record.pages.iter().any(|p| p.stable != 0) {
+            if !record.pages.all().any(|(_, p)| p.stable() != 0) {
                 continue;
             }
             match record.region.clone().owner.try_enter() {

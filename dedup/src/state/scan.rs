@@ -1,8 +1,12 @@
 //! Step 2 of a page's journey: the scanner's cursor, full passes, and the visit of a page.
 //!
 //! The cursor walks the regions in id order, `pages_to_scan` pages a batch; a *pass* ends when
-//! it passes the last region. Each pass the unstable index starts empty, as in KSM. A visit of
-//! a range first reads its page map (which also tells [`super::release`] which merged pages
+//! it passes the last region; only pages that exist count against `pages_to_scan`. Each pass
+//! the unstable index starts empty, as in KSM. A visit of a range looks only at the pages that
+//! exist: those the region's memfd holds data for (`SEEK_DATA`), and those with records
+//! (merged, private copies, punched zeros); a page never touched is not read, hashed or
+//! recorded, so a guest that grows to gigabytes and touches a few pages costs a few visits. It
+//! first reads the page map of each run of such pages (which also tells [`super::release`] which merged pages
 //! were written), then looks at each page:
 //!
 //! - merged pages and holes (never touched, or punched zeros) are passed over: reading a hole
@@ -88,11 +92,10 @@ impl MergeState {
                 return Ok(true);
             };
             let region = self.region(id).region.clone();
-            let pages = region.len() / PAGE_SIZE;
             let start = self.cursor.page;
             let Some(guard) = region.owner.try_enter() else {
                 self.counters.regions_busy_skips += 1;
-                budget = budget.saturating_sub(pages.saturating_sub(start).max(1));
+                budget -= 1;
                 pass_ended |= self.advance_region(id);
                 continue;
             };
@@ -108,10 +111,23 @@ impl MergeState {
                 }
                 record.visit = (entries, true);
             }
-            let end = pages.min(start + budget);
-            let result = self.scan_range(guard.quiescent(), id, start..end, Visit::Scan);
+            let pages = self.cover_length(id)?;
+            let mut spans = self.existing_spans(id, start..pages)?;
+            // Up to the budget's worth of pages that exist; holes cost nothing.
+            let mut left = budget;
+            spans.retain_mut(|span| {
+                let keep = left > 0;
+                span.end = span.end.min(span.start + left);
+                left -= span.len().min(left);
+                keep
+            });
+            let end = match spans.last() {
+                Some(last) if left == 0 => last.end,
+                _ => pages,
+            };
+            let result = self.scan_spans(guard.quiescent(), id, &spans, Visit::Scan);
             drop(guard);
-            budget -= (end - start).max(1);
+            budget -= (budget - left).max(1);
             if end >= pages {
                 let record = self.region_mut(id);
                 let (entries, quiet) = record.visit;
@@ -231,19 +247,46 @@ impl MergeState {
         visit: Visit,
     ) -> Result<(), Error> {
         let pages = self.cover_length(id)?;
-        let region = self.region(id).region.clone();
-        let range = range.start.min(pages)..range.end.min(pages);
-        if range.is_empty() {
-            return Ok(());
-        }
-        self.counters.pages_scanned += range.len() as u64;
-        self.counters.pages_visited_this_pass += range.len() as u64;
-        self.read_backing(&region, range.clone())?;
-        self.release_written(q, id, range.clone())?;
+        let spans = self.existing_spans(id, range.start.min(pages)..range.end.min(pages))?;
+        self.scan_spans(q, id, &spans, visit)
+    }
 
-        let mut page = range.start;
-        while page < range.end {
-            page += self.visit_page(q, id, &region, page, range.end, visit)?;
+    /// The pages of `range` that exist, as maximal runs in order: those with data in the
+    /// region's memfd, and those with records (merged pages, private copies, zeros punched).
+    /// Everything else was never touched, and is not visited.
+    fn existing_spans(
+        &self,
+        id: RegionId,
+        range: Range<usize>,
+    ) -> Result<Vec<Range<usize>>, Error> {
+        let record = self.region(id);
+        let data = crate::memfds::data_extents(&record.region.memfd, range.clone())
+            .map_err(|source| Error::DataExtents { region: id, source })?;
+        Ok(union_of_runs(
+            data,
+            record.pages.runs(range, |r| r.in_use()),
+        ))
+    }
+
+    /// Visits `spans` (in order, within the length) of region `id`, whose gate `q` proves
+    /// held.
+    fn scan_spans(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        spans: &[Range<usize>],
+        visit: Visit,
+    ) -> Result<(), Error> {
+        let region = self.region(id).region.clone();
+        for range in spans.iter().cloned() {
+            self.counters.pages_scanned += range.len() as u64;
+            self.counters.pages_visited_this_pass += range.len() as u64;
+            self.read_backing(&region, range.clone())?;
+            self.release_written(q, id, range.clone())?;
+            let mut page = range.start;
+            while page < range.end {
+                page += self.visit_page(q, id, &region, page, range.end, visit)?;
+            }
         }
         Ok(())
     }
@@ -279,7 +322,7 @@ impl MergeState {
     ) -> Result<usize, Error> {
         let record = self.record(id, page);
         let backing = self.backing_of(page);
-        if record.stable != 0 || !self.may_merge(&record) {
+        if record.stable() != 0 || !self.may_merge(id, page) {
             // Merged already, or advised never to be read.
             return Ok(1);
         }
@@ -294,13 +337,13 @@ impl MergeState {
             && !self
                 .counters
                 .full_scans
-                .is_multiple_of(smart_scan_period(record.misses))
+                .is_multiple_of(smart_scan_period(record.misses()))
         {
             self.counters.pages_skipped += 1;
             return Ok(1);
         }
         if record.has(ZERO) {
-            self.set_flags(id, page, record.flags & !ZERO);
+            self.set_flags(id, page, record.flags() & !ZERO);
         }
         let domain = region.owner.domain();
         // SAFETY: the gate is held (`q`) and `page` is below the length read under it.
@@ -309,13 +352,13 @@ impl MergeState {
         // A page that matches the stable page its last checksum names is unchanged and
         // mergeable at once: the comparison proves both, without hashing.
         if record.has(SEEN)
-            && let Some(slot) = self.stable.lookup((domain, record.checksum), content)
+            && let Some(slot) = self.stable.lookup((domain, record.checksum()), content)
         {
             return self.merge_onto_stable(q, id, page, end, slot, visit);
         }
 
         let checksum = xxh3_64(content);
-        let unchanged = record.has(SEEN) && record.checksum == checksum;
+        let unchanged = record.has(SEEN) && record.checksum() == checksum;
         // A first visit proves nothing either way; only a changed checksum is volatile.
         let changed = record.has(SEEN) && !unchanged;
         self.record_visit(id, page, checksum, !changed || visit == Visit::Now);
@@ -325,7 +368,7 @@ impl MergeState {
         if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
             crate::memfds::punch_region(q, region, page, 1)
                 .map_err(|source| Error::Punch { region: id, source })?;
-            let flags = self.record(id, page).flags;
+            let flags = self.record(id, page).flags();
             self.set_flags(id, page, flags | ZERO);
             return Ok(1);
         }
@@ -342,5 +385,35 @@ impl MergeState {
         self.unstable.insert(key, PageRef { region: id, page });
         self.note_miss(id, page);
         Ok(1)
+    }
+}
+
+/// The union of two lists of page runs, each sorted and disjoint: sorted, disjoint, and with
+/// touching runs joined.
+fn union_of_runs(a: Vec<Range<usize>>, b: Vec<Range<usize>>) -> Vec<Range<usize>> {
+    let mut all = a;
+    all.extend(b);
+    all.sort_by_key(|run| run.start);
+    let mut union: Vec<Range<usize>> = Vec::with_capacity(all.len());
+    for run in all {
+        match union.last_mut() {
+            Some(last) if last.end >= run.start => last.end = last.end.max(run.end),
+            _ => union.push(run),
+        }
+    }
+    union
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_join_where_they_touch_or_overlap() {
+        assert_eq!(
+            union_of_runs(vec![0..2, 10..12], vec![2..4, 11..20, 30..31]),
+            [0..4, 10..20, 30..31]
+        );
+        assert_eq!(union_of_runs(Vec::new(), vec![5..6]), [5..6]);
     }
 }
