@@ -6,8 +6,8 @@
 //! exist: those the region's memfd holds data for (`SEEK_DATA`), and those with records
 //! (merged, private copies, punched zeros); a page never touched is not read, hashed or
 //! recorded, so a guest that grows to gigabytes and touches a few pages costs a few visits. It
-//! first reads the page map of each run of such pages (which also tells [`super::release`] which merged pages
-//! were written), then looks at each page:
+//! first reads the page map of each run of such pages (which also tells [`super::release`]
+//! which merged pages were written), then looks at each page:
 //!
 //! - merged pages and holes (never touched, or punched zeros) are passed over: reading a hole
 //!   would allocate a page;
