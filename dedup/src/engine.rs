@@ -10,8 +10,9 @@ use memfd::Memfd;
 use parking_lot::{Condvar, Mutex};
 
 use crate::advice::{Advice, MergeScope};
+use crate::image::MemoryImage;
 use crate::pagemap::Pagemap;
-use crate::quiesce::{Owner, OwnerGuard, OwnerId};
+use crate::quiesce::{DomainId, Owner, OwnerGuard, OwnerId, Quiescent};
 use crate::region::{Region, RegionId};
 use crate::scanner::{ParkVisit, ScannerThread};
 use crate::stable::StableStore;
@@ -143,17 +144,98 @@ impl Engine {
         base: *mut u8,
         len: usize,
     ) -> Result<RegionHandle, Error> {
+        // SAFETY: the caller keeps `register`'s contract, which is this one's without image.
+        unsafe { self.register_with_image(owner, memfd, base, len, None) }
+    }
+
+    /// Registers `len` bytes at `base` for merging, as [`Engine::register`], and maps
+    /// `image` over their start: its pages begin merged (see [`crate::image`]).
+    ///
+    /// # Safety
+    /// As for [`Engine::register`]; besides, every page of `memfd` reads zeros, and nobody
+    /// touches the range before this returns (quiescence rule 6).
+    pub unsafe fn register_with_image(
+        &self,
+        owner: &Owner,
+        memfd: Arc<Memfd>,
+        base: *mut u8,
+        len: usize,
+        image: Option<&MemoryImage>,
+    ) -> Result<RegionHandle, Error> {
         let base = base as usize;
         if !base.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Unaligned { base, len });
         }
+        if let Some(image) = image {
+            self.check_image(image, owner, len)?;
+        }
         let region = Arc::new(Region::new(owner.clone(), memfd, base, len));
-        self.shared.state.lock().add_region(region.clone());
+        let mut state = self.shared.state.lock();
+        state.add_region(region.clone());
+        if let Some(image) = image {
+            let mapped = state.map_image(Quiescent::unpublished(owner), region.id, image.id);
+            if let Err(error) = mapped {
+                let _ = state.remove_region(region.id);
+                return Err(error);
+            }
+        }
+        drop(state);
         self.shared.wake.notify_all();
         Ok(RegionHandle {
             region,
             shared: self.shared.clone(),
         })
+    }
+
+    /// Builds a module image of `bytes` (whole pages; the initial content of a region from
+    /// its start) for regions of `domain` (see [`crate::image`]).
+    pub fn image(&self, domain: DomainId, bytes: &[u8]) -> Result<MemoryImage, Error> {
+        let id = self.shared.state.lock().publish_image(domain, bytes)?;
+        Ok(MemoryImage::new(
+            id,
+            domain,
+            bytes.len(),
+            self.shared.clone(),
+        ))
+    }
+
+    /// Puts `region` back to what it was when registered with `image` (or to zeros without
+    /// one), in time proportional to the pages its owner touched since: what the owner wrote
+    /// is freed, and the image's pages are mapped again. The region keeps its length.
+    pub fn reset_region(
+        &self,
+        guard: &OwnerGuard,
+        region: impl Into<RegionId>,
+        image: Option<&MemoryImage>,
+    ) -> Result<(), Error> {
+        let id = region.into();
+        let mut state = self.shared.state.lock();
+        let len = state.region_len(id).ok_or(Error::UnknownRegion(id))?;
+        state.checked_pages(guard, id, 0..len)?;
+        if let Some(image) = image {
+            let owner = state.region_owner(id).ok_or(Error::UnknownRegion(id))?;
+            self.check_image(image, &owner, len)?;
+        }
+        state.reset_region(guard.quiescent(), id, image.map(|image| image.id))
+    }
+
+    fn check_image(&self, image: &MemoryImage, owner: &Owner, len: usize) -> Result<(), Error> {
+        if !Arc::ptr_eq(&image.shared, &self.shared) {
+            return Err(Error::ForeignImage);
+        }
+        if image.domain() != owner.domain() {
+            return Err(Error::ImageDomain {
+                image: image.domain(),
+                region: owner.domain(),
+            });
+        }
+        if image.len() > len {
+            return Err(Error::ImageTooLong {
+                image: image.len(),
+                region: len,
+            });
+        }
+        Ok(())
     }
 
     /// Merges what can be merged in `range` (bytes, page-aligned) of `region` now, without

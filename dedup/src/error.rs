@@ -48,6 +48,18 @@ pub enum Error {
     PagemapRead { region: RegionId, source: io::Error },
     #[error("finding the pages that hold data in the memfd of region {region:?} failed: {source}")]
     DataExtents { region: RegionId, source: io::Error },
+    #[error("the stable store is full: no room for {pages} more pages of a module image")]
+    StableFull { pages: usize },
+    #[error("a module image must be whole pages, got {0} bytes")]
+    ImageUnaligned(usize),
+    #[error("a module image of {image} bytes does not fit a region of {region} bytes")]
+    ImageTooLong { image: usize, region: usize },
+    #[error("a module image of domain {image} cannot go into a region of domain {region}")]
+    ImageDomain { image: u32, region: u32 },
+    #[error("the module image belongs to another engine")]
+    ForeignImage,
+    #[error("writing a module image into region {region:?} failed: {source}")]
+    ImageWrite { region: RegionId, source: io::Error },
     #[error("writing new stable pages into the stable memfd failed: {0}")]
     StableWrite(#[source] io::Error),
     #[error("freeing stable pages nobody shares any more failed: {0}")]

@@ -85,6 +85,7 @@
 //! | a match grows into a run or a window and is mapped onto stable slots | `state/merge.rs`, with `layout.rs` (window shape, mapping cost) and `state/budget.rs` (map-count budget) |
 //! | the stable page: slots, sharers, chains and dups | `stable/mod.rs`, `stable/index.rs`, `stable/slots.rs` |
 //! | the system calls: remapping, and memfd punches | `remap.rs`, `memfds.rs` |
+//! | module images: built in the stable store, mapped as merged pages, reset | `image.rs`, `state/image.rs` |
 //! | copy-on-write break | the kernel (nothing of samepage runs) |
 //! | sharer-left recovery and unmerge | `state/release.rs` (the page map is read in `pagemap.rs`) |
 //! | counters, per-owner figures, audit | `state/accounting.rs`, `stats.rs` |
@@ -94,6 +95,7 @@
 pub mod advice;
 pub mod advisor;
 pub mod error;
+pub mod image;
 pub mod knobs;
 pub mod mapping;
 pub mod pattern;
@@ -114,6 +116,7 @@ pub use advice::{Advice, MergeScope};
 pub use advisor::Advisor;
 pub use engine::{Engine, EngineConfig, MergeNowReport, RegionHandle};
 pub use error::Error;
+pub use image::MemoryImage;
 pub use knobs::{KnobRange, Knobs, RunMode};
 pub use mapping::{MappingError, MemfdMapping};
 pub use quiesce::{DomainId, Owner, OwnerGuard, OwnerId};

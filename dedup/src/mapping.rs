@@ -27,7 +27,7 @@ use std::sync::Arc;
 use memfd::Memfd;
 use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
 
-use crate::{Engine, Error, Owner, PAGE_SIZE, RegionHandle};
+use crate::{Engine, Error, MemoryImage, Owner, PAGE_SIZE, RegionHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MappingError {
@@ -88,6 +88,26 @@ impl MemfdMapping {
         capacity: usize,
         guard: usize,
     ) -> Result<Self, MappingError> {
+        Self::with_image(
+            engine.map(|engine| (engine, None)),
+            owner,
+            name,
+            len,
+            capacity,
+            guard,
+        )
+    }
+
+    /// [`MemfdMapping::new`], registered with the engine of `merged`, whose pages start as
+    /// `image` says (see [`crate::image`]) rather than zeros.
+    pub fn with_image(
+        merged: Option<(&Engine, Option<&MemoryImage>)>,
+        owner: &Owner,
+        name: &str,
+        len: usize,
+        capacity: usize,
+        guard: usize,
+    ) -> Result<Self, MappingError> {
         let (len, capacity, guard) = (aligned(len)?, aligned(capacity)?, aligned(guard)?);
         if len > capacity {
             return Err(MappingError::BeyondCapacity {
@@ -120,11 +140,13 @@ impl MemfdMapping {
             handle: None,
         };
         mapping.extend(len)?;
-        if let Some(engine) = engine {
+        if let Some((engine, image)) = merged {
             // SAFETY: the invariants in the module docs hold from here on: the memfd is mapped
-            // at `base` for `len` bytes, and `Drop` lets go of the handle before unmapping.
-            let handle =
-                unsafe { engine.register(owner, mapping.memfd.clone(), mapping.base, len) }?;
+            // at `base` for `len` bytes, and `Drop` lets go of the handle before unmapping. The
+            // memfd is fresh (all zeros), and nobody has the address yet.
+            let handle = unsafe {
+                engine.register_with_image(owner, mapping.memfd.clone(), mapping.base, len, image)
+            }?;
             mapping.handle = Some(handle);
         }
         Ok(mapping)

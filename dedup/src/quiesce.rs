@@ -25,6 +25,11 @@
 //!    its first sharer maps it, and keeps its own view of the stable memfd read-only, so a
 //!    stray write through that view faults instead of corrupting every sharer.
 //!
+//! 6. **A region is quiescent until its registration returns.** The caller of
+//!    [`crate::Engine::register_with_image`] promises that nobody touches the range before the
+//!    call returns (its address has not been handed out yet), so the engine maps the module
+//!    image into it then, with a token made for that alone ([`Quiescent::unpublished`]).
+//!
 //! The kernel does the rest: a sharer's mapping of a stable page is `MAP_PRIVATE`, so a write
 //! by the instance (with its guard held, by rule 1) takes a copy-on-write fault and never
 //! reaches the stable page or any other sharer.
@@ -140,6 +145,18 @@ impl OwnerGuard {
 impl Quiescent<'_> {
     pub(crate) fn owner(&self) -> OwnerId {
         self.owner
+    }
+}
+
+impl Quiescent<'static> {
+    /// The token for a region that is being registered (rule 6): nobody but the engine can
+    /// reach it yet, whoever holds its owner's gate. Only `Engine::register_with_image` makes
+    /// one, for the region it is registering.
+    pub(crate) fn unpublished(owner: &Owner) -> Self {
+        Quiescent {
+            owner: owner.id,
+            _held: std::marker::PhantomData,
+        }
     }
 }
 

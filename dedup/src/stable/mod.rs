@@ -68,7 +68,11 @@ pub(crate) struct StableNode {
     /// keep the slot from being reused, so that nothing a mapping covers ever changes under
     /// it, but need no content in it.
     pub(crate) copies: u32,
-    /// Whether the slot holds a stable page (from publication until its last sharer left).
+    /// Module images that hold this page for instances still to come ([`crate::image`]):
+    /// a pinned page keeps its content with no sharer.
+    pub(crate) pins: u32,
+    /// Whether the slot holds a stable page (from publication until its last sharer left
+    /// and its last pin went).
     pub(crate) content: bool,
     /// Whether the index finds this page (false after a checksum collision).
     pub(crate) indexed: bool,
@@ -92,6 +96,9 @@ pub(crate) struct StableStore {
     in_use: u64,
     /// Sum of sharers over slots in use.
     sharers: u64,
+    /// Slots in use that no region page shares (pinned image pages, and pages just
+    /// published): they save nothing yet.
+    idle: u64,
 }
 
 impl StableStore {
@@ -114,6 +121,7 @@ impl StableStore {
             max_sharing,
             in_use: 0,
             sharers: 0,
+            idle: 0,
         })
     }
 
@@ -192,6 +200,7 @@ impl StableStore {
                 key: key.unwrap_or_default(),
                 sharers: 0,
                 copies: 0,
+                pins: 0,
                 content: key.is_some(),
                 indexed: false,
             });
@@ -199,6 +208,7 @@ impl StableStore {
                 let indexed = self.index_slot(key, slot);
                 self.node_mut(slot).indexed = indexed;
                 self.in_use += 1;
+                self.idle += 1;
             }
         }
         Ok(Some(first))
@@ -231,11 +241,16 @@ impl StableStore {
 
     /// Records one more sharer of `slot`.
     pub(crate) fn add_sharer(&mut self, slot: Slot) {
-        self.node_mut(slot).sharers += 1;
+        let node = self.node_mut(slot);
+        node.sharers += 1;
+        if node.sharers == 1 {
+            self.idle -= 1;
+        }
         self.sharers += 1;
     }
 
-    /// Records that one sharer of `slot` left; frees the page when it was the last.
+    /// Records that one sharer of `slot` left; frees the page when it was the last and no
+    /// image pins it.
     pub(crate) fn drop_sharer(&mut self, slot: Slot) -> Result<(), Error> {
         let node = self.node_mut(slot);
         node.sharers -= 1;
@@ -244,6 +259,33 @@ impl StableStore {
         if node.sharers > 0 {
             return Ok(());
         }
+        self.idle += 1;
+        if node.pins > 0 {
+            return Ok(());
+        }
+        self.retire(slot)
+    }
+
+    /// Pins `slot`'s page for a module image: it keeps its content with no sharer.
+    pub(crate) fn pin(&mut self, slot: Slot) {
+        self.node_mut(slot).pins += 1;
+    }
+
+    /// Takes an image's pin off `slot`; frees the page when nothing else holds it.
+    pub(crate) fn unpin(&mut self, slot: Slot) -> Result<(), Error> {
+        let node = self.node_mut(slot);
+        node.pins -= 1;
+        if node.pins > 0 || node.sharers > 0 {
+            return Ok(());
+        }
+        self.retire(slot)
+    }
+
+    /// Ends the page of `slot`, which nothing shares or pins any more: out of the index, and
+    /// its memory punched; the slot itself goes once no private copy lies over it.
+    fn retire(&mut self, slot: Slot) -> Result<(), Error> {
+        let node = *self.node_mut(slot);
+        self.idle -= 1;
         if node.indexed {
             self.unindex_slot(node.key, slot);
         }
@@ -269,6 +311,7 @@ impl StableStore {
             }
             if node.content {
                 self.in_use -= 1;
+                self.idle -= 1;
             }
             self.nodes[slot as usize] = None;
         }
@@ -292,7 +335,7 @@ impl StableStore {
 
     /// `pages_sharing`: sharers beyond the first of each page.
     pub(crate) fn pages_sharing(&self) -> u64 {
-        self.sharers - self.in_use
+        self.sharers - (self.in_use - self.idle)
     }
 
     pub(crate) fn metadata_bytes(&self) -> usize {

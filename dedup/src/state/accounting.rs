@@ -131,8 +131,9 @@ impl MergeState {
         for (slot, node) in self.stable.nodes() {
             audit.stable_pages += u64::from(node.content);
             audit.max_sharers = audit.max_sharers.max(node.sharers);
-            if mapped.remove(&slot) != Some((node.sharers, node.copies))
-                || node.content != (node.sharers > 0)
+            // A pinned image page may have no sharer and no copy at all.
+            if mapped.remove(&slot).unwrap_or_default() != (node.sharers, node.copies)
+                || node.content != (node.sharers > 0 || node.pins > 0)
             {
                 audit.mismatched_slots.push(slot);
             }

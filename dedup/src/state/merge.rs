@@ -255,6 +255,21 @@ impl MergeState {
         let record = self.region_mut(id);
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
+        self.note_window(id, page, shares, slot);
+        self.counters.merges_this_pass += 1;
+        if self.punch_after_calls && self.in_owner_call {
+            // The merge stands; freeing the replaced pages can wait for the scanner.
+            self.deferred_punches.push((region, page..page + len));
+        } else if crate::memfds::punch_region(q, &region, page, len).is_err() {
+            self.counters.punch_failures += 1;
+        }
+        Ok(true)
+    }
+
+    /// Records that pages `page..` of region `id` now map the slots from `slot`: where
+    /// `shares` is true as sharers, where false as private copies.
+    pub(super) fn note_window(&mut self, id: RegionId, page: usize, shares: &[bool], slot: Slot) {
+        let len = shares.len();
         // One lookup of the region's records for the whole window: this loop runs once per
         // merged page.
         let records = &mut self
@@ -281,14 +296,6 @@ impl MergeState {
             };
             self.counters.set_flags(record, flags);
         });
-        self.counters.merges_this_pass += 1;
-        if self.punch_after_calls && self.in_owner_call {
-            // The merge stands; freeing the replaced pages can wait for the scanner.
-            self.deferred_punches.push((region, page..page + len));
-        } else if crate::memfds::punch_region(q, &region, page, len).is_err() {
-            self.counters.punch_failures += 1;
-        }
-        Ok(true)
     }
 
     /// Runs `f`, a merge on an owner's call (merge-now, merge on instantiation): on an engine

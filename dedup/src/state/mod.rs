@@ -34,6 +34,7 @@
 mod accounting;
 mod advice;
 mod budget;
+mod image;
 mod merge;
 mod records;
 mod release;
@@ -51,7 +52,7 @@ use crate::{Error, Knobs};
 
 pub use accounting::Audit;
 use advice::AdviceMap;
-use records::{COPY, PageRecord, PageTable};
+use records::{PageRecord, PageTable};
 pub(crate) use scan::Visit;
 use scan::{Cursor, PageRef};
 
@@ -106,6 +107,9 @@ pub(crate) struct MergeState {
     /// Ranges of regions' own memfd pages that merges on owners' calls replaced, waiting to
     /// be freed ([`MergeState::free_deferred`]).
     deferred_punches: Vec<(Arc<Region>, std::ops::Range<usize>)>,
+    /// Module images, by number ([`image`]).
+    images: HashMap<u64, image::ImageRecord>,
+    next_image: u64,
 }
 
 impl MergeState {
@@ -137,6 +141,8 @@ impl MergeState {
             punch_after_calls,
             in_owner_call: false,
             deferred_punches: Vec::new(),
+            images: HashMap::new(),
+            next_image: 0,
         }
     }
 
@@ -162,15 +168,7 @@ impl MergeState {
             return Err(Error::UnknownRegion(id));
         };
         self.vmas = self.vmas.saturating_sub(record.vmas);
-        let mut result = Ok(());
-        for (_, page) in record.pages.all() {
-            if let Some(slot) = page.slot()
-                && let Err(error) = self.leave_slot(slot, page.has(COPY))
-            {
-                result = Err(error);
-            }
-            self.forget_flags(page.flags());
-        }
+        let result = self.forget_records(&record.pages);
         if self.cursor.region == Some(id) {
             self.cursor.page = 0;
         }
@@ -259,6 +257,11 @@ impl MergeState {
             });
         }
         Ok(range.start / page..range.end / page)
+    }
+
+    /// The owner of region `id`.
+    pub(crate) fn region_owner(&self, id: RegionId) -> Option<crate::Owner> {
+        Some(self.regions.get(&id)?.region.owner.clone())
     }
 
     /// The current length of region `id` in bytes.

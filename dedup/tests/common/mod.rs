@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE, RegionHandle};
+use samepage_dedup::{
+    Engine, EngineConfig, Knobs, MemfdMapping, MemoryImage, Owner, PAGE_SIZE, RegionHandle,
+};
 use std::os::unix::fs::MetadataExt;
 
 /// An engine without a background scanner: tests step it with `scan_pass`.
@@ -49,6 +51,45 @@ impl TestRegion {
             owner,
             mapping,
             shadow: vec![0; len],
+        }
+    }
+
+    /// A region of `pages` pages that starts as `image`, whose bytes are `bytes`.
+    pub fn with_image(
+        engine: &Engine,
+        owner: Owner,
+        pages: usize,
+        image: &MemoryImage,
+        bytes: &[u8],
+    ) -> Self {
+        let len = pages * PAGE_SIZE;
+        let mapping = MemfdMapping::with_image(
+            Some((engine, Some(image))),
+            &owner,
+            "test-region",
+            len,
+            4 * len,
+            0,
+        )
+        .expect("mapping with an image");
+        let mut shadow = vec![0; len];
+        shadow[..bytes.len()].copy_from_slice(bytes);
+        Self {
+            owner,
+            mapping,
+            shadow,
+        }
+    }
+
+    /// Resets the region to `image` (whose bytes are the second item), or to zeros.
+    pub fn reset(&mut self, engine: &Engine, image: Option<(&MemoryImage, &[u8])>) {
+        let guard = self.owner.enter();
+        engine
+            .reset_region(&guard, self.handle().id(), image.map(|(image, _)| image))
+            .expect("reset");
+        self.shadow.fill(0);
+        if let Some((_, bytes)) = image {
+            self.shadow[..bytes.len()].copy_from_slice(bytes);
         }
     }
 

@@ -1,0 +1,272 @@
+//! Module images in the stable store, and resetting a region to one (see [`crate::image`]).
+//!
+//! An image is a list of *segments*: runs of its non-zero pages, each held by contiguous
+//! stable slots that the image pins. Zero pages need nothing: a fresh memfd reads zeros. A
+//! segment whose bytes are already stable in the image's domain (another module's image, or
+//! pages the scanner merged) reuses those slots, so images of two modules share the pages
+//! where they agree; other stretches are published anew and indexed, so the scanner merges
+//! later pages onto them like onto any stable page.
+//!
+//! Mapping an image into a region maps each segment onto its slots with one `mmap`, and the
+//! region's records say those pages share their slots: from then on they are ordinary
+//! sharers (copy-on-write on write, sharer-left recovery). A segment whose slots hold
+//! `max_page_sharing` sharers gets a *copy*: the same bytes in fresh slots, which the stable
+//! index chains as dups, pinned by the image too. When the map-count budget cannot pay for a
+//! segment's mapping, its bytes are written into the region's memfd instead.
+
+use std::os::unix::fs::FileExt;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::quiesce::{DomainId, Quiescent};
+use crate::region::RegionId;
+use crate::stable::{ContentKey, Slot};
+use crate::{Error, PAGE_SIZE, remap};
+
+use super::MergeState;
+use super::records::{COPY, PageTable};
+
+/// An image the state holds: its runs of non-zero pages.
+pub(crate) struct ImageRecord {
+    segments: Vec<ImageSegment>,
+}
+
+/// A run of an image's non-zero pages.
+struct ImageSegment {
+    /// First page of the run in the image.
+    page: usize,
+    /// Pages in the run.
+    len: usize,
+    /// The first slot of each copy of the run's bytes, all pinned by the image; the first
+    /// copy with room for one more sharer on every page is the one mapped.
+    copies: Vec<Slot>,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
+impl MergeState {
+    /// Builds an image of `bytes` (whole pages) for regions of `domain`; returns its number.
+    pub(crate) fn publish_image(&mut self, domain: DomainId, bytes: &[u8]) -> Result<u64, Error> {
+        if !bytes.len().is_multiple_of(PAGE_SIZE) {
+            return Err(Error::ImageUnaligned(bytes.len()));
+        }
+        let pages = bytes.len() / PAGE_SIZE;
+        let page_bytes = |p: usize| &bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+        let key = |p: usize| -> ContentKey { (domain, xxh3_64(page_bytes(p))) };
+        let mut segments = Vec::new();
+        let mut page = 0;
+        let built = (|| {
+            while page < pages {
+                if is_zero(page_bytes(page)) {
+                    page += 1;
+                    continue;
+                }
+                let (len, first) =
+                    if let Some(slot) = self.stable.lookup(key(page), page_bytes(page)) {
+                        // Already stable: take the slots for as long as the bytes go on agreeing.
+                        let mut len = 1;
+                        while page + len < pages {
+                            let next = slot + len as Slot;
+                            let agrees = self
+                                .stable
+                                .node(next)
+                                .is_some_and(|node| node.key.0 == domain)
+                                && self.stable.has_room_at(next)
+                                && self.stable.page(next) == page_bytes(page + len);
+                            if !agrees {
+                                break;
+                            }
+                            len += 1;
+                        }
+                        (len, slot)
+                    } else {
+                        let mut len = 1;
+                        while page + len < pages
+                            && !is_zero(page_bytes(page + len))
+                            && self
+                                .stable
+                                .lookup(key(page + len), page_bytes(page + len))
+                                .is_none()
+                        {
+                            len += 1;
+                        }
+                        let keys: Vec<Option<ContentKey>> =
+                            (page..page + len).map(|p| Some(key(p))).collect();
+                        let run = &bytes[page * PAGE_SIZE..(page + len) * PAGE_SIZE];
+                        let slot = self
+                            .stable
+                            .publish(run, &keys)?
+                            .ok_or(Error::StableFull { pages: len })?;
+                        (len, slot)
+                    };
+                for n in 0..len {
+                    self.stable.pin(first + n as Slot);
+                }
+                segments.push(ImageSegment {
+                    page,
+                    len,
+                    copies: vec![first],
+                });
+                page += len;
+            }
+            Ok(())
+        })();
+        let record = ImageRecord { segments };
+        if let Err(error) = built {
+            // Unpin what was pinned: nothing maps it yet.
+            self.release_image(record)?;
+            return Err(error);
+        }
+        let id = self.next_image;
+        self.next_image += 1;
+        self.images.insert(id, record);
+        Ok(id)
+    }
+
+    /// Forgets image `image`: its pages go once no region page shares them.
+    pub(crate) fn drop_image(&mut self, image: u64) -> Result<(), Error> {
+        match self.images.remove(&image) {
+            Some(record) => self.release_image(record),
+            None => Ok(()),
+        }
+    }
+
+    fn release_image(&mut self, record: ImageRecord) -> Result<(), Error> {
+        let mut result = Ok(());
+        for segment in &record.segments {
+            for &first in &segment.copies {
+                for n in 0..segment.len {
+                    if let Err(error) = self.stable.unpin(first + n as Slot) {
+                        result = Err(error);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Maps image `image` into region `id` from its first page, whose pages map the region's
+    /// own memfd and hold zeros there (a fresh region, or one just reset); `q` proves its
+    /// gate held, or that it is being registered.
+    pub(crate) fn map_image(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        image: u64,
+    ) -> Result<(), Error> {
+        let segments = self.images[&image].segments.len();
+        for index in 0..segments {
+            let (page, len) = {
+                let segment = &self.images[&image].segments[index];
+                (segment.page, segment.len)
+            };
+            let first = self.copy_with_room(image, index)?;
+            let region = self.region(id);
+            let delta = region.mapping_delta(page..page + len, |n| first + 1 + n as Slot);
+            let region = region.region.clone();
+            if !self.budget_allows(delta, len) {
+                // No mappings to spare: the region gets the bytes in its own memfd instead.
+                for n in 0..len {
+                    region
+                        .memfd
+                        .as_file()
+                        .write_all_at(
+                            self.stable.page(first + n as Slot),
+                            ((page + n) * PAGE_SIZE) as u64,
+                        )
+                        .map_err(|source| Error::ImageWrite { region: id, source })?;
+                }
+                continue;
+            }
+            remap::map_stable(q, &region, page, len, self.stable.fd(), u64::from(first))?;
+            let record = self.region_mut(id);
+            record.vmas = record.vmas.saturating_add_signed(delta);
+            self.vmas = self.vmas.saturating_add_signed(delta);
+            self.note_window(id, page, &vec![true; len], first);
+        }
+        Ok(())
+    }
+
+    /// The first copy of segment `index` of `image` with room for a sharer on every page;
+    /// made when there is none.
+    fn copy_with_room(&mut self, image: u64, index: usize) -> Result<Slot, Error> {
+        let segment = &self.images[&image].segments[index];
+        let len = segment.len as Slot;
+        if let Some(&first) = segment
+            .copies
+            .iter()
+            .find(|&&first| (first..first + len).all(|slot| self.stable.has_room_at(slot)))
+        {
+            return Ok(first);
+        }
+        let original = segment.copies[0];
+        let mut bytes = Vec::with_capacity(segment.len * PAGE_SIZE);
+        let mut keys = Vec::with_capacity(segment.len);
+        for slot in original..original + len {
+            bytes.extend_from_slice(self.stable.page(slot));
+            keys.push(self.stable.node(slot).map(|node| node.key));
+        }
+        let first = self
+            .stable
+            .publish(&bytes, &keys)?
+            .ok_or(Error::StableFull { pages: segment.len })?;
+        for slot in first..first + len {
+            self.stable.pin(slot);
+        }
+        self.images
+            .get_mut(&image)
+            .expect("looked up above")
+            .segments[index]
+            .copies
+            .push(first);
+        Ok(first)
+    }
+
+    /// Puts region `id` back as it was when made with `image` (or empty without one), in time
+    /// proportional to what changed: every page leaves its stable slot, one mapping of the
+    /// region's memfd replaces whatever lay over it (private copies with it), the memfd's
+    /// pages with data are punched, and the image is mapped again.
+    pub(crate) fn reset_region(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        image: Option<u64>,
+    ) -> Result<(), Error> {
+        let pages = self.cover_length(id)?;
+        let record = self.region_mut(id);
+        let records = std::mem::take(&mut record.pages);
+        let vmas = std::mem::take(&mut record.vmas);
+        let region = record.region.clone();
+        record.quiet_at = None;
+        record.visit.1 = false;
+        self.vmas = self.vmas.saturating_sub(vmas);
+        let mut result = self.forget_records(&records);
+        remap::map_own(q, &region, 0, pages)?;
+        let written = crate::memfds::data_extents(&region.memfd, 0..pages)
+            .map_err(|source| Error::DataExtents { region: id, source })?;
+        for run in written {
+            crate::memfds::punch_region(q, &region, run.start, run.len())
+                .map_err(|source| Error::Punch { region: id, source })?;
+        }
+        if let Some(image) = image {
+            result = result.and(self.map_image(q, id, image));
+        }
+        result
+    }
+
+    /// Takes a region's records out of the stable nodes and counters (the region keeps none).
+    pub(super) fn forget_records(&mut self, records: &PageTable) -> Result<(), Error> {
+        let mut result = Ok(());
+        for (_, page) in records.all() {
+            if let Some(slot) = page.slot()
+                && let Err(error) = self.leave_slot(slot, page.has(COPY))
+            {
+                result = Err(error);
+            }
+            self.forget_flags(page.flags());
+        }
+        result
+    }
+}
