@@ -146,6 +146,8 @@ declare_stats! {
     general_profit_bytes: i64, ksm: Some("general_profit");
     /// Bytes of metadata the engine keeps (per-page records, stable nodes, indexes).
     metadata_bytes: u64, ksm: None;
+    /// Stable pages that module images hold for instances to come, shared or not.
+    image_pages: u64, ksm: None;
     /// Registered regions.
     regions: u64, ksm: None;
     /// Merges (runs remapped) in the last complete pass; zero means the pass found nothing new.

@@ -30,8 +30,9 @@ fn regions_made_from_an_image_start_merged_without_a_copy() {
     let engine = manual_engine(Knobs::default());
     let bytes = image_bytes(1, 64);
     let image = engine.image(0, &bytes).expect("image");
-    let stored = engine.stats().pages_shared;
-    assert_eq!(stored, 48, "the non-zero pages, once");
+    let stats = engine.stats();
+    assert_eq!(stats.image_pages, 48, "the non-zero pages, once");
+    assert_eq!(stats.pages_shared, 0, "no sharer yet");
     let regions: Vec<TestRegion> = (0..4)
         .map(|_| TestRegion::with_image(&engine, Owner::new(0), 128, &image, &bytes))
         .collect();
@@ -51,9 +52,11 @@ fn regions_made_from_an_image_start_merged_without_a_copy() {
     assert!(engine.audit().index_sound);
     // The image lives on without regions, and goes with its last holder.
     drop(regions);
-    assert_eq!(engine.stats().pages_shared, 48);
+    assert_eq!(engine.stats().image_pages, 48);
+    assert_eq!(engine.audit().stable_pages, 48);
     drop(image);
-    assert_eq!(engine.stats().pages_shared, 0);
+    assert_eq!(engine.stats().image_pages, 0);
+    assert_eq!(engine.audit().stable_pages, 0);
 }
 
 #[test]
@@ -122,10 +125,10 @@ fn images_of_two_modules_share_the_pages_where_they_agree_within_a_domain_only()
     let a = engine.image(0, &first).expect("image");
     let b = engine.image(0, &second).expect("image");
     // 12 non-zero pages of the first, plus the 3 non-zero of the second's last four.
-    assert_eq!(engine.stats().pages_shared, 12 + 3);
+    assert_eq!(engine.stats().image_pages, 12 + 3);
     let other_tenant = engine.image(1, &first).expect("image");
     assert_eq!(
-        engine.stats().pages_shared,
+        engine.stats().image_pages,
         12 + 3 + 12,
         "no sharing across domains"
     );

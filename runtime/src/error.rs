@@ -45,6 +45,11 @@ pub enum RuntimeError {
          on the pooling allocator"
     )]
     ForeignMemories { created: usize, expected: usize },
+    #[error(
+        "the module's data segments were lifted into images, which only a merging host maps: \
+         compile it with wasmtime::Module::new for a host that does not merge"
+    )]
+    ImagesWithoutMerging,
     #[error("the instance has no export named {0:?}")]
     MissingExport(String),
     #[error(

@@ -60,9 +60,9 @@ impl Default for HostConfig {
 #[derive(Clone, Debug)]
 pub enum Program {
     /// A WASI preview 1 core module (a command with `_start`, or a reactor).
-    Module(Module),
+    Module(crate::Module),
     /// A component; a command exports `wasi:cli/run` and gets WASI preview 2.
-    Component(Component),
+    Component(crate::Component),
 }
 
 /// What a host's stores hold: the instance's WASI context and its owner.
@@ -171,11 +171,15 @@ impl Host {
             .map_err(RuntimeError::InvalidModuleBytes)
     }
 
+    /// Compiles `bytes`; with merging, data segments are lifted into module images
+    /// ([`crate::image`]), else wasmtime keeps them.
     fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Program> {
-        Ok(if is_component(bytes) {
-            Program::Component(Component::new(&self.engine, bytes)?)
-        } else {
-            Program::Module(Module::new(&self.engine, bytes)?)
+        let lift = self.dedup().is_some();
+        Ok(match (is_component(bytes), lift) {
+            (true, true) => Program::Component(crate::Component::new(&self.engine, bytes)?),
+            (true, false) => Program::Component(Component::new(&self.engine, bytes)?.into()),
+            (false, true) => Program::Module(crate::Module::new(&self.engine, bytes)?),
+            (false, false) => Program::Module(Module::new(&self.engine, bytes)?.into()),
         })
     }
 

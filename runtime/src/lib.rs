@@ -40,6 +40,7 @@
 mod embed;
 mod error;
 mod host;
+mod image;
 mod instance;
 mod memory;
 mod store;
@@ -47,7 +48,8 @@ mod store;
 pub use embed::{Samepage, SamepageConfig};
 pub use error::RuntimeError;
 pub use host::{Host, HostConfig, HostState, MemoryBacking, Program};
+pub use image::{Component, ImageError, Module, ModuleImages};
 pub use instance::{Instance, RunOutcome, WasiOptions};
 pub use memory::MemoryError;
-pub use store::{HasStoreOwner, MemoryRegion, StoreOwner};
-pub use wasmtime::{Module, Val};
+pub use store::{ComponentRef, HasStoreOwner, MemoryRegion, ModuleRef, StoreOwner};
+pub use wasmtime::Val;

@@ -21,7 +21,10 @@
 //!
 //! wasmtime's own copy-on-write instantiation (`memory_init_cow`) maps a module's initial
 //! image over linear memory and assumes that memory is its own mmap; it would replace the
-//! memfd mapping. The host turns it off, and wasmtime copies data segments into the memfd.
+//! memfd mapping. The host turns it off. A [`crate::Module`]'s data segments are lifted into
+//! the merge engine's images instead ([`crate::image`]): the instantiation's plan names each
+//! memory's image, and the creator maps it as the memory is made. A plain `wasmtime::Module`
+//! gets its data segments copied into the memfd by wasmtime.
 //!
 //! A [`MemoryCreator`] belongs to a wasmtime engine and is told nothing about the store it
 //! creates a memory for, so it cannot know the owner. The runtime names the owner in a
@@ -35,6 +38,7 @@ use std::marker::PhantomData;
 use samepage_dedup::{Engine, MappingError, MemfdMapping, Owner, PAGE_SIZE};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
+use crate::image::ImagePlan;
 use crate::store::MemoryRegion;
 
 /// Why a linear memory could not be created or grown.
@@ -52,6 +56,16 @@ pub enum MemoryError {
     Shared,
     #[error("wasm pages of {0} bytes are smaller than the {PAGE_SIZE}-byte pages samepage maps")]
     PageSize(u64),
+    #[error(
+        "memory {index} of the instantiation is {minimum} bytes, but its module image was made \
+         for a memory of {planned:?} bytes: samepage does not know this component's order of \
+         memories"
+    )]
+    ImageOrder {
+        index: usize,
+        minimum: u64,
+        planned: Option<u64>,
+    },
     #[error(transparent)]
     Mapping(#[from] MappingError),
 }
@@ -65,6 +79,8 @@ struct Instantiation {
     /// Why creating a memory failed, if it did. wasmtime flattens the creator's error into a
     /// string; the typed error waits here for the runtime to report.
     failure: Option<MemoryError>,
+    /// The images of the memories this instantiation creates, in order, if it has any.
+    plan: Option<ImagePlan>,
 }
 
 thread_local! {
@@ -81,11 +97,12 @@ pub(crate) struct OwnerScope {
 }
 
 impl OwnerScope {
-    pub(crate) fn enter(owner: &Owner) -> Self {
+    pub(crate) fn enter(owner: &Owner, plan: Option<ImagePlan>) -> Self {
         let previous = INSTANTIATING.replace(Some(Instantiation {
             owner: owner.clone(),
             created: Vec::new(),
             failure: None,
+            plan,
         }));
         Self {
             previous,
@@ -117,6 +134,15 @@ impl Drop for OwnerScope {
 
 pub(crate) fn current_owner() -> Option<Owner> {
     INSTANTIATING.with_borrow(|current| Some(current.as_ref()?.owner.clone()))
+}
+
+/// The plan of the instantiation on this thread and the index of the memory being created
+/// (the number created so far), if it has a plan.
+fn current_plan() -> Option<(ImagePlan, usize)> {
+    INSTANTIATING.with_borrow(|current| {
+        let instantiation = current.as_ref()?;
+        Some((instantiation.plan.clone()?, instantiation.created.len()))
+    })
 }
 
 /// Records a memory created for the scope's owner.
@@ -171,8 +197,24 @@ impl MemfdMemoryCreator {
             (None, None) => Owner::new(0),
         };
         let capacity = reserved_size_in_bytes.unwrap_or(maximum.unwrap_or(minimum));
-        let mapping = MemfdMapping::new(
-            self.dedup.as_ref(),
+        let plan = current_plan();
+        let image = match &plan {
+            Some((plan, index)) => {
+                // A memory the plan does not foresee, or of another size, is not the one the
+                // image is for: refuse it rather than map the wrong bytes.
+                if plan.minimum(*index) != Some(minimum as u64) {
+                    return Err(MemoryError::ImageOrder {
+                        index: *index,
+                        minimum: minimum as u64,
+                        planned: plan.minimum(*index),
+                    });
+                }
+                plan.image_of(*index)
+            }
+            None => None,
+        };
+        let mapping = MemfdMapping::with_image(
+            self.dedup.as_ref().map(|engine| (engine, image)),
             &owner,
             "samepage-linear-memory",
             minimum,
@@ -289,7 +331,7 @@ mod tests {
     fn growth_keeps_the_base_and_adds_zeros_backed_by_the_memfd() {
         let creator = creator();
         let owner = Owner::new(0);
-        let _scope = OwnerScope::enter(&owner);
+        let _scope = OwnerScope::enter(&owner, None);
         let _guard = owner.enter();
         let mut memory = memory(&creator, 1).expect("memory");
         let base = memory.as_ptr();
@@ -316,7 +358,7 @@ mod tests {
     fn growth_past_the_reservation_leaves_the_memory_as_it_was() {
         let creator = creator();
         let owner = Owner::new(0);
-        let _scope = OwnerScope::enter(&owner);
+        let _scope = OwnerScope::enter(&owner, None);
         let _guard = owner.enter();
         let mut memory = memory(&creator, 2).expect("memory");
         write(&mut memory, 0, 1);
@@ -341,7 +383,7 @@ mod tests {
     fn a_minimum_past_the_reservation_is_refused() {
         let creator = creator();
         let owner = Owner::new(0);
-        let _scope = OwnerScope::enter(&owner);
+        let _scope = OwnerScope::enter(&owner, None);
         let error = memory(&creator, 17).err().expect("beyond 1 MiB");
         assert!(
             matches!(
@@ -372,7 +414,7 @@ mod tests {
     #[test]
     fn shared_memories_are_refused() {
         let owner = Owner::new(0);
-        let scope = OwnerScope::enter(&owner);
+        let scope = OwnerScope::enter(&owner, None);
         let error = creator()
             .new_memory(
                 MemoryType::shared(1, 1),
@@ -392,9 +434,9 @@ mod tests {
         let outer = Owner::new(0);
         let inner = Owner::new(0);
         {
-            let _outer = OwnerScope::enter(&outer);
+            let _outer = OwnerScope::enter(&outer, None);
             {
-                let _inner = OwnerScope::enter(&inner);
+                let _inner = OwnerScope::enter(&inner, None);
                 assert_eq!(current_owner().map(|o| o.id()), Some(inner.id()));
             }
             assert_eq!(current_owner().map(|o| o.id()), Some(outer.id()));

@@ -38,7 +38,59 @@ use samepage_dedup::{Engine, Owner, OwnerGuard, OwnerStats, RegionId};
 use wasmtime::{CallHook, Store};
 
 use crate::RuntimeError;
+use crate::image::{ImagePlan, ModuleImages};
 use crate::memory::OwnerScope;
+
+/// What [`StoreOwner::instantiate`] takes: a samepage [`crate::Module`] (its images are
+/// mapped) or a plain `wasmtime::Module` (wasmtime copies its data segments).
+#[derive(Clone, Copy)]
+pub struct ModuleRef<'a> {
+    module: &'a wasmtime::Module,
+    images: Option<&'a ModuleImages>,
+}
+
+impl<'a> From<&'a wasmtime::Module> for ModuleRef<'a> {
+    fn from(module: &'a wasmtime::Module) -> Self {
+        Self {
+            module,
+            images: None,
+        }
+    }
+}
+
+impl<'a> From<&'a crate::Module> for ModuleRef<'a> {
+    fn from(module: &'a crate::Module) -> Self {
+        Self {
+            module: module.wasmtime(),
+            images: Some(module.images()),
+        }
+    }
+}
+
+/// What [`StoreOwner::instantiate_component`] takes, as [`ModuleRef`] for components.
+#[derive(Clone, Copy)]
+pub struct ComponentRef<'a> {
+    component: &'a wasmtime::component::Component,
+    images: Option<&'a ModuleImages>,
+}
+
+impl<'a> From<&'a wasmtime::component::Component> for ComponentRef<'a> {
+    fn from(component: &'a wasmtime::component::Component) -> Self {
+        Self {
+            component,
+            images: None,
+        }
+    }
+}
+
+impl<'a> From<&'a crate::Component> for ComponentRef<'a> {
+    fn from(component: &'a crate::Component) -> Self {
+        Self {
+            component: component.wasmtime(),
+            images: Some(component.images()),
+        }
+    }
+}
 
 /// A linear memory of the store, registered with the merge engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +130,8 @@ struct OwnerState {
     regions: Mutex<Vec<MemoryRegion>>,
     /// Merge new memories right after instantiation (see [`crate::SamepageConfig`]).
     merge_on_instantiate: bool,
+    /// The images the store's memories were made from, for resets.
+    images: Mutex<Option<ImagePlan>>,
 }
 
 #[derive(Default)]
@@ -99,6 +153,7 @@ impl StoreOwner {
                 held: Mutex::new(Held::default()),
                 regions: Mutex::new(Vec::new()),
                 merge_on_instantiate,
+                images: Mutex::new(None),
             }),
         }
     }
@@ -208,33 +263,62 @@ impl StoreOwner {
 
     /// Instantiates `module` through `linker` into `store`, with this owner's memories:
     /// installs the call hook, names the owner to the memory creator and holds the guard
-    /// while wasmtime creates memories, writes data segments and runs the start function.
-    pub fn instantiate<T>(
+    /// while wasmtime creates memories and runs the start function. A [`crate::Module`]'s
+    /// memories start as its images, mapped; a plain `wasmtime::Module` gets its data
+    /// segments copied in by wasmtime.
+    pub fn instantiate<'m, T>(
         &self,
         store: &mut Store<T>,
         linker: &wasmtime::Linker<T>,
-        module: &wasmtime::Module,
+        module: impl Into<ModuleRef<'m>>,
     ) -> Result<wasmtime::Instance, RuntimeError> {
+        let ModuleRef { module, images } = module.into();
         let memories = module.resources_required().num_memories;
         self.drive(store);
-        self.creating(store, memories, |store| linker.instantiate(store, module))
+        self.creating(store, memories, images, |store| {
+            linker.instantiate(store, module)
+        })
     }
 
     /// [`StoreOwner::instantiate`] for a component: its core instances' memories are all this
     /// owner's.
-    pub fn instantiate_component<T>(
+    pub fn instantiate_component<'m, T>(
         &self,
         store: &mut Store<T>,
         linker: &wasmtime::component::Linker<T>,
-        component: &wasmtime::component::Component,
+        component: impl Into<ComponentRef<'m>>,
     ) -> Result<wasmtime::component::Instance, RuntimeError> {
+        let ComponentRef { component, images } = component.into();
         let memories = component
             .resources_required()
             .map_or(0, |resources| resources.num_memories);
         self.drive(store);
-        self.creating(store, memories, |store| {
+        self.creating(store, memories, images, |store| {
             linker.instantiate(store, component)
         })
+    }
+
+    /// Puts every memory of the store back to its module image (or zeros), in time
+    /// proportional to the pages the instance touched: what it wrote is freed and the images
+    /// are mapped again. Globals and tables are not the memories': this is for instances whose
+    /// calls leave them as they found them, or for memories about to be reused.
+    pub fn reset_memories(&self) -> Result<(), RuntimeError> {
+        let Some(engine) = self.dedup() else {
+            return Ok(());
+        };
+        let regions = self.regions();
+        let images = self.shared.images.lock().clone();
+        self.access(|| {
+            self.with_guard(|guard| {
+                for (index, region) in regions.iter().enumerate() {
+                    let image = images.as_ref().and_then(|plan| plan.image_of(index));
+                    engine.reset_region(guard, region.id, image)?;
+                }
+                Ok::<_, samepage_dedup::Error>(())
+            })
+            .transpose()
+        })?;
+        Ok(())
     }
 
     /// Runs an instantiation `f` that creates `memories` linear memories, as the owner.
@@ -242,9 +326,19 @@ impl StoreOwner {
         &self,
         store: &mut Store<T>,
         memories: u32,
+        images: Option<&ModuleImages>,
         f: impl FnOnce(&mut Store<T>) -> wasmtime::Result<R>,
     ) -> Result<R, RuntimeError> {
-        let scope = OwnerScope::enter(self.owner());
+        let plan = match (images, self.dedup()) {
+            (Some(images), Some(engine)) if images.has_content() => {
+                Some(images.plan(engine, self.owner().domain())?)
+            }
+            (Some(images), None) if images.has_content() => {
+                return Err(RuntimeError::ImagesWithoutMerging);
+            }
+            _ => None,
+        };
+        let scope = OwnerScope::enter(self.owner(), plan.clone());
         let result = self.access(|| f(store));
         let created = scope.take_created();
         let result = result.map_err(|source| match scope.take_failure() {
@@ -262,10 +356,17 @@ impl StoreOwner {
         let merge_now = self
             .dedup()
             .filter(|_| self.shared.merge_on_instantiate && !created.is_empty());
-        self.shared.regions.lock().extend(created);
+        {
+            let mut regions = self.shared.regions.lock();
+            if regions.is_empty() {
+                *self.shared.images.lock() = plan;
+            }
+            regions.extend(created);
+        }
         if let Some(engine) = merge_now {
-            // The memories hold just the data segments, the same in every instance of the
-            // module: they start out shared, as wasmtime's copy-on-write images would be.
+            // Whatever instantiation wrote (data segments wasmtime copied, a start function's
+            // writes) is the same in every instance of the module: it starts out shared, as
+            // wasmtime's copy-on-write images would be. Pages from images are merged already.
             self.access(|| self.with_guard(|guard| engine.merge_owner_now(guard)))
                 .transpose()?;
         }

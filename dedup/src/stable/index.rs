@@ -287,7 +287,8 @@ mod tests {
         window.extend(bytes(2));
         window.extend(bytes(3));
         let first = store.publish(&window, &keys).expect("write").expect("room");
-        assert_eq!(store.pages_shared(), 2);
+        assert_eq!(store.nodes().filter(|(_, node)| node.content).count(), 2);
+        assert_eq!(store.pages_shared(), 0, "no sharer yet");
         assert_eq!(store.lookup((0, 3), &bytes(3)), Some(first + 2));
         store.unpublish(first, 3).expect("punch");
         assert_eq!(store.pages_shared(), 0);

@@ -99,6 +99,8 @@ pub(crate) struct StableStore {
     /// Slots in use that no region page shares (pinned image pages, and pages just
     /// published): they save nothing yet.
     idle: u64,
+    /// Slots that module images pin.
+    pinned: u64,
 }
 
 impl StableStore {
@@ -122,6 +124,7 @@ impl StableStore {
             in_use: 0,
             sharers: 0,
             idle: 0,
+            pinned: 0,
         })
     }
 
@@ -268,14 +271,24 @@ impl StableStore {
 
     /// Pins `slot`'s page for a module image: it keeps its content with no sharer.
     pub(crate) fn pin(&mut self, slot: Slot) {
-        self.node_mut(slot).pins += 1;
+        let node = self.node_mut(slot);
+        node.pins += 1;
+        let first = node.pins == 1;
+        if first {
+            self.pinned += 1;
+        }
     }
 
     /// Takes an image's pin off `slot`; frees the page when nothing else holds it.
     pub(crate) fn unpin(&mut self, slot: Slot) -> Result<(), Error> {
         let node = self.node_mut(slot);
         node.pins -= 1;
-        if node.pins > 0 || node.sharers > 0 {
+        let node = *node;
+        if node.pins > 0 {
+            return Ok(());
+        }
+        self.pinned -= 1;
+        if node.sharers > 0 {
             return Ok(());
         }
         self.retire(slot)
@@ -328,14 +341,24 @@ impl StableStore {
         self.slots.release(first, count);
     }
 
-    /// `pages_shared`: stable pages in use.
+    /// `pages_shared`: stable pages in use that at least one region page shares.
     pub(crate) fn pages_shared(&self) -> u64 {
-        self.in_use
+        self.in_use - self.idle
     }
 
     /// `pages_sharing`: sharers beyond the first of each page.
     pub(crate) fn pages_sharing(&self) -> u64 {
-        self.sharers - (self.in_use - self.idle)
+        self.sharers - self.pages_shared()
+    }
+
+    /// Stable pages that module images pin, shared or not.
+    pub(crate) fn pinned_pages(&self) -> u64 {
+        self.pinned
+    }
+
+    /// Whether `slot`'s page has no sharer.
+    pub(crate) fn unshared(&self, slot: Slot) -> bool {
+        self.sharers(slot) == 0
     }
 
     pub(crate) fn metadata_bytes(&self) -> usize {

@@ -90,6 +90,7 @@ impl MergeState {
             pages_skipped_map_budget: self.counters.pages_skipped_map_budget,
             regions_busy_skips: self.counters.regions_busy_skips,
             metadata_bytes,
+            image_pages: self.stable.pinned_pages(),
             regions: self.regions.len() as u64,
             merges_last_pass: self.counters.merges_last_pass,
             zero_pages: self.counters.zero_pages,

@@ -40,6 +40,8 @@ struct ImageSegment {
     /// The first slot of each copy of the run's bytes, all pinned by the image; the first
     /// copy with room for one more sharer on every page is the one mapped.
     copies: Vec<Slot>,
+    /// The first slot of the copy made with the image, which stays while the image does.
+    original: Slot,
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -108,6 +110,7 @@ impl MergeState {
                     page,
                     len,
                     copies: vec![first],
+                    original: first,
                 });
                 page += len;
             }
@@ -201,7 +204,7 @@ impl MergeState {
         {
             return Ok(first);
         }
-        let original = segment.copies[0];
+        let original = segment.original;
         let mut bytes = Vec::with_capacity(segment.len * PAGE_SIZE);
         let mut keys = Vec::with_capacity(segment.len);
         for slot in original..original + len {
@@ -222,6 +225,36 @@ impl MergeState {
             .copies
             .push(first);
         Ok(first)
+    }
+
+    /// Lets go of the copies of image runs, beyond each run's first, that no region page
+    /// shares any more (as KSM prunes stale dups): they were made for sharers that have
+    /// left, and the next instantiation that needs one makes it again.
+    pub(super) fn prune_image_copies(&mut self) -> Result<(), Error> {
+        let mut idle: Vec<(Slot, usize)> = Vec::new();
+        for record in self.images.values_mut() {
+            for segment in &mut record.segments {
+                let len = segment.len as Slot;
+                let stable = &self.stable;
+                segment.copies.retain(|&first| {
+                    let original = first == segment.original;
+                    let unused = (first..first + len).all(|slot| stable.unshared(slot));
+                    if unused && !original {
+                        idle.push((first, segment.len));
+                    }
+                    original || !unused
+                });
+            }
+        }
+        let mut result = Ok(());
+        for (first, len) in idle {
+            for slot in first..first + len as Slot {
+                if let Err(error) = self.stable.unpin(slot) {
+                    result = Err(error);
+                }
+            }
+        }
+        result
     }
 
     /// Puts region `id` back as it was when made with `image` (or empty without one), in time
