@@ -353,9 +353,10 @@ impl StoreOwner {
                 expected: memories as usize,
             });
         }
+        // Memories made from images start merged; what wasmtime copied in has to be merged.
         let merge_now = self
             .dedup()
-            .filter(|_| self.shared.merge_on_instantiate && !created.is_empty());
+            .filter(|_| self.shared.merge_on_instantiate && !created.is_empty() && plan.is_none());
         {
             let mut regions = self.shared.regions.lock();
             if regions.is_empty() {
@@ -364,9 +365,9 @@ impl StoreOwner {
             regions.extend(created);
         }
         if let Some(engine) = merge_now {
-            // Whatever instantiation wrote (data segments wasmtime copied, a start function's
-            // writes) is the same in every instance of the module: it starts out shared, as
-            // wasmtime's copy-on-write images would be. Pages from images are merged already.
+            // The data segments wasmtime copied (and a start function's writes) are the same
+            // in every instance of the module: they start out shared, as wasmtime's
+            // copy-on-write images would be.
             self.access(|| self.with_guard(|guard| engine.merge_owner_now(guard)))
                 .transpose()?;
         }

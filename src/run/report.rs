@@ -21,8 +21,10 @@ pub struct RunReport {
     pub instances_failed: u32,
     /// Sum of the instances' linear memory sizes.
     pub linear_memory_bytes: u64,
-    /// Wall time to create and run every instance.
+    /// Wall time spent instantiating, over all instances (not running them).
     pub instantiate_seconds: f64,
+    /// Wall time to create and run every instance.
+    pub instantiate_and_run_seconds: f64,
     /// PSS once every instance ran; merging starts from here, so it is also
     /// `pss_bytes_before`.
     pub pss_bytes_after_instantiate: u64,

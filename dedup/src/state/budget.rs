@@ -27,10 +27,17 @@ pub(super) fn map_budget(knobs: &Knobs, max_map_count: u64) -> u64 {
 }
 
 impl RegionPages {
-    /// [`mapping_delta`] over the region's page records.
+    /// [`mapping_delta`] over the region's page records. What the pages of the range and
+    /// their two neighbours map now is read in one sweep over the records that exist (pages
+    /// without one map the memfd), not page by page.
     pub(super) fn mapping_delta(&self, range: Range<usize>, kind: impl Fn(usize) -> u32) -> i64 {
         let len = self.len.max(range.end);
-        mapping_delta(|p| self.pages.get(p).stable(), len, range, kind)
+        let from = range.start.saturating_sub(1);
+        let mut now = vec![0; range.end + 1 - from];
+        for (page, record) in self.pages.existing(from..range.end + 1) {
+            now[page - from] = record.stable();
+        }
+        mapping_delta(|p| now[p - from], len, range, kind)
     }
 }
 

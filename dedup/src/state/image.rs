@@ -45,7 +45,7 @@ struct ImageSegment {
 }
 
 fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|&b| b == 0)
+    page == [0; PAGE_SIZE]
 }
 
 impl MergeState {
@@ -56,12 +56,16 @@ impl MergeState {
         }
         let pages = bytes.len() / PAGE_SIZE;
         let page_bytes = |p: usize| &bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
-        let key = |p: usize| -> ContentKey { (domain, xxh3_64(page_bytes(p))) };
+        // Each page hashed once; `None` for zero pages, which need no slot.
+        let hashes: Vec<Option<u64>> = (0..pages)
+            .map(|p| (!is_zero(page_bytes(p))).then(|| xxh3_64(page_bytes(p))))
+            .collect();
+        let key = |p: usize| -> ContentKey { (domain, hashes[p].expect("a non-zero page")) };
         let mut segments = Vec::new();
         let mut page = 0;
         let built = (|| {
             while page < pages {
-                if is_zero(page_bytes(page)) {
+                if hashes[page].is_none() {
                     page += 1;
                     continue;
                 }
@@ -71,10 +75,11 @@ impl MergeState {
                         let mut len = 1;
                         while page + len < pages {
                             let next = slot + len as Slot;
-                            let agrees = self
-                                .stable
-                                .node(next)
-                                .is_some_and(|node| node.key.0 == domain)
+                            let agrees = hashes[page + len].is_some()
+                                && self
+                                    .stable
+                                    .node(next)
+                                    .is_some_and(|node| node.key.0 == domain)
                                 && self.stable.has_room_at(next)
                                 && self.stable.page(next) == page_bytes(page + len);
                             if !agrees {
@@ -86,7 +91,7 @@ impl MergeState {
                     } else {
                         let mut len = 1;
                         while page + len < pages
-                            && !is_zero(page_bytes(page + len))
+                            && hashes[page + len].is_some()
                             && self
                                 .stable
                                 .lookup(key(page + len), page_bytes(page + len))

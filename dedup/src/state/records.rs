@@ -351,7 +351,10 @@ mod tests {
         let pages: Vec<usize> = table.all().map(|(page, _)| page).collect();
         assert_eq!(pages, [3, far]);
         assert_eq!(table.runs(2..far + 1, |r| r.in_use()), [3..4, far..far + 1]);
-        assert_eq!(table.runs(0..usize::MAX, |r| r.stable() != 0), vec![3..4; 1]);
+        assert_eq!(
+            table.runs(0..usize::MAX, |r| r.stable() != 0),
+            vec![3..4; 1]
+        );
         table.update(30..34, |_, record| record.set_stable(1));
         assert_eq!(table.chunks.len(), 3);
         assert_eq!(table.runs(0..100, |r| r.stable() != 0), [3..4, 30..34]);
