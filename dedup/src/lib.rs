@@ -53,6 +53,20 @@
 //! page of a region is thus its own memfd page, a stable page it shares, or a private copy in
 //! a window the engine made (and accounts for) — never a stray copy nobody knows about.
 //!
+//! # Only pages that exist
+//!
+//! Like KSM's `rmap_item`s, the engine's page records exist only for pages that do: pages
+//! whose region memfd holds data (found with `SEEK_DATA`, so a hole costs nothing to pass
+//! over) and pages that map a stable page. A region of gigabytes that its owner barely
+//! touched costs a few records and a few visits a pass, and never makes merging a loss.
+//!
+//! # Module images
+//!
+//! A module's initial memory can be built once in the stable store ([`MemoryImage`]) and
+//! mapped into each new region as pages that are merged already: nothing is copied, and the
+//! pages are ordinary sharers from then on. [`Engine::reset_region`] puts a region back to its
+//! image in time proportional to what its owner touched.
+//!
 //! # What KSM grew, here too
 //!
 //! - *Sharing limits* (`max_page_sharing`): a content whose stable page is full gets another

@@ -28,7 +28,7 @@
 //! 6. **A region is quiescent until its registration returns.** The caller of
 //!    [`crate::Engine::register_with_image`] promises that nobody touches the range before the
 //!    call returns (its address has not been handed out yet), so the engine maps the module
-//!    image into it then, with a token made for that alone ([`Quiescent::unpublished`]).
+//!    image into it then, with a token made for that alone (`Quiescent::unpublished`).
 //!
 //! The kernel does the rest: a sharer's mapping of a stable page is `MAP_PRIVATE`, so a write
 //! by the instance (with its guard held, by rule 1) takes a copy-on-write fault and never

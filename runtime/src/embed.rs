@@ -42,7 +42,7 @@ use std::sync::Arc;
 use samepage_dedup::{DomainId, EngineConfig, Owner};
 
 use crate::RuntimeError;
-use crate::memory::MemfdMemoryCreator;
+use crate::memory::{GC_HEAP_GUARD_BYTES, MemfdMemoryCreator};
 use crate::store::StoreOwner;
 
 /// How samepage is set up under a wasmtime engine.
@@ -93,6 +93,7 @@ impl Samepage {
             .with_host_memory(Arc::new(MemfdMemoryCreator::new(dedup.clone())))
             .memory_init_cow(false)
             .memory_may_move(false)
+            .gc_heap_guard_size(GC_HEAP_GUARD_BYTES as u64)
             .allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
         Ok(Self {
             dedup,

@@ -163,6 +163,12 @@ fn record_failure(error: MemoryError) {
     });
 }
 
+/// The guard size [`crate::Samepage::configure`] gives GC heaps, and no linear memory: how
+/// the creator tells a store's GC heap (which wasmtime also makes through it, when a module
+/// uses GC or exceptions) from the instance's linear memories. A GC heap is a memfd memory
+/// too, but not registered: wasmtime's collector owns it, and no module image is for it.
+pub(crate) const GC_HEAP_GUARD_BYTES: usize = (32 << 20) + (64 << 10);
+
 /// Creates every linear memory of a wasmtime engine as a [`MemfdMemory`].
 pub(crate) struct MemfdMemoryCreator {
     /// The engine that merges the memories' pages; `None` keeps them memfd-backed but unmerged.
@@ -189,6 +195,18 @@ impl MemfdMemoryCreator {
         // work in.
         if ty.page_size() < PAGE_SIZE as u64 {
             return Err(MemoryError::PageSize(ty.page_size()));
+        }
+        if guard_size_in_bytes == GC_HEAP_GUARD_BYTES {
+            let capacity = reserved_size_in_bytes.unwrap_or(maximum.unwrap_or(minimum));
+            let mapping = MemfdMapping::new(
+                None,
+                &Owner::new(0),
+                "samepage-gc-heap",
+                minimum,
+                capacity,
+                guard_size_in_bytes,
+            )?;
+            return Ok(MemfdMemory { mapping });
         }
         let owner = match (&self.dedup, current_owner()) {
             (Some(_), None) => return Err(MemoryError::NoOwner),

@@ -93,7 +93,8 @@ impl Hosts {
 
 impl Pair {
     fn call(&mut self, name: &str, args: &[wasmtime::Val]) -> Result<Vec<wasmtime::Val>, String> {
-        let mut results = vec![wasmtime::Val::I32(0); usize::from(name == "grow")];
+        let mut results =
+            vec![wasmtime::Val::I32(0); usize::from(matches!(name, "grow" | "catch"))];
         let mine = {
             let (store, instance) = &mut self.samepage;
             let func = instance.get_func(&mut *store, name).expect("export");
@@ -118,7 +119,11 @@ impl Pair {
 
     /// Every memory of the samepage instance equals the plain one's.
     fn assert_same_memories(&mut self) {
-        for name in ["memory", "second"] {
+        self.assert_same_memories_of(&["memory", "second"]);
+    }
+
+    fn assert_same_memories_of(&mut self, names: &[&str]) {
+        for &name in names {
             let mine = {
                 let (store, instance) = &mut self.samepage;
                 let memory = instance.get_memory(&mut *store, name).expect("memory");
@@ -291,4 +296,27 @@ fn a_components_core_modules_get_images_too() {
             assert!(memory.starts_with(b"data of a component's core module"));
         }
     }
+}
+
+#[test]
+fn a_module_using_exceptions_gets_its_image_though_wasmtime_makes_a_gc_heap_first() {
+    let text = r#"(module
+        (tag $e (param i32))
+        (memory (export "memory") 2)
+        (data (i32.const 0) "hello")
+        (func $throw (param i32) (if (local.get 0) (then (throw $e (i32.const 1)))))
+        (func (export "catch") (result i32)
+          (block $caught (result i32)
+            (try_table (catch $e $caught) (call $throw (i32.const 1)))
+            (i32.const 0))))"#;
+    let hosts = hosts(text);
+    let mut pair = hosts.pair();
+    pair.assert_same_memories_of(&["memory"]);
+    let result = pair.call("catch", &[]).expect("caught");
+    assert_eq!(format!("{result:?}"), format!("{:?}", i32s(&[1])));
+    assert_eq!(
+        pair.owner().regions().len(),
+        1,
+        "the GC heap is not a merged region"
+    );
 }

@@ -13,18 +13,20 @@ use super::{mib, repo_path, table};
 use crate::ksm::KsmSysfs;
 
 /// A program run as many instances.
-struct Workload {
-    name: &'static str,
+pub(super) struct Workload {
+    pub(super) name: &'static str,
     /// File-name-safe name, for the plot.
-    slug: &'static str,
-    module: PathBuf,
-    instances: u32,
+    pub(super) slug: &'static str,
+    pub(super) module: PathBuf,
+    pub(super) instances: u32,
     /// `samepage run` options before `--`, then the guest's arguments after it.
-    options: Vec<String>,
-    guest_args: Vec<String>,
+    pub(super) options: Vec<String>,
+    pub(super) guest_args: Vec<String>,
 }
 
-fn workloads(scratch: &Path) -> Vec<Workload> {
+/// The compare suite's workloads; those named `a` and `b` are synthetic, the others real
+/// WASI programs. `scratch` is a directory the programs may write into.
+pub(super) fn workloads(scratch: &Path) -> Vec<Workload> {
     let out = format!("{}::/out", scratch.display());
     vec![
         Workload {
@@ -68,6 +70,27 @@ fn workloads(scratch: &Path) -> Vec<Workload> {
                 "PYTHONHASHSEED=0".into(),
             ],
             guest_args: strings(&["/in/python-heap.py"]),
+        },
+        Workload {
+            name: "Yosys 0.50 (Verilog synthesis, C++), 8 instances",
+            slug: "yosys",
+            module: repo_path("examples/real/yosys.wasm"),
+            instances: 8,
+            options: vec![
+                "--dir".into(),
+                format!(
+                    "{}::/share",
+                    repo_path("examples/real/yosys-share").display()
+                ),
+                "--dir".into(),
+                format!("{}::/in", repo_path("examples/real-inputs").display()),
+                "--dir".into(),
+                format!("{}::/tmp", scratch.display()),
+            ],
+            guest_args: strings(&[
+                "-p",
+                "read_verilog /in/yosys-counter.v; synth -top counter; stat",
+            ]),
         },
     ]
 }

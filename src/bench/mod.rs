@@ -6,6 +6,7 @@ mod child;
 mod compare;
 mod cow_fault;
 mod defaults;
+mod density;
 mod engine;
 mod merge_now;
 mod plot;
@@ -30,6 +31,9 @@ pub enum Suite {
     CowFault,
     /// The merge-now API on 64 instances of 16 MiB.
     MergeNow,
+    /// Outside merging: instantiation and memory of real programs against wasmtime's
+    /// copy-on-write images and KSM, a guest that grows to 4 GiB, reset to the image.
+    Density,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +70,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Suite::Defaults => defaults::suite()?,
             Suite::CowFault => cow_fault::suite()?,
             Suite::MergeNow => merge_now::suite()?,
+            Suite::Density => density::suite(args.rounds)?,
         };
         let path = args.out.join(format!("{name}.md"));
         std::fs::write(&path, with_header(&body))

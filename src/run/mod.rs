@@ -145,6 +145,7 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         cgroup_memory_bytes_after: cgroup_bytes_after,
         counters: Counters::of_run(stats, &settled.last),
         converge_seconds: settled.converge_seconds,
+        settle_seconds: settled.settle_seconds,
         settle_timed_out: settled.timed_out,
         scanner_cpu_seconds: settled.last.cpu_seconds,
         idle_cpu_percent,

@@ -40,6 +40,8 @@ pub struct RunReport {
     pub counters: Counters,
     /// Seconds from the start of merging until PSS had fallen by 99% of its final fall.
     pub converge_seconds: f64,
+    /// Seconds from the start of merging until the merger found nothing more to do.
+    pub settle_seconds: f64,
     /// Whether the merger was still finding merges when `--settle-secs` ran out.
     pub settle_timed_out: bool,
     /// CPU of the merger (samepage's scanner thread, or ksmd) from the start of merging to

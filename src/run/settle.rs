@@ -12,6 +12,8 @@ use crate::merger::{Merger, Sample};
 pub struct Settled {
     pub last: Sample,
     pub converge_seconds: f64,
+    /// Seconds from the start of merging until the merger converged (or time ran out).
+    pub settle_seconds: f64,
     pub timed_out: bool,
     /// (seconds since merging began, PSS bytes), from `pss_before` at 0.
     pub pss_trace: Vec<(f64, u64)>,
@@ -45,6 +47,7 @@ pub fn settle(
             break (sample, true);
         }
     };
+    let settle_seconds = start.elapsed().as_secs_f64();
     let final_pss = pss_trace.last().map_or(pss_before, |&(_, pss)| pss);
     let saving = pss_before.saturating_sub(final_pss) as f64;
     let converge_seconds = pss_trace
@@ -54,6 +57,7 @@ pub fn settle(
     Ok(Settled {
         last,
         converge_seconds,
+        settle_seconds,
         timed_out,
         pss_trace,
     })
