@@ -67,6 +67,12 @@ impl MemoryImage {
     pub fn domain(&self) -> DomainId {
         self.domain
     }
+
+    /// The image's bytes, read back from the stable store (to build the same image for
+    /// another domain without keeping a copy of the bytes around).
+    pub fn read(&self) -> Vec<u8> {
+        self.shared.state.lock().read_image(self.id, self.len)
+    }
 }
 
 impl std::fmt::Debug for MemoryImage {

@@ -54,7 +54,7 @@ pub enum ImageError {
 }
 
 /// One linear memory an instantiation creates, in creation order.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct PlannedMemory {
     /// The memory's initial size in bytes: the creator checks it.
     minimum: u64,
@@ -67,9 +67,33 @@ struct PlannedMemory {
 /// them per domain.
 #[derive(Debug, Default)]
 pub struct ModuleImages {
-    memories: Vec<PlannedMemory>,
+    /// Per memory to be created: its initial size, and whether it has an image.
+    memories: Vec<(u64, bool)>,
+    state: Mutex<ImagesState>,
+}
+
+#[derive(Debug, Default)]
+struct ImagesState {
+    /// The lifted bytes per memory, until the first domain's images are built from them;
+    /// later domains' images are read back from the first's, so that the host keeps no copy.
+    contents: Option<Vec<Option<Vec<u8>>>>,
     /// Per domain, an image per planned memory (`None` for those that start as zeros).
-    built: Mutex<HashMap<DomainId, Arc<[Option<MemoryImage>]>>>,
+    built: HashMap<DomainId, Arc<[Option<MemoryImage>]>>,
+}
+
+impl ModuleImages {
+    fn new(memories: Vec<PlannedMemory>) -> Self {
+        Self {
+            memories: memories
+                .iter()
+                .map(|memory| (memory.minimum, memory.content.is_some()))
+                .collect(),
+            state: Mutex::new(ImagesState {
+                contents: Some(memories.into_iter().map(|memory| memory.content).collect()),
+                built: HashMap::new(),
+            }),
+        }
+    }
 }
 
 /// What the memory creator follows during one instantiation: per memory to be created, in
@@ -95,16 +119,7 @@ impl ImagePlan {
 impl ModuleImages {
     /// Whether any memory has content to map.
     pub fn has_content(&self) -> bool {
-        self.memories.iter().any(|memory| memory.content.is_some())
-    }
-
-    /// Bytes of lifted data, over all memories.
-    pub fn content_bytes(&self) -> usize {
-        self.memories
-            .iter()
-            .filter_map(|memory| memory.content.as_ref())
-            .map(Vec::len)
-            .sum()
+        self.memories.iter().any(|&(_, image)| image)
     }
 
     /// The plan for an instantiation in `domain`, building the domain's images on first use.
@@ -113,28 +128,38 @@ impl ModuleImages {
         engine: &samepage_dedup::Engine,
         domain: DomainId,
     ) -> Result<ImagePlan, RuntimeError> {
-        let mut built = self.built.lock();
-        let images = match built.get(&domain) {
+        let mut state = self.state.lock();
+        let images = match state.built.get(&domain) {
             Some(images) => images.clone(),
             None => {
-                let images: Arc<[Option<MemoryImage>]> = self
-                    .memories
+                let read_back: Vec<Option<Vec<u8>>>;
+                let contents = match &state.contents {
+                    Some(contents) => contents,
+                    None => {
+                        let built = state.built.values().next().expect("built once");
+                        read_back = built
+                            .iter()
+                            .map(|image| image.as_ref().map(MemoryImage::read))
+                            .collect();
+                        &read_back
+                    }
+                };
+                let images: Arc<[Option<MemoryImage>]> = contents
                     .iter()
-                    .map(|memory| {
-                        memory
-                            .content
-                            .as_ref()
-                            .map(|content| engine.image(domain, content))
-                            .transpose()
+                    .map(|content| {
+                        let image = content.as_ref().map(|bytes| engine.image(domain, bytes));
+                        image.transpose()
                     })
                     .collect::<Result<_, _>>()?;
-                built.insert(domain, images.clone());
+                // Built once: from now on the stable store holds the only copy.
+                state.contents = None;
+                state.built.insert(domain, images.clone());
                 images
             }
         };
         Ok(ImagePlan {
             images,
-            minimums: self.memories.iter().map(|memory| memory.minimum).collect(),
+            minimums: self.memories.iter().map(|&(minimum, _)| minimum).collect(),
         })
     }
 }
@@ -154,10 +179,7 @@ impl Module {
         let module = wasmtime::Module::new(engine, lifted.as_deref().unwrap_or(&binary))?;
         Ok(Self {
             module,
-            images: Arc::new(ModuleImages {
-                memories,
-                built: Mutex::default(),
-            }),
+            images: Arc::new(ModuleImages::new(memories)),
         })
     }
 
@@ -206,10 +228,7 @@ impl Component {
             wasmtime::component::Component::new(engine, lifted.as_deref().unwrap_or(&binary))?;
         Ok(Self {
             component,
-            images: Arc::new(ModuleImages {
-                memories,
-                built: Mutex::default(),
-            }),
+            images: Arc::new(ModuleImages::new(memories)),
         })
     }
 

@@ -71,7 +71,11 @@ fn hosts(text: &str) -> Hosts {
 
 impl Hosts {
     fn pair(&self) -> Pair {
-        let owner = self.samepage.owner(0);
+        self.pair_in(0)
+    }
+
+    fn pair_in(&self, domain: u32) -> Pair {
+        let owner = self.samepage.owner(domain);
         let mut store = Store::new(&self.engine, owner.clone());
         let instance = owner
             .instantiate(&mut store, &Linker::new(&self.engine), &self.module)
@@ -319,4 +323,17 @@ fn a_module_using_exceptions_gets_its_image_though_wasmtime_makes_a_gc_heap_firs
         1,
         "the GC heap is not a merged region"
     );
+}
+
+#[test]
+fn each_domain_gets_its_own_image_read_back_from_the_first() {
+    let hosts = hosts(GUEST);
+    let mut first = hosts.pair_in(0);
+    let image_pages = hosts.samepage.dedup().expect("merging").stats().image_pages;
+    let mut other = hosts.pair_in(1);
+    let stats = hosts.samepage.dedup().expect("merging").stats();
+    assert_eq!(stats.image_pages, 2 * image_pages, "no page shared across domains");
+    assert_eq!(stats.pages_sharing, 0);
+    first.assert_same_memories();
+    other.assert_same_memories();
 }

@@ -133,6 +133,21 @@ impl MergeState {
         Ok(id)
     }
 
+    /// The bytes of image `image`, `len` of them, read back from its stable pages.
+    pub(crate) fn read_image(&self, image: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        if let Some(record) = self.images.get(&image) {
+            for segment in &record.segments {
+                for n in 0..segment.len {
+                    let at = (segment.page + n) * PAGE_SIZE;
+                    bytes[at..at + PAGE_SIZE]
+                        .copy_from_slice(self.stable.page(segment.original + n as Slot));
+                }
+            }
+        }
+        bytes
+    }
+
     /// Forgets image `image`: its pages go once no region page shares them.
     pub(crate) fn drop_image(&mut self, image: u64) -> Result<(), Error> {
         match self.images.remove(&image) {
