@@ -75,7 +75,9 @@ pub(crate) fn runs_of<'a, T>(
 /// How many mappings a region of `len` pages gains when pages `range` change to map what
 /// `kind(n)` says for page `range.start + n`; `before(p)` says what page `p` maps now. A kind
 /// is 0 for the region's own memfd and s + 1 for stable slot s. Only boundaries touching the
-/// range can change.
+/// range can change. Page by page: the reference the engine's sparse count
+/// (`RegionPages::mapping_delta`) is tested against.
+#[cfg(test)]
 pub(crate) fn mapping_delta(
     before: impl Fn(usize) -> u32,
     len: usize,

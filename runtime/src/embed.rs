@@ -27,9 +27,13 @@
 //!   were wasmtime's own mmap, which would replace the memfd; data segments are copied in
 //!   instead (and merged at once, see [`SamepageConfig::merge_on_instantiate`]);
 //! - the on-demand instance allocator: the pooling allocator keeps memories of its own and
-//!   never asks a custom memory creator. An embedder who turns pooling on afterwards gets
-//!   [`crate::RuntimeError::ForeignMemories`] at the first instantiation, not silently
-//!   unmerged memory.
+//!   never asks a custom memory creator. An embedder who turns pooling on afterwards has the
+//!   engine refused by wasmtime (pooling wants GC heaps to have the memories' guard size,
+//!   see the next item), and one whose engine comes from another `Config` gets
+//!   [`crate::RuntimeError::ForeignMemories`] at the first instantiation: never silently
+//!   unmerged memory;
+//! - a guard size of its own for GC heaps (`gc_heap_guard_size`), by which the memory
+//!   creator tells a store's GC heap from the linear memories that module images are for.
 //!
 //! Shared memories (the threads proposal) are refused at instantiation: other threads would
 //! write them without the owner's guard.

@@ -332,7 +332,11 @@ fn each_domain_gets_its_own_image_read_back_from_the_first() {
     let image_pages = hosts.samepage.dedup().expect("merging").stats().image_pages;
     let mut other = hosts.pair_in(1);
     let stats = hosts.samepage.dedup().expect("merging").stats();
-    assert_eq!(stats.image_pages, 2 * image_pages, "no page shared across domains");
+    assert_eq!(
+        stats.image_pages,
+        2 * image_pages,
+        "no page shared across domains"
+    );
     assert_eq!(stats.pages_sharing, 0);
     first.assert_same_memories();
     other.assert_same_memories();

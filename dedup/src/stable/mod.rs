@@ -242,14 +242,16 @@ impl StableStore {
         Ok(())
     }
 
-    /// Records one more sharer of `slot`.
-    pub(crate) fn add_sharer(&mut self, slot: Slot) {
+    /// Records one more sharer of `slot`; returns the checksum of its page.
+    pub(crate) fn add_sharer(&mut self, slot: Slot) -> u64 {
         let node = self.node_mut(slot);
         node.sharers += 1;
-        if node.sharers == 1 {
+        let (first, checksum) = (node.sharers == 1, node.key.1);
+        if first {
             self.idle -= 1;
         }
         self.sharers += 1;
+        checksum
     }
 
     /// Records that one sharer of `slot` left; frees the page when it was the last and no

@@ -9,6 +9,7 @@
 use std::ops::Range;
 
 use crate::Knobs;
+#[cfg(test)]
 use crate::layout::mapping_delta;
 
 use super::{MergeState, RegionPages};
@@ -27,17 +28,61 @@ pub(super) fn map_budget(knobs: &Knobs, max_map_count: u64) -> u64 {
 }
 
 impl RegionPages {
-    /// [`mapping_delta`] over the region's page records. What the pages of the range and
-    /// their two neighbours map now is read in one sweep over the records that exist (pages
-    /// without one map the memfd), not page by page.
-    pub(super) fn mapping_delta(&self, range: Range<usize>, kind: impl Fn(usize) -> u32) -> i64 {
+    /// How many mappings the region gains when pages `range` change to map what `first`
+    /// says: 0 for the region's own memfd (every page of the range), or `s + 1` for stable
+    /// slot `s` at the range's first page and the slots after it for the pages after it. That
+    /// is every change the engine makes (a merged run or window onto consecutive slots, or
+    /// pages given back), so inside the range the pages join; what they were joined to before
+    /// is read from the records that exist, not page by page. [`mapping_delta`] is the same
+    /// count for any change, page by page (the tests check the two agree).
+    pub(super) fn mapping_delta(&self, range: Range<usize>, first: u32) -> i64 {
         let len = self.len.max(range.end);
-        let from = range.start.saturating_sub(1);
-        let mut now = vec![0; range.end + 1 - from];
-        for (page, record) in self.pages.existing(from..range.end + 1) {
-            now[page - from] = record.stable();
+        if range.is_empty() || len < 2 {
+            return 0;
         }
-        mapping_delta(|p| now[p - from], len, range, kind)
+        let kind = |n: usize| {
+            if first == 0 {
+                0
+            } else {
+                first.wrapping_add(n as u32)
+            }
+        };
+        let before = |p: usize| self.pages.get(p).stable();
+        let after = |p: usize| {
+            if range.contains(&p) {
+                kind(p - range.start)
+            } else {
+                before(p)
+            }
+        };
+        let boundary = |left: u32, right: u32| {
+            let joined = (left == 0 && right == 0) || (left != 0 && right == left.wrapping_add(1));
+            i64::from(!joined)
+        };
+        // Pairs (p - 1, p) for p in lo..=hi touch the range.
+        let (lo, hi) = (range.start.max(1), range.end.min(len - 1));
+        let mut delta = 0;
+        // After the change only the range's two edges can be boundaries.
+        for p in [range.start, range.end] {
+            if (lo..=hi).contains(&p) {
+                delta += boundary(after(p - 1), after(p));
+            }
+        }
+        // Before it, boundaries lie only next to pages that map a stable slot.
+        let mut pairs: Vec<usize> = Vec::new();
+        for (page, record) in self.pages.existing(lo - 1..hi + 1) {
+            if record.stable() != 0 {
+                for p in [page, page + 1] {
+                    if (lo..=hi).contains(&p) && pairs.last() != Some(&p) {
+                        pairs.push(p);
+                    }
+                }
+            }
+        }
+        for p in pairs {
+            delta -= boundary(before(p - 1), before(p));
+        }
+        delta
     }
 }
 
@@ -71,5 +116,65 @@ impl MergeState {
         }
         let (count, ours, _) = self.process_maps;
         (count + self.vmas).saturating_sub(ours)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::region::Region;
+    use crate::{Owner, PAGE_SIZE};
+
+    fn region(layout: &[u32]) -> RegionPages {
+        let memfd = Arc::new(crate::memfds::create("delta-test").expect("memfd"));
+        let mut pages = RegionPages {
+            region: Arc::new(Region::new(
+                Owner::new(0),
+                memfd,
+                0,
+                layout.len() * PAGE_SIZE,
+            )),
+            pages: Default::default(),
+            len: layout.len(),
+            advice: Default::default(),
+            vmas: 0,
+            quiet_at: None,
+            visit: (0, false),
+        };
+        for (page, &stable) in layout.iter().enumerate() {
+            if stable != 0 {
+                pages.pages.get_mut(page).set_stable(stable);
+            }
+        }
+        pages
+    }
+
+    #[test]
+    fn the_sparse_count_agrees_with_the_page_by_page_one() {
+        // Layouts of 12 pages: runs of slots, lone slots, a slot run that breaks.
+        let layouts: [[u32; 12]; 4] = [
+            [0; 12],
+            [0, 5, 6, 7, 0, 0, 9, 0, 11, 12, 0, 0],
+            [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+            [1, 0, 1, 0, 1, 30, 31, 8, 0, 2, 3, 0],
+        ];
+        for layout in &layouts {
+            let pages = region(layout);
+            for start in 0..12 {
+                for end in start..=12 {
+                    for first in [0, 4, 6, 40] {
+                        let kind = |n: usize| if first == 0 { 0 } else { first + n as u32 };
+                        let expected = mapping_delta(|p| layout[p], layout.len(), start..end, kind);
+                        assert_eq!(
+                            pages.mapping_delta(start..end, first),
+                            expected,
+                            "{layout:?} {start}..{end} from {first}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

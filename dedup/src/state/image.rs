@@ -187,7 +187,7 @@ impl MergeState {
             };
             let first = self.copy_with_room(image, index)?;
             let region = self.region(id);
-            let delta = region.mapping_delta(page..page + len, |n| first + 1 + n as Slot);
+            let delta = region.mapping_delta(page..page + len, first + 1);
             let region = region.region.clone();
             if !self.budget_allows(delta, len) {
                 // No mappings to spare: the region gets the bytes in its own memfd instead.

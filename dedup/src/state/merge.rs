@@ -184,7 +184,7 @@ impl MergeState {
         let run = keys.len();
 
         // The run's slots are not chosen yet; any fresh contiguous numbers stand for them.
-        let fresh = |n: usize| u32::MAX - (run - n) as u32;
+        let fresh = u32::MAX - run as u32;
         let delta = self.region(id).mapping_delta(page..page + run, fresh)
             + self
                 .region(partner.region)
@@ -234,7 +234,7 @@ impl MergeState {
     ) -> Result<bool, Error> {
         let len = shares.len();
         let record = self.region(id);
-        let delta = record.mapping_delta(page..page + len, |n| slot + 1 + n as Slot);
+        let delta = record.mapping_delta(page..page + len, slot + 1);
         let region = record.region.clone();
         if !self.budget_allows(delta, len) {
             return Ok(false);
@@ -284,10 +284,9 @@ impl MergeState {
             // A zero page read back in since it was punched, merged now, is no longer one.
             let flags = record.flags() & !ZERO;
             let flags = if shares[n] {
-                self.stable.add_sharer(page_slot);
                 // A merged page's checksum is its stable page's, and ends any smart-scan
                 // streak and volatility.
-                record.set_checksum(self.stable.node(page_slot).expect("just shared").key.1);
+                record.set_checksum(self.stable.add_sharer(page_slot));
                 record.set_misses(0);
                 (flags | SEEN) & !VOLATILE
             } else {

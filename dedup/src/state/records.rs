@@ -294,6 +294,9 @@ impl Counters {
     pub(super) fn set_flags(&mut self, record: &mut PageRecord, flags: u8) {
         let was = record.flags();
         record.put_flags(flags);
+        if (was ^ flags) & (VOLATILE | ZERO) == 0 {
+            return;
+        }
         self.forget_flags(was);
         for (flag, counter) in self.flag_counters() {
             if flags & flag != 0 {

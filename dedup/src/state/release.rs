@@ -66,7 +66,7 @@ impl MergeState {
         // Pages of its own again: the region needs visits, whoever ran.
         record.quiet_at = None;
         record.visit.1 = false;
-        let delta = record.mapping_delta(range.clone(), |_| 0);
+        let delta = record.mapping_delta(range.clone(), 0);
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
         for page in range {
