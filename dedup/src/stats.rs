@@ -146,6 +146,9 @@ declare_stats! {
     general_profit_bytes: i64, ksm: Some("general_profit");
     /// Bytes of metadata the engine keeps (per-page records, stable nodes, indexes).
     metadata_bytes: u64, ksm: None;
+    /// Pages the engine keeps a record for: those that exist (hold data in their region's
+    /// memfd, or map a stable page), as KSM keeps `rmap_item`s for present pages.
+    pages_tracked: u64, ksm: None;
     /// Stable pages that module images hold for instances to come, shared or not.
     image_pages: u64, ksm: None;
     /// Registered regions.

@@ -80,6 +80,7 @@ fn metadata_after_merging(len: usize, pages: usize) -> u64 {
     let stats = engine.stats();
     assert_eq!(stats.pages_sharing, 3 * pages as u64);
     assert_eq!(stats.pages_scanned, 2 * 4 * pages as u64);
+    assert_eq!(stats.pages_tracked, 4 * pages as u64);
     assert_eq!(bytes_of(&regions[3], pages - 1), page_content(5, pages - 1));
     stats.metadata_bytes
 }
@@ -89,8 +90,9 @@ fn metadata_is_proportional_to_touched_pages_not_to_length() {
     let small = metadata_after_merging(GIB / 16, 2048);
     assert_eq!(metadata_after_merging(4 * GIB, 2048), small);
     let double = metadata_after_merging(4 * GIB, 4096);
+    // Twice the pages, about twice the metadata (hash tables and vectors grow by doubling).
     assert!(
-        double > small * 3 / 2 && double < small * 5 / 2,
+        double > small * 3 / 2 && double <= small * 3,
         "{small} then {double} bytes"
     );
 

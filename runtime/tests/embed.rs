@@ -203,7 +203,10 @@ fn the_pooling_allocator_is_refused_with_a_clear_error() {
     config.allocation_strategy(wasmtime::InstanceAllocationStrategy::pooling());
     match Engine::new(&config) {
         Ok(_) => panic!("pooling on samepage's Config is refused"),
-        Err(error) => assert!(format!("{error:#}").contains("gc_heap_guard_size"), "{error:#}"),
+        Err(error) => assert!(
+            format!("{error:#}").contains("gc_heap_guard_size"),
+            "{error:#}"
+        ),
     }
 }
 

@@ -13,45 +13,101 @@
 //! or whose indexed bytes differ (a checksum collision), is left out of the index: it keeps
 //! its sharers and takes no new ones.
 
-use std::collections::HashMap;
+use hashbrown::HashTable;
 
-use super::{ContentKey, Slot, StableStore};
+use super::{ContentKey, Slot, StableNode, StableStore};
 
-/// What the stable index holds for one content.
-#[derive(Clone, Debug)]
-enum IndexEntry {
-    /// The only stable page of this content.
-    Page(Slot),
-    /// The content hit the sharing limit: its dups, each a page of the same bytes.
-    Chain(Vec<Slot>),
-}
+/// An index entry: the slot of the content's only stable page, or, with [`CHAIN`] set, the
+/// number of its chain of dups. The entry holds no key: the key is the page's node's (or the
+/// chain's), so an entry costs 4 bytes and a control byte of the table.
+type Entry = u32;
 
-impl IndexEntry {
-    fn slots(&self) -> &[Slot] {
-        match self {
-            IndexEntry::Page(slot) => std::slice::from_ref(slot),
-            IndexEntry::Chain(dups) => dups,
-        }
-    }
+/// Marks an entry that names a chain. Slots stay below it (`MAX_SLOTS`).
+const CHAIN: Entry = 1 << 31;
+
+/// A content that hit the sharing limit: its key and its dups, each a page of its bytes.
+#[derive(Debug)]
+struct Chain {
+    key: ContentKey,
+    dups: Vec<Slot>,
 }
 
 #[derive(Default)]
 pub(super) struct StableIndex {
-    entries: HashMap<ContentKey, IndexEntry>,
+    /// Content key -> entry; hashed by [`hash`] of the key the entry's node or chain holds.
+    table: HashTable<Entry>,
+    /// Chains by number; `None` for numbers free for reuse (listed in `free_chains`).
+    chains: Vec<Option<Chain>>,
+    free_chains: Vec<u32>,
     /// Chain entries (`stable_node_chains`).
-    chains: u64,
+    chain_count: u64,
     /// Dups in those chains (`stable_node_dups`).
     dups: u64,
 }
 
+/// The table's hash of a key: the content's xxh3 with the domain mixed in.
+fn hash(key: ContentKey) -> u64 {
+    key.1 ^ u64::from(key.0).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// The key an entry stands for.
+fn key_of(nodes: &[Option<StableNode>], chains: &[Option<Chain>], entry: Entry) -> ContentKey {
+    if entry & CHAIN != 0 {
+        chains[(entry & !CHAIN) as usize]
+            .as_ref()
+            .expect("an entry names a live chain")
+            .key
+    } else {
+        nodes[entry as usize]
+            .as_ref()
+            .expect("an entry names a slot in use")
+            .key
+    }
+}
+
 impl StableIndex {
     pub(super) fn metadata_bytes(&self) -> usize {
-        self.entries.capacity() * size_of::<(ContentKey, IndexEntry)>()
+        self.table.capacity() * (size_of::<Entry>() + 1)
+            + self.chains.capacity() * size_of::<Option<Chain>>()
             + self.dups as usize * size_of::<Slot>()
+    }
+
+    /// The chain an entry with [`CHAIN`] set names.
+    fn chain(&self, entry: Entry) -> &Chain {
+        self.chains[(entry & !CHAIN) as usize]
+            .as_ref()
+            .expect("an entry names a live chain")
     }
 }
 
 impl StableStore {
+    /// The entry of `key`, if the index has one.
+    fn entry(&self, key: ContentKey) -> Option<Entry> {
+        let (nodes, chains) = (&self.nodes, &self.index.chains);
+        self.index
+            .table
+            .find(hash(key), |&entry| key_of(nodes, chains, entry) == key)
+            .copied()
+    }
+
+    /// The pages of `entry`: one, or a chain's dups.
+    fn entry_slots(&self, entry: Entry) -> Vec<Slot> {
+        if entry & CHAIN != 0 {
+            self.index.chain(entry).dups.clone()
+        } else {
+            vec![entry]
+        }
+    }
+
+    /// The first page of `entry`.
+    fn first_slot(&self, entry: Entry) -> Slot {
+        if entry & CHAIN != 0 {
+            self.index.chain(entry).dups[0]
+        } else {
+            entry
+        }
+    }
+
     /// The indexed stable page with `key` that has room for one more sharer (the fullest
     /// such dup of a chain), if its bytes equal `content`.
     pub(crate) fn lookup(&self, key: ContentKey, content: &[u8]) -> Option<Slot> {
@@ -65,10 +121,13 @@ impl StableStore {
     }
 
     fn with_room(&self, key: ContentKey) -> Option<Slot> {
+        let entry = self.entry(key)?;
+        if entry & CHAIN == 0 {
+            return (self.sharers(entry) < self.max_sharing).then_some(entry);
+        }
         self.index
-            .entries
-            .get(&key)?
-            .slots()
+            .chain(entry)
+            .dups
             .iter()
             .map(|&slot| (slot, self.sharers(slot)))
             .filter(|&(_, sharers)| sharers < self.max_sharing)
@@ -79,68 +138,112 @@ impl StableStore {
     /// Adds a freshly written `slot` to the index under `key`: as the page of a new content,
     /// or as a dup of a full one. Returns false (not indexed) when `key` names other bytes.
     pub(super) fn index_slot(&mut self, key: ContentKey, slot: Slot) -> bool {
-        let Some(entry) = self.index.entries.get(&key) else {
-            self.index.entries.insert(key, IndexEntry::Page(slot));
+        debug_assert!(slot < CHAIN);
+        let Some(entry) = self.entry(key) else {
+            let (nodes, chains) = (&self.nodes, &self.index.chains);
+            self.index
+                .table
+                .insert_unique(hash(key), slot, |&entry| hash(key_of(nodes, chains, entry)));
             return true;
         };
         // Other bytes under the same key (a checksum collision), or a page of this content
         // that still has room (the same bytes twice in one run): no dup, just unindexed.
-        if self.page(entry.slots()[0]) != self.page(slot) || self.with_room(key).is_some() {
+        if self.page(self.first_slot(entry)) != self.page(slot) || self.with_room(key).is_some() {
             return false;
         }
-        let index = &mut self.index;
-        let entry = index.entries.get_mut(&key).expect("looked up above");
-        match entry {
-            IndexEntry::Page(first) => {
-                *entry = IndexEntry::Chain(vec![*first, slot]);
-                index.chains += 1;
-                index.dups += 2;
-            }
-            IndexEntry::Chain(dups) => {
-                dups.push(slot);
-                index.dups += 1;
-            }
+        if entry & CHAIN != 0 {
+            let chain = self.index.chains[(entry & !CHAIN) as usize]
+                .as_mut()
+                .expect("an entry names a live chain");
+            chain.dups.push(slot);
+            self.index.dups += 1;
+            return true;
         }
+        // Page -> chain of two.
+        let chain = Chain {
+            key,
+            dups: vec![entry, slot],
+        };
+        let number = match self.index.free_chains.pop() {
+            Some(number) => {
+                self.index.chains[number as usize] = Some(chain);
+                number
+            }
+            None => {
+                self.index.chains.push(Some(chain));
+                (self.index.chains.len() - 1) as u32
+            }
+        };
+        self.set_entry(key, number | CHAIN);
+        self.index.chain_count += 1;
+        self.index.dups += 2;
         true
+    }
+
+    /// Points the entry of `key` (which exists) at `entry`.
+    fn set_entry(&mut self, key: ContentKey, entry: Entry) {
+        let StableIndex { table, chains, .. } = &mut self.index;
+        let nodes = &self.nodes;
+        let found = table
+            .find_mut(hash(key), |&old| key_of(nodes, chains, old) == key)
+            .expect("the entry exists");
+        *found = entry;
     }
 
     /// Takes `slot` out of the index entry of `key`; a chain left empty goes too.
     pub(super) fn unindex_slot(&mut self, key: ContentKey, slot: Slot) {
-        let index = &mut self.index;
-        match index.entries.get_mut(&key) {
-            Some(IndexEntry::Page(page)) if *page == slot => {
-                index.entries.remove(&key);
+        let Some(entry) = self.entry(key) else {
+            return;
+        };
+        if entry & CHAIN == 0 {
+            if entry == slot {
+                self.remove_entry(key);
             }
-            Some(IndexEntry::Chain(dups)) => {
-                if let Some(at) = dups.iter().position(|&dup| dup == slot) {
-                    dups.swap_remove(at);
-                    index.dups -= 1;
-                    if dups.is_empty() {
-                        index.entries.remove(&key);
-                        index.chains -= 1;
-                    }
-                }
-            }
-            _ => {}
+            return;
+        }
+        let number = (entry & !CHAIN) as usize;
+        let chain = self.index.chains[number]
+            .as_mut()
+            .expect("an entry names a live chain");
+        let Some(at) = chain.dups.iter().position(|&dup| dup == slot) else {
+            return;
+        };
+        chain.dups.swap_remove(at);
+        self.index.dups -= 1;
+        if chain.dups.is_empty() {
+            self.remove_entry(key);
+            self.index.chains[number] = None;
+            self.index.free_chains.push(number as u32);
+            self.index.chain_count -= 1;
+        }
+    }
+
+    fn remove_entry(&mut self, key: ContentKey) {
+        let StableIndex { table, chains, .. } = &mut self.index;
+        let nodes = &self.nodes;
+        if let Ok(found) = table.find_entry(hash(key), |&entry| key_of(nodes, chains, entry) == key)
+        {
+            found.remove();
         }
     }
 
     /// `stable_node_chains` and `stable_node_dups`.
     pub(crate) fn chain_counts(&self) -> (u64, u64) {
-        (self.index.chains, self.index.dups)
+        (self.index.chain_count, self.index.dups)
     }
 
     /// Walks the index: the chains and dups it holds, and whether every page it names is in
     /// use, within the sharing limit and of the same bytes as the others of its entry.
     pub(crate) fn walk_index(&self) -> (u64, u64, bool) {
         let (mut chains, mut dups, mut sound) = (0, 0, true);
-        for entry in self.index.entries.values() {
-            if let IndexEntry::Chain(slots) = entry {
+        for &entry in self.index.table.iter() {
+            let slots = self.entry_slots(entry);
+            if entry & CHAIN != 0 {
                 chains += 1;
                 dups += slots.len() as u64;
             }
-            let first = entry.slots()[0];
-            for &slot in entry.slots() {
+            let first = slots[0];
+            for &slot in &slots {
                 sound &= self
                     .node(slot)
                     .is_some_and(|node| node.sharers <= self.max_sharing)

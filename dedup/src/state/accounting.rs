@@ -91,6 +91,11 @@ impl MergeState {
             regions_busy_skips: self.counters.regions_busy_skips,
             metadata_bytes,
             image_pages: self.stable.pinned_pages(),
+            pages_tracked: self
+                .regions
+                .values()
+                .map(|r| r.pages.all().count() as u64)
+                .sum(),
             regions: self.regions.len() as u64,
             merges_last_pass: self.counters.merges_last_pass,
             zero_pages: self.counters.zero_pages,
