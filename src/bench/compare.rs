@@ -234,8 +234,7 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
                 target_rows.push(verdict("A: merger CPU ≤ 0.5× KSM's", c, c <= 0.5));
                 target_rows.push(verdict("A: saving ≥ 0.95× KSM's", s, s >= 0.95));
             } else if workload.slug != "b" {
-                // Modes start from different memory (wasmtime's copy-on-write image against
-                // samepage's merged data segments), so what counts is where they end.
+                // What counts is where the modes end.
                 let m = med(on, "cgroup_memory_bytes_after") / med(k, "cgroup_memory_bytes_after");
                 target_rows.push(verdict(
                     &format!(
@@ -295,8 +294,9 @@ const INTRO: &str = "# samepage, wasmtime and Linux KSM side by side\n\n\
     mapped or not: the fairer figure, and the one in bold) and PSS. PSS cannot see memfd \
     pages nobody maps, such as the parts of wasmtime's module image that no instance \
     touched, while samepage's stable pages are mapped by the engine that compared them, \
-    so PSS flatters `cow` and `ksm` against `on`. samepage merges each instance's data \
-    segments right after instantiation, so `on` starts out shared as `cow` does. Time to converge is \
+    so PSS flatters `cow` and `ksm` against `on`. samepage maps each module's image (its \
+    data segments, lifted at load) into every instance as merged pages, so `on` starts out \
+    shared as `cow` does; `off` gets the segments copied. Time to converge is \
     the time until PSS had fallen by 99% of its final fall; CPU is samepage's scanner \
     thread or ksmd, over the same span. Each cell is the median of the rounds. samepage \
     scans on one thread; the instances ran before merging began, so the other core was \

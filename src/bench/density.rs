@@ -74,6 +74,11 @@ pub fn suite(rounds: u32) -> Result<String> {
                     mib(med(r, "cgroup_memory_bytes_before")),
                     format!("**{}**", mib(med(r, "cgroup_memory_bytes_after"))),
                     format!("{:.0}", med(r, "image_pages")),
+                    if *mode == "on" {
+                        format!("{:.1} B", metadata_per_page(r))
+                    } else {
+                        "-".into()
+                    },
                     format!("{:.2} s", med(r, "instantiate_and_run_seconds")),
                 ]);
             }
@@ -97,6 +102,15 @@ pub fn suite(rounds: u32) -> Result<String> {
                 start,
                 start <= 1.0,
             ));
+            let per_page = metadata_per_page(on);
+            targets.push(verdict(
+                &format!(
+                    "{} × {instances}: metadata ≤ 16 bytes per tracked page",
+                    workload.slug
+                ),
+                per_page,
+                per_page <= 16.0,
+            ));
             if instances > 1 && modes.contains(&"ksm") {
                 let end = ratio("cgroup_memory_bytes_after", of("ksm"));
                 targets.push(verdict(
@@ -110,7 +124,10 @@ pub fn suite(rounds: u32) -> Result<String> {
             }
         }
         // The compare suite's names say how many instances it runs; here it is a column.
-        let name = workload.name.split(',').next().unwrap_or(workload.name);
+        let name = workload
+            .name
+            .rsplit_once(", ")
+            .map_or(workload.name, |(name, _)| name);
         report.push_str(&format!(
             "## {name}\n\n{}\n",
             table(
@@ -121,6 +138,7 @@ pub fn suite(rounds: u32) -> Result<String> {
                     "memory after instantiation (cgroup)",
                     "memory after merging (cgroup)",
                     "image pages",
+                    "metadata per tracked page",
                     "instantiate + run",
                 ],
                 &rows
@@ -140,6 +158,11 @@ pub fn suite(rounds: u32) -> Result<String> {
         table(&["target", "measured", "met"], &targets)
     ));
     Ok(report)
+}
+
+/// The engine's metadata (records, stable nodes, both indexes) over the pages it tracks.
+fn metadata_per_page(runs: &[Value]) -> f64 {
+    med(runs, "metadata_bytes") / med(runs, "pages_tracked")
 }
 
 fn verdict(target: &str, value: f64, met: bool) -> Vec<String> {

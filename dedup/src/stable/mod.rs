@@ -182,8 +182,16 @@ impl StableStore {
         let Some(first) = self.slots.allocate(keys.len() as Slot) else {
             return Ok(None);
         };
-        if self.nodes.len() < self.slots.end() as usize {
-            self.nodes.resize(self.slots.end() as usize, None);
+        let end = self.slots.end() as usize;
+        if self.nodes.len() < end {
+            // Grow by an eighth at a time, not by doubling: a node is 32 bytes a stable page,
+            // and half an empty vector is what the metadata of a converged host would be.
+            let more = end - self.nodes.len();
+            if self.nodes.capacity() < end {
+                self.nodes
+                    .reserve_exact(more.max(self.nodes.capacity() / 8));
+            }
+            self.nodes.resize(end, None);
         }
         let written = crate::layout::runs_of(keys, Option::is_some).try_for_each(|pages| {
             self.memfd.as_file().write_all_at(
