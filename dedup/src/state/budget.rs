@@ -3,7 +3,7 @@
 //! stacks; past it `mmap` and `mprotect` fail with `ENOMEM` for everyone in the process. So
 //! each merge first asks [`MergeState::budget_allows`], which keeps the engine's own mappings
 //! within `map_budget_percent` of the limit, keeps a margin below the limit for the rest of
-//! the process (counted from `/proc/self/maps` once a pass), and, once three quarters of the
+//! the process (counted from `/proc/self/maps` at most every 250 ms), and, once three quarters of the
 //! budget is spent, merges only runs long enough to be worth their two mappings.
 
 use std::ops::Range;
@@ -21,6 +21,11 @@ const TIGHT_MIN_RUN: usize = 16;
 /// Mappings kept free below `vm.max_map_count` for the rest of the process (wasmtime's code
 /// and reservations, thread stacks, new instances) between two readings of the real count.
 const MAP_COUNT_MARGIN: u64 = 2048;
+
+/// How often the count of the whole process's mappings is read again, at most. Between two
+/// readings the rest of the process may add mappings the estimate does not see (a new
+/// instance adds a handful); `MAP_COUNT_MARGIN` is what covers them.
+const MAPS_READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The mappings the engine may hold: its share of `vm.max_map_count`.
 pub(super) fn map_budget(knobs: &Knobs, max_map_count: u64) -> u64 {
@@ -106,75 +111,19 @@ impl MergeState {
     }
 
     /// Mappings in the process now, estimated from the last reading of `/proc/self/maps` and
-    /// the engine's own changes since; re-read once a pass.
+    /// the engine's own changes since; re-read at most every [`MAPS_READ_INTERVAL`].
     fn process_maps_now(&mut self) -> u64 {
-        if self.process_maps.2 != self.counters.full_scans {
+        if self
+            .process_maps
+            .2
+            .is_none_or(|at| at.elapsed() >= MAPS_READ_INTERVAL)
+        {
             let count = std::fs::read("/proc/self/maps")
                 .map(|text| text.iter().filter(|&&b| b == b'\n').count() as u64)
                 .unwrap_or(0);
-            self.process_maps = (count, self.vmas, self.counters.full_scans);
+            self.process_maps = (count, self.vmas, Some(std::time::Instant::now()));
         }
         let (count, ours, _) = self.process_maps;
         (count + self.vmas).saturating_sub(ours)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-    use crate::region::Region;
-    use crate::{Owner, PAGE_SIZE};
-
-    fn region(layout: &[u32]) -> RegionPages {
-        let memfd = Arc::new(crate::memfds::create("delta-test").expect("memfd"));
-        let mut pages = RegionPages {
-            region: Arc::new(Region::new(
-                Owner::new(0),
-                memfd,
-                0,
-                layout.len() * PAGE_SIZE,
-            )),
-            pages: Default::default(),
-            len: layout.len(),
-            advice: Default::default(),
-            vmas: 0,
-            quiet_at: None,
-            visit: (0, false),
-        };
-        for (page, &stable) in layout.iter().enumerate() {
-            if stable != 0 {
-                pages.pages.get_mut(page).set_stable(stable);
-            }
-        }
-        pages
-    }
-
-    #[test]
-    fn the_sparse_count_agrees_with_the_page_by_page_one() {
-        // Layouts of 12 pages: runs of slots, lone slots, a slot run that breaks.
-        let layouts: [[u32; 12]; 4] = [
-            [0; 12],
-            [0, 5, 6, 7, 0, 0, 9, 0, 11, 12, 0, 0],
-            [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
-            [1, 0, 1, 0, 1, 30, 31, 8, 0, 2, 3, 0],
-        ];
-        for layout in &layouts {
-            let pages = region(layout);
-            for start in 0..12 {
-                for end in start..=12 {
-                    for first in [0, 4, 6, 40] {
-                        let kind = |n: usize| if first == 0 { 0 } else { first + n as u32 };
-                        let expected = mapping_delta(|p| layout[p], layout.len(), start..end, kind);
-                        assert_eq!(
-                            pages.mapping_delta(start..end, first),
-                            expected,
-                            "{layout:?} {start}..{end} from {first}"
-                        );
-                    }
-                }
-            }
-        }
     }
 }

@@ -93,9 +93,11 @@ pub(crate) struct MergeState {
     /// `vm.max_map_count`, read at start.
     max_map_count: u64,
     /// Mappings in the whole process at the last reading of `/proc/self/maps`, our `vmas`
-    /// at that time, and the pass it was read in (read at most once a pass, and only when
-    /// a merge needs it: the file is long when the process holds many mappings).
-    process_maps: (u64, u64, u64),
+    /// at that time, and when it was read (at most every `budget::MAPS_READ_INTERVAL`, and
+    /// only when a merge needs it: the file is long when the process holds many mappings,
+    /// and reading it on every instantiation made instantiation cost grow with the number of
+    /// instances).
+    process_maps: (u64, u64, Option<std::time::Instant>),
     pub(crate) knobs: Knobs,
     /// Which pages may merge without advice (fixed at start).
     scope: MergeScope,
@@ -135,7 +137,7 @@ impl MergeState {
             counters: records::Counters::default(),
             vmas: 1,
             max_map_count,
-            process_maps: (0, 0, u64::MAX),
+            process_maps: (0, 0, None),
             knobs,
             scope,
             punch_after_calls,
