@@ -3,8 +3,9 @@
 //! stacks; past it `mmap` and `mprotect` fail with `ENOMEM` for everyone in the process. So
 //! each merge first asks [`MergeState::budget_allows`], which keeps the engine's own mappings
 //! within `map_budget_percent` of the limit, keeps a margin below the limit for the rest of
-//! the process (counted from `/proc/self/maps` at most every 250 ms), and, once three quarters of the
-//! budget is spent, merges only runs long enough to be worth their two mappings.
+//! the process (counted from `/proc/self/maps` at most every 250 ms), and, once three
+//! quarters of the budget is spent, merges only runs long enough to be worth their two
+//! mappings.
 
 use std::ops::Range;
 
