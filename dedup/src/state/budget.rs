@@ -10,8 +10,6 @@
 use std::ops::Range;
 
 use crate::Knobs;
-#[cfg(test)]
-use crate::layout::mapping_delta;
 
 use super::{MergeState, RegionPages};
 
@@ -39,7 +37,7 @@ impl RegionPages {
     /// slot `s` at the range's first page and the slots after it for the pages after it. That
     /// is every change the engine makes (a merged run or window onto consecutive slots, or
     /// pages given back), so inside the range the pages join; what they were joined to before
-    /// is read from the records that exist, not page by page. [`mapping_delta`] is the same
+    /// is read from the records that exist, not page by page. `layout::mapping_delta` is the same
     /// count for any change, page by page (the tests check the two agree).
     pub(super) fn mapping_delta(&self, range: Range<usize>, first: u32) -> i64 {
         let len = self.len.max(range.end);
