@@ -72,6 +72,13 @@ pub(crate) fn runs_of<'a, T>(
     })
 }
 
+/// 1 when neighbouring pages that map `left` and `right` (0: the region's memfd; s + 1:
+/// stable slot s) lie in two mappings, 0 when the kernel keeps them in one.
+pub(crate) fn boundary(left: u32, right: u32) -> i64 {
+    let joined = (left == 0 && right == 0) || (left != 0 && right == left.wrapping_add(1));
+    i64::from(!joined)
+}
+
 /// How many mappings a region of `len` pages gains when pages `range` change to map what
 /// `kind(n)` says for page `range.start + n`; `before(p)` says what page `p` maps now. A kind
 /// is 0 for the region's own memfd and s + 1 for stable slot s. Only boundaries touching the
@@ -90,10 +97,6 @@ pub(crate) fn mapping_delta(
         } else {
             before(p)
         }
-    };
-    let boundary = |left: u32, right: u32| {
-        let joined = (left == 0 && right == 0) || (left != 0 && right == left.wrapping_add(1));
-        i64::from(!joined)
     };
     let first = range.start.max(1);
     let last = range.end.min(len.saturating_sub(1));

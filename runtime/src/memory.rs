@@ -196,8 +196,8 @@ impl MemfdMemoryCreator {
         if ty.page_size() < PAGE_SIZE as u64 {
             return Err(MemoryError::PageSize(ty.page_size()));
         }
+        let capacity = reserved_size_in_bytes.unwrap_or(maximum.unwrap_or(minimum));
         if guard_size_in_bytes == GC_HEAP_GUARD_BYTES {
-            let capacity = reserved_size_in_bytes.unwrap_or(maximum.unwrap_or(minimum));
             let mapping = MemfdMapping::new(
                 None,
                 &Owner::new(0),
@@ -214,7 +214,6 @@ impl MemfdMemoryCreator {
             // Not merged: the owner is never consulted, any will do.
             (None, None) => Owner::new(0),
         };
-        let capacity = reserved_size_in_bytes.unwrap_or(maximum.unwrap_or(minimum));
         let plan = current_plan();
         let image = match &plan {
             Some((plan, index)) => {

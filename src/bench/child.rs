@@ -46,6 +46,35 @@ pub fn run_child(
     serde_json::from_slice(&output.stdout).context("parsing the run's JSON report")
 }
 
+/// Runs `module` as `instances` instances under every mode, `rounds` times, the modes' order
+/// rotating from round to round so that drift of the machine hits them all alike; returns
+/// each mode's reports, in the order of `modes`. `label` names the runs in the progress lines.
+pub fn rotating_rounds(
+    label: &str,
+    rounds: u32,
+    modes: &[&str],
+    module: &Path,
+    instances: u32,
+    options: &[String],
+    guest_args: &[String],
+) -> Result<Vec<Vec<Value>>> {
+    let mut results: Vec<Vec<Value>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds as usize {
+        for k in 0..modes.len() {
+            let index = (round + k) % modes.len();
+            eprintln!("bench: {label} round {} mode {}", round + 1, modes[index]);
+            results[index].push(run_child(
+                module,
+                instances,
+                modes[index],
+                options,
+                guest_args,
+            )?);
+        }
+    }
+    Ok(results)
+}
+
 pub fn number(report: &Value, field: &str) -> f64 {
     report[field].as_f64().unwrap_or(f64::NAN)
 }

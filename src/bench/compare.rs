@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde_json::Value;
 
-use super::child::{med, median, run_child, saved, strings};
+use super::child::{med, median, rotating_rounds, saved, strings};
 use super::{mib, repo_path, table};
 use crate::ksm::KsmSysfs;
 
@@ -121,22 +121,19 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
             ));
             continue;
         }
-        let mut results: Vec<(&str, Vec<Value>)> = modes.iter().map(|&m| (m, Vec::new())).collect();
-        for round in 0..rounds as usize {
-            for k in 0..modes.len() {
-                let index = (round + k) % modes.len();
-                let mode = modes[index];
-                eprintln!("bench: {} round {} mode {mode}", workload.slug, round + 1);
-                let result = run_child(
-                    &workload.module,
-                    workload.instances,
-                    mode,
-                    &workload.options,
-                    &workload.guest_args,
-                )?;
-                results[index].1.push(result);
-            }
-        }
+        let results: Vec<(&str, Vec<Value>)> = modes
+            .iter()
+            .copied()
+            .zip(rotating_rounds(
+                workload.slug,
+                rounds,
+                &modes,
+                &workload.module,
+                workload.instances,
+                &workload.options,
+                &workload.guest_args,
+            )?)
+            .collect();
         let ksm_results = results
             .iter()
             .find(|(m, _)| *m == "ksm")

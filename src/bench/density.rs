@@ -11,7 +11,7 @@ use samepage_dedup::{EngineConfig, Knobs};
 use samepage_runtime::{Module, Samepage, SamepageConfig, StoreOwner};
 use serde_json::Value;
 
-use super::child::{med, run_child};
+use super::child::{med, rotating_rounds, run_child};
 use super::compare::workloads;
 use super::{mib, repo_path, table};
 use crate::ksm::KsmSysfs;
@@ -46,25 +46,15 @@ pub fn suite(rounds: u32) -> Result<String> {
         }
         let mut rows = Vec::new();
         for instances in COUNTS {
-            let mut results: Vec<Vec<Value>> = vec![Vec::new(); modes.len()];
-            for round in 0..rounds as usize {
-                for k in 0..modes.len() {
-                    let index = (round + k) % modes.len();
-                    eprintln!(
-                        "bench: density {} × {instances} round {} mode {}",
-                        workload.slug,
-                        round + 1,
-                        modes[index]
-                    );
-                    results[index].push(run_child(
-                        &workload.module,
-                        instances,
-                        modes[index],
-                        &workload.options,
-                        &workload.guest_args,
-                    )?);
-                }
-            }
+            let results = rotating_rounds(
+                &format!("density {} × {instances}", workload.slug),
+                rounds,
+                &modes,
+                &workload.module,
+                instances,
+                &workload.options,
+                &workload.guest_args,
+            )?;
             let of = |mode: &str| &results[modes.iter().position(|&m| m == mode).expect("mode")];
             for (mode, r) in modes.iter().zip(&results) {
                 rows.push(vec![

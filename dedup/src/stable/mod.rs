@@ -304,6 +304,18 @@ impl StableStore {
         self.retire(slot)
     }
 
+    /// Takes an image's pins off `count` slots from `first`; the last failure to free a page
+    /// is returned, after every pin is taken off.
+    pub(crate) fn unpin_run(&mut self, first: Slot, count: Slot) -> Result<(), Error> {
+        let mut result = Ok(());
+        for slot in first..first + count {
+            if let Err(error) = self.unpin(slot) {
+                result = Err(error);
+            }
+        }
+        result
+    }
+
     /// Ends the page of `slot`, which nothing shares or pins any more: out of the index, and
     /// its memory punched; the slot itself goes once no private copy lies over it.
     fn retire(&mut self, slot: Slot) -> Result<(), Error> {

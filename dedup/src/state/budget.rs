@@ -10,6 +10,7 @@
 use std::ops::Range;
 
 use crate::Knobs;
+use crate::layout::boundary;
 
 use super::{MergeState, RegionPages};
 
@@ -58,10 +59,6 @@ impl RegionPages {
             } else {
                 before(p)
             }
-        };
-        let boundary = |left: u32, right: u32| {
-            let joined = (left == 0 && right == 0) || (left != 0 && right == left.wrapping_add(1));
-            i64::from(!joined)
         };
         // Pairs (p - 1, p) for p in lo..=hi touch the range.
         let (lo, hi) = (range.start.max(1), range.end.min(len - 1));

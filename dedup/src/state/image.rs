@@ -24,7 +24,6 @@ use crate::stable::{ContentKey, Slot};
 use crate::{Error, PAGE_SIZE, remap};
 
 use super::MergeState;
-use super::records::{COPY, PageTable};
 
 /// An image the state holds: its runs of non-zero pages.
 pub(crate) struct ImageRecord {
@@ -160,11 +159,10 @@ impl MergeState {
         let mut result = Ok(());
         for segment in &record.segments {
             for &first in &segment.copies {
-                for n in 0..segment.len {
-                    if let Err(error) = self.stable.unpin(first + n as Slot) {
-                        result = Err(error);
-                    }
-                }
+                result = self
+                    .stable
+                    .unpin_run(first, segment.len as Slot)
+                    .and(result);
             }
         }
         result
@@ -268,11 +266,7 @@ impl MergeState {
         }
         let mut result = Ok(());
         for (first, len) in idle {
-            for slot in first..first + len as Slot {
-                if let Err(error) = self.stable.unpin(slot) {
-                    result = Err(error);
-                }
-            }
+            result = self.stable.unpin_run(first, len as Slot).and(result);
         }
         result
     }
@@ -305,20 +299,6 @@ impl MergeState {
         }
         if let Some(image) = image {
             result = result.and(self.map_image(q, id, image));
-        }
-        result
-    }
-
-    /// Takes a region's records out of the stable nodes and counters (the region keeps none).
-    pub(super) fn forget_records(&mut self, records: &PageTable) -> Result<(), Error> {
-        let mut result = Ok(());
-        for (_, page) in records.all() {
-            if let Some(slot) = page.slot()
-                && let Err(error) = self.leave_slot(slot, page.has(COPY))
-            {
-                result = Err(error);
-            }
-            self.forget_flags(page.flags());
         }
         result
     }

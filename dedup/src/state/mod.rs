@@ -52,7 +52,7 @@ use crate::{Error, Knobs};
 
 pub use accounting::Audit;
 use advice::AdviceMap;
-use records::{PageRecord, PageTable};
+use records::{COPY, PageRecord, PageTable};
 pub(crate) use scan::Visit;
 use scan::{Cursor, PageRef};
 
@@ -173,6 +173,20 @@ impl MergeState {
         let result = self.forget_records(&record.pages);
         if self.cursor.region == Some(id) {
             self.cursor.page = 0;
+        }
+        result
+    }
+
+    /// Takes a region's records out of the stable nodes and counters (the region keeps none).
+    fn forget_records(&mut self, records: &PageTable) -> Result<(), Error> {
+        let mut result = Ok(());
+        for (_, page) in records.all() {
+            if let Some(slot) = page.slot()
+                && let Err(error) = self.leave_slot(slot, page.has(COPY))
+            {
+                result = Err(error);
+            }
+            self.forget_flags(page.flags());
         }
         result
     }
