@@ -1,12 +1,14 @@
 //! `samepage`: the serverless host binary.
 
 mod bench;
+mod cgroup;
+mod cleanup;
 mod ksm;
 mod measure;
 mod merger;
+mod resources;
 mod run;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -27,19 +29,61 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-fn main() -> Result<()> {
+fn main() {
     let cli = Cli::parse();
-    match cli.command {
+    let status = match cli.command {
         Command::Run(args) => {
             let json = args.json;
-            let report = run::run(args)?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                run::print_human(&report);
-            }
+            run::run(args).and_then(|finished| {
+                for problem in &finished.report.problems {
+                    eprintln!("samepage: {problem}");
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&finished.report)?);
+                } else {
+                    run::print_human(&finished.report);
+                }
+                Ok(finished.exit_code)
+            })
         }
-        Command::Bench(args) => bench::run(args)?,
+        Command::Bench(args) => bench::run(args).map(|()| 0),
+    };
+    match status {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("error: {}", causes_once(&error));
+            std::process::exit(1);
+        }
     }
-    Ok(())
+}
+
+/// An error and its causes, each said once. Library errors often put their cause's text
+/// into their own message and also return it as their source; printing the whole chain
+/// would say it twice.
+fn causes_once(error: &anyhow::Error) -> String {
+    let mut said: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !said.iter().any(|earlier| earlier.contains(text.trim())) {
+            said.push(text);
+        }
+    }
+    said.join("\n  caused by: ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::other("disk on fire");
+        let error = anyhow::Error::new(io)
+            .context("cannot read x: disk on fire")
+            .context("loading x");
+        assert_eq!(
+            causes_once(&error),
+            "loading x\n  caused by: cannot read x: disk on fire"
+        );
+    }
 }

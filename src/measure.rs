@@ -3,15 +3,41 @@
 //! PSS, not RSS: one host process maps a merged page into many instances, and RSS would
 //! count it once per mapping.
 
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use rustix::time::{ClockId, clock_gettime};
 
+/// `/proc/self/smaps_rollup`, opened once and read again from its start each time: a run
+/// that uses every file descriptor it may have can still measure itself (the run opens it
+/// before any instance exists), and the sampling loop opens no file.
+static ROLLUP: OnceLock<File> = OnceLock::new();
+
 /// The process's proportional set size, from `/proc/self/smaps_rollup`, in bytes.
 pub fn pss_bytes() -> Result<u64> {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup")
-        .context("reading /proc/self/smaps_rollup")?;
+    let file = match ROLLUP.get() {
+        Some(file) => file,
+        None => {
+            let file =
+                File::open("/proc/self/smaps_rollup").context("opening /proc/self/smaps_rollup")?;
+            ROLLUP.get_or_init(|| file)
+        }
+    };
+    // The rollup is a few hundred bytes; read until the kernel has no more.
+    let mut text = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let read = file
+            .read_at(&mut chunk, text.len() as u64)
+            .context("reading /proc/self/smaps_rollup")?;
+        if read == 0 {
+            break;
+        }
+        text.extend_from_slice(&chunk[..read]);
+    }
+    let rollup = String::from_utf8_lossy(&text);
     rollup
         .lines()
         .find_map(|line| line.strip_prefix("Pss:"))
@@ -28,75 +54,4 @@ pub fn thread_cpu_seconds() -> f64 {
 
 fn seconds(time: rustix::time::Timespec) -> f64 {
     time.tv_sec as f64 + time.tv_nsec as f64 * 1e-9
-}
-
-/// A memory cgroup of the process's own, so that everything it allocates afterwards —
-/// anonymous memory, memfd pages (mapped or not), page cache — is counted in one figure.
-/// PSS cannot see a memfd page that nobody maps, such as the parts of wasmtime's module
-/// image that no instance touched; the cgroup does.
-pub struct MemoryCgroup {
-    /// The cgroup's directory.
-    dir: PathBuf,
-    /// Its usage file: `memory.usage_in_bytes` (cgroup v1) or `memory.current` (v2).
-    usage: PathBuf,
-    /// Where the process was before, to go back to on drop.
-    parent_procs: PathBuf,
-}
-
-impl MemoryCgroup {
-    /// Moves the process into a new child of its memory cgroup; `None` where that is not
-    /// possible (no memory controller, not allowed).
-    pub fn enter_new() -> Option<Self> {
-        let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        let candidates = membership.lines().filter_map(|line| {
-            let mut fields = line.splitn(3, ':');
-            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
-            let path = path.trim_start_matches('/');
-            if controllers.split(',').any(|c| c == "memory") {
-                Some((
-                    Path::new("/sys/fs/cgroup/memory").join(path),
-                    "memory.usage_in_bytes",
-                ))
-            } else if controllers.is_empty() {
-                Some((Path::new("/sys/fs/cgroup").join(path), "memory.current"))
-            } else {
-                None
-            }
-        });
-        for (parent, usage) in candidates {
-            if !parent.join(usage).exists() {
-                continue;
-            }
-            let dir = parent.join(format!("samepage-{}", std::process::id()));
-            if std::fs::create_dir(&dir).is_err() {
-                continue;
-            }
-            if std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).is_ok() {
-                return Some(Self {
-                    usage: dir.join(usage),
-                    parent_procs: parent.join("cgroup.procs"),
-                    dir,
-                });
-            }
-            let _ = std::fs::remove_dir(&dir);
-        }
-        None
-    }
-
-    /// Bytes charged to the cgroup now.
-    pub fn usage_bytes(&self) -> Option<u64> {
-        std::fs::read_to_string(&self.usage)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        // Back to the parent, then remove ours (its charges go to the parent).
-        let _ = std::fs::write(&self.parent_procs, std::process::id().to_string());
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }

@@ -37,7 +37,8 @@ pub enum Merger {
         engine: Engine,
         first_full_scans: u64,
     },
-    /// ksmd, configured for the run; `cpu_start` is ksmd's CPU time when merging began, and
+    /// ksmd, configured for the run; `first_full_scans` is ksmd's count of passes before
+    /// it started (the run reports its own passes), `cpu_start` ksmd's CPU time then, and
     /// `last_pass` the full-scan count and sharing seen at the latest pass end.
     Ksm {
         session: KsmSession,
@@ -63,12 +64,13 @@ impl Merger {
 
     /// Starts ksmd at the given speed; the memories must already be `MADV_MERGEABLE`.
     pub fn ksm(sysfs: &KsmSysfs, pages_to_scan: u64, sleep_ms: u64) -> Result<Self> {
+        // Before ksmd starts: at full speed it completes a pass within milliseconds.
+        let first_full_scans = sysfs.read("full_scans")?;
         let session = sysfs.configure(&[
             ("pages_to_scan", pages_to_scan),
             ("sleep_millisecs", sleep_ms),
             ("run", 1),
         ])?;
-        let first_full_scans = session.sysfs().read("full_scans")?;
         Ok(Self::Ksm {
             first_full_scans,
             cpu_start: ksmd_cpu_seconds()?,
@@ -99,8 +101,13 @@ impl Merger {
                 last_pass,
                 converged_at,
             } => {
-                let stats = read_sampled(session.sysfs())?;
+                let mut stats = read_sampled(session.sysfs())?;
                 let (full_scans, pages_sharing) = (stats.full_scans, stats.pages_sharing);
+                // The passes are this run's; the page counts are ksmd's, for the whole
+                // system (a dead process's merged pages stay counted until ksmd next runs,
+                // so a difference would mean nothing: the run's own pages are in
+                // `process_ksm_stat`).
+                stats.full_scans -= *first_full_scans;
                 if full_scans > last_pass.0 {
                     // A pass ended: KSM needs two to merge anything, so count from the third.
                     if full_scans >= *first_full_scans + 3 && pages_sharing == last_pass.1 {

@@ -10,11 +10,11 @@ fn samepage(args: &[&str]) -> std::process::Output {
         .expect("run samepage")
 }
 
-/// Runs `samepage run ARGS --json`, which must succeed, and returns its report.
-fn run_report(args: &[&str]) -> serde_json::Value {
+/// Runs `samepage run OPTIONS --json PROGRAM`, which must succeed, and returns its report.
+fn run_report(program: &str, options: &[&str]) -> serde_json::Value {
     let mut all = vec!["run"];
-    all.extend_from_slice(args);
-    all.push("--json");
+    all.extend_from_slice(options);
+    all.extend(["--json", program]);
     let output = samepage(&all);
     assert!(
         output.status.success(),
@@ -26,7 +26,11 @@ fn run_report(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn thirty_two_instances_of_4096_identical_pages_merge() {
-    let report = run_report(&["examples/guests/fill.wat", "--instances", "32"]);
+    // Merging once every instance ran, so that PSS before merging is the unmerged total.
+    let report = run_report(
+        "examples/guests/fill.wat",
+        &["--instances", "32", "--merge-while-starting", "off"],
+    );
     let field = |name: &str| report[name].as_f64().unwrap_or_else(|| panic!("no {name}"));
     let ideal = 31.0 * 4096.0;
     let sharing = field("pages_sharing");
@@ -56,13 +60,19 @@ fn thirty_two_instances_of_4096_identical_pages_merge() {
 
 #[test]
 fn a_sharing_limit_of_four_gives_exact_chain_arithmetic() {
-    let report = run_report(&[
+    // Merging once every instance ran: the image's copies are all made before any pass
+    // could prune one, so the chain count below is exact.
+    let report = run_report(
         "examples/guests/fill.wat",
-        "--instances",
-        "16",
-        "--max-page-sharing",
-        "4",
-    ]);
+        &[
+            "--instances",
+            "16",
+            "--max-page-sharing",
+            "4",
+            "--merge-while-starting",
+            "off",
+        ],
+    );
     // One chain is the module image's scratch page: every instance wrote that page, so of
     // the image's four copies only its own is left, pinned and shared by nobody.
     assert_eq!(report["image_pages"].as_u64(), Some(1));
@@ -76,9 +86,9 @@ fn a_sharing_limit_of_four_gives_exact_chain_arithmetic() {
     assert!(
         per_instance
             .iter()
-            .all(|i| i["pages_merged"].as_u64() == Some(p))
+            .all(|i| i["ksm_merging_pages"].as_u64() == Some(p))
     );
-    assert!(report["general_profit_bytes"].as_i64().expect("profit") > 0);
+    assert!(report["general_profit"].as_i64().expect("profit") > 0);
 }
 
 #[test]
@@ -99,17 +109,21 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
         "{stderr}"
     );
 
-    let trapping = samepage(&["run", "examples/guests/trap.wat", "--instances", "3"]);
-    assert!(!trapping.status.success(), "nothing could run");
+    let trapping = samepage(&["run", "--instances", "3", "examples/guests/trap.wat"]);
+    assert_eq!(
+        trapping.status.code(),
+        Some(134),
+        "a trap exits as wasmtime's does"
+    );
     let stderr = String::from_utf8_lossy(&trapping.stderr);
     assert!(
         stderr.contains("trapped") && !stderr.contains("panicked"),
         "{stderr}"
     );
 
-    let zero = samepage(&["run", "examples/guests/fill.wat", "--instances", "0"]);
+    let zero = samepage(&["run", "--instances", "0", "examples/guests/fill.wat"]);
     assert!(!zero.status.success());
-    let limit = samepage(&["run", "examples/guests/fill.wat", "--max-page-sharing", "1"]);
+    let limit = samepage(&["run", "--max-page-sharing", "1", "examples/guests/fill.wat"]);
     let stderr = String::from_utf8_lossy(&limit.stderr);
     assert!(
         !limit.status.success() && stderr.contains("2..="),
@@ -126,15 +140,18 @@ fn the_ksm_baseline_merges_and_puts_the_system_settings_back() {
     }
     let read = |name: &str| std::fs::read_to_string(ksm.join(name)).expect("ksm setting");
     let before = (read("run"), read("pages_to_scan"), read("sleep_millisecs"));
-    let report = run_report(&[
+    let report = run_report(
         "examples/guests/fill.wat",
-        "--instances",
-        "4",
-        "--dedup",
-        "ksm",
-    ]);
+        &["--instances", "4", "--dedup", "ksm"],
+    );
     assert_eq!(report["mode"], "ksm");
     assert!(report["pages_sharing"].as_u64().expect("sharing") >= 3 * 4096);
+    // The run's own figures: its passes, and its process's merged pages.
+    let merging = report["process_ksm_stat"]["ksm_merging_pages"].as_u64();
+    assert!(merging.expect("ksm_stat") >= 4 * 4096, "{merging:?}");
+    let passes = report["full_scans"].as_u64().expect("passes");
+    assert!((2..1000).contains(&passes), "{passes} passes");
+    assert!(report["per_instance"][0]["ksm_merging_pages"].is_null());
     assert_eq!(
         (read("run"), read("pages_to_scan"), read("sleep_millisecs")),
         before
@@ -144,14 +161,11 @@ fn the_ksm_baseline_merges_and_puts_the_system_settings_back() {
 #[test]
 fn tenants_are_merge_domains_and_nothing_is_shared_between_them() {
     // Four instances with byte-for-byte the same pages, as one tenant and as two.
-    let one = run_report(&["examples/guests/fill.wat", "--instances", "4"]);
-    let two = run_report(&[
+    let one = run_report("examples/guests/fill.wat", &["--instances", "4"]);
+    let two = run_report(
         "examples/guests/fill.wat",
-        "--instances",
-        "4",
-        "--tenants",
-        "2",
-    ]);
+        &["--instances", "4", "--tenants", "2"],
+    );
     let pages = one["pages_shared"].as_u64().expect("shared");
     assert!(pages >= 4096, "{pages}");
     assert_eq!(one["pages_sharing"].as_u64(), Some(3 * pages));
@@ -163,7 +177,7 @@ fn tenants_are_merge_domains_and_nothing_is_shared_between_them() {
     for (n, domain) in domains.iter().enumerate() {
         assert_eq!(domain["domain"].as_u64(), Some(n as u64));
         assert_eq!(domain["instances"].as_u64(), Some(2));
-        assert_eq!(domain["pages_merged"].as_u64(), Some(2 * pages));
+        assert_eq!(domain["ksm_merging_pages"].as_u64(), Some(2 * pages));
     }
     let instances = two["per_instance"].as_array().expect("per instance");
     let domains_of: Vec<u64> = instances
@@ -186,7 +200,7 @@ fn a_component_command_runs_as_a_preview_1_command_does() {
         path
     };
     for program in [guest("advice-c.wasm"), guest("advice-c.component.wasm")] {
-        let report = run_report(&[&program, "--instances", "3"]);
+        let report = run_report(&program, &["--instances", "3"]);
         assert_eq!(report["instances_ok"].as_u64(), Some(3), "{program}");
         assert_eq!(
             report["problems"].as_array().map(Vec::len),

@@ -31,6 +31,10 @@ pub struct EngineConfig {
     pub stable_capacity_bytes: usize,
     /// Which pages may merge without advice ([`crate::advice`]).
     pub merge_scope: MergeScope,
+    /// The process's map-count limit the budget is a share of: `vm.max_map_count` when
+    /// `None`. A lower figure keeps the engine (and its margin for the rest of the process)
+    /// within less, as if the sysctl were lower; a higher one is not taken.
+    pub max_map_count: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +44,7 @@ impl Default for EngineConfig {
             knobs: Knobs::default(),
             stable_capacity_bytes: 64 << 30,
             merge_scope: MergeScope::All,
+            max_map_count: None,
         }
     }
 }
@@ -115,6 +120,7 @@ impl Engine {
                 config.knobs,
                 config.merge_scope,
                 config.scanner,
+                config.max_map_count,
             )),
             wake: Condvar::new(),
             shutdown: Mutex::new(false),

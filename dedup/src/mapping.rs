@@ -33,6 +33,11 @@ use crate::{Engine, Error, MemoryImage, Owner, PAGE_SIZE, RegionHandle};
 pub enum MappingError {
     #[error("cannot create a memfd: {0}")]
     Memfd(#[source] io::Error),
+    #[error(
+        "cannot create a memfd: the process has all {limit} file descriptors its limit \
+         (RLIMIT_NOFILE) allows open, and every linear memory keeps one"
+    )]
+    OutOfDescriptors { limit: u64 },
     #[error("cannot reserve {bytes} bytes of address space: {source}")]
     Reserve { bytes: usize, source: io::Error },
     #[error("cannot size the memfd to {bytes} bytes: {source}")]
@@ -68,6 +73,11 @@ pub struct MemfdMapping {
 unsafe impl Send for MemfdMapping {}
 // SAFETY: as above; `&self` gives out only the base pointer and lengths.
 unsafe impl Sync for MemfdMapping {}
+
+/// The soft limit on open file descriptors, if there is one.
+fn descriptor_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
 
 fn aligned(bytes: usize) -> Result<usize, MappingError> {
     if bytes.is_multiple_of(PAGE_SIZE) {
@@ -117,7 +127,14 @@ impl MemfdMapping {
         }
         // An overflowing size cannot be mapped anyway: saturate and let mmap refuse it.
         let reservation = capacity.saturating_add(guard).max(PAGE_SIZE);
-        let memfd = crate::memfds::create(name).map_err(MappingError::Memfd)?;
+        let memfd = crate::memfds::create(name).map_err(|error| {
+            match (error.raw_os_error(), descriptor_limit()) {
+                (Some(code), Some(limit)) if code == rustix::io::Errno::MFILE.raw_os_error() => {
+                    MappingError::OutOfDescriptors { limit }
+                }
+                _ => MappingError::Memfd(error),
+            }
+        })?;
         // SAFETY: a fresh reservation at an address the kernel picks; nothing refers to it.
         let base = unsafe {
             mmap_anonymous(

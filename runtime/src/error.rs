@@ -17,6 +17,10 @@ pub enum RuntimeError {
     Dedup(#[from] samepage_dedup::Error),
     #[error("cannot set up wasmtime: {}", describe(.0))]
     Wasmtime(#[source] wasmtime::Error),
+    #[error("cannot set up wasmtime's compilation cache: {}", describe(.0))]
+    Cache(#[source] wasmtime::Error),
+    #[error("cannot start the thread that times instances out: {0}")]
+    EpochThread(#[source] io::Error),
     #[error("module {} not found", path.display())]
     ModuleNotFound { path: PathBuf },
     #[error("cannot read module {}: {source}", path.display())]
@@ -65,8 +69,15 @@ pub enum RuntimeError {
         name: String,
         source: wasmtime::Error,
     },
-    #[error("call to {name:?} ended the instance with proc_exit({code})")]
-    Exited { name: String, code: i32 },
+    #[error("call to {name:?} {outcome}")]
+    Ended {
+        name: String,
+        outcome: crate::RunOutcome,
+    },
+    #[error("cannot invoke {name:?}: {reason}")]
+    InvokeArguments { name: String, reason: String },
+    #[error("invoking a component's function by name is not supported; run its wasi:cli/run")]
+    InvokeComponent,
 }
 
 /// A wasmtime error for people: its cause first, then the wasm backtrace if wasmtime captured

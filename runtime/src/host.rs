@@ -3,17 +3,18 @@
 //! registered with.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use samepage_dedup::{DomainId, EngineConfig, Owner};
 use wasmtime::component::{self, Component};
-use wasmtime::{Linker, Module, Store};
+use wasmtime::{Linker, Module, Store, StoreLimits};
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::{WasiCtxView, WasiView};
 
 use crate::RuntimeError;
 use crate::embed::{Samepage, SamepageConfig};
 use crate::instance::{Instance, InstanceHandle, WasiOptions};
+use crate::limits::{EpochTicker, Limits};
 use crate::store::{HasStoreOwner, StoreOwner};
 
 /// What backs the linear memories of a host's instances.
@@ -42,6 +43,10 @@ pub struct HostConfig {
     /// module's data segments: instances then start out sharing them, as with wasmtime's
     /// copy-on-write instantiation (which a memfd memory cannot use).
     pub merge_on_instantiate: bool,
+    /// Fuel, time and memory each instance may use.
+    pub limits: Limits,
+    /// wasmtime's cache of compiled modules.
+    pub compilation_cache: CompilationCache,
 }
 
 impl Default for HostConfig {
@@ -52,8 +57,25 @@ impl Default for HostConfig {
             engine_config: EngineConfig::default(),
             domain: 0,
             merge_on_instantiate: true,
+            limits: Limits::default(),
+            compilation_cache: CompilationCache::Off,
         }
     }
+}
+
+/// Whether compiled modules are kept on disk between runs, with the meanings of
+/// `wasmtime run`'s `-C cache` and `-C cache-config`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum CompilationCache {
+    /// Compile every time.
+    #[default]
+    Off,
+    /// wasmtime's cache with its default configuration (its `config.toml` in the user's
+    /// configuration directory if there is one, else the cache in the user's cache
+    /// directory).
+    Default,
+    /// wasmtime's cache configured by this TOML file.
+    Config(PathBuf),
 }
 
 /// A compiled program: a core module or a component, told apart by its header.
@@ -71,6 +93,10 @@ pub struct HostState {
     pub(crate) wasi: WasiP1Ctx,
     /// The owner of the store's memories, with their regions and the guard while it runs.
     pub(crate) owner: StoreOwner,
+    /// The host's limits, for telling an instance why it stopped.
+    pub(crate) limits: Limits,
+    /// The store's limiter, enforcing `limits.max_memory_size`.
+    store_limits: StoreLimits,
 }
 
 impl HasStoreOwner for HostState {
@@ -100,6 +126,10 @@ pub struct Host {
     samepage: Option<Samepage>,
     /// Domain given to every instance's owner.
     domain: DomainId,
+    /// What every instance may use.
+    limits: Limits,
+    /// Advances the epoch for timeouts; `None` without one.
+    _ticker: Option<EpochTicker>,
 }
 
 impl Host {
@@ -120,7 +150,20 @@ impl Host {
             )?),
             MemoryBacking::WasmtimeDefault => None,
         };
+        config.limits.configure(&mut wasm_config);
+        let cache = match &config.compilation_cache {
+            CompilationCache::Off => None,
+            CompilationCache::Default => Some(wasmtime::Cache::from_file(None)),
+            CompilationCache::Config(path) => Some(wasmtime::Cache::from_file(Some(path))),
+        };
+        if let Some(cache) = cache {
+            wasm_config.cache(Some(cache.map_err(RuntimeError::Cache)?));
+        }
         let engine = wasmtime::Engine::new(&wasm_config).map_err(RuntimeError::Wasmtime)?;
+        let ticker = match config.limits.timeout {
+            Some(_) => Some(EpochTicker::start(&engine).map_err(RuntimeError::EpochThread)?),
+            None => None,
+        };
         let mut linker = Linker::new(&engine);
         p1::add_to_linker_sync(&mut linker, |state: &mut HostState| &mut state.wasi)
             .map_err(RuntimeError::Wasmtime)?;
@@ -133,6 +176,8 @@ impl Host {
             component_linker,
             samepage,
             domain: config.domain,
+            limits: config.limits,
+            _ticker: ticker,
         })
     }
 
@@ -174,6 +219,14 @@ impl Host {
     /// Compiles `bytes`; with merging, data segments are lifted into module images
     /// ([`crate::image`]), else wasmtime keeps them.
     fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Program> {
+        // Without the binary magic wasmtime reads the bytes as text; say what they are not
+        // rather than that they are not UTF-8.
+        if !bytes.starts_with(b"\0asm") && std::str::from_utf8(bytes).is_err() {
+            wasmtime::bail!(
+                "it is neither a WebAssembly binary (which starts with \\0asm) nor the text \
+                 format (which is UTF-8)"
+            );
+        }
         let lift = self.dedup().is_some();
         Ok(match (is_component(bytes), lift) {
             (true, true) => Program::Component(crate::Component::new(&self.engine, bytes)?),
@@ -213,8 +266,14 @@ impl Host {
             HostState {
                 wasi: context.wasi,
                 owner: owner.clone(),
+                limits: self.limits,
+                store_limits: self.limits.store_limits(),
             },
         );
+        store.limiter(|state| &mut state.store_limits);
+        self.limits
+            .apply(&mut store)
+            .map_err(RuntimeError::Wasmtime)?;
         let handle = match program {
             Program::Module(module) => {
                 InstanceHandle::Core(owner.instantiate(&mut store, &self.linker, module)?)

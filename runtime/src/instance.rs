@@ -5,14 +5,16 @@ use std::path::PathBuf;
 
 use samepage_dedup::Owner;
 use wasmtime::{Memory, Store, Val};
+use wasmtime_wasi::cli::StdoutStream;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::sync::Command;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::RuntimeError;
 use crate::error::describe;
 use crate::host::HostState;
+use crate::stdio::{GuestOutput, HostStream, PrefixedOutput};
 use crate::store::StoreOwner;
 
 /// Most bytes kept of a captured stdout or stderr; a guest that writes more traps.
@@ -27,17 +29,65 @@ pub struct WasiOptions {
     pub env: Vec<(String, String)>,
     /// Host directories the guest may use, read and write, each as (host path, guest path).
     pub preopens: Vec<(PathBuf, String)>,
-    /// Let the guest write to the host's stdout instead of capturing it.
-    pub inherit_stdout: bool,
-    /// Let the guest write to the host's stderr instead of capturing it.
-    pub inherit_stderr: bool,
+    /// Let the guest read the host's stdin; without, its stdin is empty.
+    pub inherit_stdin: bool,
+    /// Where the guest's stdout goes.
+    pub stdout: GuestOutput,
+    /// Where the guest's stderr goes.
+    pub stderr: GuestOutput,
 }
 
-/// A WASI context and the pipes capturing its output.
+/// One of a guest's output streams, as the instance keeps it.
+pub(crate) enum OutputSink {
+    /// Inherited or discarded: nothing to keep.
+    Passed,
+    Captured(MemoryOutputPipe),
+    Prefixed(PrefixedOutput),
+}
+
+impl OutputSink {
+    /// The stream a guest writes `output` to, on the host's `host` stream where it goes
+    /// there, and what the instance keeps of it.
+    fn open(output: &GuestOutput, host: HostStream) -> (Box<dyn StdoutStream + Sync>, Self) {
+        match output {
+            GuestOutput::Capture => {
+                let pipe = MemoryOutputPipe::new(CAPTURE_LIMIT);
+                (Box::new(pipe.clone()), OutputSink::Captured(pipe))
+            }
+            GuestOutput::Inherit => {
+                let stream: Box<dyn StdoutStream + Sync> = match host {
+                    HostStream::Stdout => Box::new(std::io::stdout()),
+                    HostStream::Stderr => Box::new(std::io::stderr()),
+                };
+                (stream, OutputSink::Passed)
+            }
+            GuestOutput::Prefixed { prefix, to } => {
+                let stream = PrefixedOutput::new(prefix, *to);
+                (Box::new(stream.clone()), OutputSink::Prefixed(stream))
+            }
+            GuestOutput::Discard => (Box::new(SinkOutputStream), OutputSink::Passed),
+        }
+    }
+
+    fn captured(&self) -> Option<Vec<u8>> {
+        match self {
+            OutputSink::Captured(pipe) => Some(pipe.contents().to_vec()),
+            _ => None,
+        }
+    }
+
+    fn finish_line(&self) {
+        if let OutputSink::Prefixed(stream) = self {
+            stream.finish_line();
+        }
+    }
+}
+
+/// A WASI context and what the instance keeps of its output streams.
 pub(crate) struct WasiContext {
     pub(crate) wasi: WasiP1Ctx,
-    pub(crate) stdout: Option<MemoryOutputPipe>,
-    pub(crate) stderr: Option<MemoryOutputPipe>,
+    pub(crate) stdout: OutputSink,
+    pub(crate) stderr: OutputSink,
 }
 
 impl WasiOptions {
@@ -53,22 +103,13 @@ impl WasiOptions {
                     source,
                 })?;
         }
-        let stdout = if self.inherit_stdout {
-            builder.inherit_stdout();
-            None
-        } else {
-            let pipe = MemoryOutputPipe::new(CAPTURE_LIMIT);
-            builder.stdout(pipe.clone());
-            Some(pipe)
-        };
-        let stderr = if self.inherit_stderr {
-            builder.inherit_stderr();
-            None
-        } else {
-            let pipe = MemoryOutputPipe::new(CAPTURE_LIMIT);
-            builder.stderr(pipe.clone());
-            Some(pipe)
-        };
+        if self.inherit_stdin {
+            builder.inherit_stdin();
+        }
+        let (stream, stdout) = OutputSink::open(&self.stdout, HostStream::Stdout);
+        builder.stdout(stream);
+        let (stream, stderr) = OutputSink::open(&self.stderr, HostStream::Stderr);
+        builder.stderr(stream);
         Ok(WasiContext {
             wasi: builder.build_p1(),
             stdout,
@@ -85,6 +126,25 @@ pub enum RunOutcome {
     /// It trapped, or a host call it made failed; the message says where and why. The
     /// instance and its memory are still there to inspect.
     Trapped(String),
+    /// It used all the fuel its store was given ([`crate::Limits::fuel`]).
+    OutOfFuel { fuel: u64 },
+    /// It was still running when its time ran out ([`crate::Limits::timeout`]).
+    TimedOut { after: std::time::Duration },
+}
+
+impl std::fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunOutcome::Exited(code) => write!(f, "exited with status {code}"),
+            RunOutcome::Trapped(message) => write!(f, "trapped: {message}"),
+            RunOutcome::OutOfFuel { fuel } => {
+                write!(f, "ran out of fuel: it used all {fuel} units it was given")
+            }
+            RunOutcome::TimedOut { after } => {
+                write!(f, "timed out: still running after {after:?}")
+            }
+        }
+    }
 }
 
 /// What a store holds an instance of.
@@ -106,18 +166,18 @@ pub struct Instance {
     handle: InstanceHandle,
     /// A core module's exported memory named "memory", looked up once.
     memory: Option<Memory>,
-    /// Captured stdout, `None` when inherited.
-    stdout: Option<MemoryOutputPipe>,
-    /// Captured stderr, `None` when inherited.
-    stderr: Option<MemoryOutputPipe>,
+    /// What the instance keeps of the guest's stdout.
+    stdout: OutputSink,
+    /// What the instance keeps of the guest's stderr.
+    stderr: OutputSink,
 }
 
 impl Instance {
     pub(crate) fn new(
         mut store: Store<HostState>,
         handle: InstanceHandle,
-        stdout: Option<MemoryOutputPipe>,
-        stderr: Option<MemoryOutputPipe>,
+        stdout: OutputSink,
+        stderr: OutputSink,
     ) -> Self {
         let memory = match &handle {
             InstanceHandle::Core(instance) => instance.get_memory(&mut store, "memory"),
@@ -162,13 +222,36 @@ impl Instance {
                     .map(|status| i32::from(status.is_err()))
             }
         };
+        self.stdout.finish_line();
+        self.stderr.finish_line();
         Ok(match ended {
             Ok(code) => RunOutcome::Exited(code),
-            Err(error) => match error.downcast_ref::<I32Exit>() {
-                Some(exit) => RunOutcome::Exited(exit.0),
-                None => RunOutcome::Trapped(describe(&error)),
-            },
+            Err(error) => self.outcome_of(&error),
         })
+    }
+
+    /// How a call that failed with `error` ended the guest.
+    fn outcome_of(&self, error: &wasmtime::Error) -> RunOutcome {
+        if let Some(exit) = error.downcast_ref::<I32Exit>() {
+            return RunOutcome::Exited(exit.0);
+        }
+        let limits = &self.store.data().limits;
+        match (error.downcast_ref::<wasmtime::Trap>(), limits) {
+            (
+                Some(wasmtime::Trap::OutOfFuel),
+                &crate::Limits {
+                    fuel: Some(fuel), ..
+                },
+            ) => RunOutcome::OutOfFuel { fuel },
+            (
+                Some(wasmtime::Trap::Interrupt),
+                &crate::Limits {
+                    timeout: Some(after),
+                    ..
+                },
+            ) => RunOutcome::TimedOut { after },
+            _ => RunOutcome::Trapped(describe(error)),
+        }
     }
 
     /// Calls a core module's exported function `name`, as a reactor's host does.
@@ -180,18 +263,49 @@ impl Instance {
         .ok_or_else(|| RuntimeError::MissingExport(name.to_owned()))?;
         // Placeholders of any type: wasmtime checks the count and overwrites each one.
         let mut results = vec![Val::I32(0); func.ty(&self.store).results().len()];
-        func.call(&mut self.store, args, &mut results)
-            .map_err(|source| match source.downcast_ref::<I32Exit>() {
-                Some(exit) => RuntimeError::Exited {
-                    name: name.to_owned(),
-                    code: exit.0,
-                },
-                None => RuntimeError::Call {
-                    name: name.to_owned(),
-                    source,
-                },
-            })?;
+        let called = func.call(&mut self.store, args, &mut results);
+        self.stdout.finish_line();
+        self.stderr.finish_line();
+        called.map_err(|source| match self.outcome_of(&source) {
+            RunOutcome::Trapped(_) => RuntimeError::Call {
+                name: name.to_owned(),
+                source,
+            },
+            outcome => RuntimeError::Ended {
+                name: name.to_owned(),
+                outcome,
+            },
+        })?;
         Ok(results)
+    }
+
+    /// Calls a core module's exported function `name` with arguments written as text, as
+    /// `wasmtime run --invoke` takes them: each parsed as its parameter's type (`i32`, `i64`,
+    /// `f32`, `f64`, in decimal; integers also as `0x` hexadecimal).
+    pub fn invoke(&mut self, name: &str, args: &[String]) -> Result<Vec<Val>, RuntimeError> {
+        let func = match &self.handle {
+            InstanceHandle::Core(instance) => instance.get_func(&mut self.store, name),
+            InstanceHandle::Component(_) => return Err(RuntimeError::InvokeComponent),
+        }
+        .ok_or_else(|| RuntimeError::MissingExport(name.to_owned()))?;
+        let params: Vec<wasmtime::ValType> = func.ty(&self.store).params().collect();
+        if params.len() != args.len() {
+            return Err(RuntimeError::InvokeArguments {
+                name: name.to_owned(),
+                reason: format!("it takes {} arguments, {} given", params.len(), args.len()),
+            });
+        }
+        let values = params
+            .iter()
+            .zip(args)
+            .map(|(ty, text)| {
+                parse_value(ty, text).ok_or_else(|| RuntimeError::InvokeArguments {
+                    name: name.to_owned(),
+                    reason: format!("{text:?} is not a value of type {ty}"),
+                })
+            })
+            .collect::<Result<Vec<Val>, RuntimeError>>()?;
+        self.call(name, &values)
     }
 
     /// Runs `f` over the exported memory, with the owner's guard held so that the merge
@@ -217,14 +331,14 @@ impl Instance {
         &self.store.data().owner
     }
 
-    /// What the guest wrote to stdout so far, `None` if stdout is inherited.
+    /// What the guest wrote to stdout so far, `None` unless it is captured.
     pub fn stdout(&self) -> Option<Vec<u8>> {
-        self.stdout.as_ref().map(|pipe| pipe.contents().to_vec())
+        self.stdout.captured()
     }
 
-    /// What the guest wrote to stderr so far, `None` if stderr is inherited.
+    /// What the guest wrote to stderr so far, `None` unless it is captured.
     pub fn stderr(&self) -> Option<Vec<u8>> {
-        self.stderr.as_ref().map(|pipe| pipe.contents().to_vec())
+        self.stderr.captured()
     }
 
     /// Whether a core module exports `name`; a component exports no core items.
@@ -244,6 +358,33 @@ impl Instance {
         self.memory
             .ok_or_else(|| RuntimeError::MissingExport("memory".to_owned()))
     }
+}
+
+/// A number as a value of type `ty`; `None` for reference types or text that does not parse.
+fn parse_value(ty: &wasmtime::ValType, text: &str) -> Option<Val> {
+    fn integer<T: TryFrom<i128>>(text: &str) -> Option<T> {
+        let (negative, digits) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let magnitude = match digits.strip_prefix("0x") {
+            Some(hex) => i128::from_str_radix(hex, 16).ok()?,
+            None => digits.parse::<i128>().ok()?,
+        };
+        T::try_from(if negative { -magnitude } else { magnitude }).ok()
+    }
+    Some(match ty {
+        // Either signed or unsigned, as wasm integers are both.
+        wasmtime::ValType::I32 => {
+            Val::I32(integer::<i32>(text).or_else(|| integer::<u32>(text).map(|u| u as i32))?)
+        }
+        wasmtime::ValType::I64 => {
+            Val::I64(integer::<i64>(text).or_else(|| integer::<u64>(text).map(|u| u as i64))?)
+        }
+        wasmtime::ValType::F32 => Val::F32(text.parse::<f32>().ok()?.to_bits()),
+        wasmtime::ValType::F64 => Val::F64(text.parse::<f64>().ok()?.to_bits()),
+        _ => return None,
+    })
 }
 
 impl std::fmt::Debug for Instance {

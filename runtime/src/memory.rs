@@ -169,6 +169,35 @@ fn record_failure(error: MemoryError) {
 /// too, but not registered: wasmtime's collector owns it, and no module image is for it.
 pub(crate) const GC_HEAP_GUARD_BYTES: usize = (32 << 20) + (64 << 10);
 
+/// Address space reserved for a 64-bit memory whose type declares no maximum, unless its
+/// minimum needs more. wasmtime's reservation (4 GiB) is made for 32-bit memories; a 64-bit
+/// one may be declared larger, and a memory here can never move to grow. 16 GiB lets
+/// thousands of such instances fit in a 47-bit address space.
+const MEMORY64_RESERVATION: usize = 16 << 30;
+
+/// Bytes a memory of type `ty` may grow to in place: wasmtime's reservation for 32-bit
+/// memories (or the maximum, when there is no reservation); for 64-bit ones their declared
+/// maximum, else [`MEMORY64_RESERVATION`], and never less than the minimum or than
+/// wasmtime's reservation. A minimum the address space cannot hold is refused when the
+/// reservation is made, naming its size.
+fn capacity_of(
+    ty: &MemoryType,
+    minimum: usize,
+    maximum: Option<usize>,
+    reserved: Option<usize>,
+) -> usize {
+    if !ty.is_64() {
+        return reserved.unwrap_or(maximum.unwrap_or(minimum));
+    }
+    let wanted = maximum.unwrap_or(MEMORY64_RESERVATION.max(minimum));
+    let page = PAGE_SIZE;
+    wanted
+        .max(minimum)
+        .max(reserved.unwrap_or(0))
+        .checked_next_multiple_of(page)
+        .unwrap_or(usize::MAX - page + 1)
+}
+
 /// Creates every linear memory of a wasmtime engine as a [`MemfdMemory`].
 pub(crate) struct MemfdMemoryCreator {
     /// The engine that merges the memories' pages; `None` keeps them memfd-backed but unmerged.
@@ -196,7 +225,7 @@ impl MemfdMemoryCreator {
         if ty.page_size() < PAGE_SIZE as u64 {
             return Err(MemoryError::PageSize(ty.page_size()));
         }
-        let capacity = reserved_size_in_bytes.unwrap_or(maximum.unwrap_or(minimum));
+        let capacity = capacity_of(ty, minimum, maximum, reserved_size_in_bytes);
         if guard_size_in_bytes == GC_HEAP_GUARD_BYTES {
             let mapping = MemfdMapping::new(
                 None,

@@ -364,14 +364,25 @@ impl StoreOwner {
             }
             regions.extend(created);
         }
-        if let Some(engine) = merge_now {
+        if merge_now.is_some() {
             // The data segments wasmtime copied (and a start function's writes) are the same
             // in every instance of the module: they start out shared, as wasmtime's
             // copy-on-write images would be.
-            self.access(|| self.with_guard(|guard| engine.merge_owner_now(guard)))
-                .transpose()?;
+            self.merge_now()?;
         }
         Ok(result)
+    }
+
+    /// Merges what can be merged in the store's memories now, with the guard held, instead
+    /// of waiting for the scanner ([`samepage_dedup::Engine::merge_owner_now`]): for a host
+    /// that must keep its memory down while it starts instances. `None` without merging.
+    pub fn merge_now(&self) -> Result<Option<samepage_dedup::MergeNowReport>, RuntimeError> {
+        let Some(engine) = self.dedup() else {
+            return Ok(None);
+        };
+        Ok(self
+            .access(|| self.with_guard(|guard| engine.merge_owner_now(guard)))
+            .transpose()?)
     }
 
     fn enter(&self, wasm: bool) {

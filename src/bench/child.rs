@@ -21,18 +21,22 @@ pub fn run_child(
     guest_args: &[String],
 ) -> Result<Value> {
     let exe = std::env::current_exe().context("locating the samepage binary")?;
+    // The bench's protocol: merging starts once every instance ran (so that the report has
+    // memory before merging), guests' output is dropped, and every run compiles afresh.
     let output = Command::new(exe)
         .arg("run")
-        .arg(module)
         .args([
             "--instances",
             &instances.to_string(),
             "--dedup",
             mode,
             "--json",
+            "--merge-while-starting=off",
+            "--stdio=drop",
+            "-Ccache=n",
         ])
         .args(options)
-        .arg("--")
+        .arg(module)
         .args(guest_args)
         .output()
         .context("running samepage run")?;
@@ -59,10 +63,17 @@ pub fn rotating_rounds(
     guest_args: &[String],
 ) -> Result<Vec<Vec<Value>>> {
     let mut results: Vec<Vec<Value>> = vec![Vec::new(); modes.len()];
+    // Drawn on a terminal only.
+    let progress = indicatif::ProgressBar::new(u64::from(rounds) * modes.len() as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
     for round in 0..rounds as usize {
         for k in 0..modes.len() {
             let index = (round + k) % modes.len();
-            eprintln!("bench: {label} round {} mode {}", round + 1, modes[index]);
+            progress.set_message(format!("{label}: round {} {}", round + 1, modes[index]));
             results[index].push(run_child(
                 module,
                 instances,
@@ -70,8 +81,10 @@ pub fn rotating_rounds(
                 options,
                 guest_args,
             )?);
+            progress.inc(1);
         }
     }
+    progress.finish_and_clear();
     Ok(results)
 }
 

@@ -29,7 +29,7 @@ pub fn suite() -> Result<String> {
         options.extend(strings(&[
             "--ksm-pages-to-scan",
             "100",
-            "--ksm-sleep-ms",
+            "--ksm-sleep-millisecs",
             "20",
         ]));
         runs.push((

@@ -170,7 +170,7 @@ fn huge_guest(rounds: u32) -> Result<(String, Vec<Vec<String>>)> {
         .map(|_| run_child(&guest, 2, "on", &[], &[]))
         .collect::<Result<_>>()?;
     let metadata = med(&runs, "metadata_bytes");
-    let profit = med(&runs, "general_profit_bytes");
+    let profit = med(&runs, "general_profit");
     let settle = med(&runs, "settle_seconds");
     let section = format!(
         "## A guest that grows to 4 GiB and touches one page\n\n\

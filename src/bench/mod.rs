@@ -9,7 +9,7 @@ mod defaults;
 mod density;
 mod engine;
 mod merge_now;
-mod plot;
+pub mod plot;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -1,29 +1,28 @@
-//! `samepage run`: instantiate one program (core module or component) many times, keep the instances, let the scanner
-//! merge their memory, and report what it saved. This file owns the run itself: the host and
-//! its memory cgroup, running the instances, and starting the merger (`malloc_trim` after
-//! compiling, `madvise` for KSM); the command line, settling and the report have files of
-//! their own.
+//! `samepage run`: instantiate one program (core module or component) many times, keep the
+//! instances, let the scanner merge their memory, and report what it saved. This file owns
+//! the run itself: the host and its memory cgroup, the host's limits (descriptors, memory),
+//! and starting the merger (`malloc_trim` after compiling, `madvise` for KSM); starting the
+//! instances, the command line, settling and the report have files of their own.
 
 mod report;
 mod settings;
 mod settle;
+mod start;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::ValueEnum;
-use indicatif::{ProgressBar, ProgressStyle};
 use samepage_dedup::{EngineConfig, Knobs, RunMode};
-use samepage_runtime::{
-    Host, HostConfig, Instance, MemoryBacking, Program, RunOutcome, WasiOptions,
-};
+use samepage_runtime::{Host, HostConfig, Instance, MemoryBacking};
 use serde::Serialize;
 
 pub use report::{Counters, RunReport, print_human};
 pub use settings::RunArgs;
 
+use crate::cgroup::MemoryCgroup;
 use crate::ksm::KsmSysfs;
-use crate::measure::{MemoryCgroup, pss_bytes};
+use crate::measure::pss_bytes;
 use crate::merger::Merger;
 use settle::settle;
 
@@ -41,8 +40,19 @@ pub enum DedupMode {
     Ksm,
 }
 
-pub fn run(args: RunArgs) -> Result<RunReport> {
+/// A finished run: its report, and the status the process exits with.
+pub struct Finished {
+    pub report: RunReport,
+    pub exit_code: i32,
+}
+
+pub fn run(args: RunArgs) -> Result<Finished> {
     let knobs = args.knobs()?;
+    let ksm = KsmSysfs::system();
+    repair_ksm(&ksm);
+    crate::resources::raise_descriptor_limit();
+    // Opened now, while descriptors are plenty.
+    pss_bytes()?;
     // Page cache is charged to the cgroup that first reads a file: read the module first, so
     // that whether another process read it lately does not change this run's figures. (Into
     // a small buffer: a large short-lived allocation would raise glibc's mmap threshold and
@@ -52,26 +62,34 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
     }
     // Before anything else is allocated, so that the cgroup is charged with all of it.
     let cgroup = MemoryCgroup::enter_new();
-    let ksm = KsmSysfs::system();
     if args.dedup == DedupMode::Ksm {
         ksm.check_usable()?;
     }
+    let merging_while_starting =
+        args.merge_while_starting == settings::Switch::On && knobs.run != RunMode::Stop;
     let mut host = Host::new(HostConfig {
         memory: match args.dedup {
             DedupMode::On | DedupMode::Off => MemoryBacking::Memfd,
             DedupMode::Cow | DedupMode::Ksm => MemoryBacking::WasmtimeDefault,
         },
         dedup: args.dedup == DedupMode::On,
-        // The scanner waits until the instances ran and memory was measured: the report
-        // compares memory before and after merging.
         engine_config: EngineConfig {
             knobs: Knobs {
-                run: RunMode::Stop,
+                // Merging while the instances start, or not until they all ran (so that the
+                // report compares memory before and after merging).
+                run: if merging_while_starting {
+                    RunMode::Merge
+                } else {
+                    RunMode::Stop
+                },
                 ..knobs.clone()
             },
             merge_scope: args.merge_scope.into(),
+            max_map_count: args.max_map_count,
             ..EngineConfig::default()
         },
+        limits: args.limits(),
+        compilation_cache: args.compilation_cache(),
         ..HostConfig::default()
     })
     .context("starting the host")?;
@@ -82,12 +100,9 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         .load(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
     release_compiler_garbage();
-    let started = Instant::now();
-    let ran = run_instances(&host, &module, &args)?;
-    let instantiate_and_run_seconds = started.elapsed().as_secs_f64();
-    let mut instances = ran.instances;
-    let linear_memory_bytes = instances
-        .iter()
+    let mut started = start::start_instances(&host, &module, &args, cgroup.as_ref())?;
+    let linear_memory_bytes = started
+        .instances()
         .map(|i| {
             // A component exports no memory of its own: count its core instances' memories.
             i.memory_size()
@@ -100,10 +115,10 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
     let mut merger = match (args.dedup, host.dedup()) {
         (DedupMode::On, Some(engine)) => Merger::samepage(engine, knobs)?,
         (DedupMode::Ksm, _) => {
-            for instance in &mut instances {
+            for instance in started.instances_mut() {
                 mark_mergeable(instance)?;
             }
-            Merger::ksm(&ksm, args.ksm_pages_to_scan, args.ksm_sleep_ms)?
+            Merger::ksm(&ksm, args.ksm_pages_to_scan, args.ksm_sleep_millisecs)?
         }
         _ => Merger::Nothing,
     };
@@ -126,123 +141,56 @@ pub fn run(args: RunArgs) -> Result<RunReport> {
         .dedup()
         .map(|engine| engine.stats())
         .unwrap_or_default();
-    let per_instance = report::per_instance(&instances);
+    let per_instance = report::per_instance(&started.records, args.dedup != DedupMode::Ksm);
     let per_domain = report::per_domain(&per_instance);
-    Ok(RunReport {
+    let exit_code = started.exit_code();
+    let report = RunReport {
         mode: args.dedup,
         module: args.module.display().to_string(),
         instances: args.instances,
-        instances_ok: ran.ok,
-        instances_trapped: ran.trapped,
-        instances_failed: ran.failed,
+        instances_started: started.records.len() as u32,
+        instances_ok: started.count(start::Ending::is_ok),
+        instances_trapped: started.count(start::Ending::is_trap),
+        instances_failed: started.count(start::Ending::is_failure),
+        exit_code,
         linear_memory_bytes,
-        instantiate_seconds: ran.instantiate_seconds,
-        instantiate_and_run_seconds,
+        instantiate_seconds: started.instantiate_seconds,
+        instantiate_and_run_seconds: started.instantiate_and_run_seconds,
+        merged_while_starting: merging_while_starting && args.dedup == DedupMode::On,
         pss_bytes_after_instantiate: pss_bytes_before,
         pss_bytes_before,
         pss_bytes_after,
         cgroup_memory_bytes_before: cgroup_bytes_before,
         cgroup_memory_bytes_after: cgroup_bytes_after,
         counters: Counters::of_run(stats, &settled.last),
+        process_ksm_stat: (args.dedup == DedupMode::Ksm).then(crate::ksm::process_ksm_stat),
         converge_seconds: settled.converge_seconds,
         settle_seconds: settled.settle_seconds,
         settle_timed_out: settled.timed_out,
         scanner_cpu_seconds: settled.last.cpu_seconds,
         idle_cpu_percent,
         pss_trace: settled.pss_trace,
-        problems: ran.problems,
+        problems: std::mem::take(&mut started.problems),
         per_instance,
         per_domain,
-    })
+    };
+    if let Some(path) = &args.plot {
+        report::plot(&report, path)?;
+    }
+    Ok(Finished { report, exit_code })
 }
 
-/// The instances of a run and how their runs went.
-struct Ran {
-    instances: Vec<Instance>,
-    ok: u32,
-    trapped: u32,
-    failed: u32,
-    problems: Vec<String>,
-    /// Wall time inside instantiation alone, over all instances.
-    instantiate_seconds: f64,
-}
-
-/// Creates and runs `--instances` instances, with a progress bar on a terminal; fails when
-/// none could run.
-fn run_instances(host: &Host, program: &Program, args: &RunArgs) -> Result<Ran> {
-    let name = args
-        .module
-        .file_name()
-        .map_or_else(|| "module".into(), |n| n.to_string_lossy().into_owned());
-    let wasi = WasiOptions {
-        args: std::iter::once(name)
-            .chain(args.args.iter().cloned())
-            .collect(),
-        env: args.envs.clone(),
-        preopens: args.dirs.clone(),
-        inherit_stdout: false,
-        inherit_stderr: false,
-    };
-    let progress = ProgressBar::new(u64::from(args.instances));
-    progress.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    progress.set_message("running instances");
-    let mut ran = Ran {
-        instances: Vec::new(),
-        ok: 0,
-        trapped: 0,
-        failed: 0,
-        problems: Vec::new(),
-        instantiate_seconds: 0.0,
-    };
-    for n in 0..args.instances {
-        // Round-robin over the tenants, each its own merge domain.
-        let domain = n % args.tenants;
-        let started = Instant::now();
-        let instantiated = host.instantiate_in(program, &wasi, domain);
-        ran.instantiate_seconds += started.elapsed().as_secs_f64();
-        match instantiated {
-            Ok(mut instance) => {
-                let command = instance.is_component() || instance.has_export("_start");
-                match command.then(|| instance.run_start()) {
-                    None | Some(Ok(RunOutcome::Exited(0))) => ran.ok += 1,
-                    Some(Ok(RunOutcome::Exited(code))) => {
-                        ran.ok += 1;
-                        ran.problems
-                            .push(format!("instance {n} exited with status {code}"));
-                    }
-                    Some(Ok(RunOutcome::Trapped(message))) => {
-                        ran.trapped += 1;
-                        ran.problems
-                            .push(format!("instance {n} trapped: {message}"));
-                    }
-                    Some(Err(error)) => {
-                        ran.failed += 1;
-                        ran.problems.push(format!("instance {n} failed: {error}"));
-                    }
-                }
-                ran.instances.push(instance);
-            }
-            Err(error) => {
-                ran.failed += 1;
-                ran.problems
-                    .push(format!("instance {n} could not be created: {error}"));
-            }
-        }
-        progress.inc(1);
+/// Restores KSM's settings that a killed `--dedup ksm` run left changed, saying so.
+fn repair_ksm(ksm: &KsmSysfs) {
+    match ksm.repair_stale() {
+        Ok(Some(pid)) => eprintln!(
+            "samepage: restored Linux KSM's settings that run {pid} changed and could not \
+             restore (it was killed), as {} recorded them",
+            ksm.state_file().display()
+        ),
+        Ok(None) => {}
+        Err(error) => eprintln!("warning: {error:#}"),
     }
-    progress.finish_and_clear();
-    if ran.ok == 0 {
-        bail!(
-            "no instance of {} could run:\n  {}",
-            args.module.display(),
-            ran.problems.join("\n  ")
-        );
-    }
-    Ok(ran)
 }
 
 /// Gives the memory that compiling the module freed back to the system. Cranelift compiles

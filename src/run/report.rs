@@ -2,11 +2,15 @@
 //! by name, so no counter is listed here by hand), what each instance saved, and the
 //! report's reading for a person.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Result;
 use samepage_dedup::{OwnerStats, Stats, Value};
-use samepage_runtime::Instance;
 use serde::{Serialize, Serializer};
 
 use super::DedupMode;
+use super::start::{Ending, Record};
 use crate::merger::{SAMPLED, Sample};
 
 /// The report `run` prints.
@@ -15,17 +19,27 @@ pub struct RunReport {
     pub mode: DedupMode,
     pub module: String,
     pub instances: u32,
-    /// Instances that ran to completion (or are reactors ready for calls).
+    /// Instances the run started: fewer than asked when memory ran short (see `problems`).
+    pub instances_started: u32,
+    /// Instances that exited (with any status), are reactors ready for calls, or returned
+    /// from the invoked function.
     pub instances_ok: u32,
+    /// Instances that trapped, ran out of fuel or timed out.
     pub instances_trapped: u32,
+    /// Instances that could not be created or run.
     pub instances_failed: u32,
+    /// The status samepage exits with (see `samepage run --help`).
+    pub exit_code: i32,
     /// Sum of the instances' linear memory sizes.
     pub linear_memory_bytes: u64,
     /// Wall time spent instantiating, over all instances (not running them).
     pub instantiate_seconds: f64,
     /// Wall time to create and run every instance.
     pub instantiate_and_run_seconds: f64,
-    /// PSS once every instance ran; merging starts from here, so it is also
+    /// Whether the scanner merged while the instances started (`--merge-while-starting`):
+    /// then `pss_bytes_before` already reflects some merging.
+    pub merged_while_starting: bool,
+    /// PSS once every instance ran; settling starts from here, so it is also
     /// `pss_bytes_before`.
     pub pss_bytes_after_instantiate: u64,
     pub pss_bytes_before: u64,
@@ -34,10 +48,15 @@ pub struct RunReport {
     /// also counts memfd pages nobody maps, such as untouched parts of a module image.
     pub cgroup_memory_bytes_before: Option<u64>,
     pub cgroup_memory_bytes_after: Option<u64>,
-    /// Every counter of the engine's [`Stats`], under its own name (`pages_sharing`,
-    /// `general_profit_bytes`, ...).
+    /// Every counter of the engine's [`Stats`], under the name of KSM's sysfs file where KSM
+    /// counts the same thing (`pages_sharing`, `general_profit`, `ksm_zero_pages`, ...), else
+    /// its own. Under `--dedup ksm`, those KSM counts are this run's: each is ksmd's figure
+    /// less what it was when merging began.
     #[serde(flatten)]
     pub counters: Counters,
+    /// Under `--dedup ksm`: the process's own figures from `/proc/self/ksm_stat`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_ksm_stat: Option<BTreeMap<String, i64>>,
     /// Seconds from the start of merging until PSS had fallen by 99% of its final fall.
     pub converge_seconds: f64,
     /// Seconds from the start of merging until the merger found nothing more to do.
@@ -51,9 +70,10 @@ pub struct RunReport {
     pub idle_cpu_percent: Option<f64>,
     /// (seconds since merging began, PSS bytes), every `--pss-trace-ms`.
     pub pss_trace: Vec<(f64, u64)>,
-    /// One line per instance that trapped or failed.
+    /// One line per instance that did not exit with 0, and per limit the run met.
     pub problems: Vec<String>,
-    /// What merging saves each instance (as Linux's /proc/PID/ksm_stat).
+    /// How each instance ended, and what merging saves it (under the names of Linux's
+    /// /proc/PID/ksm_stat).
     pub per_instance: Vec<InstanceReport>,
     /// The same, added up per tenant (merge domain).
     pub per_domain: Vec<DomainReport>,
@@ -61,21 +81,38 @@ pub struct RunReport {
 
 #[derive(Debug, Serialize)]
 pub struct InstanceReport {
-    pub instance: usize,
+    pub instance: u32,
     /// The tenant (merge domain) the instance belongs to.
     pub domain: u32,
-    pub pages_merged: u64,
-    pub zero_pages: u64,
-    pub profit_bytes: i64,
+    /// `exited`, `trapped`, `out_of_fuel`, `timed_out`, `ready` (a reactor), `invoked` or
+    /// `failed`.
+    pub outcome: &'static str,
+    /// The guest's exit status (0 for a reactor or an invoked function that returned).
+    pub exit_code: Option<i32>,
+    /// The invoked function's results, as printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<String>>,
+    /// Pages that map a stable page; `null` under `--dedup ksm`, where the kernel does not
+    /// tell one instance's pages from another's (see `process_ksm_stat`).
+    pub ksm_merging_pages: Option<u64>,
+    /// Pages of zeros freed.
+    pub ksm_zero_pages: Option<u64>,
+    /// Bytes saved, less the metadata kept for the instance.
+    pub ksm_process_profit: Option<i64>,
+    /// Under `--stdio capture`, what the guest wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct DomainReport {
     pub domain: u32,
     pub instances: u32,
-    pub pages_merged: u64,
-    pub zero_pages: u64,
-    pub profit_bytes: i64,
+    pub ksm_merging_pages: u64,
+    pub ksm_zero_pages: u64,
+    pub ksm_process_profit: i64,
 }
 
 /// A run's counters: serialized as one field per counter of [`Stats::COUNTERS`], in their
@@ -103,7 +140,7 @@ impl Serialize for Counters {
         serializer.collect_map(
             self.0
                 .counters()
-                .map(|(counter, value)| (counter.name, Figure(value))),
+                .map(|(counter, value)| (counter.ksm.unwrap_or(counter.name), Figure(value))),
         )
     }
 }
@@ -120,42 +157,87 @@ impl Serialize for Figure {
     }
 }
 
-/// What merging saved each instance, from samepage's engine (zeros without it).
-pub fn per_instance(instances: &[Instance]) -> Vec<InstanceReport> {
-    instances
+/// How each instance ended and what merging saved it, from samepage's engine when
+/// `engine_figures` (zeros without merging), else `null`.
+pub fn per_instance(records: &[Record], engine_figures: bool) -> Vec<InstanceReport> {
+    records
         .iter()
-        .enumerate()
-        .map(|(instance, i)| {
-            let OwnerStats {
-                pages_merged,
-                zero_pages,
-                profit_bytes,
-            } = i.store_owner().stats();
+        .map(|record| {
+            let stats = record
+                .instance
+                .as_ref()
+                .filter(|_| engine_figures)
+                .map(|i| i.store_owner().stats());
+            let text =
+                |bytes: Option<Vec<u8>>| bytes.map(|b| String::from_utf8_lossy(&b).into_owned());
             InstanceReport {
-                instance,
-                domain: i.owner().domain(),
-                pages_merged,
-                zero_pages,
-                profit_bytes,
+                instance: record.index,
+                domain: record.domain,
+                outcome: outcome_name(&record.ending),
+                exit_code: record.ending.exit_code(),
+                results: match &record.ending {
+                    Ending::Invoked(results) => Some(results.clone()),
+                    _ => None,
+                },
+                ksm_merging_pages: stats.map(|s: OwnerStats| s.pages_merged),
+                ksm_zero_pages: stats.map(|s| s.zero_pages),
+                ksm_process_profit: stats.map(|s| s.profit_bytes),
+                stdout: text(record.instance.as_ref().and_then(|i| i.stdout())),
+                stderr: text(record.instance.as_ref().and_then(|i| i.stderr())),
             }
         })
         .collect()
 }
 
-/// The instances' figures added up per domain, in domain order.
+fn outcome_name(ending: &Ending) -> &'static str {
+    use samepage_runtime::RunOutcome;
+    match ending {
+        Ending::Ran(RunOutcome::Exited(_)) => "exited",
+        Ending::Ran(RunOutcome::Trapped(_)) => "trapped",
+        Ending::Ran(RunOutcome::OutOfFuel { .. }) => "out_of_fuel",
+        Ending::Ran(RunOutcome::TimedOut { .. }) => "timed_out",
+        Ending::Ready => "ready",
+        Ending::Invoked(_) => "invoked",
+        Ending::Failed(_) => "failed",
+    }
+}
+
+/// The instances' figures added up per domain, in domain order; empty when there are no
+/// per-instance figures.
 pub fn per_domain(instances: &[InstanceReport]) -> Vec<DomainReport> {
-    let mut domains: std::collections::BTreeMap<u32, DomainReport> = Default::default();
+    let mut domains: BTreeMap<u32, DomainReport> = BTreeMap::new();
     for instance in instances {
+        let (Some(merging), Some(zero), Some(profit)) = (
+            instance.ksm_merging_pages,
+            instance.ksm_zero_pages,
+            instance.ksm_process_profit,
+        ) else {
+            continue;
+        };
         let domain = domains.entry(instance.domain).or_insert(DomainReport {
             domain: instance.domain,
             ..DomainReport::default()
         });
         domain.instances += 1;
-        domain.pages_merged += instance.pages_merged;
-        domain.zero_pages += instance.zero_pages;
-        domain.profit_bytes += instance.profit_bytes;
+        domain.ksm_merging_pages += merging;
+        domain.ksm_zero_pages += zero;
+        domain.ksm_process_profit += profit;
     }
     domains.into_values().collect()
+}
+
+/// Draws the run's PSS trace into an SVG file.
+pub fn plot(report: &RunReport, path: &Path) -> Result<()> {
+    let points = report
+        .pss_trace
+        .iter()
+        .map(|&(t, pss)| (t, pss as f64 / (1 << 20) as f64))
+        .collect();
+    let title = format!(
+        "{} × {} (dedup {:?})",
+        report.instances_started, report.module, report.mode
+    );
+    crate::bench::plot::pss_over_time(path, &title, &[("PSS", points)])
 }
 
 /// The report for a reader.
@@ -166,20 +248,34 @@ pub fn print_human(report: &RunReport) {
         report.module, report.mode
     );
     println!(
-        "instances         {} ({} ok, {} trapped, {} failed)",
-        report.instances, report.instances_ok, report.instances_trapped, report.instances_failed
+        "instances         {} of {} started ({} ok, {} trapped, {} failed)",
+        report.instances_started,
+        report.instances,
+        report.instances_ok,
+        report.instances_trapped,
+        report.instances_failed
     );
     println!(
         "linear memory     {:.1} MiB",
         mib(report.linear_memory_bytes)
     );
     println!(
-        "PSS               {:.1} MiB before, {:.1} MiB after merging ({:.1} MiB saved)",
+        "PSS               {:.1} MiB {}, {:.1} MiB after merging ({:.1} MiB saved{})",
         mib(report.pss_bytes_before),
+        if report.merged_while_starting {
+            "once started"
+        } else {
+            "before"
+        },
         mib(report.pss_bytes_after),
         mib(report
             .pss_bytes_before
-            .saturating_sub(report.pss_bytes_after))
+            .saturating_sub(report.pss_bytes_after)),
+        if report.merged_while_starting {
+            " after starting; more was merged while they started"
+        } else {
+            ""
+        }
     );
     if let (Some(before), Some(after)) = (
         report.cgroup_memory_bytes_before,
@@ -224,13 +320,11 @@ pub fn print_human(report: &RunReport) {
                 "tenant {:<10} {} instances, {} pages merged, {} zero, profit {:.1} MiB",
                 domain.domain,
                 domain.instances,
-                domain.pages_merged,
-                domain.zero_pages,
-                domain.profit_bytes as f64 / (1 << 20) as f64
+                domain.ksm_merging_pages,
+                domain.ksm_zero_pages,
+                domain.ksm_process_profit as f64 / (1 << 20) as f64
             );
         }
     }
-    for problem in &report.problems {
-        println!("problem           {problem}");
-    }
+    println!("exit status       {}", report.exit_code);
 }

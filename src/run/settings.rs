@@ -1,20 +1,37 @@
-//! `samepage run`'s command line: the clap arguments, their parsers, and the engine knobs
-//! they make. The knobs' ranges and defaults are the engine's own ([`Knobs`] and its
-//! [`KnobRange`] constants), not copies.
+//! `samepage run`'s command line: the clap arguments, their parsers, and the settings they
+//! make.
+//!
+//! The surface is `wasmtime run`'s where the two overlap, with its meanings: options come
+//! before the program, and everything after the program goes to the guest (with or without
+//! a `--`); `--dir HOST[::GUEST]`, `--env NAME[=VALUE]`, `--invoke NAME`, `-W fuel=N,
+//! timeout=DURATION,max-memory-size=BYTES` and `-C cache=y|n,cache-config=PATH`. The merge
+//! engine's knobs carry the names of `/sys/kernel/mm/ksm/` (`--pages-to-scan`,
+//! `--sleep-millisecs`, `--use-zero-pages`, ...); each also answers to its sysfs spelling
+//! with underscores, and the spellings of earlier versions stay as hidden aliases. Their
+//! ranges and defaults are the engine's own ([`Knobs`] and its [`KnobRange`] constants).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::RangedI64ValueParser;
 use clap::{Args, ValueEnum};
-use samepage_dedup::{Advisor, KnobRange, Knobs, MergeScope};
+use samepage_dedup::{Advisor, KnobRange, Knobs, MergeScope, RunMode};
+use samepage_runtime::{CompilationCache, Limits};
 
 use super::DedupMode;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Switch {
+    #[value(alias = "1", alias = "y", alias = "yes", alias = "true")]
     On,
+    #[value(alias = "0", alias = "n", alias = "no", alias = "false")]
     Off,
+}
+
+impl From<bool> for Switch {
+    fn from(on: bool) -> Self {
+        if on { Switch::On } else { Switch::Off }
+    }
 }
 
 /// `--merge-scope`: [`MergeScope`] on the command line.
@@ -33,17 +50,58 @@ impl From<Scope> for MergeScope {
     }
 }
 
-impl From<bool> for Switch {
-    fn from(on: bool) -> Self {
-        if on { Switch::On } else { Switch::Off }
+/// `--run`: KSM's `run`, by number or by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Run {
+    #[value(name = "0", alias = "stop")]
+    Stop,
+    #[value(name = "1", alias = "merge")]
+    Merge,
+    #[value(name = "2", alias = "unmerge")]
+    Unmerge,
+}
+
+impl From<Run> for RunMode {
+    fn from(run: Run) -> Self {
+        match run {
+            Run::Stop => RunMode::Stop,
+            Run::Merge => RunMode::Merge,
+            Run::Unmerge => RunMode::UnmergeAll,
+        }
     }
 }
 
+/// `--advisor-mode`: KSM's `advisor_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AdvisorMode {
+    None,
+    ScanTime,
+}
+
+/// `--stdio`: what becomes of the guests' stdout and stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Stdio {
+    /// `inherit` for one instance, `prefix` for more.
+    Auto,
+    /// The guest writes to samepage's own stdout and stderr (and reads its stdin, with one
+    /// instance), as under `wasmtime run`.
+    Inherit,
+    /// Each line behind its instance's index, `[3] `.
+    Prefix,
+    /// Kept, and put into the JSON report (`per_instance[].stdout`, `.stderr`).
+    Capture,
+    /// Thrown away.
+    Drop,
+}
+
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Everything after PROGRAM (with or without a `--` first) is passed to the guest \
+                  as its arguments, as `wasmtime run` does; samepage's own options go before \
+                  PROGRAM.\n\nThe exit status is the guests' own when they all agree, 134 when \
+                  one trapped (as `wasmtime run`), 1 when they disagree or one failed."
+)]
 pub struct RunArgs {
-    /// The program to run: a WASI preview 1 command or reactor, or a component command
-    /// (`wasi:cli/run`, WASI preview 2), as .wasm or .wat.
-    pub module: PathBuf,
     /// How many instances to create and keep.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub instances: u32,
@@ -57,72 +115,223 @@ pub struct RunArgs {
     /// only ranges a guest advised mergeable (as MADV_MERGEABLE).
     #[arg(long, value_enum, default_value_t = Scope::All)]
     pub merge_scope: Scope,
+    /// Merge while the instances start (each instance is looked at as it parks, and merged
+    /// at once when memory is tight), so that the peak follows the merged size; `off` waits
+    /// until every instance ran, so that the report's `pss_bytes_before` is memory before any
+    /// merging.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub merge_while_starting: Switch,
     /// Longest wait for the scanner to converge after the instances ran.
     #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
     pub settle_secs: f64,
-    /// Print the report as one JSON object on stdout.
+    /// Print the report as one JSON object on stdout (guests' stdout then goes to stderr,
+    /// unless captured or dropped).
     #[arg(long)]
     pub json: bool,
-    /// Preopen a host directory for the guests, as HOST::GUEST.
-    #[arg(long = "dir", value_parser = parse_dir)]
+    /// Draw the run's PSS trace into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Where the guests' stdout and stderr go.
+    #[arg(long, value_enum, default_value_t = Stdio::Auto)]
+    pub stdio: Stdio,
+    /// Grant the guests a host directory, as HOST (seen by the guest at the same path) or
+    /// HOST::GUEST.
+    #[arg(long = "dir", value_name = "HOST[::GUEST]", value_parser = parse_dir)]
     pub dirs: Vec<(PathBuf, String)>,
-    /// Set an environment variable for the guests, as K=V.
-    #[arg(long = "env", value_parser = parse_env)]
-    pub envs: Vec<(String, String)>,
-    /// Most instances that may share one stable page (KSM max_page_sharing).
-    #[arg(long, default_value_t = Knobs::default().max_page_sharing,
-        value_parser = knob(Knobs::MAX_PAGE_SHARING))]
-    pub max_page_sharing: u32,
+    /// Set an environment variable for the guests, as NAME=VALUE, or NAME to pass on the
+    /// host's value.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = parse_env)]
+    pub envs: Vec<(String, Option<String>)>,
+    /// Call this exported function instead of running the program's `_start`, with the
+    /// guest arguments as its parameters; its results are printed one per line.
+    #[arg(long, value_name = "NAME")]
+    pub invoke: Option<String>,
+    /// WebAssembly limits, as `wasmtime run -W`: fuel=N, timeout=DURATION (such as 500ms,
+    /// 2s, 1m), max-memory-size=BYTES; comma-separated or repeated.
+    #[arg(short = 'W', value_name = "KEY=VALUE[,...]", value_parser = parse_limit)]
+    pub wasm: Vec<Vec<LimitSetting>>,
+    /// Codegen options, as `wasmtime run -C`: cache=y|n (wasmtime's compilation cache, on by
+    /// default), cache-config=PATH.
+    #[arg(short = 'C', value_name = "KEY=VALUE[,...]", value_parser = parse_codegen)]
+    pub codegen: Vec<Vec<CodegenSetting>>,
+
+    /// KSM run: 1 merges, 0 stops the scanner (what is merged stays), 2 unmerges everything
+    /// once the instances ran.
+    #[arg(long, value_enum, default_value_t = Run::Merge, help_heading = "KSM knobs")]
+    pub run: Run,
     /// Pages the scanner looks at per batch (KSM pages_to_scan).
-    #[arg(long, default_value_t = default_pages_to_scan(),
-        value_parser = knob(Knobs::PAGES_TO_SCAN))]
+    #[arg(long, alias = "pages_to_scan", default_value_t = default_pages_to_scan(),
+        value_parser = knob(Knobs::PAGES_TO_SCAN), help_heading = "KSM knobs")]
     pub pages_to_scan: u32,
     /// Pause between batches, in milliseconds (KSM sleep_millisecs).
-    #[arg(long, default_value_t = default_sleep_ms(), value_parser = knob(Knobs::SLEEP_MILLISECS))]
-    pub sleep_ms: u32,
+    #[arg(long, aliases = ["sleep_millisecs", "sleep-ms"], default_value_t = default_sleep_ms(),
+        value_parser = knob(Knobs::SLEEP_MILLISECS), help_heading = "KSM knobs")]
+    pub sleep_millisecs: u32,
+    /// Most instances that may share one stable page (KSM max_page_sharing).
+    #[arg(long, alias = "max_page_sharing", default_value_t = Knobs::default().max_page_sharing,
+        value_parser = knob(Knobs::MAX_PAGE_SHARING), help_heading = "KSM knobs")]
+    pub max_page_sharing: u32,
     /// Free pages of zeros instead of merging them (KSM use_zero_pages).
-    #[arg(long, value_enum, default_value_t = Knobs::default().use_zero_pages.into())]
-    pub zero_pages: Switch,
-    /// Tune pages_to_scan so that a full pass takes this long (KSM advisor_mode=scan-time).
-    #[arg(long, value_parser = knob(Knobs::ADVISOR_TARGET_SCAN_TIME))]
-    pub advisor_target_ms: Option<u32>,
+    #[arg(long, aliases = ["use_zero_pages", "zero-pages"], value_enum,
+        default_value_t = Knobs::default().use_zero_pages.into(), help_heading = "KSM knobs")]
+    pub use_zero_pages: Switch,
+    /// Skip pages that keep failing to merge for exponentially more passes (KSM smart_scan).
+    #[arg(long, alias = "smart_scan", value_enum,
+        default_value_t = Knobs::default().smart_scan.into(), help_heading = "KSM knobs")]
+    pub smart_scan: Switch,
+    /// Tune pages_to_scan to a target pass time (KSM advisor_mode).
+    #[arg(long, alias = "advisor_mode", value_enum, default_value_t = AdvisorMode::None,
+        help_heading = "KSM knobs")]
+    pub advisor_mode: AdvisorMode,
+    /// The advisor's target time for a full pass, in seconds (KSM advisor_target_scan_time).
+    #[arg(long, alias = "advisor_target_scan_time",
+        default_value_t = Advisor::default().target_scan_time.as_secs_f64(),
+        value_parser = parse_scan_time, help_heading = "KSM knobs")]
+    pub advisor_target_scan_time: f64,
+    /// Most of one core the advisor lets the scanner use, in percent (KSM advisor_max_cpu).
+    #[arg(long, alias = "advisor_max_cpu",
+        default_value_t = u32::from(Advisor::default().max_cpu_percent),
+        value_parser = knob(Knobs::ADVISOR_MAX_CPU), help_heading = "KSM knobs")]
+    pub advisor_max_cpu: u32,
+    /// The advisor's lowest pages_to_scan (KSM advisor_min_pages_to_scan).
+    #[arg(long, alias = "advisor_min_pages_to_scan",
+        default_value_t = Advisor::default().min_pages_to_scan as u32,
+        value_parser = knob(Knobs::ADVISOR_PAGES_TO_SCAN), help_heading = "KSM knobs")]
+    pub advisor_min_pages_to_scan: u32,
+    /// The advisor's highest pages_to_scan (KSM advisor_max_pages_to_scan).
+    #[arg(long, alias = "advisor_max_pages_to_scan",
+        default_value_t = Advisor::default().max_pages_to_scan as u32,
+        value_parser = knob(Knobs::ADVISOR_PAGES_TO_SCAN), help_heading = "KSM knobs")]
+    pub advisor_max_pages_to_scan: u32,
+
     /// Look at an instance's memory as soon as it stops running.
-    #[arg(long, value_enum, default_value_t = Knobs::default().scan_on_park.into())]
+    #[arg(long, alias = "scan_on_park", value_enum,
+        default_value_t = Knobs::default().scan_on_park.into(), help_heading = "samepage knobs")]
     pub scan_on_park: Switch,
+    /// How long after a park the scanner looks again, in milliseconds.
+    #[arg(long, alias = "park_recheck_millisecs", default_value_t = default_park_recheck_ms(),
+        value_parser = knob(Knobs::PARK_RECHECK_MILLISECS), help_heading = "samepage knobs")]
+    pub park_recheck_millisecs: u32,
+    /// Share of the map-count limit the engine's own mappings may use, in percent.
+    #[arg(long, alias = "map_budget_percent",
+        default_value_t = u32::from(Knobs::default().map_budget_percent),
+        value_parser = knob(Knobs::MAP_BUDGET_PERCENT), help_heading = "samepage knobs")]
+    pub map_budget_percent: u32,
+    /// Budget mappings as if vm.max_map_count were this (only lower limits are taken).
+    #[arg(long, alias = "max_map_count", help_heading = "samepage knobs",
+        value_parser = clap::value_parser!(u64).range(64..))]
+    pub max_map_count: Option<u64>,
+
     /// ksmd's pages_to_scan for --dedup ksm (default: full speed).
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[arg(long, default_value_t = 100_000, help_heading = "--dedup ksm",
+        value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub ksm_pages_to_scan: u64,
     /// ksmd's sleep_millisecs for --dedup ksm.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
-    pub ksm_sleep_ms: u64,
+    #[arg(long, alias = "ksm-sleep-ms", default_value_t = 0, help_heading = "--dedup ksm",
+        value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub ksm_sleep_millisecs: u64,
+
     /// Sample PSS this often while merging, into the report's pss_trace.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    #[arg(long, default_value_t = 50, help_heading = "Measuring",
+        value_parser = clap::value_parser!(u64).range(5..=10_000))]
     pub pss_trace_ms: u64,
     /// After converging, measure the merger's CPU over this many idle seconds.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_seconds)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_seconds, help_heading = "Measuring")]
     pub idle_secs: f64,
-    /// Arguments passed to the guest after its name.
-    #[arg(last = true)]
+
+    /// The program to run: a WASI preview 1 command or reactor, or a component command
+    /// (`wasi:cli/run`, WASI preview 2), as .wasm or .wat.
+    #[arg(value_name = "PROGRAM")]
+    pub module: PathBuf,
+    /// Arguments for the guest: everything after PROGRAM.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
     pub args: Vec<String>,
+}
+
+/// One `-W` setting.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LimitSetting {
+    Fuel(u64),
+    Timeout(Duration),
+    MaxMemorySize(usize),
+}
+
+/// One `-C` setting.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CodegenSetting {
+    Cache(bool),
+    CacheConfig(PathBuf),
 }
 
 impl RunArgs {
     /// The engine's knobs these arguments ask for, validated.
     pub fn knobs(&self) -> Result<Knobs, samepage_dedup::Error> {
         let knobs = Knobs {
+            run: self.run.into(),
             max_page_sharing: self.max_page_sharing,
             pages_to_scan: self.pages_to_scan as usize,
-            sleep: Duration::from_millis(u64::from(self.sleep_ms)),
-            use_zero_pages: self.zero_pages == Switch::On,
-            advisor: self.advisor_target_ms.map(|ms| Advisor {
-                target_scan_time: Duration::from_millis(u64::from(ms)),
-                ..Advisor::default()
+            sleep: Duration::from_millis(u64::from(self.sleep_millisecs)),
+            use_zero_pages: self.use_zero_pages == Switch::On,
+            smart_scan: self.smart_scan == Switch::On,
+            advisor: (self.advisor_mode == AdvisorMode::ScanTime).then(|| Advisor {
+                target_scan_time: Duration::from_secs_f64(self.advisor_target_scan_time),
+                min_pages_to_scan: self.advisor_min_pages_to_scan as usize,
+                max_pages_to_scan: self.advisor_max_pages_to_scan as usize,
+                max_cpu_percent: u8::try_from(self.advisor_max_cpu).unwrap_or(u8::MAX),
             }),
             scan_on_park: self.scan_on_park == Switch::On,
-            ..Knobs::default()
+            park_recheck: Duration::from_millis(u64::from(self.park_recheck_millisecs)),
+            map_budget_percent: u8::try_from(self.map_budget_percent).unwrap_or(u8::MAX),
         };
         knobs.validate()?;
         Ok(knobs)
+    }
+
+    /// The `-W` limits; a key given twice keeps its last value.
+    pub fn limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        for setting in self.wasm.iter().flatten() {
+            match *setting {
+                LimitSetting::Fuel(fuel) => limits.fuel = Some(fuel),
+                LimitSetting::Timeout(after) => limits.timeout = Some(after),
+                LimitSetting::MaxMemorySize(bytes) => limits.max_memory_size = Some(bytes),
+            }
+        }
+        limits
+    }
+
+    /// The `-C` cache settings: wasmtime's cache is on unless `cache=n`.
+    pub fn compilation_cache(&self) -> CompilationCache {
+        let mut cache = CompilationCache::Default;
+        let mut config = None;
+        for setting in self.codegen.iter().flatten() {
+            match setting {
+                CodegenSetting::Cache(true) => cache = CompilationCache::Default,
+                CodegenSetting::Cache(false) => cache = CompilationCache::Off,
+                CodegenSetting::CacheConfig(path) => config = Some(path.clone()),
+            }
+        }
+        match (cache, config) {
+            (CompilationCache::Off, _) => CompilationCache::Off,
+            (_, Some(path)) => CompilationCache::Config(path),
+            (cache, None) => cache,
+        }
+    }
+
+    /// The guests' environment: `NAME` alone takes the host's value, and is left out when
+    /// the host has none (as `wasmtime run --env NAME`).
+    pub fn environment(&self) -> Vec<(String, String)> {
+        self.envs
+            .iter()
+            .filter_map(|(name, value)| match value {
+                Some(value) => Some((name.clone(), value.clone())),
+                None => std::env::var(name).ok().map(|value| (name.clone(), value)),
+            })
+            .collect()
     }
 }
 
@@ -140,6 +349,10 @@ fn default_sleep_ms() -> u32 {
     u32::try_from(Knobs::default().sleep.as_millis()).unwrap_or(u32::MAX)
 }
 
+fn default_park_recheck_ms() -> u32 {
+    u32::try_from(Knobs::default().park_recheck.as_millis()).unwrap_or(u32::MAX)
+}
+
 /// Seconds from 0 to a day.
 fn parse_seconds(text: &str) -> Result<f64, String> {
     let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
@@ -150,16 +363,140 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_dir(text: &str) -> Result<(PathBuf, String), String> {
-    let (host, guest) = text
-        .split_once("::")
-        .ok_or_else(|| format!("expected HOST::GUEST, got {text:?}"))?;
-    Ok((PathBuf::from(host), guest.to_owned()))
+/// KSM's advisor_target_scan_time, in seconds, within the engine's range of it.
+fn parse_scan_time(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let range = Knobs::ADVISOR_TARGET_SCAN_TIME;
+    let ms = seconds * 1e3;
+    if ms.is_finite() && range.contains(ms.round() as u64) && ms >= 0.0 {
+        Ok(seconds)
+    } else {
+        Err(format!(
+            "{seconds} s is out of range: accepted {} to {} s",
+            range.min as f64 / 1e3,
+            range.max as f64 / 1e3
+        ))
+    }
 }
 
-fn parse_env(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text
-        .split_once('=')
-        .ok_or_else(|| format!("expected K=V, got {text:?}"))?;
-    Ok((key.to_owned(), value.to_owned()))
+fn parse_dir(text: &str) -> Result<(PathBuf, String), String> {
+    match text.split_once("::") {
+        Some((host, guest)) if !host.is_empty() && !guest.is_empty() => {
+            Ok((PathBuf::from(host), guest.to_owned()))
+        }
+        Some(_) => Err(format!("expected HOST or HOST::GUEST, got {text:?}")),
+        None if text.is_empty() => Err("expected a directory".to_owned()),
+        None => Ok((PathBuf::from(text), text.to_owned())),
+    }
+}
+
+fn parse_env(text: &str) -> Result<(String, Option<String>), String> {
+    let (name, value) = match text.split_once('=') {
+        Some((name, value)) => (name, Some(value.to_owned())),
+        None => (text, None),
+    };
+    if name.is_empty() {
+        return Err(format!("expected NAME=VALUE or NAME, got {text:?}"));
+    }
+    Ok((name.to_owned(), value))
+}
+
+/// Splits `KEY=VALUE[,KEY=VALUE...]` and parses each pair with `one`.
+fn settings<T>(
+    text: &str,
+    one: impl Fn(&str, &str) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    text.split(',')
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("expected KEY=VALUE, got {pair:?}"))?;
+            one(key.trim(), value.trim())
+        })
+        .collect()
+}
+
+fn parse_limit(text: &str) -> Result<Vec<LimitSetting>, String> {
+    settings(text, |key, value| match key {
+        "fuel" => value
+            .parse()
+            .map(LimitSetting::Fuel)
+            .map_err(|e| format!("fuel={value}: {e}")),
+        "timeout" => parse_duration(value).map(LimitSetting::Timeout),
+        "max-memory-size" => value
+            .parse()
+            .map(LimitSetting::MaxMemorySize)
+            .map_err(|e| format!("max-memory-size={value}: {e} (a number of bytes)")),
+        _ => Err(format!(
+            "unknown -W option {key:?}: samepage takes fuel, timeout and max-memory-size"
+        )),
+    })
+}
+
+fn parse_codegen(text: &str) -> Result<Vec<CodegenSetting>, String> {
+    settings(text, |key, value| match key {
+        "cache" => match value {
+            "y" | "yes" | "true" => Ok(CodegenSetting::Cache(true)),
+            "n" | "no" | "false" => Ok(CodegenSetting::Cache(false)),
+            _ => Err(format!("cache={value}: expected y or n")),
+        },
+        "cache-config" => Ok(CodegenSetting::CacheConfig(PathBuf::from(value))),
+        _ => Err(format!(
+            "unknown -C option {key:?}: samepage takes cache and cache-config"
+        )),
+    })
+}
+
+/// A duration as `wasmtime run -W timeout` takes it: a number with a unit (`ns`, `us`,
+/// `ms`, `s`, `m`, `h`), or bare seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("timeout={text}: expected a number and a unit, such as 2s"))?;
+    let seconds_per_unit = match unit.trim() {
+        "" | "s" => 1.0,
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("timeout={text}: unknown unit {other:?}")),
+    };
+    Duration::try_from_secs_f64(number * seconds_per_unit)
+        .map_err(|e| format!("timeout={text}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_takes_both_forms() {
+        assert_eq!(parse_dir("data"), Ok(("data".into(), "data".to_owned())));
+        assert_eq!(parse_dir("data::/d"), Ok(("data".into(), "/d".to_owned())));
+        assert!(parse_dir("data::").is_err());
+    }
+
+    #[test]
+    fn limits_parse_as_wasmtime_writes_them() {
+        assert_eq!(
+            parse_limit("fuel=1000,timeout=250ms"),
+            Ok(vec![
+                LimitSetting::Fuel(1000),
+                LimitSetting::Timeout(Duration::from_millis(250))
+            ])
+        );
+        assert_eq!(
+            parse_limit("max-memory-size=65536"),
+            Ok(vec![LimitSetting::MaxMemorySize(65536)])
+        );
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_limit("fule=1").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
 }

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use indicatif::ProgressBar;
 
 use crate::measure::pss_bytes;
 use crate::merger::{Merger, Sample};
@@ -36,10 +37,21 @@ pub fn settle(
 ) -> Result<Settled> {
     let start = Instant::now();
     let mut pss_trace = vec![(0.0, pss_before)];
+    // Drawn on a terminal only (indicatif hides it elsewhere).
+    let progress = ProgressBar::new_spinner();
     let (last, timed_out) = loop {
         std::thread::sleep(every);
         let sample = merger.sample()?;
-        pss_trace.push((start.elapsed().as_secs_f64(), pss_bytes()?));
+        let pss = pss_bytes()?;
+        pss_trace.push((start.elapsed().as_secs_f64(), pss));
+        progress.set_message(format!(
+            "merging: {} pages sharing, {} full scans, PSS {:.1} MiB, {:.1} s",
+            sample.stats.pages_sharing,
+            sample.stats.full_scans,
+            pss as f64 / (1 << 20) as f64,
+            start.elapsed().as_secs_f64()
+        ));
+        progress.tick();
         if sample.converged {
             break (sample, false);
         }
@@ -47,6 +59,7 @@ pub fn settle(
             break (sample, true);
         }
     };
+    progress.finish_and_clear();
     let settle_seconds = start.elapsed().as_secs_f64();
     let final_pss = pss_trace.last().map_or(pss_before, |&(_, pss)| pss);
     let saving = pss_before.saturating_sub(final_pss) as f64;

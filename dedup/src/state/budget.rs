@@ -3,7 +3,8 @@
 //! stacks; past it `mmap` and `mprotect` fail with `ENOMEM` for everyone in the process. So
 //! each merge first asks [`MergeState::budget_allows`], which keeps the engine's own mappings
 //! within `map_budget_percent` of the limit, keeps a margin below the limit for the rest of
-//! the process (counted from `/proc/self/maps` at most every 250 ms), and, once three
+//! the process (a thirty-second of the limit, counted from `/proc/self/maps` at most every
+//! 250 ms), and, once three
 //! quarters of the budget is spent, merges only runs long enough to be worth their two
 //! mappings.
 
@@ -18,13 +19,15 @@ use super::{MergeState, RegionPages};
 /// three quarters used): an isolated page costs two mappings and saves one page.
 const TIGHT_MIN_RUN: usize = 16;
 
-/// Mappings kept free below `vm.max_map_count` for the rest of the process (wasmtime's code
-/// and reservations, thread stacks, new instances) between two readings of the real count.
-const MAP_COUNT_MARGIN: u64 = 2048;
+/// The share of `vm.max_map_count` kept free for the rest of the process (wasmtime's code
+/// and reservations, thread stacks, new instances) between two readings of the real count:
+/// 2,047 mappings at the default limit of 65,530, and 62 at a limit of 2,000. A fixed margin
+/// would exceed a small limit and stop merging altogether.
+const MAP_COUNT_MARGIN_DIVISOR: u64 = 32;
 
 /// How often the count of the whole process's mappings is read again, at most. Between two
 /// readings the rest of the process may add mappings the estimate does not see (a new
-/// instance adds a handful); `MAP_COUNT_MARGIN` is what covers them.
+/// instance adds a handful); the margin is what covers them.
 const MAPS_READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The mappings the engine may hold: its share of `vm.max_map_count`.
@@ -98,7 +101,7 @@ impl MergeState {
         let used = self.vmas + delta as u64;
         let process_after = self.process_maps_now() + delta as u64;
         let allowed = used <= budget
-            && process_after + MAP_COUNT_MARGIN <= self.max_map_count
+            && process_after + self.max_map_count / MAP_COUNT_MARGIN_DIVISOR <= self.max_map_count
             && (used * 4 <= budget * 3 || run >= TIGHT_MIN_RUN);
         if !allowed {
             self.counters.pages_skipped_map_budget += run as u64;

@@ -90,7 +90,7 @@ pub(crate) struct MergeState {
     counters: records::Counters,
     /// Mappings the engine holds: the stable view plus every region's `vmas`.
     vmas: u64,
-    /// `vm.max_map_count`, read at start.
+    /// `vm.max_map_count`, read at start, or the lower limit the engine was given.
     max_map_count: u64,
     /// Mappings in the whole process at the last reading of `/proc/self/maps`, our `vmas`
     /// at that time, and when it was read (at most every `budget::MAPS_READ_INTERVAL`, and
@@ -121,11 +121,13 @@ impl MergeState {
         knobs: Knobs,
         scope: MergeScope,
         punch_after_calls: bool,
+        max_map_count: Option<u64>,
     ) -> Self {
-        let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        let system = std::fs::read_to_string("/proc/sys/vm/max_map_count")
             .ok()
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(65_530);
+        let max_map_count = max_map_count.map_or(system, |limit| limit.min(system));
         Self {
             regions: BTreeMap::new(),
             cursor: Cursor::default(),

@@ -1,0 +1,188 @@
+//! The run's own memory cgroup, and the memory limits of the cgroups above it.
+//!
+//! A run moves itself into a new child of its memory cgroup, `samepage-PID`, so that
+//! everything it allocates afterwards (anonymous memory, memfd pages mapped or not, page
+//! cache) is counted in one figure: PSS cannot see a memfd page that nobody maps, such as
+//! the parts of wasmtime's module image that no instance touched; the cgroup does.
+//!
+//! The cgroup must go however the run ends: its `Drop` removes it, a terminating signal
+//! removes it through [`crate::cleanup`], and, for runs that died by `SIGKILL` (an OOM kill
+//! among them), every new run first removes the `samepage-PID` cgroups beside its own whose
+//! process is gone.
+//!
+//! This is driven by hand rather than through a cgroup crate: it is five files (the
+//! membership in `/proc/self/cgroup`, `cgroup.procs`, the usage and the limit of v1 or v2),
+//! and the crates that manage cgroups (`cgroups-rs`) set hierarchies up for containers,
+//! which this does not need.
+
+use std::path::{Path, PathBuf};
+
+use crate::cleanup::{self, Owed};
+
+/// Which files a memory cgroup has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    /// `memory.usage_in_bytes`, `memory.limit_in_bytes`.
+    V1,
+    /// `memory.current`, `memory.max`.
+    V2,
+}
+
+impl Version {
+    fn usage(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.usage_in_bytes",
+            Version::V2 => "memory.current",
+        }
+    }
+
+    fn limit(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.max",
+        }
+    }
+}
+
+/// A cgroup of the run's own; dropping it moves the process back and removes it.
+#[derive(Debug)]
+pub struct MemoryCgroup {
+    /// Its usage file.
+    usage: PathBuf,
+    /// The removal a terminating signal runs, settled on drop.
+    removal: Option<Owed>,
+}
+
+/// Where the process's memory cgroup is: its directory and version, for each hierarchy that
+/// has the memory controller.
+fn memory_cgroups() -> Vec<(PathBuf, Version)> {
+    let Ok(membership) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return Vec::new();
+    };
+    membership
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let path = path.trim_start_matches('/');
+            if controllers.split(',').any(|c| c == "memory") {
+                Some((Path::new("/sys/fs/cgroup/memory").join(path), Version::V1))
+            } else if controllers.is_empty() {
+                Some((Path::new("/sys/fs/cgroup").join(path), Version::V2))
+            } else {
+                None
+            }
+        })
+        .filter(|(dir, version)| dir.join(version.usage()).exists())
+        .collect()
+}
+
+fn read_number(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Moves the process into `procs` (a `cgroup.procs` file).
+fn move_into(procs: &Path) -> std::io::Result<()> {
+    std::fs::write(procs, std::process::id().to_string())
+}
+
+impl MemoryCgroup {
+    /// Moves the process into a new child of its memory cgroup, after removing those that
+    /// dead runs left there; `None` where that is not possible (no memory controller, not
+    /// allowed).
+    pub fn enter_new() -> Option<Self> {
+        for (parent, version) in memory_cgroups() {
+            Self::sweep_stale(&parent);
+            let dir = parent.join(format!("samepage-{}", std::process::id()));
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            if move_into(&dir.join("cgroup.procs")).is_ok() {
+                let removal = cleanup::owe({
+                    let (dir, parent) = (dir.clone(), parent.clone());
+                    move || remove(&dir, &parent)
+                });
+                return Some(Self {
+                    usage: dir.join(version.usage()),
+                    removal: Some(removal),
+                });
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        None
+    }
+
+    /// Removes the `samepage-PID` cgroups in `parent` whose run is gone: no process left in
+    /// them, and no live samepage process with that PID. Returns how many it removed.
+    pub fn sweep_stale(parent: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("samepage-"))
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let alive = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "samepage");
+            let empty = std::fs::read_to_string(entry.path().join("cgroup.procs"))
+                .is_ok_and(|procs| procs.trim().is_empty());
+            if pid != std::process::id() && !alive && empty {
+                removed += usize::from(std::fs::remove_dir(entry.path()).is_ok());
+            }
+        }
+        removed
+    }
+
+    /// Bytes charged to the cgroup now.
+    pub fn usage_bytes(&self) -> Option<u64> {
+        read_number(&self.usage)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        if let Some(removal) = self.removal.take() {
+            removal.run();
+        }
+    }
+}
+
+/// Moves the process back to `parent` and removes `dir` (its charges go to the parent).
+fn remove(dir: &Path, parent: &Path) {
+    let _ = move_into(&parent.join("cgroup.procs"));
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The tightest memory limit over the process's cgroups and their ancestors: how many more
+/// bytes may be charged before one of them is full, and which cgroup that is. `None` when no
+/// cgroup limits memory.
+pub fn memory_headroom() -> Option<(u64, PathBuf)> {
+    let mut tightest: Option<(u64, PathBuf)> = None;
+    for (dir, version) in memory_cgroups() {
+        let root = match version {
+            Version::V1 => Path::new("/sys/fs/cgroup/memory"),
+            Version::V2 => Path::new("/sys/fs/cgroup"),
+        };
+        for cgroup in dir.ancestors().take_while(|a| a.starts_with(root)) {
+            // "max" (v2) and v1's huge default mean no limit; neither parses as a limit.
+            let Some(limit) = read_number(&cgroup.join(version.limit())) else {
+                continue;
+            };
+            if limit >= 1 << 60 {
+                continue;
+            }
+            let usage = read_number(&cgroup.join(version.usage())).unwrap_or(0);
+            let headroom = limit.saturating_sub(usage);
+            if tightest.as_ref().is_none_or(|(room, _)| headroom < *room) {
+                tightest = Some((headroom, cgroup.to_owned()));
+            }
+        }
+    }
+    tightest
+}

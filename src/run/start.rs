@@ -1,0 +1,427 @@
+//! Starting a run's instances, one after another, within the host's limits.
+//!
+//! Each instance is created, then run (a command's `_start` or `wasi:cli/run`, a reactor's
+//! `_initialize`, or the `--invoke`d function), and kept. After the first one the run knows
+//! what an instance costs, and checks the whole run against the limits before starting the
+//! others:
+//!
+//! - **descriptors**: every linear memory keeps its memfd open; a run that needs more than
+//!   `RLIMIT_NOFILE` allows is refused, with the figures;
+//! - **memory**: a run whose unmerged total exceeds what is available (the machine's
+//!   `MemAvailable`, or a cgroup limit above the run) is told so. Once the run has used half
+//!   of that, each instance is merged as soon as it ran ([`StoreOwner::merge_now`]), so that
+//!   memory grows by merged instances; and the run stops starting instances before the next
+//!   one would take it past nine tenths, rather than be killed by the OOM killer with no
+//!   report.
+//!
+//! [`StoreOwner::merge_now`]: samepage_runtime::StoreOwner::merge_now
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use samepage_runtime::{GuestOutput, Host, HostStream, Instance, Program, RunOutcome, Val};
+
+use super::RunArgs;
+use super::settings::Stdio;
+use crate::cgroup::MemoryCgroup;
+use crate::measure::pss_bytes;
+use crate::resources::{Headroom, check_descriptors, open_descriptors};
+
+/// How one instance's run ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Its command ran (to an exit, a trap, or a limit).
+    Ran(RunOutcome),
+    /// A reactor, initialised and ready for calls.
+    Ready,
+    /// The `--invoke`d function returned these results.
+    Invoked(Vec<String>),
+    /// It could not be created, or the program is not what the run needs.
+    Failed(String),
+}
+
+impl Ending {
+    pub fn is_ok(&self) -> bool {
+        matches!(
+            self,
+            Ending::Ran(RunOutcome::Exited(_)) | Ending::Ready | Ending::Invoked(_)
+        )
+    }
+
+    pub fn is_trap(&self) -> bool {
+        matches!(self, Ending::Ran(outcome) if !matches!(outcome, RunOutcome::Exited(_)))
+    }
+
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Ending::Failed(_))
+    }
+
+    /// The guest's exit status: its own, or 0 for a reactor or an invoked function.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Ending::Ran(RunOutcome::Exited(code)) => Some(*code),
+            Ending::Ready | Ending::Invoked(_) => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// One instance of the run.
+pub struct Record {
+    pub index: u32,
+    /// Its tenant (merge domain).
+    pub domain: u32,
+    /// `None` when it could not be created.
+    pub instance: Option<Instance>,
+    pub ending: Ending,
+}
+
+/// The instances of a run and how their runs went.
+pub struct Started {
+    pub records: Vec<Record>,
+    /// Whether the run stopped before starting them all (memory ran short).
+    pub stopped_early: bool,
+    /// One line per instance that did not exit with 0, and per limit met.
+    pub problems: Vec<String>,
+    /// Wall time inside instantiation alone, over all instances.
+    pub instantiate_seconds: f64,
+    /// Wall time to create and run every instance.
+    pub instantiate_and_run_seconds: f64,
+}
+
+impl Started {
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.records.iter().filter_map(|r| r.instance.as_ref())
+    }
+
+    pub fn instances_mut(&mut self) -> impl Iterator<Item = &mut Instance> {
+        self.records.iter_mut().filter_map(|r| r.instance.as_mut())
+    }
+
+    pub fn count(&self, which: impl Fn(&Ending) -> bool) -> u32 {
+        self.records.iter().filter(|r| which(&r.ending)).count() as u32
+    }
+
+    /// The status `samepage` exits with: 134 when an instance trapped (as `wasmtime run`,
+    /// which exits as an abort would), 1 when one failed, the run stopped early or the
+    /// instances disagree, else the instances' own.
+    pub fn exit_code(&self) -> i32 {
+        if self.records.iter().any(|r| r.ending.is_trap()) {
+            return 134;
+        }
+        let mut codes = self.records.iter().map(|r| r.ending.exit_code());
+        let first = codes.next().flatten();
+        match first {
+            Some(code) if !self.stopped_early && codes.all(|c| c == Some(code)) => code,
+            _ => 1,
+        }
+    }
+}
+
+/// Where each instance's output goes, from `--stdio` and `--json`.
+struct GuestStdio {
+    mode: Stdio,
+    /// The host stream a guest's stdout goes to: stderr under `--json`, which keeps stdout
+    /// for the report.
+    stdout_to: HostStream,
+    inherit_stdin: bool,
+}
+
+impl GuestStdio {
+    fn of(args: &RunArgs) -> Self {
+        let mode = match args.stdio {
+            Stdio::Auto if args.instances == 1 => Stdio::Inherit,
+            Stdio::Auto => Stdio::Prefix,
+            mode => mode,
+        };
+        Self {
+            mode,
+            stdout_to: if args.json {
+                HostStream::Stderr
+            } else {
+                HostStream::Stdout
+            },
+            // One stdin cannot be shared between instances.
+            inherit_stdin: mode == Stdio::Inherit && args.instances == 1,
+        }
+    }
+
+    /// (stdout, stderr) of instance `n`.
+    fn outputs(&self, n: u32) -> (GuestOutput, GuestOutput) {
+        let prefixed = |prefix: String, to| GuestOutput::Prefixed { prefix, to };
+        match self.mode {
+            Stdio::Inherit | Stdio::Auto if self.stdout_to == HostStream::Stdout => {
+                (GuestOutput::Inherit, GuestOutput::Inherit)
+            }
+            Stdio::Inherit | Stdio::Auto => (
+                prefixed(String::new(), self.stdout_to),
+                GuestOutput::Inherit,
+            ),
+            Stdio::Prefix => (
+                prefixed(format!("[{n}] "), self.stdout_to),
+                prefixed(format!("[{n}] "), HostStream::Stderr),
+            ),
+            Stdio::Capture => (GuestOutput::Capture, GuestOutput::Capture),
+            Stdio::Drop => (GuestOutput::Discard, GuestOutput::Discard),
+        }
+    }
+
+    /// Whether guest output reaches the terminal (a progress bar would be drawn over it).
+    fn shown(&self) -> bool {
+        matches!(self.mode, Stdio::Inherit | Stdio::Prefix | Stdio::Auto)
+    }
+
+    /// Writes the results of an invoked function where instance `n`'s stdout goes, one per
+    /// line, as `wasmtime run --invoke` prints them.
+    fn print_results(&self, n: u32, results: &[String]) {
+        let prefix = match self.mode {
+            Stdio::Prefix => format!("[{n}] "),
+            Stdio::Inherit | Stdio::Auto => String::new(),
+            // Captured results are in the report; dropped ones nowhere.
+            Stdio::Capture | Stdio::Drop => return,
+        };
+        for result in results {
+            match self.stdout_to {
+                HostStream::Stdout => println!("{prefix}{result}"),
+                HostStream::Stderr => eprintln!("{prefix}{result}"),
+            }
+        }
+    }
+}
+
+/// The run's memory as it grows, against what is available to it.
+struct MemoryWatch<'a> {
+    cgroup: Option<&'a MemoryCgroup>,
+    /// What the run may still take, read before the first instance.
+    headroom: Option<Headroom>,
+    /// Memory in use then.
+    at_start: u64,
+}
+
+impl<'a> MemoryWatch<'a> {
+    fn new(cgroup: Option<&'a MemoryCgroup>) -> Result<Self> {
+        let mut watch = Self {
+            cgroup,
+            headroom: Headroom::now(),
+            at_start: 0,
+        };
+        watch.at_start = watch.usage()?;
+        Ok(watch)
+    }
+
+    /// The cgroup's usage where the run has one (it counts memfd pages nobody maps), else
+    /// PSS.
+    fn usage(&self) -> Result<u64> {
+        match self.cgroup.and_then(MemoryCgroup::usage_bytes) {
+            Some(bytes) => Ok(bytes),
+            None => pss_bytes(),
+        }
+    }
+
+    /// Bytes the run has taken since the first instance.
+    fn used(&self) -> Result<u64> {
+        Ok(self.usage()?.saturating_sub(self.at_start))
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// Creates and runs `--instances` instances, with a progress bar on a terminal; fails when
+/// no instance could be created, and refuses a run that needs more descriptors than it may
+/// have.
+pub fn start_instances(
+    host: &Host,
+    program: &Program,
+    args: &RunArgs,
+    cgroup: Option<&MemoryCgroup>,
+) -> Result<Started> {
+    let name = args
+        .module
+        .file_name()
+        .map_or_else(|| "module".into(), |n| n.to_string_lossy().into_owned());
+    let stdio = GuestStdio::of(args);
+    let mut wasi = samepage_runtime::WasiOptions {
+        args: std::iter::once(name)
+            .chain(args.args.iter().cloned())
+            .collect(),
+        env: args.environment(),
+        preopens: args.dirs.clone(),
+        inherit_stdin: stdio.inherit_stdin,
+        ..Default::default()
+    };
+    let progress = if stdio.shown() {
+        ProgressBar::with_draw_target(
+            Some(u64::from(args.instances)),
+            ProgressDrawTarget::hidden(),
+        )
+    } else {
+        ProgressBar::new(u64::from(args.instances))
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    progress.set_message("starting instances");
+    let merging = host.dedup().is_some();
+    let watch = MemoryWatch::new(cgroup)?;
+    let descriptors_before = open_descriptors()?;
+    let mut per_instance_bytes = 0;
+    let mut started = Started {
+        records: Vec::new(),
+        stopped_early: false,
+        problems: Vec::new(),
+        instantiate_seconds: 0.0,
+        instantiate_and_run_seconds: 0.0,
+    };
+    let all_started = Instant::now();
+    for n in 0..args.instances {
+        if n == 1 {
+            check_descriptors(args.instances, descriptors_before, open_descriptors()?)?;
+            per_instance_bytes = watch.used()?;
+            warn_if_too_big(&watch, per_instance_bytes, args.instances, merging);
+        }
+        let used = watch.used()?;
+        if let Some(headroom) = &watch.headroom
+            && n >= 1
+            && used + per_instance_bytes > headroom.bytes / 10 * 9
+        {
+            started.stopped_early = true;
+            started.problems.push(format!(
+                "stopped after {n} of {} instances: they use {:.1} MiB of the {:.1} MiB \
+                 available ({}), and another would take about {:.1} MiB",
+                args.instances,
+                mib(used),
+                mib(headroom.bytes),
+                headroom.source,
+                mib(per_instance_bytes)
+            ));
+            break;
+        }
+        let tight = watch
+            .headroom
+            .as_ref()
+            .is_some_and(|headroom| used > headroom.bytes / 2);
+        (wasi.stdout, wasi.stderr) = stdio.outputs(n);
+        let domain = n % args.tenants;
+        let record = start_one(host, program, args, &wasi, n, domain, &mut started);
+        if let Some(instance) = &record.instance {
+            if merging && tight {
+                instance.store_owner().merge_now()?;
+            }
+            if let Ending::Invoked(results) = &record.ending {
+                stdio.print_results(n, results);
+            }
+        }
+        match &record.ending {
+            Ending::Ran(RunOutcome::Exited(0)) | Ending::Ready | Ending::Invoked(_) => {}
+            Ending::Ran(outcome) => started.problems.push(format!("instance {n} {outcome}")),
+            Ending::Failed(message) => started.problems.push(format!("instance {n} {message}")),
+        }
+        started.records.push(record);
+        progress.inc(1);
+    }
+    started.instantiate_and_run_seconds = all_started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    if started.records.iter().all(|r| r.instance.is_none()) {
+        bail!(
+            "no instance of {} could be created:\n  {}",
+            args.module.display(),
+            started.problems.join("\n  ")
+        );
+    }
+    Ok(started)
+}
+
+/// Creates instance `n` in tenant `domain` and runs it.
+fn start_one(
+    host: &Host,
+    program: &Program,
+    args: &RunArgs,
+    wasi: &samepage_runtime::WasiOptions,
+    n: u32,
+    domain: u32,
+    started: &mut Started,
+) -> Record {
+    let began = Instant::now();
+    let instantiated = host.instantiate_in(program, wasi, domain);
+    started.instantiate_seconds += began.elapsed().as_secs_f64();
+    let mut instance = match instantiated {
+        Ok(instance) => instance,
+        Err(error) => {
+            return Record {
+                index: n,
+                domain,
+                instance: None,
+                ending: Ending::Failed(format!("could not be created: {error}")),
+            };
+        }
+    };
+    let ending = match &args.invoke {
+        Some(function) => match instance.invoke(function, &args.args) {
+            Ok(results) => Ending::Invoked(results.iter().map(display_value).collect()),
+            Err(samepage_runtime::RuntimeError::Ended { outcome, .. }) => Ending::Ran(outcome),
+            Err(error @ samepage_runtime::RuntimeError::Call { .. }) => {
+                Ending::Ran(RunOutcome::Trapped(error.to_string()))
+            }
+            Err(error) => Ending::Failed(format!("failed: {error}")),
+        },
+        None if instance.is_component() || instance.has_export("_start") => {
+            match instance.run_start() {
+                Ok(outcome) => Ending::Ran(outcome),
+                Err(error) => Ending::Failed(format!("failed: {error}")),
+            }
+        }
+        None => Ending::Ready,
+    };
+    Record {
+        index: n,
+        domain,
+        instance: Some(instance),
+        ending,
+    }
+}
+
+/// A result as `wasmtime run --invoke` prints it.
+fn display_value(value: &Val) -> String {
+    match value {
+        Val::I32(v) => v.to_string(),
+        Val::I64(v) => v.to_string(),
+        Val::F32(bits) => f32::from_bits(*bits).to_string(),
+        Val::F64(bits) => f64::from_bits(*bits).to_string(),
+        Val::V128(v) => format!("{:#034x}", v.as_u128()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Says, before the other instances start, when the run will not fit unmerged.
+fn warn_if_too_big(watch: &MemoryWatch, per_instance: u64, instances: u32, merging: bool) {
+    let Some(headroom) = &watch.headroom else {
+        return;
+    };
+    let total = per_instance.saturating_mul(u64::from(instances));
+    if total <= headroom.bytes {
+        return;
+    }
+    let fit = headroom.bytes / 10 * 9 / per_instance.max(1);
+    let plan = if merging {
+        format!(
+            "instances are merged as they start once half of it is used, and starting stops \
+             short of the limit if merging does not save enough (it must save {:.0}%)",
+            100.0 * (1.0 - headroom.bytes as f64 / total as f64)
+        )
+    } else {
+        format!("without merging about {fit} fit, and starting stops there")
+    };
+    eprintln!(
+        "samepage: {instances} instances of about {:.1} MiB each need about {:.1} MiB \
+         unmerged, but {:.1} MiB is available ({}): {plan}",
+        mib(per_instance),
+        mib(total),
+        mib(headroom.bytes),
+        headroom.source
+    );
+}
