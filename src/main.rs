@@ -34,14 +34,19 @@ fn main() {
     let status = match cli.command {
         Command::Run(args) => {
             let json = args.json;
+            // stdout is the guests' when their output is shown, as under `wasmtime run`: the
+            // report for a reader then goes to stderr.
+            let guests_on_stdout = args.guest_output_on_stdout();
             run::run(args).and_then(|finished| {
                 for problem in &finished.report.problems {
                     eprintln!("samepage: {problem}");
                 }
                 if json {
                     println!("{}", serde_json::to_string(&finished.report)?);
+                } else if guests_on_stdout {
+                    run::print_human(&finished.report, &mut std::io::stderr().lock())?;
                 } else {
-                    run::print_human(&finished.report);
+                    run::print_human(&finished.report, &mut std::io::stdout().lock())?;
                 }
                 Ok(finished.exit_code)
             })

@@ -50,8 +50,8 @@ pub fn open_descriptors() -> Result<u64> {
     Ok(procfs::process::Process::myself()?.fd_count()? as u64)
 }
 
-/// Refuses a run of `instances` instances when it needs more descriptors than the limit
-/// allows: `before` were open before the first instance, `after` once it existed.
+/// Refuses a run when `instances` more instances need more descriptors than the limit
+/// allows: `before` were open before one instance was made, `after` once it existed.
 pub fn check_descriptors(instances: u32, before: u64, after: u64) -> Result<()> {
     let per_instance = after.saturating_sub(before);
     // Room for the files the run opens itself (the report, /proc, a plot).

@@ -346,9 +346,9 @@ mod tests {
     #[test]
     fn failed_memory_creation_is_typed_and_leaves_no_owner_behind() {
         let host = host();
-        // 64-bit memories get the same 4 GiB reservation, which 70,000 wasm pages overflow.
+        // 2^36 wasm pages: 4 PiB, more than the address space.
         let module = host
-            .load_bytes(b"(module (memory i64 70000))")
+            .load_bytes(b"(module (memory i64 0x1000000000))")
             .expect("module");
         let error = host
             .instantiate(&module, &WasiOptions::default())
@@ -356,12 +356,45 @@ mod tests {
         assert!(
             matches!(
                 error,
-                RuntimeError::MemoryCreation(MemoryError::Mapping(
-                    MappingError::BeyondCapacity { .. }
-                ))
+                RuntimeError::MemoryCreation(MemoryError::Mapping(MappingError::Reserve {
+                    bytes,
+                    ..
+                })) if bytes > 0x10_0000_0000_0000
             ),
             "{error}"
         );
         assert!(current_owner().is_none());
+    }
+
+    #[test]
+    fn a_64_bit_memory_above_4_gib_is_created_written_and_grown() {
+        let host = host();
+        // 70,000 wasm pages (4.3 GiB) at the start, growable to 80,000.
+        let module = host
+            .load_bytes(
+                br#"(module (memory (export "memory") i64 70000 80000)
+                    (func (export "poke") (param i64) (result i64)
+                        (i64.store (local.get 0) (i64.const 7))
+                        (i64.load (local.get 0)))
+                    (func (export "grow") (param i64) (result i64)
+                        (memory.grow (local.get 0))))"#,
+            )
+            .expect("module");
+        let mut instance = host
+            .instantiate(&module, &WasiOptions::default())
+            .expect("a 64-bit memory past 4 GiB");
+        let past_4_gib = (69_999u64 << 16) as i64;
+        let poked = instance
+            .call("poke", &[wasmtime::Val::I64(past_4_gib)])
+            .expect("poke");
+        assert_eq!(poked[0].i64(), Some(7));
+        let grown = instance
+            .call("grow", &[wasmtime::Val::I64(10_000)])
+            .expect("grow");
+        assert_eq!(grown[0].i64(), Some(70_000), "grown to its maximum");
+        let beyond = instance
+            .call("grow", &[wasmtime::Val::I64(1)])
+            .expect("grow");
+        assert_eq!(beyond[0].i64(), Some(-1), "past its maximum");
     }
 }

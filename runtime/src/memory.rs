@@ -169,17 +169,17 @@ fn record_failure(error: MemoryError) {
 /// too, but not registered: wasmtime's collector owns it, and no module image is for it.
 pub(crate) const GC_HEAP_GUARD_BYTES: usize = (32 << 20) + (64 << 10);
 
-/// Address space reserved for a 64-bit memory whose type declares no maximum, unless its
-/// minimum needs more. wasmtime's reservation (4 GiB) is made for 32-bit memories; a 64-bit
-/// one may be declared larger, and a memory here can never move to grow. 16 GiB lets
-/// thousands of such instances fit in a 47-bit address space.
+/// Most address space reserved for a 64-bit memory beyond its minimum. wasmtime's
+/// reservation (4 GiB) is made for 32-bit memories; a 64-bit one may start or grow larger,
+/// and a memory here can never move to grow. 16 GiB each lets thousands of instances fit in
+/// a 47-bit address space; growth past it fails as `memory.grow` does (it returns -1).
 const MEMORY64_RESERVATION: usize = 16 << 30;
 
 /// Bytes a memory of type `ty` may grow to in place: wasmtime's reservation for 32-bit
-/// memories (or the maximum, when there is no reservation); for 64-bit ones their declared
-/// maximum, else [`MEMORY64_RESERVATION`], and never less than the minimum or than
-/// wasmtime's reservation. A minimum the address space cannot hold is refused when the
-/// reservation is made, naming its size.
+/// memories (or the maximum, when there is no reservation); for 64-bit ones their maximum up
+/// to [`MEMORY64_RESERVATION`], and never less than the minimum or than wasmtime's
+/// reservation. A minimum the address space cannot hold is refused when the reservation is
+/// made, naming its size.
 fn capacity_of(
     ty: &MemoryType,
     minimum: usize,
@@ -189,13 +189,13 @@ fn capacity_of(
     if !ty.is_64() {
         return reserved.unwrap_or(maximum.unwrap_or(minimum));
     }
-    let wanted = maximum.unwrap_or(MEMORY64_RESERVATION.max(minimum));
-    let page = PAGE_SIZE;
-    wanted
+    maximum
+        .unwrap_or(usize::MAX)
+        .min(MEMORY64_RESERVATION.max(minimum))
         .max(minimum)
         .max(reserved.unwrap_or(0))
-        .checked_next_multiple_of(page)
-        .unwrap_or(usize::MAX - page + 1)
+        .checked_next_multiple_of(PAGE_SIZE)
+        .unwrap_or(usize::MAX - PAGE_SIZE + 1)
 }
 
 /// Creates every linear memory of a wasmtime engine as a [`MemfdMemory`].

@@ -3,6 +3,7 @@
 //! report's reading for a person.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::Result;
@@ -241,68 +242,71 @@ pub fn plot(report: &RunReport, path: &Path) -> Result<()> {
 }
 
 /// The report for a reader.
-pub fn print_human(report: &RunReport) {
+pub fn print_human(report: &RunReport, out: &mut dyn Write) -> std::io::Result<()> {
     let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
-    println!(
+    writeln!(
+        out,
         "module            {} (dedup {:?})",
         report.module, report.mode
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "instances         {} of {} started ({} ok, {} trapped, {} failed)",
         report.instances_started,
         report.instances,
         report.instances_ok,
         report.instances_trapped,
         report.instances_failed
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "linear memory     {:.1} MiB",
         mib(report.linear_memory_bytes)
-    );
-    println!(
-        "PSS               {:.1} MiB {}, {:.1} MiB after merging ({:.1} MiB saved{})",
+    )?;
+    writeln!(
+        out,
+        "PSS               {:.1} MiB {}, {:.1} MiB after merging ({:.1} MiB less)",
         mib(report.pss_bytes_before),
         if report.merged_while_starting {
-            "once started"
+            "once started (merging as they started)"
         } else {
-            "before"
+            "before merging"
         },
         mib(report.pss_bytes_after),
         mib(report
             .pss_bytes_before
             .saturating_sub(report.pss_bytes_after)),
-        if report.merged_while_starting {
-            " after starting; more was merged while they started"
-        } else {
-            ""
-        }
-    );
+    )?;
     if let (Some(before), Some(after)) = (
         report.cgroup_memory_bytes_before,
         report.cgroup_memory_bytes_after,
     ) {
-        println!(
+        writeln!(
+            out,
             "cgroup memory     {:.1} MiB before, {:.1} MiB after merging",
             mib(before),
             mib(after)
-        );
+        )?;
     }
     let counters = &report.counters.0;
-    println!(
+    writeln!(
+        out,
         "pages             {} shared, {} sharing, {} unshared, {} volatile, {} zero",
         counters.pages_shared,
         counters.pages_sharing,
         counters.pages_unshared,
         counters.pages_volatile,
         counters.zero_pages
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "chains            {} chains of {} dups; general profit {:.1} MiB",
         counters.stable_node_chains,
         counters.stable_node_dups,
         counters.general_profit_bytes as f64 / (1 << 20) as f64
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "merging           {} full scans, converged in {:.2} s{}, {:.3} s CPU, {} mappings",
         counters.full_scans,
         report.converge_seconds,
@@ -313,18 +317,20 @@ pub fn print_human(report: &RunReport) {
         },
         report.scanner_cpu_seconds,
         counters.vmas
-    );
+    )?;
     if report.per_domain.len() > 1 {
         for domain in &report.per_domain {
-            println!(
+            writeln!(
+                out,
                 "tenant {:<10} {} instances, {} pages merged, {} zero, profit {:.1} MiB",
                 domain.domain,
                 domain.instances,
                 domain.ksm_merging_pages,
                 domain.ksm_zero_pages,
                 domain.ksm_process_profit as f64 / (1 << 20) as f64
-            );
+            )?;
         }
     }
-    println!("exit status       {}", report.exit_code);
+    writeln!(out, "exit status       {}", report.exit_code)?;
+    Ok(())
 }

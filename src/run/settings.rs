@@ -291,6 +291,11 @@ impl RunArgs {
         Ok(knobs)
     }
 
+    /// Whether the guests' stdout goes to samepage's stdout.
+    pub fn guest_output_on_stdout(&self) -> bool {
+        !self.json && matches!(self.stdio, Stdio::Auto | Stdio::Inherit | Stdio::Prefix)
+    }
+
     /// The `-W` limits; a key given twice keeps its last value.
     pub fn limits(&self) -> Limits {
         let mut limits = Limits::default();

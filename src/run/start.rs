@@ -268,7 +268,9 @@ pub fn start_instances(
     progress.set_message("starting instances");
     let merging = host.dedup().is_some();
     let watch = MemoryWatch::new(cgroup)?;
-    let descriptors_before = open_descriptors()?;
+    // Descriptors once the first instance exists: the first also opens what the whole run
+    // shares (its module image, the engine's files), so the second tells what one costs.
+    let mut descriptors_after_first = 0;
     let mut per_instance_bytes = 0;
     let mut started = Started {
         records: Vec::new(),
@@ -280,9 +282,16 @@ pub fn start_instances(
     let all_started = Instant::now();
     for n in 0..args.instances {
         if n == 1 {
-            check_descriptors(args.instances, descriptors_before, open_descriptors()?)?;
+            descriptors_after_first = open_descriptors()?;
             per_instance_bytes = watch.used()?;
             warn_if_too_big(&watch, per_instance_bytes, args.instances, merging);
+        }
+        if n == 2 {
+            check_descriptors(
+                args.instances - 1,
+                descriptors_after_first,
+                open_descriptors()?,
+            )?;
         }
         let used = watch.used()?;
         if let Some(headroom) = &watch.headroom
