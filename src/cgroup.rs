@@ -36,6 +36,13 @@ impl Version {
         }
     }
 
+    fn peak(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.max_usage_in_bytes",
+            Version::V2 => "memory.peak",
+        }
+    }
+
     fn limit(self) -> &'static str {
         match self {
             Version::V1 => "memory.limit_in_bytes",
@@ -49,12 +56,18 @@ impl Version {
 pub struct MemoryCgroup {
     /// Its usage file.
     usage: PathBuf,
+    /// Its file of the highest usage so far (v2's `memory.peak` needs Linux 5.19).
+    peak: PathBuf,
+    /// Under v2, the descriptor a reset of the peak was written through, which alone reads
+    /// the peak since then.
+    peak_reader: Option<std::fs::File>,
     /// The removal a terminating signal runs, settled on drop.
     removal: Option<Owed>,
 }
 
 /// Where the process's memory cgroup is: its directory and version, for each hierarchy that
-/// has the memory controller.
+/// has the memory controller. A v2 cgroup is listed even when it does not account memory
+/// itself (its parent did not hand it the controller): its ancestors' limits still apply.
 fn memory_cgroups() -> Vec<(PathBuf, Version)> {
     let Ok(membership) = std::fs::read_to_string("/proc/self/cgroup") else {
         return Vec::new();
@@ -73,7 +86,6 @@ fn memory_cgroups() -> Vec<(PathBuf, Version)> {
                 None
             }
         })
-        .filter(|(dir, version)| dir.join(version.usage()).exists())
         .collect()
 }
 
@@ -91,19 +103,27 @@ impl MemoryCgroup {
     /// dead runs left there; `None` where that is not possible (no memory controller, not
     /// allowed).
     pub fn enter_new() -> Option<Self> {
+        // Before the cgroup exists: a signal from then on removes it.
+        cleanup::watch_signals();
         for (parent, version) in memory_cgroups() {
+            if !parent.join(version.usage()).exists() {
+                continue;
+            }
             Self::sweep_stale(&parent);
             let dir = parent.join(format!("samepage-{}", std::process::id()));
             if std::fs::create_dir(&dir).is_err() {
                 continue;
             }
-            if move_into(&dir.join("cgroup.procs")).is_ok() {
+            // A v2 child accounts memory only if its parent hands it the controller.
+            if dir.join(version.usage()).exists() && move_into(&dir.join("cgroup.procs")).is_ok() {
                 let removal = cleanup::owe({
                     let (dir, parent) = (dir.clone(), parent.clone());
                     move || remove(&dir, &parent)
                 });
                 return Some(Self {
                     usage: dir.join(version.usage()),
+                    peak: dir.join(version.peak()),
+                    peak_reader: None,
                     removal: Some(removal),
                 });
             }
@@ -142,6 +162,36 @@ impl MemoryCgroup {
     /// Bytes charged to the cgroup now.
     pub fn usage_bytes(&self) -> Option<u64> {
         read_number(&self.usage)
+    }
+
+    /// The most bytes charged to the cgroup at any time since [`MemoryCgroup::reset_peak`]
+    /// (or since the run made it).
+    pub fn peak_bytes(&self) -> Option<u64> {
+        match &self.peak_reader {
+            Some(file) => {
+                let mut text = [0u8; 32];
+                let read = std::os::unix::fs::FileExt::read_at(file, &mut text, 0).ok()?;
+                std::str::from_utf8(&text[..read]).ok()?.trim().parse().ok()
+            }
+            None => read_number(&self.peak),
+        }
+    }
+
+    /// Starts the peak afresh from the usage now: v1 takes a write of 0; v2 (Linux 6.12 and
+    /// later) resets it for reads through the descriptor that wrote, which is kept for them.
+    pub fn reset_peak(&mut self) {
+        if self.peak.ends_with(Version::V1.peak()) {
+            let _ = std::fs::write(&self.peak, "0");
+            return;
+        }
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.peak)
+            && std::io::Write::write_all(&mut file, b"reset").is_ok()
+        {
+            self.peak_reader = Some(file);
+        }
     }
 }
 

@@ -3,8 +3,11 @@
 //!
 //! Each undo is registered here while it is owed. A normal end, an error or a panic runs it
 //! from the owner's `Drop`; `SIGINT`, `SIGTERM` and `SIGHUP` run every one still owed, from a
-//! thread that then exits with 128 + the signal's number, as a shell reports a death by that
-//! signal. `SIGKILL` (an OOM kill included) runs nothing: for that, every start sweeps what
+//! thread that then dies of the signal as it would have without a handler (so that a shell
+//! sees the signal, and stops a loop on Ctrl-C). One lock, [`critical`], is held while an undo
+//! runs, while the signal thread undoes and exits, and by whoever changes what an undo will
+//! put back: a signal never finds an undo half done, or a change half recorded.
+//! `SIGKILL` (an OOM kill included) runs nothing: for that, every start sweeps what
 //! dead runs left ([`crate::cgroup::MemoryCgroup::sweep_stale`], and
 //! [`crate::ksm::KsmSysfs::repair_stale`] through KSM's state file).
 
@@ -20,6 +23,17 @@ type Undo = (u64, Box<dyn FnOnce() + Send>);
 /// The undos still owed, in registration order.
 static OWED: Mutex<Vec<Undo>> = Mutex::new(Vec::new());
 
+/// Held while an undo runs, and by [`critical`] sections; taken before `OWED` and before any
+/// lock an undo takes.
+static UNDOING: Mutex<()> = Mutex::new(());
+
+/// Runs `f` where no signal's undo can run meanwhile: for changes that an undo would put
+/// back, made together with the record of what to put back.
+pub fn critical<R>(f: impl FnOnce() -> R) -> R {
+    let _undoing = UNDOING.lock();
+    f()
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A registered undo; [`Owed::run`] runs it now, dropping it without running cancels it.
@@ -31,7 +45,7 @@ pub struct Owed {
 /// Registers `undo` to run on a terminating signal, until [`Owed::run`] or a drop settles
 /// it. Installs the signal handler on first use.
 pub fn owe(undo: impl FnOnce() + Send + 'static) -> Owed {
-    install_handler();
+    watch_signals();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     OWED.lock().push((id, Box::new(undo)));
     Owed { id }
@@ -40,6 +54,7 @@ pub fn owe(undo: impl FnOnce() + Send + 'static) -> Owed {
 impl Owed {
     /// Runs the undo now (unless a signal handler already did).
     pub fn run(self) {
+        let _undoing = UNDOING.lock();
         if let Some(undo) = take(self.id) {
             undo();
         }
@@ -59,7 +74,7 @@ fn take(id: u64) -> Option<Box<dyn FnOnce() + Send>> {
     Some(owed.remove(at).1)
 }
 
-/// Runs every undo still owed, last registered first.
+/// Runs every undo still owed, last registered first; the caller holds `UNDOING`.
 fn run_all() {
     let owed = std::mem::take(&mut *OWED.lock());
     for (_, undo) in owed.into_iter().rev() {
@@ -67,7 +82,10 @@ fn run_all() {
     }
 }
 
-fn install_handler() {
+/// Starts the thread that runs the undos on a terminating signal (once; later calls do
+/// nothing). Called before anything is owed, so that no signal falls between a change and
+/// its registration.
+pub fn watch_signals() {
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
         let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]);
@@ -77,7 +95,10 @@ fn install_handler() {
                     .name("samepage-signals".into())
                     .spawn(move || {
                         if let Some(signal) = signals.forever().next() {
+                            let _undoing = UNDOING.lock();
                             run_all();
+                            // Dies of the signal, with its default action.
+                            let _ = signal_hook::low_level::emulate_default_handler(signal);
                             std::process::exit(128 + signal);
                         }
                     });

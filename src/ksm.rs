@@ -50,6 +50,10 @@ pub struct KsmSession {
     id: u64,
     /// The restore a terminating signal runs; settled on drop.
     restore: Option<Owed>,
+    /// An exclusive lock on the file beside the state file, held for the session: KSM's
+    /// settings are the whole system's, and a second run driving them at once would record
+    /// the first one's settings as the ones to put back.
+    _exclusive: std::fs::File,
 }
 
 impl KsmSysfs {
@@ -162,6 +166,25 @@ impl KsmSysfs {
     /// Writes `settings` in order, saving each old value first. On failure, what was written
     /// is restored before the error returns.
     pub fn configure(&self, settings: &[(&str, u64)]) -> Result<KsmSession> {
+        let lock_path = self.state_file.with_extension("lock");
+        let exclusive = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        if rustix::fs::flock(
+            &exclusive,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .is_err()
+        {
+            bail!(
+                "another samepage run is driving Linux KSM ({} is locked): KSM's settings are \
+                 system-wide, so one run at a time",
+                lock_path.display()
+            );
+        }
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         let restore = cleanup::owe({
             let sysfs = self.clone();
@@ -171,21 +194,24 @@ impl KsmSysfs {
             sysfs: self.clone(),
             id,
             restore: Some(restore),
+            _exclusive: exclusive,
         };
         for &(name, value) in settings {
             let path = self.root.join(name);
             let old = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            // Saved and written under one lock: a Ctrl-C restore in between would otherwise
-            // run before the write and leave the new value behind.
-            let mut saved = SAVED.lock();
-            saved.push(Saved {
-                session: session.id,
-                path,
-                value: old.trim().to_owned(),
-            });
-            self.record(&saved, session.id)?;
-            self.write(name, &value.to_string())?;
+            // Saved, recorded and written where no signal's restore can run: one in between
+            // would run before the write and leave the new value behind.
+            cleanup::critical(|| {
+                let mut saved = SAVED.lock();
+                saved.push(Saved {
+                    session: session.id,
+                    path,
+                    value: old.trim().to_owned(),
+                });
+                self.record(&saved, session.id)?;
+                self.write(name, &value.to_string())
+            })?;
         }
         Ok(session)
     }
@@ -353,6 +379,24 @@ mod tests {
         assert!(!sysfs.state_file().exists());
         assert_eq!(sysfs.repair_stale().expect("nothing left"), None);
         SAVED.lock().clear();
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    #[test]
+    fn one_run_at_a_time_drives_ksm() {
+        let _one = ONE_AT_A_TIME.lock();
+        let (sysfs, root) = fake_sysfs("exclusive", &[("run", "0")]);
+        let first = sysfs.configure(&[("run", 1)]).expect("configure");
+        let error = sysfs
+            .configure(&[("run", 1)])
+            .expect_err("a second at once");
+        assert!(error.to_string().contains("one run at a time"), "{error}");
+        drop(first);
+        let again = sysfs
+            .configure(&[("run", 1)])
+            .expect("after the first ended");
+        drop(again);
+        assert_eq!(sysfs.read("run").expect("read"), 0);
         std::fs::remove_dir_all(root).ok();
     }
 

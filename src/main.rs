@@ -9,6 +9,8 @@ mod merger;
 mod resources;
 mod run;
 
+use std::io::Write;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,7 +34,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let status = match cli.command {
-        Command::Run(args) => {
+        Command::Run(mut args) => {
+            args.split_program();
             let json = args.json;
             // stdout is the guests' when their output is shown, as under `wasmtime run`: the
             // report for a reader then goes to stderr.
@@ -42,7 +45,8 @@ fn main() {
                     eprintln!("samepage: {problem}");
                 }
                 if json {
-                    println!("{}", serde_json::to_string(&finished.report)?);
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}", serde_json::to_string(&finished.report)?)?;
                 } else if guests_on_stdout {
                     run::print_human(&finished.report, &mut std::io::stderr().lock())?;
                 } else {

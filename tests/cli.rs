@@ -27,9 +27,23 @@ fn run_report(program: &str, options: &[&str]) -> serde_json::Value {
 #[test]
 fn thirty_two_instances_of_4096_identical_pages_merge() {
     // Merging once every instance ran, so that PSS before merging is the unmerged total.
+    let plot = std::env::temp_dir().join(format!("samepage-plot-{}.svg", std::process::id()));
     let report = run_report(
         "examples/guests/fill.wat",
-        &["--instances", "32", "--merge-while-starting", "off"],
+        &[
+            "--instances",
+            "32",
+            "--merge-while-starting",
+            "off",
+            "--plot",
+            plot.to_str().expect("path"),
+        ],
+    );
+    let svg = std::fs::read_to_string(&plot).expect("the PSS plot");
+    std::fs::remove_file(&plot).ok();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("PSS"),
+        "not the plot"
     );
     let field = |name: &str| report[name].as_f64().unwrap_or_else(|| panic!("no {name}"));
     let ideal = 31.0 * 4096.0;

@@ -145,6 +145,21 @@ fn a_real_program_gets_trailing_arguments_and_both_forms_of_dir() {
 }
 
 #[test]
+fn everything_after_the_program_is_the_guests() {
+    // samepage's own options after the program are the guest's arguments: `--json` does not
+    // make a report, and the status comes from the argument after it.
+    let out = samepage(&["run", "examples/guests/exit.wat", "7", "--json", "--help"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "to stdout\n");
+    let dashed = samepage(&["run", "examples/guests/exit.wat", "--", "5"]);
+    assert_eq!(
+        dashed.status.code(),
+        Some(5),
+        "a `--` after the program is not the guest's"
+    );
+}
+
+#[test]
 fn invoke_calls_an_export_with_typed_arguments() {
     let out = samepage(&[
         "run",
@@ -165,6 +180,7 @@ fn invoke_calls_an_export_with_typed_arguments() {
     let stderr = text(&wrong.stderr);
     assert!(stderr.contains("takes 2 arguments, 1 given"), "{stderr}");
     let missing = samepage(&["run", "--invoke", "nope", "examples/guests/exit.wat"]);
+    assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("no export named \"nope\""));
 }
 

@@ -46,6 +46,10 @@ impl HostStream {
     }
 }
 
+/// The longest line a prefixed stream keeps before writing it: output without line ends
+/// (binary data) is written in pieces of this length rather than held without bound.
+const LONGEST_LINE: usize = 64 << 10;
+
 /// A guest stream written line by line, each line behind a prefix. Clones share the
 /// unfinished line.
 #[derive(Clone)]
@@ -82,13 +86,22 @@ impl PrefixedOutput {
         }
     }
 
-    fn write_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
+    fn write_bytes(&self, mut bytes: &[u8]) -> std::io::Result<()> {
         let mut prefixer = self.inner.lock();
-        prefixer.unfinished.extend_from_slice(bytes);
-        while let Some(end) = prefixer.unfinished.iter().position(|&b| b == b'\n') {
-            let rest = prefixer.unfinished.split_off(end + 1);
-            let line = std::mem::replace(&mut prefixer.unfinished, rest);
-            prefixer.emit(&line)?;
+        // Only the new bytes are searched for line ends; a line longer than `LONGEST_LINE`
+        // is written in pieces of that length, each a line of its own.
+        while !bytes.is_empty() {
+            let room = LONGEST_LINE - prefixer.unfinished.len();
+            let take = match bytes.iter().take(room).position(|&b| b == b'\n') {
+                Some(end) => end + 1,
+                None => bytes.len().min(room),
+            };
+            prefixer.unfinished.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if prefixer.unfinished.ends_with(b"\n") || prefixer.unfinished.len() == LONGEST_LINE {
+                let line = std::mem::take(&mut prefixer.unfinished);
+                prefixer.emit(&line)?;
+            }
         }
         Ok(())
     }
@@ -166,5 +179,23 @@ impl tokio::io::AsyncWrite for PrefixedOutput {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_unended_output_is_written_in_pieces() {
+        let stream = PrefixedOutput::new("[0] ", HostStream::Stderr);
+        stream
+            .write_bytes(&vec![b'x'; LONGEST_LINE * 2 + 10])
+            .expect("write");
+        assert_eq!(stream.inner.lock().unfinished.len(), 10);
+        stream.write_bytes(b"y\nz").expect("write");
+        assert_eq!(stream.inner.lock().unfinished, b"z");
+        stream.finish_line();
+        assert!(stream.inner.lock().unfinished.is_empty());
     }
 }

@@ -21,8 +21,18 @@ pub fn run_child(
     guest_args: &[String],
 ) -> Result<Value> {
     let exe = std::env::current_exe().context("locating the samepage binary")?;
-    // The bench's protocol: merging starts once every instance ran (so that the report has
-    // memory before merging), guests' output is dropped, and every run compiles afresh.
+    // The bench's protocol, unless the options say otherwise: merging starts once every
+    // instance ran (so that the report has memory before merging), guests' output is
+    // dropped, and every run compiles afresh.
+    let given = |flag: &str| options.iter().any(|o| o.starts_with(flag));
+    let protocol = [
+        ("--merge-while-starting", "--merge-while-starting=off"),
+        ("--stdio", "--stdio=drop"),
+        ("-C", "-Ccache=n"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| !given(flag))
+    .map(|(_, setting)| setting);
     let output = Command::new(exe)
         .arg("run")
         .args([
@@ -31,12 +41,11 @@ pub fn run_child(
             "--dedup",
             mode,
             "--json",
-            "--merge-while-starting=off",
-            "--stdio=drop",
-            "-Ccache=n",
         ])
+        .args(protocol)
         .args(options)
         .arg(module)
+        .arg("--")
         .args(guest_args)
         .output()
         .context("running samepage run")?;

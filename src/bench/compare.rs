@@ -19,9 +19,22 @@ pub(super) struct Workload {
     pub(super) slug: &'static str,
     pub(super) module: PathBuf,
     pub(super) instances: u32,
-    /// `samepage run` options before `--`, then the guest's arguments after it.
+    /// `samepage run` options, before the program; then the guest's arguments, after it.
     pub(super) options: Vec<String>,
     pub(super) guest_args: Vec<String>,
+}
+
+impl Workload {
+    /// A report's section saying the workload was not measured, when its program is missing.
+    pub(super) fn missing(&self) -> Option<String> {
+        (!self.module.exists()).then(|| {
+            format!(
+                "## {}\n\nNot measured: {} is missing (run `scripts/fetch-real-programs`).\n\n",
+                self.name,
+                self.module.display()
+            )
+        })
+    }
 }
 
 /// The compare suite's workloads; those named `a` and `b` are synthetic, the others real
@@ -113,12 +126,8 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
     }
     let mut target_rows = Vec::new();
     for workload in workloads(&scratch) {
-        if !workload.module.exists() {
-            report.push_str(&format!(
-                "## {}\n\nNot measured: {} is missing (run `scripts/fetch-real-programs`).\n\n",
-                workload.name,
-                workload.module.display()
-            ));
+        if let Some(missing) = workload.missing() {
+            report.push_str(&missing);
             continue;
         }
         let results: Vec<(&str, Vec<Value>)> = modes

@@ -36,12 +36,8 @@ pub fn suite(rounds: u32) -> Result<String> {
         if matches!(workload.slug, "a" | "b") {
             continue;
         }
-        if !workload.module.exists() {
-            report.push_str(&format!(
-                "## {}\n\nNot measured: {} is missing (run `scripts/fetch-real-programs`).\n\n",
-                workload.name,
-                workload.module.display()
-            ));
+        if let Some(missing) = workload.missing() {
+            report.push_str(&missing);
             continue;
         }
         let mut rows = Vec::new();

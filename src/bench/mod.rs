@@ -10,6 +10,7 @@ mod density;
 mod engine;
 mod merge_now;
 pub mod plot;
+mod start;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,8 @@ pub enum Suite {
     /// Outside merging: instantiation and memory of real programs against wasmtime's
     /// copy-on-write images and KSM, a guest that grows to 4 GiB, reset to the image.
     Density,
+    /// Peak memory of a run, merging while the instances start against merging after.
+    Start,
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +74,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Suite::CowFault => cow_fault::suite()?,
             Suite::MergeNow => merge_now::suite()?,
             Suite::Density => density::suite(args.rounds)?,
+            Suite::Start => start::suite(args.rounds)?,
         };
         let path = args.out.join(format!("{name}.md"));
         std::fs::write(&path, with_header(&body))

@@ -61,7 +61,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         let _ = std::io::copy(&mut module, &mut std::io::sink());
     }
     // Before anything else is allocated, so that the cgroup is charged with all of it.
-    let cgroup = MemoryCgroup::enter_new();
+    let mut cgroup = MemoryCgroup::enter_new();
     if args.dedup == DedupMode::Ksm {
         ksm.check_usable()?;
     }
@@ -100,7 +100,17 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         .load(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
     release_compiler_garbage();
-    let mut started = start::start_instances(&host, &module, &args, cgroup.as_ref())?;
+    // The peak the report gives is that of running the instances, not of compiling.
+    if let Some(cgroup) = &mut cgroup {
+        cgroup.reset_peak();
+    }
+    let mut started = start::start_instances(
+        &host,
+        &module,
+        &args,
+        cgroup.as_ref(),
+        merging_while_starting,
+    )?;
     let linear_memory_bytes = started
         .instances()
         .map(|i| {
@@ -162,6 +172,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         pss_bytes_after,
         cgroup_memory_bytes_before: cgroup_bytes_before,
         cgroup_memory_bytes_after: cgroup_bytes_after,
+        cgroup_memory_bytes_peak: cgroup.as_ref().and_then(MemoryCgroup::peak_bytes),
         counters: Counters::of_run(stats, &settled.last),
         process_ksm_stat: (args.dedup == DedupMode::Ksm).then(crate::ksm::process_ksm_stat),
         converge_seconds: settled.converge_seconds,

@@ -49,6 +49,9 @@ pub struct RunReport {
     /// also counts memfd pages nobody maps, such as untouched parts of a module image.
     pub cgroup_memory_bytes_before: Option<u64>,
     pub cgroup_memory_bytes_after: Option<u64>,
+    /// The most memory the cgroup held while the instances started, ran and merged (after
+    /// compiling): what a memory limit must allow them.
+    pub cgroup_memory_bytes_peak: Option<u64>,
     /// Every counter of the engine's [`Stats`], under the name of KSM's sysfs file where KSM
     /// counts the same thing (`pages_sharing`, `general_profit`, `ksm_zero_pages`, ...), else
     /// its own. Under `--dedup ksm`, those KSM counts are this run's: each is ksmd's figure
@@ -283,9 +286,10 @@ pub fn print_human(report: &RunReport, out: &mut dyn Write) -> std::io::Result<(
     ) {
         writeln!(
             out,
-            "cgroup memory     {:.1} MiB before, {:.1} MiB after merging",
+            "cgroup memory     {:.1} MiB before, {:.1} MiB after merging, {:.1} MiB at most",
             mib(before),
-            mib(after)
+            mib(after),
+            mib(report.cgroup_memory_bytes_peak.unwrap_or(0))
         )?;
     }
     let counters = &report.counters.0;

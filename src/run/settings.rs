@@ -239,16 +239,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0.0, value_parser = parse_seconds, help_heading = "Measuring")]
     pub idle_secs: f64,
 
-    /// The program to run: a WASI preview 1 command or reactor, or a component command
-    /// (`wasi:cli/run`, WASI preview 2), as .wasm or .wat.
-    #[arg(value_name = "PROGRAM")]
+    /// The program to run (a WASI preview 1 command or reactor, or a component command with
+    /// `wasi:cli/run`, WASI preview 2, as .wasm or .wat), then the guest's arguments: all
+    /// that follows the program is the guest's, samepage's own options included.
+    #[arg(value_name = "PROGRAM [ARGS]", required = true, trailing_var_arg = true,
+        allow_hyphen_values = true, num_args = 1..)]
+    pub program_and_args: Vec<String>,
+    /// The program, split off `program_and_args`.
+    #[arg(skip)]
     pub module: PathBuf,
-    /// Arguments for the guest: everything after PROGRAM.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "ARGS"
-    )]
+    /// The guest's arguments, split off `program_and_args` (less a leading `--`).
+    #[arg(skip)]
     pub args: Vec<String>,
 }
 
@@ -268,6 +269,17 @@ pub enum CodegenSetting {
 }
 
 impl RunArgs {
+    /// Splits the program from its arguments, as `wasmtime run` does: everything after the
+    /// program goes to the guest, less one `--` right after it.
+    pub fn split_program(&mut self) {
+        let mut rest = std::mem::take(&mut self.program_and_args).into_iter();
+        self.module = rest.next().map(PathBuf::from).unwrap_or_default();
+        self.args = rest.collect();
+        if self.args.first().is_some_and(|first| first == "--") {
+            self.args.remove(0);
+        }
+    }
+
     /// The engine's knobs these arguments ask for, validated.
     pub fn knobs(&self) -> Result<Knobs, samepage_dedup::Error> {
         let knobs = Knobs {

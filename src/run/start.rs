@@ -16,6 +16,7 @@
 //!
 //! [`StoreOwner::merge_now`]: samepage_runtime::StoreOwner::merge_now
 
+use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -182,10 +183,12 @@ impl GuestStdio {
             Stdio::Capture | Stdio::Drop => return,
         };
         for result in results {
-            match self.stdout_to {
-                HostStream::Stdout => println!("{prefix}{result}"),
-                HostStream::Stderr => eprintln!("{prefix}{result}"),
-            }
+            // A reader that went away (a closed pipe) loses the rest, as the guest's own
+            // output would.
+            let _ = match self.stdout_to {
+                HostStream::Stdout => writeln!(std::io::stdout().lock(), "{prefix}{result}"),
+                HostStream::Stderr => writeln!(std::io::stderr().lock(), "{prefix}{result}"),
+            };
         }
     }
 }
@@ -229,14 +232,15 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
-/// Creates and runs `--instances` instances, with a progress bar on a terminal; fails when
-/// no instance could be created, and refuses a run that needs more descriptors than it may
-/// have.
+/// Creates and runs `--instances` instances, with a progress bar on a terminal, stopping at
+/// the first that cannot be created; fails when none could be, and refuses a run that needs
+/// more descriptors than it may have.
 pub fn start_instances(
     host: &Host,
     program: &Program,
     args: &RunArgs,
     cgroup: Option<&MemoryCgroup>,
+    merging_while_starting: bool,
 ) -> Result<Started> {
     let name = args
         .module
@@ -266,7 +270,7 @@ pub fn start_instances(
             .progress_chars("=> "),
     );
     progress.set_message("starting instances");
-    let merging = host.dedup().is_some();
+    let merging = merging_while_starting && host.dedup().is_some();
     let watch = MemoryWatch::new(cgroup)?;
     // Descriptors once the first instance exists: the first also opens what the whole run
     // shares (its module image, the engine's files), so the second tells what one costs.
@@ -283,7 +287,6 @@ pub fn start_instances(
     for n in 0..args.instances {
         if n == 1 {
             descriptors_after_first = open_descriptors()?;
-            per_instance_bytes = watch.used()?;
             warn_if_too_big(&watch, per_instance_bytes, args.instances, merging);
         }
         if n == 2 {
@@ -317,9 +320,18 @@ pub fn start_instances(
         (wasi.stdout, wasi.stderr) = stdio.outputs(n);
         let domain = n % args.tenants;
         let record = start_one(host, program, args, &wasi, n, domain, &mut started);
+        // What an instance costs before anything merges it: the most any one has added, as
+        // it ran (scan on park may merge it right after).
+        per_instance_bytes = per_instance_bytes.max(watch.used()?.saturating_sub(used));
         if let Some(instance) = &record.instance {
-            if merging && tight {
-                instance.store_owner().merge_now()?;
+            if merging
+                && tight
+                && let Err(error) = instance.store_owner().merge_now()
+            {
+                // The scanner merges it later; the instance is unaffected.
+                started
+                    .problems
+                    .push(format!("instance {n} could not be merged at once: {error}"));
             }
             if let Ending::Invoked(results) = &record.ending {
                 stdio.print_results(n, results);
@@ -330,8 +342,15 @@ pub fn start_instances(
             Ending::Ran(outcome) => started.problems.push(format!("instance {n} {outcome}")),
             Ending::Failed(message) => started.problems.push(format!("instance {n} {message}")),
         }
+        // What keeps one instance from being created (address space, memory, descriptors)
+        // keeps the rest from it too.
+        let uncreatable = record.ending.is_failure();
         started.records.push(record);
         progress.inc(1);
+        if uncreatable {
+            started.stopped_early = n + 1 < args.instances;
+            break;
+        }
     }
     started.instantiate_and_run_seconds = all_started.elapsed().as_secs_f64();
     progress.finish_and_clear();
@@ -365,7 +384,14 @@ fn start_one(
                 index: n,
                 domain,
                 instance: None,
-                ending: Ending::Failed(format!("could not be created: {error}")),
+                ending: match error {
+                    // A reactor's `_initialize` that exited, trapped or met a limit.
+                    samepage_runtime::RuntimeError::Ended { outcome, .. } => Ending::Ran(outcome),
+                    samepage_runtime::RuntimeError::Call { .. } => {
+                        Ending::Ran(RunOutcome::Trapped(error.to_string()))
+                    }
+                    error => Ending::Failed(format!("could not be created: {error}")),
+                },
             };
         }
     };

@@ -20,10 +20,16 @@ use super::{MergeState, RegionPages};
 const TIGHT_MIN_RUN: usize = 16;
 
 /// The share of `vm.max_map_count` kept free for the rest of the process (wasmtime's code
-/// and reservations, thread stacks, new instances) between two readings of the real count:
-/// 2,047 mappings at the default limit of 65,530, and 62 at a limit of 2,000. A fixed margin
-/// would exceed a small limit and stop merging altogether.
+/// and reservations, thread stacks) between two readings of the real count: 2,047 mappings
+/// at the default limit of 65,530, and 62 at a limit of 2,000. A fixed margin would exceed a
+/// small limit and stop merging altogether.
 const MAP_COUNT_MARGIN_DIVISOR: u64 = 32;
+
+/// Mappings counted for each region registered since the last reading: a new instance's
+/// memory is a reservation, its memfd mapping and a guard, and wasmtime maps a little more
+/// beside it. Instances that start quickly while the engine merges would otherwise outrun
+/// the margin between two readings.
+const MAPPINGS_PER_NEW_REGION: u64 = 4;
 
 /// How often the count of the whole process's mappings is read again, at most. Between two
 /// readings the rest of the process may add mappings the estimate does not see (a new
@@ -121,8 +127,12 @@ impl MergeState {
                 .map(|text| text.iter().filter(|&&b| b == b'\n').count() as u64)
                 .unwrap_or(0);
             self.process_maps = (count, self.vmas, Some(std::time::Instant::now()));
+            self.registrations_at_reading = self.registrations;
         }
         let (count, ours, _) = self.process_maps;
-        (count + self.vmas).saturating_sub(ours)
+        let new_regions = self
+            .registrations
+            .saturating_sub(self.registrations_at_reading);
+        (count + self.vmas + new_regions * MAPPINGS_PER_NEW_REGION).saturating_sub(ours)
     }
 }

@@ -98,6 +98,10 @@ pub(crate) struct MergeState {
     /// and reading it on every instantiation made instantiation cost grow with the number of
     /// instances).
     process_maps: (u64, u64, Option<std::time::Instant>),
+    /// Regions registered since the engine started, and at the last reading of
+    /// `/proc/self/maps`: the budget counts a few mappings for each one since.
+    registrations: u64,
+    registrations_at_reading: u64,
     pub(crate) knobs: Knobs,
     /// Which pages may merge without advice (fixed at start).
     scope: MergeScope,
@@ -140,6 +144,8 @@ impl MergeState {
             vmas: 1,
             max_map_count,
             process_maps: (0, 0, None),
+            registrations: 0,
+            registrations_at_reading: 0,
             knobs,
             scope,
             punch_after_calls,
@@ -151,6 +157,7 @@ impl MergeState {
     }
 
     pub(crate) fn add_region(&mut self, region: Arc<Region>) {
+        self.registrations += 1;
         self.regions.insert(
             region.id,
             RegionPages {
