@@ -260,8 +260,8 @@ fn knobs_and_counters_carry_ksm_names() {
         "scan-time",
         "--advisor-target-scan-time",
         "0.5",
-        "--stdio",
-        "drop",
+        "--stdio=drop",
+        "-Ccache=n",
         "examples/guests/fill.wat",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));

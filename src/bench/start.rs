@@ -64,9 +64,9 @@ pub fn suite(rounds: u32) -> Result<String> {
         &[
             "workload",
             "run",
-            "peak memory (MiB)",
-            "memory once all ran (MiB)",
-            "memory after merging (MiB)",
+            "peak memory",
+            "memory once all ran",
+            "memory after merging",
             "start and run (s)",
             "settle (s)",
         ],
@@ -79,8 +79,9 @@ const ABOUT: &str = "\
 What merging while the instances start (`samepage run`'s default since issue 10) does to the \
 peak memory of a run, against merging only once every instance ran (`--merge-while-starting \
 off`, the protocol of the other suites, which need memory before merging) and no merging at \
-all. Memory is the run's own cgroup: its peak (`memory.max_usage_in_bytes` or `memory.peak`), \
-its usage once every instance ran, and once merging settled. Each figure is the median of the \
+all. Memory is the run's own cgroup: its peak from after compiling to the end \
+(`memory.max_usage_in_bytes` or `memory.peak`, reset once the module is compiled), its usage \
+once every instance ran, and once merging settled. Each figure is the median of the \
 rounds, each run a child `samepage run --json` process; the three runs rotate from round to \
 round. While starting, the scanner looks at each instance as it parks (scan on park); once \
 the run has used half of the memory available to it, each instance is also merged as soon as \

@@ -243,7 +243,7 @@ pub struct RunArgs {
     /// `wasi:cli/run`, WASI preview 2, as .wasm or .wat), then the guest's arguments: all
     /// that follows the program is the guest's, samepage's own options included.
     #[arg(value_name = "PROGRAM [ARGS]", required = true, trailing_var_arg = true,
-        allow_hyphen_values = true, num_args = 1..)]
+        num_args = 1..)]
     pub program_and_args: Vec<String>,
     /// The program, split off `program_and_args`.
     #[arg(skip)]
