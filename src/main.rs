@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Runs N instances of a module, merges their memory and reports the saving.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Measures samepage: the merge path, the baselines side by side, single mechanisms.
     Bench(bench::BenchArgs),
 }
@@ -40,7 +40,7 @@ fn main() {
             // stdout is the guests' when their output is shown, as under `wasmtime run`: the
             // report for a reader then goes to stderr.
             let guests_on_stdout = args.guest_output_on_stdout();
-            run::run(args).and_then(|finished| {
+            run::run(*args).and_then(|finished| {
                 for problem in &finished.report.problems {
                     eprintln!("samepage: {problem}");
                 }
