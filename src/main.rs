@@ -8,6 +8,7 @@ mod measure;
 mod merger;
 mod resources;
 mod run;
+mod serve;
 
 use std::io::Write;
 
@@ -29,6 +30,9 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Measures samepage: the merge path, the baselines side by side, single mechanisms.
     Bench(bench::BenchArgs),
+    /// Serves a wasi:http component over HTTP, its instances kept warm and merged (first
+    /// step of the serverless host: one component, no configuration file yet).
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -56,6 +60,7 @@ fn main() {
             })
         }
         Command::Bench(args) => bench::run(args).map(|()| 0),
+        Command::Serve(args) => serve::serve(args).map(|()| 0),
     };
     match status {
         Ok(code) => std::process::exit(code),
@@ -69,7 +74,7 @@ fn main() {
 /// An error and its causes, each said once. Library errors often put their cause's text
 /// into their own message and also return it as their source; printing the whole chain
 /// would say it twice.
-fn causes_once(error: &anyhow::Error) -> String {
+pub(crate) fn causes_once(error: &anyhow::Error) -> String {
     let mut said: Vec<String> = Vec::new();
     for cause in error.chain() {
         let text = cause.to_string();

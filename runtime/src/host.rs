@@ -78,6 +78,19 @@ pub enum CompilationCache {
     Config(PathBuf),
 }
 
+impl CompilationCache {
+    /// Sets `config`'s cache to this one.
+    pub fn configure(&self, config: &mut wasmtime::Config) -> Result<(), RuntimeError> {
+        let cache = match self {
+            CompilationCache::Off => return Ok(()),
+            CompilationCache::Default => wasmtime::Cache::from_file(None),
+            CompilationCache::Config(path) => wasmtime::Cache::from_file(Some(path)),
+        };
+        config.cache(Some(cache.map_err(RuntimeError::Cache)?));
+        Ok(())
+    }
+}
+
 /// A compiled program: a core module or a component, told apart by its header.
 #[derive(Clone, Debug)]
 pub enum Program {
@@ -151,14 +164,7 @@ impl Host {
             MemoryBacking::WasmtimeDefault => None,
         };
         config.limits.configure(&mut wasm_config);
-        let cache = match &config.compilation_cache {
-            CompilationCache::Off => None,
-            CompilationCache::Default => Some(wasmtime::Cache::from_file(None)),
-            CompilationCache::Config(path) => Some(wasmtime::Cache::from_file(Some(path))),
-        };
-        if let Some(cache) = cache {
-            wasm_config.cache(Some(cache.map_err(RuntimeError::Cache)?));
-        }
+        config.compilation_cache.configure(&mut wasm_config)?;
         let engine = wasmtime::Engine::new(&wasm_config).map_err(RuntimeError::Wasmtime)?;
         let ticker = match config.limits.timeout {
             Some(_) => Some(EpochTicker::start(&engine).map_err(RuntimeError::EpochThread)?),

@@ -5,7 +5,7 @@
 //! instances, the command line, settling and the report have files of their own.
 
 mod report;
-mod settings;
+pub mod settings;
 mod settle;
 mod start;
 

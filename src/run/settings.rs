@@ -323,20 +323,7 @@ impl RunArgs {
 
     /// The `-C` cache settings: wasmtime's cache is on unless `cache=n`.
     pub fn compilation_cache(&self) -> CompilationCache {
-        let mut cache = CompilationCache::Default;
-        let mut config = None;
-        for setting in self.codegen.iter().flatten() {
-            match setting {
-                CodegenSetting::Cache(true) => cache = CompilationCache::Default,
-                CodegenSetting::Cache(false) => cache = CompilationCache::Off,
-                CodegenSetting::CacheConfig(path) => config = Some(path.clone()),
-            }
-        }
-        match (cache, config) {
-            (CompilationCache::Off, _) => CompilationCache::Off,
-            (_, Some(path)) => CompilationCache::Config(path),
-            (cache, None) => cache,
-        }
+        compilation_cache(&self.codegen)
     }
 
     /// The guests' environment: `NAME` alone takes the host's value, and is left out when
@@ -349,6 +336,25 @@ impl RunArgs {
                 None => std::env::var(name).ok().map(|value| (name.clone(), value)),
             })
             .collect()
+    }
+}
+
+/// What `-C` settings say of wasmtime's compilation cache: on unless `cache=n`, configured
+/// by `cache-config` if given.
+pub fn compilation_cache(codegen: &[Vec<CodegenSetting>]) -> CompilationCache {
+    let mut cache = CompilationCache::Default;
+    let mut config = None;
+    for setting in codegen.iter().flatten() {
+        match setting {
+            CodegenSetting::Cache(true) => cache = CompilationCache::Default,
+            CodegenSetting::Cache(false) => cache = CompilationCache::Off,
+            CodegenSetting::CacheConfig(path) => config = Some(path.clone()),
+        }
+    }
+    match (cache, config) {
+        (CompilationCache::Off, _) => CompilationCache::Off,
+        (_, Some(path)) => CompilationCache::Config(path),
+        (cache, None) => cache,
     }
 }
 
@@ -450,7 +456,7 @@ fn parse_limit(text: &str) -> Result<Vec<LimitSetting>, String> {
     })
 }
 
-fn parse_codegen(text: &str) -> Result<Vec<CodegenSetting>, String> {
+pub fn parse_codegen(text: &str) -> Result<Vec<CodegenSetting>, String> {
     settings(text, |key, value| match key {
         "cache" => match value {
             "y" | "yes" | "true" => Ok(CodegenSetting::Cache(true)),
