@@ -25,7 +25,7 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use http_body_util::{BodyExt, Full};
 use parking_lot::Mutex;
-use samepage_runtime::{Samepage, SamepageConfig, StoreOwner};
+use samepage_runtime::{Samepage, SamepageConfig};
 use wasmtime::Store;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -123,10 +123,9 @@ impl WasiHttpView for ServeState {
 
 /// An instance of the component, with the store it lives in.
 struct Warm {
+    /// Its memories belong to a `StoreOwner` that the store's call hook holds.
     store: Store<ServeState>,
     proxy: Proxy,
-    /// Kept for the instance's figures; the store's call hook holds a clone.
-    _owner: StoreOwner,
 }
 
 /// Counters of the server's life.
@@ -321,11 +320,7 @@ impl Server {
         let proxy = Proxy::new(&mut store, &instance).map_err(wasm(
             "the component does not export wasi:http/incoming-handler",
         ))?;
-        Ok(Warm {
-            store,
-            proxy,
-            _owner: owner,
-        })
+        Ok(Warm { store, proxy })
     }
 }
 
