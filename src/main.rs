@@ -30,8 +30,8 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Measures samepage: the merge path, the baselines side by side, single mechanisms.
     Bench(bench::BenchArgs),
-    /// Serves a wasi:http component over HTTP, its instances kept warm and merged (first
-    /// step of the serverless host: one component, no configuration file yet).
+    /// The serverless host: serves wasi:http components and WAGI commands over HTTP, their
+    /// instances kept warm and merged, within a memory budget.
     Serve(serve::ServeArgs),
 }
 

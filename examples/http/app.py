@@ -2,11 +2,20 @@
 
 At start-up it builds a table of 20,000 SHA-256 digests: what every instance of a function
 builds the same way, and what a warm instance keeps. Each request is answered with a line of
-JSON saying how many requests this instance has served; `/trap` raises, which traps the
-instance.
+JSON saying how many requests this instance has served. Other paths exercise the host:
+
+Paths are told apart by their last segment, so that the function can be routed anywhere:
+
+- `/trap` raises, which traps the instance;
+- `/spin` never returns (for request timeouts);
+- `/grow?mb=N` holds N MiB more for the instance's life (for memory limits and budgets);
+- `/remember?value=V` keeps V in the instance, and `/recall` answers it (for reuse);
+- `/env?name=NAME` answers the environment variable NAME.
 """
 import hashlib
 import json
+import os
+from urllib.parse import parse_qs, urlsplit
 
 from componentize_py_types import Ok
 from wit_world import exports
@@ -20,16 +29,40 @@ from wit_world.imports.types import (
 
 TABLE = {n: hashlib.sha256(str(n).encode()).hexdigest() for n in range(20000)}
 SERVED = 0
+HELD = []
+REMEMBERED = None
+
+
+def answer(request: IncomingRequest) -> dict:
+    global REMEMBERED
+    url = urlsplit(request.path_with_query() or "/")
+    query = {key: values[0] for key, values in parse_qs(url.query).items()}
+    action = "/" + url.path.rstrip("/").rsplit("/", 1)[-1]
+    if action == "/trap":
+        raise RuntimeError("asked to trap")
+    if action == "/spin":
+        while True:
+            pass
+    if action == "/grow":
+        HELD.append(bytearray(int(query.get("mb", "1")) << 20))
+    if action == "/remember":
+        REMEMBERED = query.get("value")
+    if action == "/env":
+        return {"value": os.environ.get(query.get("name", ""))}
+    return {
+        "path": url.path,
+        "served": SERVED,
+        "entries": len(TABLE),
+        "held_mb": sum(len(block) for block in HELD) >> 20,
+        "remembered": REMEMBERED,
+    }
 
 
 class IncomingHandler(exports.IncomingHandler):
     def handle(self, request: IncomingRequest, response_out: ResponseOutparam) -> None:
         global SERVED
         SERVED += 1
-        path = request.path_with_query() or "/"
-        if path.startswith("/trap"):
-            raise RuntimeError("asked to trap")
-        body = json.dumps({"path": path, "served": SERVED, "entries": len(TABLE)}).encode()
+        body = json.dumps(answer(request)).encode()
         response = OutgoingResponse(Fields.from_list([("content-type", b"application/json")]))
         out = response.body()
         ResponseOutparam.set(response_out, Ok(response))

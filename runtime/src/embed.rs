@@ -110,6 +110,18 @@ impl Samepage {
         self.dedup.as_ref()
     }
 
+    /// Compiles `bytes` (binary or text, a module or a component) for `engine`, the engine
+    /// built from the `Config` this handle configured. With merging, data segments are lifted
+    /// into module images, mapped into each instance's memories instead of copied; without,
+    /// wasmtime keeps them (a lifted segment needs the merge engine to be mapped).
+    pub fn compile(
+        &self,
+        engine: &wasmtime::Engine,
+        bytes: &[u8],
+    ) -> wasmtime::Result<crate::Program> {
+        crate::host::compile(engine, bytes, self.dedup.is_some())
+    }
+
     /// A new owner for one store, in tenant `domain` (pages merge only within a domain).
     pub fn owner(&self, domain: DomainId) -> StoreOwner {
         StoreOwner::new(

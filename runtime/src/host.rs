@@ -222,24 +222,13 @@ impl Host {
             .map_err(RuntimeError::InvalidModuleBytes)
     }
 
-    /// Compiles `bytes`; with merging, data segments are lifted into module images
-    /// ([`crate::image`]), else wasmtime keeps them.
+    /// Compiles `bytes` ([`Samepage::compile`], or as plain wasmtime programs without
+    /// memfd backing).
     fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Program> {
-        // Without the binary magic wasmtime reads the bytes as text; say what they are not
-        // rather than that they are not UTF-8.
-        if !bytes.starts_with(b"\0asm") && std::str::from_utf8(bytes).is_err() {
-            wasmtime::bail!(
-                "it is neither a WebAssembly binary (which starts with \\0asm) nor the text \
-                 format (which is UTF-8)"
-            );
+        match &self.samepage {
+            Some(samepage) => samepage.compile(&self.engine, bytes),
+            None => compile(&self.engine, bytes, false),
         }
-        let lift = self.dedup().is_some();
-        Ok(match (is_component(bytes), lift) {
-            (true, true) => Program::Component(crate::Component::new(&self.engine, bytes)?),
-            (true, false) => Program::Component(Component::new(&self.engine, bytes)?.into()),
-            (false, true) => Program::Module(crate::Module::new(&self.engine, bytes)?),
-            (false, false) => Program::Module(Module::new(&self.engine, bytes)?.into()),
-        })
     }
 
     /// Instantiates `program` in a new store with a new owner. A core module's `_initialize`
@@ -298,9 +287,32 @@ impl Host {
     }
 }
 
+/// Compiles `bytes` as a module or a component, told apart by the header; with `lift`,
+/// data segments are lifted into module images ([`crate::image`]), else wasmtime keeps them.
+pub(crate) fn compile(
+    engine: &wasmtime::Engine,
+    bytes: &[u8],
+    lift: bool,
+) -> wasmtime::Result<Program> {
+    // Without the binary magic wasmtime reads the bytes as text; say what they are not
+    // rather than that they are not UTF-8.
+    if !bytes.starts_with(b"\0asm") && std::str::from_utf8(bytes).is_err() {
+        wasmtime::bail!(
+            "it is neither a WebAssembly binary (which starts with \\0asm) nor the text \
+             format (which is UTF-8)"
+        );
+    }
+    Ok(match (is_component(bytes), lift) {
+        (true, true) => Program::Component(crate::Component::new(engine, bytes)?),
+        (true, false) => Program::Component(Component::new(engine, bytes)?.into()),
+        (false, true) => Program::Module(crate::Module::new(engine, bytes)?),
+        (false, false) => Program::Module(Module::new(engine, bytes)?.into()),
+    })
+}
+
 /// Whether `bytes` are a component: the binary header's layer field, or `(component` as the
 /// text format's first token.
-fn is_component(bytes: &[u8]) -> bool {
+pub fn is_component(bytes: &[u8]) -> bool {
     if let Some(header) = bytes.strip_prefix(b"\0asm") {
         return header.get(2..4) == Some(&[1, 0]);
     }

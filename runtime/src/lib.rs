@@ -49,10 +49,12 @@ mod store;
 
 pub use embed::{Samepage, SamepageConfig};
 pub use error::RuntimeError;
-pub use host::{CompilationCache, Host, HostConfig, HostState, MemoryBacking, Program};
+pub use host::{
+    CompilationCache, Host, HostConfig, HostState, MemoryBacking, Program, is_component,
+};
 pub use image::{Component, ImageError, Module, ModuleImages};
 pub use instance::{Instance, RunOutcome, WasiOptions};
-pub use limits::{EPOCH_TICK, Limits};
+pub use limits::{EPOCH_TICK, EpochTicker, Limits};
 pub use memory::MemoryError;
 pub use stdio::{GuestOutput, HostStream};
 pub use store::{ComponentRef, HasStoreOwner, MemoryRegion, ModuleRef, StoreOwner};

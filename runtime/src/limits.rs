@@ -36,7 +36,7 @@ pub struct Limits {
 
 impl Limits {
     /// Turns on in `config` what these limits need.
-    pub(crate) fn configure(&self, config: &mut wasmtime::Config) {
+    pub fn configure(&self, config: &mut wasmtime::Config) {
         if self.fuel.is_some() {
             config.consume_fuel(true);
         }
@@ -45,8 +45,8 @@ impl Limits {
         }
     }
 
-    /// The store's own limiter for the memory limit.
-    pub(crate) fn store_limits(&self) -> StoreLimits {
+    /// The store's own limiter for the memory limit (install it with `Store::limiter`).
+    pub fn store_limits(&self) -> StoreLimits {
         let mut builder = StoreLimitsBuilder::new();
         if let Some(bytes) = self.max_memory_size {
             builder = builder.memory_size(bytes);
@@ -54,28 +54,34 @@ impl Limits {
         builder.build()
     }
 
-    /// Gives a new store its fuel and its deadline.
-    pub(crate) fn apply<T>(&self, store: &mut Store<T>) -> wasmtime::Result<()> {
+    /// Gives a store its fuel and its deadline, counted from now: at its creation, or before
+    /// each call for a per-call limit.
+    pub fn apply<T>(&self, store: &mut Store<T>) -> wasmtime::Result<()> {
         if let Some(fuel) = self.fuel {
             store.set_fuel(fuel)?;
         }
-        if let Some(timeout) = self.timeout {
+        // Without a timeout the deadline is never: an engine may have epochs on for other
+        // stores' timeouts, and a store's deadline starts at the current epoch. (wasmtime adds
+        // the ticks to the current epoch, so "never" is half the range, not all of it.)
+        let ticks = self.timeout.map_or(u64::MAX / 2, |timeout| {
             // One tick more than the timeout spans: the first tick may come at once.
             let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) + 1;
-            store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-        }
+            u64::try_from(ticks).unwrap_or(u64::MAX / 2)
+        });
+        store.set_epoch_deadline(ticks);
         Ok(())
     }
 }
 
 /// The thread that advances a host's epoch while any timeout is set; stops when dropped.
-pub(crate) struct EpochTicker {
+pub struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    pub(crate) fn start(engine: &wasmtime::Engine) -> std::io::Result<Self> {
+    /// Starts ticking `engine`'s epoch every [`EPOCH_TICK`].
+    pub fn start(engine: &wasmtime::Engine) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("samepage-epoch".into())

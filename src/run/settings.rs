@@ -326,17 +326,21 @@ impl RunArgs {
         compilation_cache(&self.codegen)
     }
 
-    /// The guests' environment: `NAME` alone takes the host's value, and is left out when
-    /// the host has none (as `wasmtime run --env NAME`).
+    /// The guests' environment ([`environment`]).
     pub fn environment(&self) -> Vec<(String, String)> {
-        self.envs
-            .iter()
-            .filter_map(|(name, value)| match value {
-                Some(value) => Some((name.clone(), value.clone())),
-                None => std::env::var(name).ok().map(|value| (name.clone(), value)),
-            })
-            .collect()
+        environment(&self.envs)
     }
+}
+
+/// A guest environment from `--env` settings: `NAME` alone takes the host's value, and is
+/// left out when the host has none (as `wasmtime run --env NAME`).
+pub fn environment(envs: &[(String, Option<String>)]) -> Vec<(String, String)> {
+    envs.iter()
+        .filter_map(|(name, value)| match value {
+            Some(value) => Some((name.clone(), value.clone())),
+            None => std::env::var(name).ok().map(|value| (name.clone(), value)),
+        })
+        .collect()
 }
 
 /// What `-C` settings say of wasmtime's compilation cache: on unless `cache=n`, configured
@@ -402,7 +406,7 @@ fn parse_scan_time(text: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_dir(text: &str) -> Result<(PathBuf, String), String> {
+pub fn parse_dir(text: &str) -> Result<(PathBuf, String), String> {
     match text.split_once("::") {
         Some((host, guest)) if !host.is_empty() && !guest.is_empty() => {
             Ok((PathBuf::from(host), guest.to_owned()))
@@ -413,7 +417,7 @@ fn parse_dir(text: &str) -> Result<(PathBuf, String), String> {
     }
 }
 
-fn parse_env(text: &str) -> Result<(String, Option<String>), String> {
+pub fn parse_env(text: &str) -> Result<(String, Option<String>), String> {
     let (name, value) = match text.split_once('=') {
         Some((name, value)) => (name, Some(value.to_owned())),
         None => (text, None),
@@ -439,17 +443,19 @@ fn settings<T>(
         .collect()
 }
 
-fn parse_limit(text: &str) -> Result<Vec<LimitSetting>, String> {
+pub fn parse_limit(text: &str) -> Result<Vec<LimitSetting>, String> {
     settings(text, |key, value| match key {
         "fuel" => value
             .parse()
             .map(LimitSetting::Fuel)
             .map_err(|e| format!("fuel={value}: {e}")),
-        "timeout" => parse_duration(value).map(LimitSetting::Timeout),
-        "max-memory-size" => value
-            .parse()
+        "timeout" => parse_duration(value)
+            .map(LimitSetting::Timeout)
+            .map_err(|e| format!("timeout={value}: {e}")),
+        "max-memory-size" => parse_bytes(value)
+            .and_then(|bytes| usize::try_from(bytes).map_err(|e| e.to_string()))
             .map(LimitSetting::MaxMemorySize)
-            .map_err(|e| format!("max-memory-size={value}: {e} (a number of bytes)")),
+            .map_err(|e| format!("max-memory-size={value}: {e}")),
         _ => Err(format!(
             "unknown -W option {key:?}: samepage takes fuel, timeout and max-memory-size"
         )),
@@ -472,25 +478,50 @@ pub fn parse_codegen(text: &str) -> Result<Vec<CodegenSetting>, String> {
 
 /// A duration as `wasmtime run -W timeout` takes it: a number with a unit (`ns`, `us`,
 /// `ms`, `s`, `m`, `h`), or bare seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = split_unit(text);
     let number: f64 = number
         .parse()
-        .map_err(|_| format!("timeout={text}: expected a number and a unit, such as 2s"))?;
-    let seconds_per_unit = match unit.trim() {
+        .map_err(|_| "expected a number and a unit, such as 2s".to_owned())?;
+    let seconds_per_unit = match unit {
         "" | "s" => 1.0,
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,
         "ms" => 1e-3,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("timeout={text}: unknown unit {other:?}")),
+        other => return Err(format!("unknown unit {other:?} (ns, us, ms, s, m or h)")),
     };
-    Duration::try_from_secs_f64(number * seconds_per_unit)
-        .map_err(|e| format!("timeout={text}: {e}"))
+    Duration::try_from_secs_f64(number * seconds_per_unit).map_err(|e| e.to_string())
+}
+
+/// A size in bytes: a whole number, bare or with a unit (`K`, `M`, `G`, or `KiB`, `MiB`,
+/// `GiB`; all powers of 1024, as wasmtime's and the kernel's sizes are).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (number, unit) = split_unit(text);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| "expected a whole number of bytes, with K, M or G if wanted".to_owned())?;
+    let shift = match unit.trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("unknown unit {unit:?} (K, M, G, KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text} does not fit in 64 bits"))
+}
+
+/// `text`'s leading number and the unit after it, spaces dropped.
+fn split_unit(text: &str) -> (&str, &str) {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    (number, unit.trim())
 }
 
 #[cfg(test)]

@@ -1,0 +1,833 @@
+//! What `samepage serve` serves: the functions, their routes, pools and limits, the tenants
+//! and the engine's knobs. Read from the TOML file of `--config`, or made from the command
+//! line for one component.
+//!
+//! ```toml
+//! [server]
+//! addr = "127.0.0.1:8080"
+//! admin_addr = "127.0.0.1:9090"   # /metrics and /healthz
+//! memory_budget = "2GiB"          # the host's PSS, after merging
+//!
+//! [engine]                        # the knobs of /sys/kernel/mm/ksm/, by their names
+//! dedup = true
+//! pages_to_scan = 4096
+//! sleep_millisecs = 20
+//!
+//! [tenant.globex]
+//! merge_domain = "acme"           # globex's pages may merge with acme's
+//!
+//! [[function]]
+//! name = "hello"
+//! route = "/hello"                # a path prefix; or host = "hello.example.com"
+//! component = "hello.wasm"        # wasi:http/proxy; or module = "cgi.wasm" (WAGI)
+//! tenant = "acme"
+//! env = { GREETING = "hi" }
+//! dirs = ["data::/data"]
+//! reuse = "warm"                  # warm, reset or fresh
+//! min_instances = 2
+//! max_instances = 64
+//! idle_timeout = "5m"
+//! request_timeout = "10s"
+//! max_memory_size = "256MiB"
+//! ```
+//!
+//! Every mistake is refused before anything is served, with the file, the line and column,
+//! and the reason ([`ConfigError`]): TOML syntax, unknown keys, values out of range,
+//! contradictions (two functions on one route, a WAGI module asked to stay warm).
+//! Relative paths are the config file's directory's.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use samepage_dedup::{Advisor, DomainId, KnobRange, Knobs, RunMode};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::run::settings::{parse_bytes, parse_duration};
+
+/// A configuration refused: where, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}:{line}:{column}: {reason}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub reason: String,
+}
+
+/// What becomes of an instance after a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    /// Parked in its function's pool, to serve a later request as it is (execution
+    /// environment reuse): what it built at start-up or in earlier requests stays.
+    Warm,
+    /// Each request sees an instance as it was just instantiated, from its module image,
+    /// and the next one is instantiated off the request path, after the response.
+    Reset,
+    /// Each request instantiates on its own path, as `wasmtime serve` does.
+    Fresh,
+}
+
+/// What a function runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// A `wasi:http/proxy` component.
+    Proxy(PathBuf),
+    /// A WASI preview 1 command served as WAGI defines it: the request in environment
+    /// variables and stdin, the response (CGI headers, then the body) on stdout.
+    Wagi(PathBuf),
+}
+
+impl Program {
+    pub fn path(&self) -> &Path {
+        match self {
+            Program::Proxy(path) | Program::Wagi(path) => path,
+        }
+    }
+}
+
+/// Which requests a function answers: those to `host` (any, when `None`) whose path is
+/// `prefix` or under it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub host: Option<String>,
+    /// Starts with `/`, never ends with one (except `/` itself).
+    pub prefix: String,
+}
+
+impl Route {
+    /// How well this route matches a request: the length of its prefix, or `None`.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        if let Some(want) = &self.host {
+            let host = host?.rsplit_once(':').map_or(host?, |(name, _)| name);
+            if !host.eq_ignore_ascii_case(want) {
+                return None;
+            }
+        }
+        let rest = path.strip_prefix(self.prefix.as_str())?;
+        let on_boundary = self.prefix == "/" || rest.is_empty() || rest.starts_with(['/', '?']);
+        on_boundary.then_some(self.prefix.len())
+    }
+}
+
+/// One function: what it runs, where, for whom, and within what.
+#[derive(Clone, Debug)]
+pub struct FunctionConfig {
+    pub name: String,
+    pub route: Route,
+    pub program: Program,
+    pub tenant: String,
+    /// The merge domain of the function's tenant: pages merge only within one.
+    pub domain: DomainId,
+    pub env: Vec<(String, String)>,
+    /// Preopened directories, as (host path, guest path).
+    pub dirs: Vec<(PathBuf, String)>,
+    pub reuse: Reuse,
+    /// Instances kept ready even when idle (pre-warmed at start, topped up later), memory
+    /// budget allowing.
+    pub min_instances: usize,
+    /// Most instances at once, busy and idle; requests beyond wait for one.
+    pub max_instances: usize,
+    /// How long an idle instance above `min_instances` is kept.
+    pub idle_timeout: Duration,
+    /// Longest a request may run in wasm; then it answers 500 and its instance is dropped.
+    pub request_timeout: Option<Duration>,
+    /// Most bytes of any one linear memory of an instance.
+    pub max_memory_size: Option<usize>,
+    /// A path each pre-warmed instance is sent a GET request for before it is parked, so
+    /// that it is warm (caches filled, lazy start-up done) before its first real request.
+    pub warmup: Option<String>,
+    /// Where the function is defined, for errors about it found later (its program).
+    pub defined_at: Location,
+}
+
+/// A place in the config file (or the command line, which has no file).
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Location {
+    pub fn error(&self, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.line,
+            column: self.column,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Everything `samepage serve` serves, and how.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub addr: SocketAddr,
+    /// Where `/metrics` and `/healthz` are served; `None` for nowhere.
+    pub admin_addr: Option<SocketAddr>,
+    /// Most bytes of PSS the host may hold; `None` for no cap.
+    pub memory_budget: Option<u64>,
+    /// Merge instances' memories (`false`: memfd memories, never merged, to compare with).
+    pub dedup: bool,
+    pub knobs: Knobs,
+    /// Longest SIGTERM waits for the requests in flight.
+    pub drain_timeout: Duration,
+    pub functions: Vec<FunctionConfig>,
+}
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_INSTANCES: usize = 64;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The tenant of a function that names none.
+pub const DEFAULT_TENANT: &str = "default";
+
+// The file's shape. Fields that are checked after parsing keep their spans.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    server: Option<ServerTable>,
+    engine: Option<Spanned<EngineTable>>,
+    #[serde(default)]
+    tenant: BTreeMap<String, TenantTable>,
+    #[serde(default)]
+    function: Vec<Spanned<FunctionTable>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerTable {
+    addr: Option<Spanned<String>>,
+    admin_addr: Option<Spanned<String>>,
+    memory_budget: Option<Spanned<Size>>,
+    drain_timeout: Option<Spanned<String>>,
+}
+
+/// A size as a number of bytes or a string with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineTable {
+    dedup: Option<bool>,
+    run: Option<Spanned<u64>>,
+    pages_to_scan: Option<Spanned<u64>>,
+    sleep_millisecs: Option<Spanned<u64>>,
+    max_page_sharing: Option<Spanned<u64>>,
+    use_zero_pages: Option<bool>,
+    smart_scan: Option<bool>,
+    advisor_mode: Option<Spanned<String>>,
+    advisor_target_scan_time: Option<Spanned<u64>>,
+    advisor_max_cpu: Option<Spanned<u64>>,
+    advisor_min_pages_to_scan: Option<Spanned<u64>>,
+    advisor_max_pages_to_scan: Option<Spanned<u64>>,
+    scan_on_park: Option<bool>,
+    park_recheck_millisecs: Option<Spanned<u64>>,
+    map_budget_percent: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantTable {
+    merge_domain: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FunctionTable {
+    name: Spanned<String>,
+    route: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    component: Option<Spanned<PathBuf>>,
+    module: Option<Spanned<PathBuf>>,
+    tenant: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    dirs: Vec<Spanned<String>>,
+    reuse: Option<Spanned<Reuse>>,
+    min_instances: Option<Spanned<u64>>,
+    max_instances: Option<Spanned<u64>>,
+    idle_timeout: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    max_memory_size: Option<Spanned<Size>>,
+    warmup: Option<Spanned<String>>,
+}
+
+/// Reads and checks the config file at `path`.
+pub fn read(path: &Path) -> Result<ServeConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+        file: path.to_owned(),
+        line: 0,
+        column: 0,
+        reason: format!("cannot read it: {error}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Checks `text`, the contents of the config file at `path`.
+pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
+    let at = Locator { file: path, text };
+    let file: File = toml::from_str(text).map_err(|error| {
+        at.error(
+            error.span().unwrap_or(0..0),
+            error.message().trim_end().to_owned(),
+        )
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+
+    let server = file.server.unwrap_or(ServerTable {
+        addr: None,
+        admin_addr: None,
+        memory_budget: None,
+        drain_timeout: None,
+    });
+    let addr = match &server.addr {
+        Some(addr) => at.socket_addr(addr)?,
+        None => DEFAULT_ADDR.parse().expect("the default address parses"),
+    };
+    let admin_addr = server
+        .admin_addr
+        .as_ref()
+        .map(|addr| at.socket_addr(addr))
+        .transpose()?;
+    let memory_budget = server
+        .memory_budget
+        .as_ref()
+        .map(|size| at.size(size))
+        .transpose()?;
+    let drain_timeout = server
+        .drain_timeout
+        .as_ref()
+        .map(|text| at.duration(text))
+        .transpose()?
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+
+    let (dedup, knobs) = match &file.engine {
+        Some(engine) => at.engine(engine)?,
+        None => (true, Knobs::default()),
+    };
+
+    let domains = Domains::new(&file.tenant);
+    if file.function.is_empty() {
+        return Err(at.error(
+            0..0,
+            "no [[function]]: there is nothing to serve".to_owned(),
+        ));
+    }
+    let mut functions: Vec<FunctionConfig> = Vec::new();
+    for table in &file.function {
+        let function = at.function(table, base, &domains)?;
+        if functions.iter().any(|other| other.name == function.name) {
+            return Err(at.error(
+                table.get_ref().name.span(),
+                format!("a second function named {:?}", function.name),
+            ));
+        }
+        if let Some(other) = functions.iter().find(|other| other.route == function.route) {
+            return Err(at.error(
+                table.span(),
+                format!(
+                    "function {:?} has the route of function {:?} (line {})",
+                    function.name, other.name, other.defined_at.line
+                ),
+            ));
+        }
+        functions.push(function);
+    }
+    Ok(ServeConfig {
+        addr,
+        admin_addr,
+        memory_budget,
+        dedup,
+        knobs,
+        drain_timeout,
+        functions,
+    })
+}
+
+/// Tenants' merge domains, numbered by name: a tenant's domain is its own name unless the
+/// file gives it another's.
+struct Domains {
+    of_tenant: BTreeMap<String, String>,
+    numbers: std::cell::RefCell<BTreeMap<String, DomainId>>,
+}
+
+impl Domains {
+    fn new(tenants: &BTreeMap<String, TenantTable>) -> Self {
+        let of_tenant = tenants
+            .iter()
+            .filter_map(|(name, table)| Some((name.clone(), table.merge_domain.clone()?)))
+            .collect();
+        Self {
+            of_tenant,
+            numbers: Default::default(),
+        }
+    }
+
+    fn of(&self, tenant: &str) -> DomainId {
+        let name = self.of_tenant.get(tenant).map_or(tenant, String::as_str);
+        let mut numbers = self.numbers.borrow_mut();
+        let next = numbers.len() as DomainId;
+        *numbers.entry(name.to_owned()).or_insert(next)
+    }
+}
+
+/// Turns byte offsets of the file into lines and columns for errors.
+struct Locator<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn location(&self, span: Range<usize>) -> Location {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+        Location {
+            file: self.file.to_owned(),
+            line,
+            column,
+        }
+    }
+
+    fn error(&self, span: Range<usize>, reason: String) -> ConfigError {
+        self.location(span).error(reason)
+    }
+
+    fn socket_addr(&self, text: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        text.get_ref().parse().map_err(|error| {
+            self.error(
+                text.span(),
+                format!("{:?} is not an address and port: {error}", text.get_ref()),
+            )
+        })
+    }
+
+    fn size(&self, size: &Spanned<Size>) -> Result<u64, ConfigError> {
+        match size.get_ref() {
+            Size::Bytes(bytes) => Ok(*bytes),
+            Size::Text(text) => parse_bytes(text).map_err(|error| {
+                self.error(size.span(), format!("{text:?} is not a size: {error}"))
+            }),
+        }
+    }
+
+    fn duration(&self, text: &Spanned<String>) -> Result<Duration, ConfigError> {
+        parse_duration(text.get_ref()).map_err(|error| {
+            self.error(
+                text.span(),
+                format!("{:?} is not a duration: {error}", text.get_ref()),
+            )
+        })
+    }
+
+    fn knob(
+        &self,
+        value: &Option<Spanned<u64>>,
+        range: KnobRange,
+    ) -> Result<Option<u64>, ConfigError> {
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        range
+            .check(*value.get_ref())
+            .map_err(|error| self.error(value.span(), error.to_string()))?;
+        Ok(Some(*value.get_ref()))
+    }
+
+    fn engine(&self, table: &Spanned<EngineTable>) -> Result<(bool, Knobs), ConfigError> {
+        let engine = table.get_ref();
+        let mut knobs = Knobs::default();
+        if let Some(run) = &engine.run {
+            knobs.run = match run.get_ref() {
+                0 => RunMode::Stop,
+                1 => RunMode::Merge,
+                2 => RunMode::UnmergeAll,
+                other => {
+                    return Err(self.error(
+                        run.span(),
+                        format!("run = {other}: KSM's run is 0 (stop), 1 (merge) or 2 (unmerge)"),
+                    ));
+                }
+            };
+        }
+        if let Some(pages) = self.knob(&engine.pages_to_scan, Knobs::PAGES_TO_SCAN)? {
+            knobs.pages_to_scan = pages as usize;
+        }
+        if let Some(ms) = self.knob(&engine.sleep_millisecs, Knobs::SLEEP_MILLISECS)? {
+            knobs.sleep = Duration::from_millis(ms);
+        }
+        if let Some(sharing) = self.knob(&engine.max_page_sharing, Knobs::MAX_PAGE_SHARING)? {
+            knobs.max_page_sharing = sharing as u32;
+        }
+        if let Some(ms) = self.knob(
+            &engine.park_recheck_millisecs,
+            Knobs::PARK_RECHECK_MILLISECS,
+        )? {
+            knobs.park_recheck = Duration::from_millis(ms);
+        }
+        if let Some(percent) = self.knob(&engine.map_budget_percent, Knobs::MAP_BUDGET_PERCENT)? {
+            knobs.map_budget_percent = percent as u8;
+        }
+        knobs.use_zero_pages = engine.use_zero_pages.unwrap_or(knobs.use_zero_pages);
+        knobs.smart_scan = engine.smart_scan.unwrap_or(knobs.smart_scan);
+        knobs.scan_on_park = engine.scan_on_park.unwrap_or(knobs.scan_on_park);
+        let advisor = match &engine.advisor_mode {
+            None => false,
+            Some(mode) => {
+                match mode.get_ref().as_str() {
+                    "none" => false,
+                    "scan-time" => true,
+                    other => {
+                        return Err(self.error(
+                        mode.span(),
+                        format!("advisor_mode = {other:?}: KSM's modes are \"none\" and \"scan-time\""),
+                    ));
+                    }
+                }
+            }
+        };
+        if advisor {
+            let mut settings = Advisor::default();
+            if let Some(secs) = self.knob(
+                &engine.advisor_target_scan_time,
+                Knobs::ADVISOR_TARGET_SCAN_TIME,
+            )? {
+                settings.target_scan_time = Duration::from_secs(secs);
+            }
+            if let Some(percent) = self.knob(&engine.advisor_max_cpu, Knobs::ADVISOR_MAX_CPU)? {
+                settings.max_cpu_percent = percent as u8;
+            }
+            if let Some(pages) = self.knob(
+                &engine.advisor_min_pages_to_scan,
+                Knobs::ADVISOR_PAGES_TO_SCAN,
+            )? {
+                settings.min_pages_to_scan = pages as usize;
+            }
+            if let Some(pages) = self.knob(
+                &engine.advisor_max_pages_to_scan,
+                Knobs::ADVISOR_PAGES_TO_SCAN,
+            )? {
+                settings.max_pages_to_scan = pages as usize;
+            }
+            knobs.advisor = Some(settings);
+        }
+        knobs
+            .validate()
+            .map_err(|error| self.error(table.span(), error.to_string()))?;
+        Ok((engine.dedup.unwrap_or(true), knobs))
+    }
+
+    fn function(
+        &self,
+        table: &Spanned<FunctionTable>,
+        base: &Path,
+        domains: &Domains,
+    ) -> Result<FunctionConfig, ConfigError> {
+        let f = table.get_ref();
+        let defined_at = self.location(table.span());
+        let name = f.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.error(
+                f.name.span(),
+                format!("function name {name:?}: use letters, digits, '-', '_' and '.'"),
+            ));
+        }
+        let program = match (&f.component, &f.module) {
+            (Some(path), None) => Program::Proxy(base.join(path.get_ref())),
+            (None, Some(path)) => Program::Wagi(base.join(path.get_ref())),
+            (Some(_), Some(module)) => {
+                return Err(self.error(
+                    module.span(),
+                    format!("function {name:?} has both a component and a module: give one"),
+                ));
+            }
+            (None, None) => {
+                return Err(defined_at.error(format!(
+                    "function {name:?} has neither a component (wasi:http) nor a module (WAGI)"
+                )));
+            }
+        };
+        let prefix = match &f.route {
+            Some(route) => {
+                let text = route.get_ref();
+                if !text.starts_with('/') {
+                    return Err(self.error(
+                        route.span(),
+                        format!("route {text:?} must be a path, starting with /"),
+                    ));
+                }
+                let trimmed = text.trim_end_matches('/');
+                if trimmed.is_empty() {
+                    "/".to_owned()
+                } else {
+                    trimmed.to_owned()
+                }
+            }
+            None => "/".to_owned(),
+        };
+        let route = Route {
+            host: f
+                .host
+                .as_ref()
+                .map(|host| host.get_ref().to_ascii_lowercase()),
+            prefix,
+        };
+        if f.route.is_none() && f.host.is_none() {
+            return Err(defined_at.error(format!(
+                "function {name:?} has neither a route nor a host: say which requests it answers"
+            )));
+        }
+        let tenant = f
+            .tenant
+            .as_ref()
+            .map_or(DEFAULT_TENANT, |tenant| tenant.get_ref().as_str())
+            .to_owned();
+        let dirs = f
+            .dirs
+            .iter()
+            .map(|dir| {
+                let (host, guest) = dir
+                    .get_ref()
+                    .split_once("::")
+                    .unwrap_or((dir.get_ref(), dir.get_ref()));
+                let host = base.join(host);
+                if !host.is_dir() {
+                    return Err(self.error(
+                        dir.span(),
+                        format!("directory {} does not exist", host.display()),
+                    ));
+                }
+                Ok((host, guest.to_owned()))
+            })
+            .collect::<Result<_, _>>()?;
+        let reuse = f
+            .reuse
+            .as_ref()
+            .map_or(Reuse::Warm, |reuse| *reuse.get_ref());
+        let count = |value: &Option<Spanned<u64>>, default: usize, least: u64| match value {
+            None => Ok(default),
+            Some(value) if (least..=100_000).contains(value.get_ref()) => {
+                Ok(*value.get_ref() as usize)
+            }
+            Some(value) => Err(self.error(
+                value.span(),
+                format!("{} is out of range ({least} to 100000)", value.get_ref()),
+            )),
+        };
+        let min_instances = count(&f.min_instances, 0, 0)?;
+        let max_instances = count(&f.max_instances, DEFAULT_MAX_INSTANCES, 1)?;
+        if min_instances > max_instances {
+            let at = f.min_instances.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.error(
+                at,
+                format!("min_instances = {min_instances} is above max_instances = {max_instances}"),
+            ));
+        }
+        if let Program::Wagi(_) = program {
+            // A WAGI program runs its `_start` once per request, with the request in its
+            // environment, which WASI fixes when the instance is made.
+            if reuse != Reuse::Fresh {
+                let at = f.reuse.as_ref().map_or(table.span(), Spanned::span);
+                return Err(self.error(
+                    at,
+                    format!(
+                        "function {name:?} is a WAGI module, which runs once per request: \
+                         its reuse can only be \"fresh\""
+                    ),
+                ));
+            }
+            if let Some(min) = f.min_instances.as_ref().filter(|min| *min.get_ref() > 0) {
+                return Err(self.error(
+                    min.span(),
+                    "a WAGI module is instantiated for each request: it has no pool to pre-warm"
+                        .to_owned(),
+                ));
+            }
+        }
+        let warmup = match &f.warmup {
+            Some(path) if !path.get_ref().starts_with('/') => {
+                return Err(self.error(
+                    path.span(),
+                    format!(
+                        "warmup {:?} must be a path, starting with /",
+                        path.get_ref()
+                    ),
+                ));
+            }
+            Some(path) => Some(path.get_ref().clone()),
+            None => None,
+        };
+        let max_memory_size = f
+            .max_memory_size
+            .as_ref()
+            .map(|size| {
+                let bytes = self.size(size)?;
+                usize::try_from(bytes)
+                    .map_err(|_| self.error(size.span(), format!("{bytes} bytes is too many")))
+            })
+            .transpose()?;
+        Ok(FunctionConfig {
+            domain: domains.of(&tenant),
+            name,
+            route,
+            program,
+            tenant,
+            env: f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            dirs,
+            reuse,
+            min_instances,
+            max_instances,
+            idle_timeout: f
+                .idle_timeout
+                .as_ref()
+                .map(|text| self.duration(text))
+                .transpose()?
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            request_timeout: f
+                .request_timeout
+                .as_ref()
+                .map(|text| self.duration(text))
+                .transpose()?,
+            max_memory_size,
+            warmup,
+            defined_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_text(text: &str) -> Result<ServeConfig, ConfigError> {
+        parse(Path::new("/srv/samepage.toml"), text)
+    }
+
+    fn refused(text: &str) -> String {
+        parse_text(text).expect_err("refused").to_string()
+    }
+
+    const APP: &str = "[[function]]\nname = \"app\"\nroute = \"/\"\ncomponent = \"app.wasm\"\n";
+
+    #[test]
+    fn a_whole_file_reads_as_written() {
+        let config = parse_text(
+            "[server]\naddr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:9\"\n\
+             memory_budget = \"1GiB\"\n[engine]\npages_to_scan = 100\nsleep_millisecs = 5\n\
+             [tenant.b]\nmerge_domain = \"a\"\n\
+             [[function]]\nname = \"x\"\nroute = \"/x/\"\ncomponent = \"x.wasm\"\ntenant = \"a\"\n\
+             reuse = \"reset\"\nmin_instances = 2\nrequest_timeout = \"250ms\"\n\
+             max_memory_size = \"64MiB\"\nenv = { K = \"v\" }\n\
+             [[function]]\nname = \"y\"\nhost = \"y.example\"\nmodule = \"y.wasm\"\n\
+             tenant = \"b\"\nreuse = \"fresh\"\n\
+             [[function]]\nname = \"z\"\nroute = \"/z\"\ncomponent = \"/abs/z.wasm\"\ntenant = \"c\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.memory_budget, Some(1 << 30));
+        assert_eq!(config.knobs.pages_to_scan, 100);
+        let [x, y, z] = &config.functions[..] else {
+            panic!("three functions")
+        };
+        assert_eq!(x.route.prefix, "/x");
+        assert_eq!(x.program, Program::Proxy("/srv/x.wasm".into()));
+        assert_eq!(x.reuse, Reuse::Reset);
+        assert_eq!(x.request_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(x.max_memory_size, Some(64 << 20));
+        assert_eq!(x.env, vec![("K".to_owned(), "v".to_owned())]);
+        assert_eq!(y.program, Program::Wagi("/srv/y.wasm".into()));
+        assert_eq!(z.program, Program::Proxy("/abs/z.wasm".into()));
+        // b merges with a; c is a domain of its own.
+        assert_eq!(x.domain, y.domain);
+        assert_ne!(x.domain, z.domain);
+        assert_eq!(x.defined_at.line, 10);
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_their_line() {
+        let cases = [
+            (
+                "[server]\naddr = \"nowhere\"\n",
+                "1:0",
+                "2:8",
+                "not an address",
+            ),
+            ("[engine]\npages_to_scan = 0\n", "", "2:17", "pages_to_scan"),
+            ("[engine]\nrun = 3\n", "", "2:7", "KSM's run"),
+            (
+                "[server]\nmemory_budget = \"2 parsecs\"\n",
+                "",
+                "2:17",
+                "not a size",
+            ),
+            ("[server]\nport = 80\n", "", "2:1", "unknown field `port`"),
+            ("[server\n", "", "1:8", ""),
+        ];
+        for (text, _, at, reason) in cases {
+            let error = refused(&format!("{text}{APP}"));
+            assert!(
+                error.starts_with(&format!("/srv/samepage.toml:{at}: ")),
+                "{error}"
+            );
+            assert!(error.contains(reason), "{error}");
+        }
+        let two = format!("{APP}{}", APP.replace("\"app\"", "\"other\""));
+        let error = refused(&two);
+        assert!(error.starts_with("/srv/samepage.toml:5:1: "), "{error}");
+        assert!(
+            error.contains("has the route of function \"app\" (line 1)"),
+            "{error}"
+        );
+        let error = refused(
+            &APP.replace("component", "module")
+                .replace("\"/\"", "\"/\"\nreuse = \"warm\""),
+        );
+        assert!(
+            error.contains("WAGI module") && error.contains(":4:9: "),
+            "{error}"
+        );
+        let error = refused(&format!("{APP}min_instances = 5\nmax_instances = 2\n"));
+        assert!(
+            error.contains(":5:17: min_instances = 5 is above"),
+            "{error}"
+        );
+        assert!(refused("").contains("nothing to serve"));
+        let error = refused(&APP.replace("route = \"/\"\n", ""));
+        assert!(error.contains("neither a route nor a host"), "{error}");
+    }
+
+    #[test]
+    fn routes_match_on_path_segments_and_host() {
+        let route = Route {
+            host: None,
+            prefix: "/api".into(),
+        };
+        assert_eq!(route.matches(None, "/api"), Some(4));
+        assert_eq!(route.matches(None, "/api/x?y"), Some(4));
+        assert_eq!(route.matches(None, "/api?q"), Some(4));
+        assert_eq!(route.matches(None, "/apix"), None);
+        let root = Route {
+            host: Some("a.example".into()),
+            prefix: "/".into(),
+        };
+        assert_eq!(root.matches(Some("A.example:8080"), "/anything"), Some(1));
+        assert_eq!(root.matches(Some("b.example"), "/"), None);
+        assert_eq!(root.matches(None, "/"), None);
+    }
+}
