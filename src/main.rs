@@ -32,7 +32,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The serverless host: serves wasi:http components and WAGI commands over HTTP, their
     /// instances kept warm and merged, within a memory budget.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() {
@@ -60,7 +60,7 @@ fn main() {
             })
         }
         Command::Bench(args) => bench::run(args).map(|()| 0),
-        Command::Serve(args) => serve::serve(args).map(|()| 0),
+        Command::Serve(args) => serve::serve(*args).map(|()| 0),
     };
     match status {
         Ok(code) => std::process::exit(code),

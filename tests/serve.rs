@@ -1,87 +1,127 @@
-//! `samepage serve` on a real Python wasi:http component (`examples/http/app.py`, built by
-//! `scripts/build-http-components`), over HTTP/1.1 on an ephemeral loopback port: warm reuse
-//! and fresh instances, concurrent requests, a trap answering 500 with the next request
-//! served, and SIGTERM.
+//! `samepage serve` through its binary, with a real HTTP/1.1 client on ephemeral loopback
+//! ports: a real Python wasi:http component (`examples/http/app.py`, built by
+//! `scripts/build-http-components`) and a C WAGI program (`examples/guests/wagi-c`, built
+//! by `scripts/build-c-guests`).
+//!
+//! Concurrent requests; warm, reset and fresh reuse; a trap and a timeout answer 500 and the
+//! next request succeeds; the memory limit; eviction under a tight budget; no sharing across
+//! tenants unless joined; `/metrics` parses as Prometheus text and its counters move;
+//! `/healthz`; SIGTERM drains; a bad config is refused with its line; WAGI.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const COMPONENT: &str = "target/http-components/python-app.wasm";
+const WAGI: &str = "target/c-guests/wagi-cgi.wasm";
 
-/// A running `samepage serve` and the address it listens on.
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn built(relative: &str, by: &str) -> PathBuf {
+    let path = root().join(relative);
+    assert!(path.exists(), "{relative} is missing: run scripts/{by}");
+    path
+}
+
+/// A running `samepage serve`, the addresses it serves, and what it printed so far.
 struct Server {
     child: Child,
     addr: String,
+    admin: Option<String>,
+    stderr: std::sync::Arc<parking_lot::Mutex<String>>,
 }
 
 impl Server {
-    fn start(options: &[&str]) -> Self {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        assert!(
-            root.join(COMPONENT).exists(),
-            "{COMPONENT} is missing: run scripts/build-http-components"
-        );
+    /// `samepage serve` with `args` on ephemeral ports, once it serves.
+    fn start(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_samepage"))
             .arg("serve")
-            .args(["--addr", "127.0.0.1:0"])
-            .args(options)
-            .arg(COMPONENT)
-            .current_dir(root)
+            .args(["--addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(root())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn samepage serve");
         let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-        let mut line = String::new();
+        let mut admin = None;
+        let mut printed = String::new();
         let addr = loop {
-            line.clear();
+            let mut line = String::new();
             let read = stderr.read_line(&mut line).expect("read stderr");
-            assert!(read > 0, "samepage serve ended before serving");
+            assert!(read > 0, "samepage serve ended before serving:\n{printed}");
+            printed.push_str(&line);
+            if let Some(addr) = line.trim().strip_prefix("samepage: admin http://") {
+                admin = Some(addr.to_owned());
+            }
             if let Some(addr) = line.trim().strip_prefix("samepage: serving http://") {
                 break addr.to_owned();
             }
         };
-        // Keep draining stderr so that the server never blocks on it.
-        std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = stderr.read_to_string(&mut rest);
-            rest
+        let kept = std::sync::Arc::new(parking_lot::Mutex::new(printed));
+        // Keep reading stderr, so that the server never blocks on it.
+        std::thread::spawn({
+            let kept = kept.clone();
+            move || {
+                let mut line = String::new();
+                while stderr.read_line(&mut line).is_ok_and(|read| read > 0) {
+                    kept.lock().push_str(&line);
+                    line.clear();
+                }
+            }
         });
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            admin,
+            stderr: kept,
+        }
     }
 
-    /// GET `path`: the status and the body.
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(&self.addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("timeout");
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
+    /// `samepage serve COMPONENT` with `args` before it.
+    fn component(args: &[&str]) -> Self {
+        let component = built(COMPONENT, "build-http-components");
+        let mut all: Vec<&str> = args.to_vec();
+        all.push(component.to_str().expect("UTF-8 path"));
+        Self::start(&all)
+    }
+
+    /// `samepage serve --config` with `text` written to a file of its own.
+    fn config(name: &str, text: &str) -> Self {
+        let path = scratch(name).join("samepage.toml");
+        std::fs::write(&path, text).expect("write the config");
+        Self::start(&["--config", path.to_str().expect("UTF-8 path")])
+    }
+
+    fn get(&self, path: &str) -> Response {
+        request(&self.addr, "GET", path, &[], b"")
+    }
+
+    /// The admin address's `/metrics`, parsed.
+    fn metrics(&self) -> Metrics {
+        let admin = self.admin.as_ref().expect("an admin address");
+        let response = request(admin, "GET", "/metrics", &[], b"");
+        assert_eq!(response.status, 200, "{}", response.body);
+        assert!(
+            response
+                .header("content-type")
+                .starts_with("application/openmetrics-text"),
+            "{:?}",
+            response.headers
+        );
+        Metrics::parse(&response.body)
+    }
+
+    fn terminate(&self) {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
         )
-        .expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {response:?}"));
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let chunked = head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked");
-        (
-            status,
-            if chunked {
-                dechunk(body)
-            } else {
-                body.to_owned()
-            },
-        )
+        .expect("SIGTERM");
     }
 }
 
@@ -89,6 +129,90 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A directory of its own for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("samepage-serve-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map_or("", |(_, value)| value)
+    }
+
+    /// The component's JSON answer.
+    fn json(&self) -> serde_json::Value {
+        assert_eq!(self.status, 200, "{}", self.body);
+        serde_json::from_str(self.body.trim()).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
+    }
+
+    /// How many requests the answering instance has served.
+    fn served(&self) -> u64 {
+        self.json()["served"].as_u64().expect("served")
+    }
+}
+
+/// One HTTP/1.1 request on a connection of its own.
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("request head");
+    stream.write_all(body).expect("request body");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response");
+    let response = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Response {
+        status,
+        headers,
+        body,
     }
 }
 
@@ -106,64 +230,508 @@ fn dechunk(mut body: &str) -> String {
     decoded
 }
 
-/// The `served` count in the component's answer: how many requests its instance served.
-fn served(body: &str) -> u64 {
-    let value: serde_json::Value =
-        serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-    value["served"].as_u64().expect("served")
+/// Samples of a Prometheus text exposition, by name and labels, checked line by line
+/// against the format: `# HELP`/`# TYPE`/`# UNIT` comments, `name{label="value",...} value`
+/// samples with valid names and numbers, and `# EOF` last.
+struct Metrics {
+    samples: BTreeMap<String, f64>,
 }
 
-#[test]
-fn warm_instances_are_reused_and_a_trap_is_a_500() {
-    let server = Server::start(&[]);
-    let (status, body) = server.get("/hello?x=1");
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(served(&body), 1);
-    assert!(body.contains("\"entries\": 20000"), "{body}");
-    // One request at a time: the same warm instance serves the next.
-    let (status, body) = server.get("/again");
-    assert_eq!((status, served(&body)), (200, 2));
-
-    let (status, body) = server.get("/trap");
-    assert_eq!(status, 500, "{body}");
-    assert!(body.contains("trapped"), "{body}");
-    // The trapped instance is gone; the warm one that is left serves on.
-    let (status, body) = server.get("/after-the-trap");
-    assert_eq!(status, 200, "{body}");
-
-    // Concurrent requests: each instance serves one at a time, more are started.
-    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..6)
-            .map(|n| {
-                scope.spawn({
-                    let server = &server;
-                    move || server.get(&format!("/concurrent/{n}"))
+impl Metrics {
+    fn parse(text: &str) -> Self {
+        let valid_name = |name: &str| {
+            !name.is_empty()
+                && name.chars().enumerate().all(|(i, c)| {
+                    c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
                 })
-            })
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.last(),
+            Some(&"# EOF"),
+            "an OpenMetrics exposition ends with # EOF"
+        );
+        let mut samples = BTreeMap::new();
+        let mut typed = BTreeMap::new();
+        for line in &lines[..lines.len() - 1] {
+            if let Some(comment) = line.strip_prefix("# ") {
+                let mut words = comment.splitn(3, ' ');
+                let (kind, name) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                assert!(["HELP", "TYPE", "UNIT"].contains(&kind), "{line}");
+                assert!(valid_name(name), "{line}");
+                if kind == "TYPE" {
+                    let family = words.next().unwrap_or("");
+                    assert!(
+                        ["counter", "gauge", "histogram"].contains(&family),
+                        "{line}"
+                    );
+                    assert!(
+                        typed.insert(name.to_owned(), family.to_owned()).is_none(),
+                        "{line}"
+                    );
+                }
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+            let name = series.split('{').next().unwrap_or("");
+            assert!(valid_name(name), "{line}");
+            let labels = &series[name.len()..];
+            if !labels.is_empty() {
+                let inner = labels
+                    .strip_prefix('{')
+                    .and_then(|l| l.strip_suffix('}'))
+                    .unwrap_or_else(|| panic!("{line}"));
+                for label in inner.split("\",").filter(|l| !l.is_empty()) {
+                    let (key, value) = label.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
+                    assert!(valid_name(key), "{line}");
+                    assert!(!value.trim_end_matches('"').contains('"'), "{line}");
+                }
+            }
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                other => other
+                    .parse()
+                    .unwrap_or_else(|_| panic!("not a number: {line}")),
+            };
+            assert!(
+                typed.keys().any(|family| name.starts_with(family.as_str())),
+                "a sample without its TYPE: {line}"
+            );
+            assert!(
+                samples.insert(series.to_owned(), value).is_none(),
+                "twice: {line}"
+            );
+        }
+        Self { samples }
+    }
+
+    /// The sample `series` (name and labels, as printed).
+    fn get(&self, series: &str) -> f64 {
+        *self
+            .samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no sample {series} in {:#?}", self.samples.keys()))
+    }
+
+    /// A function's sample of `name`, in tenant `tenant`.
+    fn of(&self, name: &str, function: &str, tenant: &str) -> f64 {
+        self.get(&format!(
+            "{name}{{function=\"{function}\",tenant=\"{tenant}\"}}"
+        ))
+    }
+}
+
+/// The metrics once the scanner has settled: two more full passes, and pages_sharing the
+/// same over the last three looks.
+fn settled(server: &Server) -> Metrics {
+    let first = server.metrics().get("samepage_full_scans");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sharing = Vec::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let metrics = server.metrics();
+        sharing.push(metrics.get("samepage_pages_sharing"));
+        let steady = sharing.len() >= 3
+            && sharing[sharing.len() - 3..]
+                .windows(2)
+                .all(|w| w[0] == w[1]);
+        if steady && metrics.get("samepage_full_scans") >= first + 2.0 {
+            return metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scanner did not settle: {sharing:?}"
+        );
+    }
+}
+
+/// `count` requests at once, the `n`th for `path(n)`.
+fn concurrently(
+    server: &Server,
+    count: usize,
+    path: impl Fn(usize) -> String + Sync,
+) -> Vec<Response> {
+    std::thread::scope(|scope| {
+        let path = &path;
+        let workers: Vec<_> = (0..count)
+            .map(|n| scope.spawn(move || server.get(&path(n))))
             .collect();
         workers
             .into_iter()
             .map(|w| w.join().expect("worker"))
             .collect()
-    });
-    for (status, body) in &answers {
-        assert_eq!(*status, 200, "{body}");
-        assert!(body.contains("/concurrent/"), "{body}");
+    })
+}
+
+#[test]
+fn warm_instances_are_reused_a_trap_is_a_500_and_metrics_move() {
+    // With one instance at most, each request finds the instance the last one left (its
+    // response reaches the client a little before the instance is back in the pool).
+    let one = Server::component(&["--max-instances", "1"]);
+    assert_eq!(one.get("/hello?x=1").served(), 1);
+    let answer = one.get("/remember?value=kept").json();
+    assert_eq!(answer["served"], 2);
+    assert_eq!(one.get("/again").json()["remembered"], "kept");
+    let trapped = one.get("/trap");
+    assert_eq!(trapped.status, 500, "{}", trapped.body);
+    assert!(
+        trapped.body.contains("the function failed"),
+        "{}",
+        trapped.body
+    );
+    // The trapped instance is gone; a new one serves the next request from scratch.
+    let after = one.get("/after-the-trap").json();
+    assert_eq!(
+        (after["served"].as_u64(), &after["remembered"]),
+        (Some(1), &serde_json::Value::Null)
+    );
+    assert_eq!(
+        one.metrics()
+            .of("samepage_traps_total", "python-app", "default"),
+        1.0
+    );
+    drop(one);
+
+    let server = Server::component(&["--max-instances", "8"]);
+    assert_eq!(server.get("/first").served(), 1);
+    let before = server.metrics();
+    // Each sleeps long enough for all six to be in flight at once.
+    for response in concurrently(&server, 6, |n| format!("/concurrent/{n}/sleep?ms=300")) {
+        let path = response.json()["path"].as_str().unwrap().to_owned();
+        assert!(path.starts_with("/concurrent/"), "{path}");
+    }
+    let after = server.metrics();
+    let moved = |name: &str| {
+        after.of(name, "python-app", "default") - before.of(name, "python-app", "default")
+    };
+    assert_eq!(moved("samepage_requests_total"), 6.0);
+    assert_eq!(moved("samepage_responses_2xx_total"), 6.0);
+    assert_eq!(
+        moved("samepage_cold_starts_total") + moved("samepage_warm_starts_total"),
+        6.0
+    );
+    assert!(
+        moved("samepage_cold_starts_total") >= 5.0,
+        "six at once need six instances"
+    );
+    assert_eq!(
+        moved("samepage_request_duration_seconds_count"),
+        6.0,
+        "each request is in the latency histogram"
+    );
+    let live = after.of("samepage_function_instances", "python-app", "default");
+    assert!(
+        (6.0..=8.0).contains(&live),
+        "{live} instances for at most 8"
+    );
+    assert!(after.get("samepage_host_pss_bytes") > 0.0);
+    assert!(after.get("samepage_pages_scanned") > 0.0);
+    assert!(after.get("samepage_general_profit") != 0.0);
+
+    let admin = server.admin.as_ref().unwrap();
+    assert_eq!(request(admin, "GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn reset_and_fresh_give_each_request_a_new_instance() {
+    for reuse in ["reset", "fresh"] {
+        let server = Server::component(&["--reuse", reuse, "--max-instances", "1"]);
+        assert_eq!(server.get("/remember?value=lost").served(), 1);
+        for path in ["/two", "/three"] {
+            let answer = server.get(path).json();
+            assert_eq!(answer["served"], 1, "{reuse}: {answer}");
+            assert_eq!(
+                answer["remembered"],
+                serde_json::Value::Null,
+                "{reuse}: {answer}"
+            );
+        }
+        let metrics = server.metrics();
+        let of = |name| metrics.of(name, "python-app", "default");
+        match reuse {
+            // Each replacement is made after the response: every request but the first
+            // finds one ready.
+            "reset" => {
+                assert_eq!(
+                    (
+                        of("samepage_cold_starts_total"),
+                        of("samepage_warm_starts_total")
+                    ),
+                    (1.0, 2.0)
+                );
+                assert!(of("samepage_prewarmed_total") >= 2.0);
+            }
+            _ => assert_eq!(of("samepage_cold_starts_total"), 3.0),
+        }
     }
 }
 
 #[test]
-fn fresh_instances_serve_one_request_each_and_sigterm_stops_the_server() {
-    let mut server = Server::start(&["--reuse", "fresh"]);
-    for path in ["/one", "/two", "/three"] {
-        let (status, body) = server.get(path);
-        assert_eq!((status, served(&body)), (200, 1), "{body}");
-    }
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&server.child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM");
+fn timeouts_and_memory_limits_answer_500_and_the_server_serves_on() {
+    // One instance at a time, so that each request finds the one the last left.
+    let server = Server::component(&[
+        "-W",
+        "timeout=300ms,max-memory-size=96MiB",
+        "--max-instances",
+        "1",
+    ]);
+    assert_eq!(server.get("/warm").served(), 1);
+    let started = Instant::now();
+    let spun = server.get("/spin");
+    assert_eq!(spun.status, 500, "{}", spun.body);
+    assert!(spun.body.contains("timed out after 300ms"), "{}", spun.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The instance that timed out is dropped, never reused.
+    assert_eq!(server.get("/next").served(), 1);
+    let grown = server.get("/grow?mb=200");
+    assert_eq!(grown.status, 500, "{}", grown.body);
+    assert_eq!(server.get("/grow?mb=8").json()["held_mb"], 8);
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.of("samepage_timeouts_total", "python-app", "default"),
+        1.0
+    );
+    assert_eq!(
+        metrics.of("samepage_traps_total", "python-app", "default"),
+        1.0
+    );
+}
+
+#[test]
+fn sigterm_drains_the_requests_in_flight() {
+    let mut server = Server::component(&[]);
+    let slow = std::thread::scope(|scope| {
+        let slow = scope.spawn(|| server.get("/sleep?ms=1500"));
+        std::thread::sleep(Duration::from_millis(400));
+        server.terminate();
+        slow.join().expect("slow request")
+    });
+    assert_eq!(
+        slow.json()["path"],
+        "/sleep",
+        "the request in flight is answered"
+    );
     let status = server.child.wait().expect("wait");
-    assert!(status.success(), "{status:?}");
+    assert!(status.success(), "{status:?}\n{}", server.stderr.lock());
+    assert!(
+        TcpStream::connect(&server.addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+    assert!(
+        server
+            .stderr
+            .lock()
+            .contains("samepage: stopped after 1 requests")
+    );
+}
+
+#[test]
+fn a_tight_budget_evicts_the_least_recently_used_idle_instance() {
+    let component = built(COMPONENT, "build-http-components");
+    let functions = format!(
+        "[[function]]\nname = \"a\"\nroute = \"/a\"\ncomponent = \"{0}\"\n\
+         [[function]]\nname = \"b\"\nroute = \"/b\"\ncomponent = \"{0}\"\n",
+        component.display()
+    );
+    // Unmerged, so that each instance costs its whole size: first, what one costs. Measured
+    // twice, so that the second run, like the one under the budget, loads the compiled
+    // component from wasmtime's cache (compiling leaves the host's heap larger).
+    let mut one = 0.0;
+    let mut two = 0.0;
+    for _ in 0..2 {
+        let measure = Server::config("measure", &format!("[engine]\ndedup = false\n{functions}"));
+        assert_eq!(measure.get("/a/x").served(), 1);
+        one = measure.metrics().get("samepage_host_pss_bytes");
+        assert_eq!(measure.get("/b/x").served(), 1);
+        two = measure.metrics().get("samepage_host_pss_bytes");
+    }
+    let instance = two - one;
+    assert!(
+        instance > 4.0 * 1048576.0,
+        "an unmerged instance holds {instance} bytes"
+    );
+
+    // Room for one instance and half of another.
+    let budget = (one + instance / 2.0) as u64;
+    let server = Server::config(
+        "evict",
+        &format!("[server]\nmemory_budget = {budget}\n[engine]\ndedup = false\n{functions}"),
+    );
+    assert_eq!(server.get("/a/remember?value=a").served(), 1);
+    assert_eq!(server.get("/b/x").served(), 1);
+    // b's instance put the host over its budget: a's, idle longest, goes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = server.metrics();
+        if metrics.of("samepage_evictions_total", "a", "default") == 1.0 {
+            assert_eq!(
+                metrics.of("samepage_function_instances", "a", "default"),
+                0.0
+            );
+            assert_eq!(
+                metrics.of("samepage_function_instances", "b", "default"),
+                1.0
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no eviction: {:?}",
+            metrics.samples
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let again = server.get("/a/x").json();
+    assert_eq!(
+        (again["served"].as_u64(), &again["remembered"]),
+        (Some(1), &serde_json::Value::Null)
+    );
+    assert_eq!(
+        server
+            .metrics()
+            .of("samepage_cold_starts_total", "a", "default"),
+        2.0
+    );
+}
+
+#[test]
+fn tenants_share_no_page_unless_the_config_joins_them() {
+    let component = built(COMPONENT, "build-http-components");
+    let function = |name: &str, tenant: &str| {
+        format!(
+            "[[function]]\nname = \"{name}\"\nroute = \"/{name}\"\ncomponent = \"{}\"\n\
+             tenant = \"{tenant}\"\nmin_instances = 1\nwarmup = \"/\"\n",
+            component.display()
+        )
+    };
+    let pages_sharing = |name: &str, joined: &str| {
+        let server = Server::config(
+            name,
+            &format!(
+                "{joined}{}{}",
+                function("one", "acme"),
+                function("two", "globex")
+            ),
+        );
+        let metrics = server.metrics();
+        assert_eq!(
+            metrics.get("samepage_tenant_instances{tenant=\"acme\"}"),
+            1.0
+        );
+        assert_eq!(
+            metrics.get("samepage_tenant_instances{tenant=\"globex\"}"),
+            1.0
+        );
+        settled(&server).get("samepage_pages_sharing")
+    };
+    let apart = pages_sharing("apart", "");
+    let joined = pages_sharing("joined", "[tenant.globex]\nmerge_domain = \"acme\"\n");
+    // Joined, the two instances share their runtime's pages; apart, only pages repeated
+    // within one instance merge.
+    assert!(
+        joined > apart + 1000.0,
+        "joined {joined} pages sharing, apart {apart}"
+    );
+}
+
+#[test]
+fn a_bad_config_is_refused_with_its_file_and_line() {
+    let dir = scratch("bad");
+    let cases = [
+        (
+            "[[function]]\nname = \"x\"\nroute = \"/\"\ncomponent = \"missing.wasm\"\n",
+            ":1:1: function \"x\": reading",
+        ),
+        (
+            "[server]\nmemory_budget = \"lots\"\n",
+            ":2:17: \"lots\" is not a size",
+        ),
+        ("[engine]\nmax_page_sharing = 1\n", ":2:20: "),
+        (
+            "[[function]]\nname = \"x\"\nrout = \"/\"\n",
+            ":3:1: unknown field `rout`",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_samepage"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run samepage serve");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{text}: accepted");
+        let wanted = format!("{}{expected}", path.display());
+        assert!(
+            stderr.contains(&wanted),
+            "{text}: wanted {wanted:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn wagi_commands_answer_from_their_environment_and_stdin() {
+    let module = built(WAGI, "build-c-guests");
+    let component = built(COMPONENT, "build-http-components");
+    let server = Server::config(
+        "wagi",
+        &format!(
+            "[[function]]\nname = \"cgi\"\nroute = \"/cgi\"\nmodule = \"{}\"\nreuse = \"fresh\"\n\
+             env = {{ GREETING = \"hello\" }}\n\
+             [[function]]\nname = \"app\"\nroute = \"/\"\ncomponent = \"{}\"\n",
+            module.display(),
+            component.display()
+        ),
+    );
+    let response = request(
+        &server.addr,
+        "POST",
+        "/cgi/some/path?a=1&b=2",
+        &[("X-Test", "yes"), ("Content-Type", "text/plain")],
+        b"the body",
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.header("content-type"), "text/plain");
+    assert_eq!(response.header("x-wagi-args"), "3");
+    for line in [
+        "method=POST",
+        "script=/cgi",
+        "path_info=/some/path",
+        "query=a=1&b=2",
+        "header=yes",
+        "greeting=hello",
+        "arg=a=1",
+        "arg=b=2",
+        "body=the body",
+    ] {
+        assert!(
+            response.body.lines().any(|l| l == line),
+            "{line} in {}",
+            response.body
+        );
+    }
+    assert_eq!(server.get("/cgi/fail").status, 500);
+    assert_eq!(server.get("/cgi/garbage").status, 502);
+    let redirect = server.get("/cgi/redirect");
+    assert_eq!(
+        (redirect.status, redirect.header("location")),
+        (302, "/elsewhere")
+    );
+    // The longest route wins; the rest goes to the component.
+    assert_eq!(server.get("/cgiother").json()["path"], "/cgiother");
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.of("samepage_cold_starts_total", "cgi", "default"),
+        4.0
+    );
+    assert_eq!(
+        metrics.of("samepage_function_instances", "cgi", "default"),
+        0.0
+    );
 }

@@ -8,13 +8,15 @@ Paths are told apart by their last segment, so that the function can be routed a
 
 - `/trap` raises, which traps the instance;
 - `/spin` never returns (for request timeouts);
+- `/sleep?ms=N` answers after N ms (for requests in flight);
 - `/grow?mb=N` holds N MiB more for the instance's life (for memory limits and budgets);
-- `/remember?value=V` keeps V in the instance, and `/recall` answers it (for reuse);
+- `/remember?value=V` keeps V in the instance, and every answer says it (for reuse);
 - `/env?name=NAME` answers the environment variable NAME.
 """
 import hashlib
 import json
 import os
+import time
 from urllib.parse import parse_qs, urlsplit
 
 from componentize_py_types import Ok
@@ -43,6 +45,8 @@ def answer(request: IncomingRequest) -> dict:
     if action == "/spin":
         while True:
             pass
+    if action == "/sleep":
+        time.sleep(int(query.get("ms", "100")) / 1000)
     if action == "/grow":
         HELD.append(bytearray(int(query.get("mb", "1")) << 20))
     if action == "/remember":

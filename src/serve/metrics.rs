@@ -106,8 +106,14 @@ impl std::fmt::Debug for Figures {
 
 type Labels<'a> = [(&'static str, &'a str); 2];
 
+/// Where a function's counter is.
+type CounterField = fn(&FunctionCounters) -> &AtomicU64;
+
+/// A figure of a function's or a tenant's instances.
+type UsageField = fn(&Usage) -> i64;
+
 /// A function's counters, by metric name and help.
-const FUNCTION_COUNTERS: &[(&str, &str, fn(&FunctionCounters) -> &AtomicU64)] = &[
+const FUNCTION_COUNTERS: &[(&str, &str, CounterField)] = &[
     (
         "samepage_requests",
         "Requests routed to the function.",
@@ -171,7 +177,7 @@ const FUNCTION_COUNTERS: &[(&str, &str, fn(&FunctionCounters) -> &AtomicU64)] = 
 ];
 
 /// Figures of a function's or a tenant's instances, by metric name and help.
-const USAGE_GAUGES: &[(&str, &str, fn(&Usage) -> i64)] = &[
+const USAGE_GAUGES: &[(&str, &str, UsageField)] = &[
     (
         "instances",
         "Instances alive: idle, busy and starting.",

@@ -638,10 +638,13 @@ impl Server {
         }
         match function.config.reuse {
             Reuse::Warm => {
-                if let Some(before) = pss_before {
-                    self.settle_new(function, &instance.owner, before);
-                }
+                // Parked first: a request that takes it while it is merged waits only for
+                // the owner's guard, not for a cold start.
+                let owner = instance.owner.clone();
                 function.park(instance);
+                if let Some(before) = pss_before {
+                    self.settle_new(function, &owner, before);
+                }
             }
             Reuse::Reset => {
                 function.retire(instance);
@@ -798,7 +801,7 @@ impl Server {
         })
         .await;
         match ran {
-            Ok(Ok(response)) => response.map(|body| full_body(body)),
+            Ok(Ok(response)) => response.map(full_body),
             Ok(Err(failure)) => failure.response(),
             Err(error) => Failure::Internal(error.to_string()).response(),
         }
