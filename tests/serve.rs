@@ -1,11 +1,12 @@
 //! `samepage serve` through its binary, with a real HTTP/1.1 client on ephemeral loopback
-//! ports: a real Python wasi:http component (`examples/http/app.py`, built by
-//! `scripts/build-http-components`) and a C WAGI program (`examples/guests/wagi-c`, built
+//! ports: a real Python wasi:http component (`examples/http/app.py`) and a small one written
+//! in the text format (`examples/http/small.wat`), both built by
+//! `scripts/build-http-components`, and a C WAGI program (`examples/guests/wagi-c`, built
 //! by `scripts/build-c-guests`).
 //!
 //! Concurrent requests; warm, reset and fresh reuse; a trap and a timeout answer 500 and the
 //! next request succeeds; the memory limit; eviction under a tight budget; no sharing across
-//! tenants unless joined; `/metrics` parses as Prometheus text and its counters move;
+//! tenants unless joined; routes by host name and path; pool minimums and idle expiry; `/metrics` parses as Prometheus text and its counters move;
 //! `/healthz`; SIGTERM drains; a bad config is refused with its line; WAGI.
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const COMPONENT: &str = "target/http-components/python-app.wasm";
+const SMALL: &str = "target/http-components/small.wasm";
 const WAGI: &str = "target/c-guests/wagi-cgi.wasm";
 
 fn root() -> &'static Path {
@@ -177,11 +179,18 @@ fn request(
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
+    let host = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("host"))
+        .map_or(addr, |(_, host)| host);
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
-    for (name, value) in headers {
+    for (name, value) in headers
+        .iter()
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("host"))
+    {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
@@ -734,4 +743,118 @@ fn wagi_commands_answer_from_their_environment_and_stdin() {
         metrics.of("samepage_function_instances", "cgi", "default"),
         0.0
     );
+}
+
+/// The small component's answer: (requests its instance served, the path it saw).
+fn small_answer(response: &Response) -> (u64, String) {
+    assert_eq!(response.status, 200, "{}", response.body);
+    let line = response.body.trim();
+    let rest = line
+        .strip_prefix("small served=")
+        .unwrap_or_else(|| panic!("{line}"));
+    let (served, path) = rest
+        .split_once(" path=")
+        .unwrap_or_else(|| panic!("{line}"));
+    (served.parse().expect("a count"), path.to_owned())
+}
+
+#[test]
+fn routes_go_by_host_name_then_the_longest_path_prefix() {
+    let small = built(SMALL, "build-http-components");
+    let function = |name: &str, route: &str| {
+        format!(
+            "[[function]]\nname = \"{name}\"\n{route}\ncomponent = \"{}\"\n",
+            small.display()
+        )
+    };
+    let server = Server::config(
+        "routes",
+        &[
+            function("root", "route = \"/\""),
+            function("api", "route = \"/api\""),
+            function("api-v2", "route = \"/api/v2/\""),
+            function("tenant-site", "host = \"site.example\""),
+            function("tenant-api", "host = \"site.example\"\nroute = \"/api\""),
+        ]
+        .concat(),
+    );
+    let cases = [
+        ("localhost", "/", "root"),
+        ("localhost", "/apiary", "root"),
+        ("localhost", "/api", "api"),
+        ("localhost", "/api/v1/x?q=1", "api"),
+        ("localhost", "/api/v2", "api-v2"),
+        ("localhost", "/api/v2/deeper", "api-v2"),
+        ("site.example", "/", "tenant-site"),
+        ("SITE.example:8080", "/anything", "tenant-site"),
+        ("site.example", "/api/v2", "tenant-api"),
+    ];
+    for (host, path, _) in cases {
+        let response = request(&server.addr, "GET", path, &[("Host", host)], b"");
+        assert_eq!(small_answer(&response).1, path, "{host} {path}");
+    }
+    let metrics = server.metrics();
+    for name in ["root", "api", "api-v2", "tenant-site", "tenant-api"] {
+        let expected = cases.iter().filter(|(_, _, to)| *to == name).count() as f64;
+        let got = metrics.of("samepage_requests_total", name, "default");
+        assert_eq!(got, expected, "requests routed to {name}");
+    }
+}
+
+#[test]
+fn pools_are_prewarmed_to_their_minimum_and_idle_instances_expire() {
+    let small = built(SMALL, "build-http-components");
+    let server = Server::config(
+        "pools",
+        &format!(
+            "[[function]]\nname = \"kept\"\nroute = \"/kept\"\ncomponent = \"{0}\"\n\
+             min_instances = 2\nidle_timeout = \"200ms\"\n\
+             [[function]]\nname = \"brief\"\nroute = \"/brief\"\ncomponent = \"{0}\"\n\
+             idle_timeout = \"200ms\"\n",
+            small.display()
+        ),
+    );
+    // Made before serving: the first request is a warm start.
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.of("samepage_prewarmed_total", "kept", "default"),
+        2.0
+    );
+    assert_eq!(
+        metrics.of("samepage_function_idle_instances", "kept", "default"),
+        2.0
+    );
+    assert_eq!(small_answer(&server.get("/kept/x")).0, 1);
+    assert_eq!(small_answer(&server.get("/brief/x")).0, 1);
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.of("samepage_warm_starts_total", "kept", "default"),
+        1.0
+    );
+    assert_eq!(
+        metrics.of("samepage_cold_starts_total", "brief", "default"),
+        1.0
+    );
+    // Idle past its timeout, brief's instance goes; kept keeps its two.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let metrics = server.metrics();
+        if metrics.of("samepage_expired_total", "brief", "default") == 1.0 {
+            assert_eq!(
+                metrics.of("samepage_function_instances", "brief", "default"),
+                0.0
+            );
+            assert_eq!(
+                metrics.of("samepage_function_instances", "kept", "default"),
+                2.0
+            );
+            assert_eq!(metrics.of("samepage_expired_total", "kept", "default"), 0.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "brief's idle instance never expired"
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! It serves functions over HTTP/1.1 on hyper and tokio: `wasi:http/proxy` components, as
 //! `wasmtime serve`, Spin and wasmCloud run them, and WASI preview 1 commands as WAGI
 //! defines it (`wagi.rs`). Which function answers a request is its route: a host name, a
-//! path prefix, or both, the longest prefix winning (`config.rs`).
+//! path prefix, or both (`config.rs`); a route for the request's host name wins over one for
+//! any host, as virtual hosts do, then the longest prefix wins.
 //!
 //! Every instance's memories are samepage's: memfds, module images mapped, registered with
 //! one merge engine. Each tenant is a merge domain unless the config joins tenants, so no
@@ -509,12 +510,13 @@ impl Server {
         Ok(())
     }
 
-    /// The function whose route matches best.
+    /// The function whose route matches best: one for the request's host name before one for
+    /// any host (as virtual hosts), then the longest path prefix.
     fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Function>> {
         self.functions
             .iter()
             .filter_map(|function| Some((function.config.route.matches(host, path)?, function)))
-            .max_by_key(|(length, function)| (*length, function.config.route.host.is_some()))
+            .max_by_key(|(length, function)| (function.config.route.host.is_some(), *length))
             .map(|(_, function)| function)
     }
 
