@@ -305,6 +305,18 @@ pub struct Server {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let config = args.serve_config()?;
+    if let Some(budget) = config.memory_budget {
+        let pss = crate::measure::pss_bytes()
+            .context("the memory budget is counted in PSS, which this host cannot read")?;
+        if pss >= budget {
+            bail!(
+                "the memory budget ({} MiB) is below what the host holds before serving \
+                 ({} MiB of PSS)",
+                budget >> 20,
+                pss >> 20
+            );
+        }
+    }
     let mut wasm_config = wasmtime::Config::new();
     let samepage = Samepage::configure(
         &mut wasm_config,
