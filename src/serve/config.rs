@@ -807,6 +807,16 @@ mod tests {
     }
 
     #[test]
+    fn the_bundled_example_reads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/http/samepage.toml");
+        let config = read(&path).expect("examples/http/samepage.toml is valid");
+        let names: Vec<&str> = config.functions.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["python", "small", "cgi"]);
+        assert_eq!(config.memory_budget, Some(1 << 30));
+        assert_ne!(config.functions[0].domain, config.functions[2].domain);
+    }
+
+    #[test]
     fn routes_match_on_path_segments_and_host() {
         let route = Route {
             host: None,
