@@ -145,6 +145,18 @@ pub struct FunctionConfig {
     pub defined_at: Location,
 }
 
+impl FunctionConfig {
+    /// What each of the function's instances may use: its memory maximum, and the deadline
+    /// of each request (armed again before each).
+    pub fn limits(&self) -> samepage_runtime::Limits {
+        samepage_runtime::Limits {
+            fuel: None,
+            timeout: self.request_timeout,
+            max_memory_size: self.max_memory_size,
+        }
+    }
+}
+
 /// A place in the config file (or the command line, which has no file).
 #[derive(Clone, Debug)]
 pub struct Location {

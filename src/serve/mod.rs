@@ -624,29 +624,12 @@ impl Server {
                 (instance, None)
             }
             None => {
-                function
-                    .counters
-                    .cold_starts
-                    .fetch_add(1, Ordering::Relaxed);
-                let pss = self
-                    .budget
-                    .make_room(function, &self.functions, true)
-                    .map_err(|over| {
-                        function
-                            .counters
-                            .over_budget
-                            .fetch_add(1, Ordering::Relaxed);
-                        Failure::OverBudget(over)
-                    })?;
+                let pss = self.cold_start(function)?;
                 (self.instantiate(function)?, Some(pss))
             }
         };
         if let Err(failure) = instance.handle(request, sender) {
-            let counter = match failure {
-                Failure::TimedOut(_) => &function.counters.timeouts,
-                _ => &function.counters.traps,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            function.count_failure(&failure);
             function.retire(instance);
             return Err(failure);
         }
@@ -688,6 +671,24 @@ impl Server {
         }
         let after = crate::measure::pss_bytes().unwrap_or(pss_before);
         function.measured_cost(after.saturating_sub(pss_before));
+    }
+
+    /// Counts a cold start of `function` and makes room for its new instance, evicting idle
+    /// ones as needed; returns the host's PSS before it.
+    fn cold_start(&self, function: &Function) -> Result<u64, Failure> {
+        function
+            .counters
+            .cold_starts
+            .fetch_add(1, Ordering::Relaxed);
+        self.budget
+            .make_room(function, &self.functions, true)
+            .map_err(|over| {
+                function
+                    .counters
+                    .over_budget
+                    .fetch_add(1, Ordering::Relaxed);
+                Failure::OverBudget(over)
+            })
     }
 
     /// A new instance of `function`'s component, counted live.
@@ -830,19 +831,7 @@ impl Server {
         let Code::Wagi(module) = &function.code else {
             return Err(Failure::Internal("not a WAGI function".into()));
         };
-        function
-            .counters
-            .cold_starts
-            .fetch_add(1, Ordering::Relaxed);
-        self.budget
-            .make_room(function, &self.functions, true)
-            .map_err(|over| {
-                function
-                    .counters
-                    .over_budget
-                    .fetch_add(1, Ordering::Relaxed);
-                Failure::OverBudget(over)
-            })?;
+        self.cold_start(function)?;
         let owner = self.samepage.owner(function.config.domain);
         function.born(&owner);
         let ran = wagi::run(
@@ -855,14 +844,24 @@ impl Server {
         );
         function.forget(&owner);
         if let Err(failure) = &ran {
-            let counter = match failure {
-                Failure::TimedOut(_) => &function.counters.timeouts,
-                _ => &function.counters.traps,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            function.count_failure(failure);
         }
         ran
     }
+}
+
+/// The WASI context every instance of `function` starts from: its environment and
+/// directories, the host's stderr.
+fn wasi_context(function: &FunctionConfig) -> Result<wasmtime_wasi::WasiCtxBuilder, Failure> {
+    let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
+    wasi.envs(&function.env).inherit_stderr();
+    for (host, guest) in &function.dirs {
+        wasi.preopened_dir(host, guest, wasmtime_wasi::FsPerms::ReadWrite)
+            .map_err(|error| {
+                Failure::Instantiate(format!("preopening {}: {error:#}", host.display()))
+            })?;
+    }
+    Ok(wasi)
 }
 
 /// Sends a pre-warmed instance a GET for `path` and waits for its response's body.

@@ -172,6 +172,16 @@ impl Function {
         count
     }
 
+    /// Counts a request whose instance trapped or timed out.
+    pub fn count_failure(&self, failure: &super::Failure) {
+        let counter = match failure {
+            super::Failure::TimedOut(_) => &self.counters.timeouts,
+            super::Failure::Trapped(_) => &self.counters.traps,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a new live instance's owner.
     pub fn born(&self, owner: &StoreOwner) {
         self.owners.lock().insert(owner.owner().id(), owner.clone());

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use samepage_runtime::{Limits, StoreOwner};
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Store, StoreLimits};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::sync::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -106,19 +106,8 @@ impl ProxyInstance {
         owner: StoreOwner,
         function: &FunctionConfig,
     ) -> Result<Self, Failure> {
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.envs(&function.env).inherit_stderr();
-        for (host, guest) in &function.dirs {
-            wasi.preopened_dir(host, guest, wasmtime_wasi::FsPerms::ReadWrite)
-                .map_err(|error| {
-                    Failure::Instantiate(format!("preopening {}: {error:#}", host.display()))
-                })?;
-        }
-        let limits = Limits {
-            fuel: None,
-            timeout: function.request_timeout,
-            max_memory_size: function.max_memory_size,
-        };
+        let mut wasi = super::wasi_context(function)?;
+        let limits = function.limits();
         let mut store = Store::new(
             engine,
             ProxyState {

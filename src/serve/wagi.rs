@@ -8,11 +8,11 @@
 //! is made: every request gets an instance of its own, made from the module's image.
 
 use bytes::Bytes;
-use samepage_runtime::{Limits, StoreOwner};
+use samepage_runtime::StoreOwner;
 use wasmtime::{Linker, Store, StoreLimits};
+use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
-use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use super::Failure;
 use super::config::FunctionConfig;
@@ -44,7 +44,8 @@ pub struct CgiRequest {
 }
 
 impl CgiRequest {
-    /// CGI's meta-variables for `function`, whose route matched the request.
+    /// CGI's meta-variables for `function`, whose route matched the request (set after the
+    /// function's own environment, so that they win).
     fn environment(&self, function: &FunctionConfig) -> Vec<(String, String)> {
         let path = self.uri.path();
         let script = function.route.prefix.trim_end_matches('/');
@@ -54,7 +55,7 @@ impl CgiRequest {
             .get(hyper::header::HOST)
             .and_then(|host| host.to_str().ok())
             .unwrap_or("");
-        let mut env: Vec<(String, String)> = function.env.clone();
+        let mut env: Vec<(String, String)> = Vec::new();
         let mut set = |name: &str, value: &str| env.push((name.to_owned(), value.to_owned()));
         set("GATEWAY_INTERFACE", "CGI/1.1");
         set(
@@ -125,23 +126,12 @@ pub fn run(
     request: &CgiRequest,
 ) -> Result<hyper::Response<Bytes>, Failure> {
     let stdout = MemoryOutputPipe::new(BODY_LIMIT);
-    let mut wasi = WasiCtxBuilder::new();
+    let mut wasi = super::wasi_context(function)?;
     wasi.args(&request.arguments(function))
         .envs(&request.environment(function))
         .stdin(MemoryInputPipe::new(request.body.clone()))
-        .stdout(stdout.clone())
-        .inherit_stderr();
-    for (host, guest) in &function.dirs {
-        wasi.preopened_dir(host, guest, FsPerms::ReadWrite)
-            .map_err(|error| {
-                Failure::Instantiate(format!("preopening {}: {error:#}", host.display()))
-            })?;
-    }
-    let limits = Limits {
-        fuel: None,
-        timeout: function.request_timeout,
-        max_memory_size: function.max_memory_size,
-    };
+        .stdout(stdout.clone());
+    let limits = function.limits();
     let mut store = Store::new(
         engine,
         WagiState {
