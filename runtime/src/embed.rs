@@ -124,10 +124,17 @@ impl Samepage {
 
     /// A new owner for one store, in tenant `domain` (pages merge only within a domain).
     pub fn owner(&self, domain: DomainId) -> StoreOwner {
+        self.owner_merging_on_instantiate(domain, self.merge_on_instantiate)
+    }
+
+    /// [`Samepage::owner`], merging its memories right after instantiation or not, whatever
+    /// the configuration says: an instance that serves one call and is dropped gains nothing
+    /// from being merged first.
+    pub fn owner_merging_on_instantiate(&self, domain: DomainId, merge: bool) -> StoreOwner {
         StoreOwner::new(
             Owner::new(domain),
             self.dedup.clone(),
-            self.merge_on_instantiate,
+            merge && self.dedup.is_some(),
         )
     }
 }

@@ -10,6 +10,7 @@ mod density;
 mod engine;
 mod merge_now;
 pub mod plot;
+mod serve;
 mod start;
 
 use std::fmt::Write as _;
@@ -37,6 +38,9 @@ pub enum Suite {
     Density,
     /// Peak memory of a run, merging while the instances start against merging after.
     Start,
+    /// `samepage serve` on a Python component: warm instances in a memory budget, latency
+    /// under load (oha), against `wasmtime serve`, cold starts on a trace; merging on and off.
+    Serve,
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +79,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Suite::MergeNow => merge_now::suite()?,
             Suite::Density => density::suite(args.rounds)?,
             Suite::Start => start::suite(args.rounds)?,
+            Suite::Serve => serve::suite(args.rounds, &args.out)?,
         };
         let path = args.out.join(format!("{name}.md"));
         std::fs::write(&path, with_header(&body))

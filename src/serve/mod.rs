@@ -339,8 +339,24 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .context("setting up the compilation cache")?;
     let engine = wasmtime::Engine::new(&wasm_config).map_err(wasm("starting wasmtime"))?;
     let mut functions = Vec::new();
+    // Functions of one program share its compiled code (and so its module images, and
+    // the pages of its code): compiled once per file.
+    let mut compiled: std::collections::BTreeMap<(PathBuf, bool), Code> = Default::default();
     for function in config.functions {
-        let code = compile(&engine, &samepage, &function)?;
+        let path = function.program.path();
+        let wagi = matches!(function.program, Program::Wagi(_));
+        let key = (
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
+            wagi,
+        );
+        let code = match compiled.get(&key) {
+            Some(code) => code.clone(),
+            None => {
+                let code = compile(&engine, &samepage, &function)?;
+                compiled.insert(key, code.clone());
+                code
+            }
+        };
         functions.push(Arc::new(Function::new(function, code)));
     }
     let server = Arc::new(Server {
@@ -353,9 +369,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         engine,
         samepage,
         functions,
-        budget: Budget {
-            limit: config.memory_budget,
-        },
+        budget: Budget::new(config.memory_budget),
         counters: ServerCounters::default(),
         draining: AtomicBool::new(false),
         started: Instant::now(),
@@ -474,6 +488,9 @@ impl Server {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((client, peer)) = accepted else { continue };
+                    // A response's head and body go out in separate writes: without this,
+                    // Nagle's algorithm holds the body for the client's delayed ACK (40 ms).
+                    let _ = client.set_nodelay(true);
                     let server = self.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |request| {
@@ -615,7 +632,7 @@ impl Server {
         request: hyper::Request<WasiBody>,
         sender: proxy::ResponseSender,
     ) -> Result<(), Failure> {
-        let (mut instance, pss_before) = match function.take_idle() {
+        let (mut instance, room) = match function.take_idle() {
             Some(instance) => {
                 function
                     .counters
@@ -624,8 +641,8 @@ impl Server {
                 (instance, None)
             }
             None => {
-                let pss = self.cold_start(function)?;
-                (self.instantiate(function)?, Some(pss))
+                let room = self.cold_start(function)?;
+                (self.instantiate(function)?, Some(room))
             }
         };
         if let Err(failure) = instance.handle(request, sender) {
@@ -639,11 +656,12 @@ impl Server {
                 // the owner's guard, not for a cold start.
                 let owner = instance.owner.clone();
                 function.park(instance);
-                if let Some(before) = pss_before {
-                    self.settle_new(function, &owner, before);
+                if let Some(room) = room {
+                    self.settle_new(function, &owner, room);
                 }
             }
             Reuse::Reset => {
+                drop(room);
                 function.retire(instance);
                 if !self.draining.load(Ordering::Acquire) {
                     // Over budget, the next request makes its own (evicting as it may).
@@ -651,7 +669,7 @@ impl Server {
                 }
             }
             Reuse::Fresh => {
-                if let Some(before) = pss_before {
+                if let Some(before) = room.as_ref().and_then(|room| room.pss_before) {
                     let after = crate::measure::pss_bytes().unwrap_or(before);
                     function.measured_cost(after.saturating_sub(before));
                 }
@@ -661,21 +679,24 @@ impl Server {
         Ok(())
     }
 
-    /// Merges a new instance at once, and records what it added to the host's PSS.
-    fn settle_new(&self, function: &Function, owner: &StoreOwner, pss_before: u64) {
+    /// Merges a new instance at once and, under a budget, records what it added to the
+    /// host's PSS; then gives back the room it was promised.
+    fn settle_new(&self, function: &Function, owner: &StoreOwner, room: pool::Room<'_>) {
         if let Err(error) = owner.merge_now() {
             eprintln!(
                 "samepage: function {}: merging a new instance: {error}",
                 function.config.name
             );
         }
-        let after = crate::measure::pss_bytes().unwrap_or(pss_before);
-        function.measured_cost(after.saturating_sub(pss_before));
+        if let Some(before) = room.pss_before {
+            let after = crate::measure::pss_bytes().unwrap_or(before);
+            function.measured_cost(after.saturating_sub(before));
+        }
     }
 
     /// Counts a cold start of `function` and makes room for its new instance, evicting idle
-    /// ones as needed; returns the host's PSS before it.
-    fn cold_start(&self, function: &Function) -> Result<u64, Failure> {
+    /// ones as needed.
+    fn cold_start(&self, function: &Function) -> Result<pool::Room<'_>, Failure> {
         function
             .counters
             .cold_starts
@@ -696,7 +717,11 @@ impl Server {
         let Code::Proxy(component) = &function.code else {
             return Err(Failure::Internal("a WAGI function has no pool".into()));
         };
-        let owner = self.samepage.owner(function.config.domain);
+        // An instance that serves one request is not merged first.
+        let owner = self.samepage.owner_merging_on_instantiate(
+            function.config.domain,
+            function.config.reuse == Reuse::Warm,
+        );
         function.born(&owner);
         ProxyInstance::new(
             &self.engine,
@@ -711,7 +736,7 @@ impl Server {
     /// Makes one instance of `function` ahead of requests, within the budget without
     /// evicting, sends it the function's warm-up request, merges it and parks it.
     fn prewarm(&self, function: &Function) -> Result<(), Failure> {
-        let before = self
+        let room = self
             .budget
             .make_room(function, &self.functions, false)
             .map_err(Failure::OverBudget)?;
@@ -722,7 +747,7 @@ impl Server {
             function.retire(instance);
             return Err(failure);
         }
-        self.settle_new(function, &instance.owner, before);
+        self.settle_new(function, &instance.owner, room);
         function.counters.prewarmed.fetch_add(1, Ordering::Relaxed);
         function.park(instance);
         Ok(())
@@ -831,8 +856,10 @@ impl Server {
         let Code::Wagi(module) = &function.code else {
             return Err(Failure::Internal("not a WAGI function".into()));
         };
-        self.cold_start(function)?;
-        let owner = self.samepage.owner(function.config.domain);
+        let _room = self.cold_start(function)?;
+        let owner = self
+            .samepage
+            .owner_merging_on_instantiate(function.config.domain, false);
         function.born(&owner);
         let ran = wagi::run(
             &self.engine,

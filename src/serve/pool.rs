@@ -32,7 +32,8 @@ use tokio::sync::Semaphore;
 use super::config::FunctionConfig;
 use super::proxy::ProxyInstance;
 
-/// What a function runs, compiled.
+/// What a function runs, compiled; clones share the compiled code and its module images.
+#[derive(Clone)]
 pub enum Code {
     Proxy(samepage_runtime::Component),
     Wagi(samepage_runtime::Module),
@@ -259,29 +260,66 @@ impl std::fmt::Display for OverBudget {
 
 /// The host's memory budget over every function's pool.
 pub struct Budget {
-    /// Most bytes of PSS; `None` for no cap.
+    /// Most bytes of PSS; `None` for no cap (then nothing is measured).
     pub limit: Option<u64>,
+    /// Bytes promised to instances being made, not yet in the PSS they are measured by:
+    /// cold starts at the same moment see each other's.
+    pending: Mutex<u64>,
+}
+
+/// Room made for one new instance: what it was promised, given back when dropped (once the
+/// instance is made and measured, or was not made).
+pub struct Room<'a> {
+    budget: &'a Budget,
+    promised: u64,
+    /// The host's PSS before the instance, when there is a budget to measure against.
+    pub pss_before: Option<u64>,
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        *self.budget.pending.lock() -= self.promised;
+    }
 }
 
 impl Budget {
+    pub fn new(limit: Option<u64>) -> Self {
+        Self {
+            limit,
+            pending: Mutex::new(0),
+        }
+    }
+
     /// Makes room for a new instance of `function`: evicts idle instances of any function,
-    /// least recently parked first, until the host's PSS plus the instance's expected cost
-    /// fits the budget; with `evict` false (pre-warming, which must not push out instances
-    /// that serve), only looks. Returns the PSS before the new instance.
+    /// least recently parked first, until the host's PSS, what is promised to instances
+    /// being made, and the instance's expected cost fit the budget; with `evict` false
+    /// (pre-warming, which must not push out instances that serve), only looks.
     pub fn make_room(
         &self,
         function: &Function,
         functions: &[Arc<Function>],
         evict: bool,
-    ) -> Result<u64, OverBudget> {
+    ) -> Result<Room<'_>, OverBudget> {
+        let Some(budget) = self.limit else {
+            return Ok(Room {
+                budget: self,
+                promised: 0,
+                pss_before: None,
+            });
+        };
         let need = function.expected_cost();
         loop {
             let pss = crate::measure::pss_bytes().unwrap_or(0);
-            let Some(budget) = self.limit else {
-                return Ok(pss);
-            };
-            if pss + need <= budget {
-                return Ok(pss);
+            {
+                let mut pending = self.pending.lock();
+                if pss + *pending + need <= budget {
+                    *pending += need;
+                    return Ok(Room {
+                        budget: self,
+                        promised: need,
+                        pss_before: Some(pss),
+                    });
+                }
             }
             if !evict || !evict_least_recent(functions) {
                 return Err(OverBudget { pss, need, budget });
