@@ -6,7 +6,8 @@
 //!
 //! Concurrent requests; warm, reset and fresh reuse; a trap and a timeout answer 500 and the
 //! next request succeeds; the memory limit; eviction under a tight budget; no sharing across
-//! tenants unless joined; routes by host name and path; pool minimums and idle expiry; `/metrics` parses as Prometheus text and its counters move;
+//! tenants unless joined; routes by host name and path; pool minimums and idle expiry;
+//! malformed HTTP refused; `/metrics` parses as Prometheus text and its counters move;
 //! `/healthz`; SIGTERM drains; a bad config is refused with its line; WAGI.
 
 use std::collections::BTreeMap;
@@ -857,4 +858,39 @@ fn pools_are_prewarmed_to_their_minimum_and_idle_instances_expire() {
             "brief's idle instance never expired"
         );
     }
+}
+
+#[test]
+fn malformed_http_is_refused_and_the_server_serves_on() {
+    let small = built(SMALL, "build-http-components");
+    let server = Server::start(&[small.to_str().expect("UTF-8 path")]);
+    let garbage: [&[u8]; 3] = [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    ];
+    for bytes in garbage {
+        let mut stream = TcpStream::connect(&server.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.write_all(bytes).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        // hyper answers 400 or closes the connection; no function sees the request.
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(
+        small_answer(&server.get("/after-garbage")),
+        (1, "/after-garbage".to_owned())
+    );
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.of("samepage_requests_total", "small", "default"),
+        1.0
+    );
 }
