@@ -89,9 +89,10 @@ pub struct ServeArgs {
     #[arg(long, value_enum)]
     pub dedup: Option<Switch>,
 
-    /// What becomes of an instance after a request.
-    #[arg(long, value_enum, default_value_t = Reuse::Warm, help_heading = "One component")]
-    pub reuse: Reuse,
+    /// What becomes of an instance after a request [default: warm for a component, fresh
+    /// for a WAGI command, the only choice there].
+    #[arg(long, value_enum, help_heading = "One component")]
+    pub reuse: Option<Reuse>,
     /// Instances kept ready, made before serving.
     #[arg(long, default_value_t = 0, help_heading = "One component",
         value_parser = clap::value_parser!(u32).range(0..=100_000))]
@@ -172,10 +173,21 @@ impl ServeArgs {
         } else {
             Program::Wagi(component.to_owned())
         };
-        if matches!(program, Program::Wagi(_)) && self.reuse != Reuse::Fresh {
+        let wagi = matches!(program, Program::Wagi(_));
+        let reuse = self
+            .reuse
+            .unwrap_or(if wagi { Reuse::Fresh } else { Reuse::Warm });
+        if wagi && reuse != Reuse::Fresh {
             bail!(
                 "{} is a core module, served as a WAGI command, which runs once per request: \
-                 add --reuse fresh",
+                 its --reuse can only be fresh",
+                component.display()
+            );
+        }
+        if wagi && self.min_instances > 0 {
+            bail!(
+                "{} is a WAGI command, instantiated for each request: it has no pool to \
+                 pre-warm (--min-instances)",
                 component.display()
             );
         }
@@ -193,7 +205,7 @@ impl ServeArgs {
             domain: 0,
             env,
             dirs: self.dirs.clone(),
-            reuse: self.reuse,
+            reuse,
             min_instances: self.min_instances as usize,
             max_instances: self.max_instances as usize,
             idle_timeout: self.idle_timeout.unwrap_or(config::DEFAULT_IDLE_TIMEOUT),
