@@ -1,0 +1,83 @@
+//! The engine's `vmas` against the kernel's own count in `/proc/self/maps`, under churn:
+//! merges, windows bridging differing pages with private copies, writes into merged pages
+//! (copy-on-write), sharer-left recovery and re-merging. Each region is one mapping of its
+//! own memfd before the engine touches it, so the engine's mappings are every region's
+//! mappings beyond the first, plus the stable store's view.
+
+mod common;
+
+use common::{TestRegion, manual_engine, page_content};
+use samepage_dedup::{Knobs, PAGE_SIZE};
+
+/// A small deterministic generator (splitmix64).
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn kernel_count(regions: &[TestRegion]) -> usize {
+    regions.iter().map(|r| r.mappings() - 1).sum::<usize>() + 1
+}
+
+#[test]
+fn vmas_equals_the_kernels_count_under_churn() {
+    let engine = manual_engine(Knobs {
+        max_page_sharing: 3,
+        ..Knobs::default()
+    });
+    let pages = 256;
+    let mut regions: Vec<TestRegion> = (0..8).map(|_| TestRegion::new(&engine, pages)).collect();
+    for region in &mut regions {
+        region.fill(3, 0..pages);
+    }
+    let mut random = Random(0x5eed);
+    let mut mismatches = Vec::new();
+    for round in 0..400 {
+        // Writes: some pages get content of their own, some get back the shared content
+        // (so that windows bridge differing pages), a few small writes into merged pages.
+        for _ in 0..64 {
+            let region = random.below(regions.len());
+            let page = random.below(pages);
+            let content = match random.below(3) {
+                0 => page_content(1000 + round as u64 * 16 + region as u64, page),
+                1 => page_content(3, page),
+                _ => {
+                    let mut bytes = page_content(3, page);
+                    bytes[random.below(PAGE_SIZE)] ^= 0x5a;
+                    bytes
+                }
+            };
+            regions[region].write(page * PAGE_SIZE, &content);
+        }
+        if round % 50 == 49 {
+            // Region churn: one goes, a new one takes its place.
+            let at = random.below(regions.len());
+            regions[at] = TestRegion::new(&engine, pages);
+            regions[at].fill(3, 0..pages);
+        }
+        engine.scan_pass().expect("pass");
+        let stats = engine.stats();
+        let kernel = kernel_count(&regions);
+        if stats.vmas as usize != kernel {
+            mismatches.push((round, stats.vmas, kernel));
+        }
+        for region in &regions {
+            region.assert_matches_shadow();
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "(round, engine's vmas, kernel's) where they differ: {mismatches:?}"
+    );
+}
