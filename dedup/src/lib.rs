@@ -125,6 +125,7 @@ mod remap;
 mod scanner;
 mod stable;
 mod state;
+mod vma;
 
 pub use advice::{Advice, MergeScope};
 pub use advisor::Advisor;

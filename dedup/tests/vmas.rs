@@ -84,13 +84,12 @@ fn vmas_equals_the_kernels_count_under_churn() {
     );
 }
 
-/// The defect issue 12 reports, reproduced: two windows of a region onto consecutive slots,
-/// each with a private copy made after its own `mmap`, hold different anonymous-memory roots
+/// The defect issue 12 reported: two windows of a region onto consecutive slots, each with a
+/// private copy made after its own `mmap`, hold different anonymous-memory roots
 /// (`anon_vma`), so when merging the pages between them makes the slots consecutive the
-/// kernel cannot join them: a stays two mappings where the engine counts one. With private
-/// copies in one window only, or in neither, the kernel joins them and the count is exact.
+/// kernel cannot join them: a stays two mappings, which the engine counted as one. With
+/// private copies in one window only, or in neither, the kernel joins them.
 #[test]
-#[ignore = "issue 12: the engine counts one mapping where the kernel keeps two; fails until fixed"]
 fn windows_with_private_copies_joined_by_a_merge_are_counted_as_the_kernel_counts_them() {
     // Smart scan would skip a's pages that long matched nothing.
     let engine = manual_engine(Knobs {

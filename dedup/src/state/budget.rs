@@ -14,6 +14,7 @@ use crate::Knobs;
 use crate::layout::boundary;
 
 use super::{MergeState, RegionPages};
+use crate::region::RegionId;
 
 /// Runs shorter than this are not merged while the map-count budget is tight (more than
 /// three quarters used): an isolated page costs two mappings and saves one page.
@@ -97,6 +98,46 @@ impl RegionPages {
 }
 
 impl MergeState {
+    /// After pages `range` of region `id` were remapped and their records updated: inside
+    /// the range the mapping is a fresh one, with no boundary the records do not imply; at
+    /// its two edges, where the records say the pages join consecutive slots, the kernel says
+    /// whether they did ([`crate::vma::joined`]). Keeps `vmas` what the kernel counts.
+    pub(super) fn reconcile_edges(&mut self, id: RegionId, range: Range<usize>) {
+        let Some(record) = self.regions.get_mut(&id) else {
+            return;
+        };
+        let mut delta = 0i64;
+        let stale: Vec<usize> = record
+            .kernel_splits
+            .range(range.start..=range.end)
+            .copied()
+            .collect();
+        for page in stale {
+            record.kernel_splits.remove(&page);
+            delta -= 1;
+        }
+        for page in [range.start, range.end] {
+            if page == 0 || page >= record.len {
+                continue;
+            }
+            let (left, right) = (
+                record.pages.get(page - 1).stable(),
+                record.pages.get(page).stable(),
+            );
+            // Only stable neighbours can hold different anonymous memory; the region's own
+            // mapping is shared and has none.
+            if right == 0 || boundary(left, right) == 1 {
+                continue;
+            }
+            if crate::vma::joined(record.region.page_addr(page)) == Some(false) {
+                record.kernel_splits.insert(page);
+                delta += 1;
+            }
+        }
+        record.vmas = record.vmas.saturating_add_signed(delta);
+        self.vmas = self.vmas.saturating_add_signed(delta);
+    }
+
     /// Whether a merge adding `delta` mappings for a run of `run` pages fits the budget;
     /// counts the run as skipped when it does not.
     pub(super) fn budget_allows(&mut self, delta: i64, run: usize) -> bool {

@@ -206,6 +206,7 @@ impl MergeState {
             record.vmas = record.vmas.saturating_add_signed(delta);
             self.vmas = self.vmas.saturating_add_signed(delta);
             self.note_window(id, page, &vec![true; len], first);
+            self.reconcile_edges(id, page..page + len);
         }
         Ok(())
     }
@@ -285,6 +286,7 @@ impl MergeState {
         let record = self.region_mut(id);
         let records = std::mem::take(&mut record.pages);
         let vmas = std::mem::take(&mut record.vmas);
+        record.kernel_splits.clear();
         let region = record.region.clone();
         record.quiet_at = None;
         record.visit.1 = false;

@@ -256,6 +256,7 @@ impl MergeState {
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
         self.note_window(id, page, shares, slot);
+        self.reconcile_edges(id, page..page + len);
         self.counters.merges_this_pass += 1;
         if self.punch_after_calls && self.in_owner_call {
             // The merge stands; freeing the replaced pages can wait for the scanner.

@@ -27,7 +27,9 @@
 //! - every page of a region maps its own memfd (`stable == 0`), a stable slot it shares, or
 //!   a private copy of its own bytes over a slot (`COPY`); the slot's node counts it;
 //! - `vmas` equals the stable view plus, per region, the mapping boundaries its records imply
-//!   (`layout::mapping_delta` keeps it in step with every change);
+//!   (`layout::mapping_delta` keeps it in step with every change) and those the kernel keeps
+//!   where the records imply none (`kernel_splits`, asked of the kernel after each remap:
+//!   `vma.rs`);
 //! - the unstable index is only a hint: its entries are re-checked, and bytes are compared,
 //!   before anything merges.
 
@@ -67,6 +69,10 @@ struct RegionPages {
     advice: AdviceMap,
     /// Mappings the engine's merges split this region's mapping into, beyond the first.
     vmas: u64,
+    /// Pages where the kernel starts a mapping although the page before maps the slot
+    /// before (their mappings' anonymous memory differs: `vma.rs`), so that the records
+    /// alone imply one boundary fewer; each is counted in `vmas`.
+    kernel_splits: std::collections::BTreeSet<usize>,
     /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
     /// found nothing left to do: every page merged, a hole, or a copy. While the owner has
     /// not entered since, the scanner skips the region.
@@ -166,6 +172,7 @@ impl MergeState {
                 len: 0,
                 advice: AdviceMap::default(),
                 vmas: 0,
+                kernel_splits: Default::default(),
                 quiet_at: None,
                 visit: (0, false),
             },

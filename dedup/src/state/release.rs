@@ -67,6 +67,7 @@ impl MergeState {
         record.quiet_at = None;
         record.visit.1 = false;
         let delta = record.mapping_delta(range.clone(), 0);
+        let remapped = range.clone();
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
         for page in range {
@@ -76,6 +77,7 @@ impl MergeState {
             record.unmap_stable();
             self.leave_slot(slot, copy)?;
         }
+        self.reconcile_edges(id, remapped);
         Ok(())
     }
 
