@@ -2,7 +2,8 @@
 //!
 //! Every page of a region maps either the region's own memfd or a slot of the stable memfd.
 //! The kernel keeps neighbouring pages in one mapping (VMA) when both map the region's memfd,
-//! or both map the stable memfd at consecutive slots; every other neighbour pair is a
+//! or both map the stable memfd at consecutive slots (unless their mappings' anonymous memory
+//! differs, which only the kernel knows: `vma.rs`); every other neighbour pair is a
 //! boundary between two mappings. Since mappings are what runs out first (the process-wide
 //! `vm.max_map_count`), the engine merges whole runs and *windows*: a window maps a stretch
 //! of pages onto consecutive slots with one mapping, and its pages that differ from their

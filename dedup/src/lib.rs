@@ -99,6 +99,7 @@
 //! | a match grows into a run or a window and is mapped onto stable slots | `state/merge.rs`, with `layout.rs` (window shape, mapping cost) and `state/budget.rs` (map-count budget) |
 //! | the stable page: slots, sharers, chains and dups | `stable/mod.rs`, `stable/index.rs`, `stable/slots.rs` |
 //! | the system calls: remapping, and memfd punches | `remap.rs`, `memfds.rs` |
+//! | what the kernel says of the mappings (where anonymous memory keeps two apart) | `vma.rs` |
 //! | module images: built in the stable store, mapped as merged pages, reset | `image.rs`, `state/image.rs` |
 //! | copy-on-write break | the kernel (nothing of samepage runs) |
 //! | sharer-left recovery and unmerge | `state/release.rs` (the page map is read in `pagemap.rs`) |
