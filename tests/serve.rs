@@ -683,6 +683,19 @@ fn a_bad_config_is_refused_with_its_file_and_line() {
             "{text}: wanted {wanted:?} in {stderr}"
         );
     }
+    // A budget the host is over before it serves anything.
+    let small = built(SMALL, "build-http-components");
+    let output = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(["serve", "--memory-budget", "1MiB"])
+        .arg(&small)
+        .output()
+        .expect("run samepage serve");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("the memory budget (1 MiB) is below what the host holds"),
+        "{stderr}"
+    );
 }
 
 #[test]
