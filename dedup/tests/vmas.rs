@@ -32,6 +32,8 @@ fn kernel_count<'a>(regions: impl IntoIterator<Item = &'a TestRegion>) -> usize 
     regions.into_iter().map(|r| r.mappings() - 1).sum::<usize>() + 1
 }
 
+/// Also, at every pass: every page against its shadow, the engine's audit, and the owners'
+/// merged pages against `pages_sharing + pages_shared`.
 #[test]
 fn vmas_equals_the_kernels_count_under_churn() {
     let engine = manual_engine(Knobs {
@@ -77,6 +79,21 @@ fn vmas_equals_the_kernels_count_under_churn() {
         for region in &regions {
             region.assert_matches_shadow();
         }
+        let audit = engine.audit();
+        assert!(
+            audit.mismatched_slots.is_empty() && audit.index_sound,
+            "round {round}: {audit:?}"
+        );
+        assert!(audit.max_sharers <= 3, "round {round}: {audit:?}");
+        let merged: u64 = regions
+            .iter()
+            .map(|region| engine.owner_stats(region.owner.id()).pages_merged)
+            .sum();
+        assert_eq!(
+            merged,
+            stats.pages_sharing + stats.pages_shared,
+            "round {round}: the owners' merged pages against the engine's"
+        );
     }
     assert!(
         mismatches.is_empty(),
