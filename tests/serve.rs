@@ -566,8 +566,10 @@ fn a_tight_budget_evicts_the_least_recently_used_idle_instance() {
         "an unmerged instance holds {instance} bytes"
     );
 
-    // Room for one instance and half of another.
-    let budget = (one + instance / 2.0) as u64;
+    // Room for one instance and most of another: two do not fit, but once the others are
+    // evicted a new one does, with what its function's last new instance cost (which counts
+    // its first request's garbage too, about one and a half instances).
+    let budget = (one + instance * 0.9) as u64;
     let server = Server::config(
         "evict",
         &format!("[server]\nmemory_budget = {budget}\n[engine]\ndedup = false\n{functions}"),
