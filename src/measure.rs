@@ -37,14 +37,17 @@ pub fn pss_bytes() -> Result<u64> {
         }
         text.extend_from_slice(&chunk[..read]);
     }
-    let rollup = String::from_utf8_lossy(&text);
+    pss_in_rollup(&String::from_utf8_lossy(&text)).context("no Pss line in /proc/self/smaps_rollup")
+}
+
+/// The `Pss:` figure of a `smaps_rollup` file's text, in bytes.
+pub fn pss_in_rollup(rollup: &str) -> Option<u64> {
     rollup
         .lines()
         .find_map(|line| line.strip_prefix("Pss:"))
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|kb| kb.trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
-        .context("no Pss line in /proc/self/smaps_rollup")
 }
 
 /// CPU time of the calling thread, in seconds.

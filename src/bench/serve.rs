@@ -695,11 +695,10 @@ fn trace(params: &Params, component: &Path, scratch: &Path, out: &Path) -> Resul
     }
     let budget_column = format!("host PSS: alone → peak (budget {TRACE_BUDGET_MIB} MiB)");
     let plot = "serve-cold-starts.svg";
-    plot_lines(
+    super::plot::lines(
         &out.join(plot),
         "Cold starts on the trace",
-        "seconds since the trace began",
-        "cold starts so far",
+        ("seconds since the trace began", "cold starts so far"),
         &["on", "off"]
             .iter()
             .zip(&runs)
@@ -710,6 +709,8 @@ fn trace(params: &Params, component: &Path, scratch: &Path, out: &Path) -> Resul
                 )
             })
             .collect::<Vec<_>>(),
+        false,
+        SeriesLabelPosition::UpperLeft,
     )?;
     let mut shares = [0usize; TRACE_FUNCTIONS];
     for arrival in &plan {
@@ -1039,12 +1040,7 @@ impl PssSampler {
 /// A process's PSS, from `/proc/PID/smaps_rollup`.
 fn pss_of(pid: u32) -> Option<u64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|line| line.strip_prefix("Pss:"))
-        .and_then(|rest| rest.trim().strip_suffix("kB"))
-        .and_then(|kb| kb.trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    crate::measure::pss_in_rollup(&rollup)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1263,61 +1259,6 @@ fn error_cell<'a>(loads: impl IntoIterator<Item = &'a Load>) -> String {
 
 fn yes_no(met: bool) -> String {
     if met { "yes" } else { "**no**" }.into()
-}
-
-/// Plots each series (label, points) as lines on one chart at `path`.
-fn plot_lines(
-    path: &Path,
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-) -> Result<()> {
-    let max_x = series
-        .iter()
-        .flat_map(|(_, points)| points.iter().map(|p| p.0))
-        .fold(1.0, f64::max);
-    let max_y = series
-        .iter()
-        .flat_map(|(_, points)| points.iter().map(|p| p.1))
-        .fold(1.0, f64::max);
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_x * 1.02, 0.0..max_y * 1.1)
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    for ((label, points), colour) in series.iter().zip([RED, BLUE, GREEN, BLACK].iter().cycle()) {
-        let colour = *colour;
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                colour.stroke_width(2),
-            ))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(label.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
-    Ok(())
 }
 
 const ABOUT: &str = "\
