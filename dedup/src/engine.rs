@@ -207,7 +207,9 @@ impl Engine {
 
     /// Puts `region` back to what it was when registered with `image` (or to zeros without
     /// one), in time proportional to the pages its owner touched since: what the owner wrote
-    /// is freed, and the image's pages are mapped again. The region keeps its length.
+    /// is freed, and the image's pages are mapped again. The region keeps its length. On an
+    /// error (a failed remap) the region is part reset: the owner must not run on it until a
+    /// later reset succeeds, or drop it.
     pub fn reset_region(
         &self,
         guard: &OwnerGuard,

@@ -114,6 +114,21 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Knobs {
+    /// The most passes smart scan lets go by between two looks at a page that keeps failing
+    /// to merge.
+    pub const SMART_SCAN_LONGEST_SKIP: u64 = 32;
+
+    /// How many passes in a row must merge nothing before every page was looked at since
+    /// the last merge: with smart scan, a page skipped since long may match a stable page
+    /// made meanwhile, and merges only when its turn comes.
+    pub fn passes_to_see_every_page(&self) -> u64 {
+        if self.smart_scan {
+            Self::SMART_SCAN_LONGEST_SKIP
+        } else {
+            1
+        }
+    }
+
     pub const PAGES_TO_SCAN: KnobRange = KnobRange::new("pages_to_scan", 1, 1 << 24, "");
     pub const SLEEP_MILLISECS: KnobRange = KnobRange::new("sleep_millisecs", 0, 60_000, "ms");
     pub const MAP_BUDGET_PERCENT: KnobRange = KnobRange::new("map_budget_percent", 1, 90, "%");

@@ -110,6 +110,7 @@
 pub mod advice;
 pub mod advisor;
 pub mod error;
+pub mod faults;
 pub mod image;
 pub mod knobs;
 pub mod mapping;

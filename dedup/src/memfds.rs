@@ -36,6 +36,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::AsFd;
 
+use crate::faults::Syscall;
 use memfd::{FileSeal, Memfd, MemfdOptions};
 use rustix::fs::{FallocateFlags, SeekFrom, fallocate, seek};
 use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
@@ -73,6 +74,7 @@ impl ReadOnlyView {
     /// Maps `len` bytes of `memfd` (no memory is reserved for them: `MAP_NORESERVE`).
     pub(crate) fn new(memfd: &Memfd, len: usize) -> io::Result<Self> {
         // SAFETY: a fresh mapping at an address the kernel picks; nothing else refers to it.
+        crate::faults::check(Syscall::Mmap)?;
         let base = unsafe {
             mmap(
                 std::ptr::null_mut(),
@@ -137,6 +139,7 @@ pub(crate) fn punch_stable(stable: &Memfd, first: usize, count: usize) -> io::Re
 
 /// Punches pages `first..first + count` out of `fd`, keeping its size.
 fn punch(fd: impl AsFd, first: usize, count: usize) -> io::Result<()> {
+    crate::faults::check(Syscall::Fallocate)?;
     fallocate(
         fd,
         FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,

@@ -47,6 +47,7 @@ impl Pagemap {
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), count * 8)
         };
+        crate::faults::check(crate::faults::Syscall::PagemapRead)?;
         self.file
             .read_exact_at(bytes, (addr / crate::PAGE_SIZE * 8) as u64)?;
         Ok(self.buf.iter().map(|&entry| {

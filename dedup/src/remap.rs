@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use rustix::mm::{MapFlags, ProtFlags, mmap};
 
+use crate::faults::Syscall;
 use crate::quiesce::Quiescent;
 use crate::region::Region;
 use crate::{Error, PAGE_SIZE};
@@ -26,20 +27,21 @@ fn replace_pages(
     // read under the gate), which the engine is allowed to replace (module contract); the
     // owner cannot touch it meanwhile (callers hold its token); and the new pages hold the
     // bytes the owner saw, so nothing it can observe changes.
-    unsafe {
-        mmap(
-            region.page_addr(first) as *mut _,
-            count * PAGE_SIZE,
-            ProtFlags::READ | ProtFlags::WRITE,
-            sharing | MapFlags::FIXED,
-            file,
-            offset,
-        )
-    }
-    .map_err(|e| Error::Remap {
-        region: region.id,
-        source: e.into(),
-    })?;
+    crate::faults::check(Syscall::Mmap)
+        .and_then(|()| unsafe {
+            mmap(
+                region.page_addr(first) as *mut _,
+                count * PAGE_SIZE,
+                ProtFlags::READ | ProtFlags::WRITE,
+                sharing | MapFlags::FIXED,
+                file,
+                offset,
+            )
+        })
+        .map_err(|e| Error::Remap {
+            region: region.id,
+            source: e.into(),
+        })?;
     Ok(())
 }
 
@@ -79,16 +81,30 @@ pub(crate) fn restore_own(
     // SAFETY: the token keeps the owner from writing, so the bytes stay as read; the range is
     // inside the mapping (caller's bound).
     let bytes = unsafe { region.pages(first..first + count) };
-    region
-        .memfd
-        .as_file()
-        .write_all_at(bytes, (first * PAGE_SIZE) as u64)
+    crate::faults::check(Syscall::Pwrite)
+        .map_err(std::io::Error::from)
+        .and_then(|()| {
+            region
+                .memfd
+                .as_file()
+                .write_all_at(bytes, (first * PAGE_SIZE) as u64)
+        })
         .map_err(|source| Error::RestoreWrite {
             region: region.id,
             source,
         })?;
-    // The memfd now holds exactly the bytes the owner saw.
-    map_own(q, region, first, count)
+    // The memfd now holds exactly the bytes the owner saw. Populated: a page the new
+    // mapping has no entry for reads as never touched in the page map, and the scanner
+    // would pass it over as a hole until the owner next touched it, so that unmerged pages
+    // never merged again. Every page has data now, so populating allocates nothing.
+    replace_pages(
+        region,
+        first,
+        count,
+        MapFlags::SHARED | MapFlags::POPULATE,
+        region.memfd.as_file(),
+        (first * PAGE_SIZE) as u64,
+    )
 }
 
 /// Maps the region's own memfd over pages `first..first + count` again. Only for pages whose

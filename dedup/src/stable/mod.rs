@@ -194,6 +194,7 @@ impl StableStore {
             self.nodes.resize(end, None);
         }
         let written = crate::layout::runs_of(keys, Option::is_some).try_for_each(|pages| {
+            crate::faults::check(crate::faults::Syscall::Pwrite)?;
             self.memfd.as_file().write_all_at(
                 &bytes[pages.start * PAGE_SIZE..pages.end * PAGE_SIZE],
                 ((first as usize + pages.start) * PAGE_SIZE) as u64,

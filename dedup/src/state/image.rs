@@ -190,13 +190,14 @@ impl MergeState {
             if !self.budget_allows(delta, len) {
                 // No mappings to spare: the region gets the bytes in its own memfd instead.
                 for n in 0..len {
-                    region
-                        .memfd
-                        .as_file()
-                        .write_all_at(
-                            self.stable.page(first + n as Slot),
-                            ((page + n) * PAGE_SIZE) as u64,
-                        )
+                    crate::faults::check(crate::faults::Syscall::Pwrite)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| {
+                            region.memfd.as_file().write_all_at(
+                                self.stable.page(first + n as Slot),
+                                ((page + n) * PAGE_SIZE) as u64,
+                            )
+                        })
                         .map_err(|source| Error::ImageWrite { region: id, source })?;
                 }
                 continue;

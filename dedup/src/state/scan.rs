@@ -76,7 +76,7 @@ fn smart_scan_period(misses: u8) -> u64 {
     if misses < 2 {
         1
     } else {
-        1 << (misses - 1).min(5)
+        (1 << (misses - 1).min(5)).min(crate::Knobs::SMART_SCAN_LONGEST_SKIP)
     }
 }
 
