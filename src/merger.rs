@@ -26,16 +26,21 @@ pub struct Sample {
     pub stats: Stats,
     /// CPU the merger spent since it started, in seconds.
     pub cpu_seconds: f64,
-    /// Whether a whole pass, begun after the merger had seen every page twice, merged
-    /// nothing new.
+    /// Whether the merger has nothing left to merge: for ksmd, a whole pass begun after it
+    /// had seen every page twice merged nothing new; for samepage, as many passes as smart
+    /// scan may skip a page for went by without sharing changing.
     pub converged: bool,
 }
 
 pub enum Merger {
-    /// samepage's scanner; `first_full_scans` is where it stood when merging began.
+    /// samepage's scanner; `first_full_scans` is where it stood when merging began,
+    /// `last_change` the full-scan count and sharing when sharing last changed, and
+    /// `quiet_passes` how many passes without a change mean convergence.
     Samepage {
         engine: Engine,
         first_full_scans: u64,
+        last_change: (u64, u64),
+        quiet_passes: u64,
     },
     /// ksmd, configured for the run; `first_full_scans` is ksmd's count of passes before
     /// it started (the run reports its own passes), `cpu_start` ksmd's CPU time then, and
@@ -55,10 +60,13 @@ impl Merger {
     /// Starts samepage's scanner with `knobs` (it waited while the instances ran).
     pub fn samepage(engine: &Engine, knobs: Knobs) -> Result<Self> {
         let first_full_scans = engine.stats().full_scans;
+        let quiet_passes = knobs.passes_to_see_every_page();
         engine.set_knobs(knobs).context("starting the scanner")?;
         Ok(Self::Samepage {
             engine: engine.clone(),
             first_full_scans,
+            last_change: (first_full_scans, engine.stats().pages_sharing),
+            quiet_passes,
         })
     }
 
@@ -85,12 +93,19 @@ impl Merger {
             Self::Samepage {
                 engine,
                 first_full_scans,
+                last_change,
+                quiet_passes,
             } => {
                 let stats = engine.stats();
+                if stats.merges_last_pass > 0 || stats.pages_sharing != last_change.1 {
+                    *last_change = (stats.full_scans, stats.pages_sharing);
+                }
                 Sample {
                     cpu_seconds: stats.scanner_cpu_ns as f64 * 1e-9,
+                    // Smart scan may still hold back pages that merge: converged once every
+                    // page was looked at since sharing last changed.
                     converged: stats.full_scans >= *first_full_scans + 3
-                        && stats.merges_last_pass == 0,
+                        && stats.full_scans >= last_change.0 + *quiet_passes,
                     stats,
                 }
             }
