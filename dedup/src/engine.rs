@@ -383,6 +383,10 @@ impl RegionHandle {
     /// guard held, after the new range is mapped.
     pub fn set_len(&self, len: usize) {
         self.region.set_len(len);
+        // Counted now, not at the next visit: a merged last page and the new range are two
+        // mappings from this moment, and the map-count budget must know. (An unknown region
+        // is one being unregistered: nothing to count.)
+        let _ = self.shared.state.lock().cover_length(self.region.id);
     }
 }
 

@@ -243,7 +243,7 @@ impl MergeState {
 
     /// Takes note of region `id`'s current length (it may have grown since the last visit);
     /// returns it in pages.
-    fn cover_length(&mut self, id: RegionId) -> Result<usize, Error> {
+    pub(crate) fn cover_length(&mut self, id: RegionId) -> Result<usize, Error> {
         let record = self.regions.get_mut(&id).ok_or(Error::UnknownRegion(id))?;
         let pages = record.region.len() / crate::PAGE_SIZE;
         if record.len < pages {

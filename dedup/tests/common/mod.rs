@@ -194,6 +194,22 @@ impl TestRegion {
             / PAGE_SIZE as u64
     }
 
+    /// The inode of the region's own memfd, as `/proc/self/maps` names it.
+    pub fn memfd_inode(&self) -> u64 {
+        self.mapping
+            .memfd()
+            .as_file()
+            .metadata()
+            .expect("stat")
+            .ino()
+    }
+
+    /// The addresses of the region's accessible range.
+    pub fn addresses(&self) -> std::ops::Range<usize> {
+        let start = self.mapping.as_ptr() as usize;
+        start..start + self.mapping.len()
+    }
+
     /// Mappings in this process that overlap the region's accessible range.
     pub fn mappings(&self) -> usize {
         let start = self.mapping.as_ptr() as usize;
