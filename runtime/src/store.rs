@@ -25,6 +25,10 @@
 //! An embedder that has a call hook of its own calls [`StoreOwner::on_call`] from it instead
 //! of letting samepage install one (a store has one call hook).
 //!
+//! Code that instantiates into a store by itself (a library handed the `Store`, a test
+//! harness such as `wasmtime-wast`) runs inside [`StoreOwner::instantiating`], which names
+//! the owner to the memory creator and holds the guard as [`StoreOwner::instantiate`] does.
+//!
 //! One case the hook cannot see: calling a *component* export whose parameters or results
 //! pass through linear memory (strings, lists) makes wasmtime write them into guest memory
 //! around the core call, outside it. Make such calls inside [`StoreOwner::access`], which
@@ -353,6 +357,43 @@ impl StoreOwner {
                 expected: memories as usize,
             });
         }
+        self.adopt(created, plan)?;
+        Ok(result)
+    }
+
+    /// Runs `f` as an instantiation by this owner, for code that instantiates into the store
+    /// itself where [`StoreOwner::instantiate`] cannot wrap it: a library or a test harness
+    /// (such as `wasmtime-wast`) that takes the `Store` and calls `Linker::instantiate` or
+    /// `Memory::new` on it. Memories that wasmtime creates on this thread inside `f` become
+    /// this owner's [`MemoryRegion`]s, and the guard is held for all of `f`, so wasmtime's
+    /// copies of data segments and any start function run as the owner's writes (calls into
+    /// wasm inside `f` nest, as in [`StoreOwner::access`]). Install the call hook first
+    /// ([`StoreOwner::drive`] or [`StoreOwner::on_call`]), so that calls made after `f` hold
+    /// the guard too.
+    ///
+    /// What it cannot do that [`StoreOwner::instantiate`] does: map module images (wasmtime
+    /// copies the data segments of whatever `f` instantiates), and count the memories the
+    /// instantiation should have made, since it does not know the module; build the engine
+    /// from the `Config` that [`crate::Samepage::configure`] set up, or memories made without
+    /// samepage's creator stay unmerged unnoticed. A memory samepage cannot create (a shared
+    /// one, say) fails the instantiation inside `f`, with samepage's reason in wasmtime's
+    /// error: `f` sees it as it would any failed instantiation. The error here is only the
+    /// merge of the new memories ([`crate::SamepageConfig::merge_on_instantiate`]) failing.
+    pub fn instantiating<R>(&self, f: impl FnOnce() -> R) -> Result<R, RuntimeError> {
+        let scope = OwnerScope::enter(self.owner(), None);
+        let result = self.access(f);
+        let created = scope.take_created();
+        self.adopt(created, None)?;
+        Ok(result)
+    }
+
+    /// Makes the memories an instantiation `created` this owner's regions (and `plan` its
+    /// images, if they are the store's first), and merges them when they were copied in.
+    fn adopt(
+        &self,
+        created: Vec<MemoryRegion>,
+        plan: Option<ImagePlan>,
+    ) -> Result<(), RuntimeError> {
         // Memories made from images start merged; what wasmtime copied in has to be merged.
         let merge_now = self
             .dedup()
@@ -370,7 +411,7 @@ impl StoreOwner {
             // copy-on-write images would be.
             self.merge_now()?;
         }
-        Ok(result)
+        Ok(())
     }
 
     /// Merges what can be merged in the store's memories now, with the guard held, instead

