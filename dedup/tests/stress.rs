@@ -21,28 +21,11 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use common::{TestRegion, manual_engine, page_content};
+use common::{Random, TestRegion, manual_engine, page_content};
 use samepage_dedup::{Advice, Engine, Knobs, Owner, PAGE_SIZE};
 
 const MAX_SHARING: u32 = 3;
 const PAGES: usize = 96;
-
-/// splitmix64: a failure replays from its seed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
