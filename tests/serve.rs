@@ -548,34 +548,51 @@ fn a_tight_budget_evicts_the_least_recently_used_idle_instance() {
          [[function]]\nname = \"b\"\nroute = \"/b\"\ncomponent = \"{0}\"\n",
         component.display()
     );
-    // Unmerged, so that each instance costs its whole size: first, what one costs. Measured
-    // twice, so that the second run, like the one under the budget, loads the compiled
-    // component from wasmtime's cache (compiling leaves the host's heap larger).
+    // The budget must tell "a and b fit" from "a, grown, and b do not" across two server
+    // processes whose PSS differs by a few MiB (heap layout, thread stacks), so every margin
+    // is half of b's cost, made large by growing b on its first request. Unmerged, so that
+    // each instance costs its whole size. Measured twice, so that the second run, like the
+    // one under the budget, loads the compiled component from wasmtime's cache (compiling
+    // leaves the host's heap larger).
+    const B_FIRST: &str = "/b/grow?mb=24";
     let mut one = 0.0;
     let mut two = 0.0;
     for _ in 0..2 {
         let measure = Server::config("measure", &format!("[engine]\ndedup = false\n{functions}"));
         assert_eq!(measure.get("/a/x").served(), 1);
         one = measure.metrics().get("samepage_host_pss_bytes");
-        assert_eq!(measure.get("/b/x").served(), 1);
+        assert_eq!(measure.get(B_FIRST).served(), 1);
         two = measure.metrics().get("samepage_host_pss_bytes");
     }
-    let instance = two - one;
+    let b_cost = two - one;
     assert!(
-        instance > 4.0 * 1048576.0,
-        "an unmerged instance holds {instance} bytes"
+        b_cost > 24.0 * 1048576.0,
+        "an unmerged instance of b holds {b_cost} bytes"
     );
 
-    // Room for one instance and most of another: two do not fit, but once the others are
-    // evicted a new one does, with what its function's last new instance cost (which counts
-    // its first request's garbage too, about one and a half instances).
-    let budget = (one + instance * 0.9) as u64;
+    // With a and b made, half of b's cost is left. a then grows by b's cost on a warm request:
+    // still within the budget (by half of b's cost) while b is absent, and over it (by as
+    // much) once b is made. a, idle longest, is evicted; that frees more than a new instance
+    // of a is expected to cost (its first request did not grow), so a fits again.
+    let margin = b_cost / 2.0;
+    let budget = (two + margin) as u64;
+    let grow_mb = (b_cost / 1048576.0).round() as u64;
     let server = Server::config(
         "evict",
         &format!("[server]\nmemory_budget = {budget}\n[engine]\ndedup = false\n{functions}"),
     );
     assert_eq!(server.get("/a/remember?value=a").served(), 1);
-    assert_eq!(server.get("/b/x").served(), 1);
+    let grown = server.get(&format!("/a/grow?mb={grow_mb}")).json();
+    assert_eq!(grown["held_mb"].as_u64(), Some(grow_mb), "{grown}");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        server
+            .metrics()
+            .of("samepage_evictions_total", "a", "default"),
+        0.0,
+        "a was evicted before b came: the budget is {budget} bytes"
+    );
+    assert_eq!(server.get(B_FIRST).served(), 1);
     // b's instance put the host over its budget: a's, idle longest, goes.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
