@@ -24,7 +24,9 @@
 //! shares): the whole *window* is mapped at once, and the differing pages get private copies
 //! of their own bytes through the mapping's copy-on-write. A private copy costs a fault
 //! (about 2 µs) and no memory beyond the page it replaces; the mappings it saves are what
-//! runs out first when identical pages alternate with unique ones.
+//! runs out first when identical pages alternate with unique ones. A bridged page is still
+//! scanned like any other: once its bytes match a page elsewhere, it is given back to its
+//! memfd (splitting the window, within the map budget) and merged.
 //! The engine counts the mappings it creates and stays within a share of `vm.max_map_count`;
 //! when that budget is tight it merges only long runs and counts what it skipped.
 //!

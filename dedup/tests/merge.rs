@@ -421,6 +421,60 @@ fn a_window_merges_every_other_page_with_one_mapping_and_copies_the_rest() {
 }
 
 #[test]
+fn a_bridged_page_merges_once_its_bytes_match_another_page() {
+    // Windows that bridge every other page, as above: the bridged pages keep private copies
+    // of bytes no other page held when the windows were made.
+    let engine = manual_engine(Knobs {
+        smart_scan: false,
+        ..Knobs::default()
+    });
+    let pages = 16;
+    let mut regions: Vec<TestRegion> = (0..3).map(|_| TestRegion::new(&engine, pages)).collect();
+    for (n, region) in regions.iter_mut().enumerate() {
+        region.fill(30, 0..pages);
+        for page in (1..pages).step_by(2) {
+            region.write(page * PAGE_SIZE, &page_content(40 + n as u64, page));
+        }
+    }
+    settle(&engine);
+    let merged = |region: &TestRegion| engine.owner_stats(region.owner.id()).pages_merged;
+    assert_eq!(merged(&regions[0]), pages as u64 / 2);
+
+    // A new page holds what region 0's bridged page 1 holds: the two pair up, whichever the
+    // scanner meets first.
+    let mut pair = TestRegion::new(&engine, 1);
+    pair.write(0, &page_content(40, 1));
+    // Two new pages hold what region 1's bridged page 3 holds: they merge with each other
+    // first, and the bridged page joins their stable page.
+    let mut two: Vec<TestRegion> = (0..2).map(|_| TestRegion::new(&engine, 1)).collect();
+    for region in &mut two {
+        region.write(0, &page_content(41, 3));
+    }
+    for _ in 0..4 {
+        engine.scan_pass().expect("pass");
+    }
+    assert_eq!(
+        merged(&regions[0]),
+        pages as u64 / 2 + 1,
+        "the bridged page that paired"
+    );
+    assert_eq!(merged(&pair), 1);
+    assert_eq!(
+        merged(&regions[1]),
+        pages as u64 / 2 + 1,
+        "the bridged page that joined"
+    );
+    assert_eq!(merged(&regions[2]), pages as u64 / 2);
+    for region in regions.iter().chain([&pair]).chain(&two) {
+        region.assert_matches_shadow();
+    }
+    let stats = engine.stats();
+    let all: u64 = regions.iter().chain([&pair]).chain(&two).map(merged).sum();
+    assert_eq!(all, stats.pages_shared + stats.pages_sharing);
+    assert!(engine.audit().mismatched_slots.is_empty());
+}
+
+#[test]
 fn idle_owners_are_skipped_until_they_run_again() {
     let engine = manual_engine(Knobs::default());
     let mut a = TestRegion::new(&engine, 32);

@@ -17,9 +17,7 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use common::{Random, TestRegion, manual_engine, page_content};
 use samepage_dedup::{Advice, Engine, Knobs, Owner, PAGE_SIZE};
@@ -27,150 +25,15 @@ use samepage_dedup::{Advice, Engine, Knobs, Owner, PAGE_SIZE};
 const MAX_SHARING: u32 = 3;
 const PAGES: usize = 96;
 
+fn checkpoint(engine: &Engine, regions: &[TestRegion], pagemap: &File, step: &str) -> u64 {
+    common::kernel::checkpoint(engine, regions, pagemap, MAX_SHARING, step).1
+}
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// One line of `/proc/self/maps`: its range, and the file it maps (inode and offset), if
-/// any, or its name.
-struct Mapping {
-    range: std::ops::Range<usize>,
-    inode: u64,
-    offset: u64,
-    name: String,
-}
-
-fn mappings() -> Vec<Mapping> {
-    std::fs::read_to_string("/proc/self/maps")
-        .expect("maps")
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (a, b) = fields[0].split_once('-').expect("range");
-            Mapping {
-                range: usize::from_str_radix(a, 16).expect("hex")
-                    ..usize::from_str_radix(b, 16).expect("hex"),
-                offset: u64::from_str_radix(fields[2], 16).expect("offset"),
-                inode: fields[4].parse().expect("inode"),
-                name: fields
-                    .get(5..)
-                    .map(|rest| rest.join(" "))
-                    .unwrap_or_default(),
-            }
-        })
-        .collect()
-}
-
-/// The kernel's view of the regions, checked against the engine's.
-fn check_kernel_view(engine: &Engine, regions: &[TestRegion], pagemap: &File, step: &str) {
-    const PRESENT: u64 = 1 << 63;
-    const FILE_OR_SHARED: u64 = 1 << 61;
-    let maps = mappings();
-    let stable_inodes: Vec<u64> = maps
-        .iter()
-        .filter(|m| m.name.starts_with("/memfd:samepage-stable"))
-        .map(|m| m.inode)
-        .collect();
-    assert!(!stable_inodes.is_empty(), "{step}: the stable store's view");
-    let stable_inode = stable_inodes[0];
-    // Stable page -> (sharers, domain of the first).
-    let mut sharers: HashMap<u64, (u32, u32)> = HashMap::new();
-    let (mut region_mappings, mut own_mappings) = (0, 0);
-    for (n, region) in regions.iter().enumerate() {
-        let range = region.addresses();
-        let own = region.memfd_inode();
-        let mut entries = vec![0u8; region.pages() * 8];
-        pagemap
-            .read_exact_at(&mut entries, (range.start / PAGE_SIZE * 8) as u64)
-            .expect("pagemap");
-        for mapping in maps
-            .iter()
-            .filter(|m| m.range.start < range.end && m.range.end > range.start)
-        {
-            region_mappings += 1;
-            assert!(
-                mapping.range.start >= range.start && mapping.range.end <= range.end,
-                "{step}: a mapping crosses region {n}'s bounds"
-            );
-            if mapping.inode == own {
-                own_mappings += 1;
-                continue;
-            }
-            assert_eq!(
-                mapping.inode, stable_inode,
-                "{step}: region {n} maps {} at {:#x}, neither its memfd nor the stable one",
-                mapping.name, mapping.range.start
-            );
-            for addr in mapping.range.clone().step_by(PAGE_SIZE) {
-                let page = (addr - range.start) / PAGE_SIZE;
-                let entry = u64::from_le_bytes(entries[page * 8..page * 8 + 8].try_into().unwrap());
-                let private = entry & PRESENT != 0 && entry & FILE_OR_SHARED == 0;
-                if private {
-                    continue;
-                }
-                let slot =
-                    (mapping.offset + (addr - mapping.range.start) as u64) / PAGE_SIZE as u64;
-                let domain = region.owner.domain();
-                let entry = sharers.entry(slot).or_insert((0, domain));
-                entry.0 += 1;
-                assert_eq!(
-                    entry.1, domain,
-                    "{step}: stable page {slot} is shared by domains {} and {domain}",
-                    entry.1
-                );
-            }
-        }
-    }
-    if let Some((slot, (count, _))) = sharers.iter().max_by_key(|(_, (count, _))| *count) {
-        assert!(
-            *count <= MAX_SHARING,
-            "{step}: stable page {slot} has {count} sharers"
-        );
-    }
-    // Each region is one mapping before the engine touches it; the engine counts the rest,
-    // plus the stable store's view.
-    let view = stable_inodes.len() - (region_mappings - own_mappings);
-    let engine_mappings = region_mappings - regions.len() + view;
-    assert_eq!(
-        engine.stats().vmas as usize,
-        engine_mappings,
-        "{step}: the engine's vmas against the kernel's mappings"
-    );
-}
-
-fn checkpoint(engine: &Engine, regions: &[TestRegion], pagemap: &File, step: &str) -> u64 {
-    let mut checked = 0;
-    for (n, region) in regions.iter().enumerate() {
-        let bytes = region.bytes();
-        if let Some(page) = (0..region.pages()).find(|&p| {
-            bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-                != region.shadow[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-        }) {
-            panic!("{step}: region {n} page {page} differs from its shadow copy");
-        }
-        checked += region.pages() as u64;
-    }
-    let audit = engine.audit();
-    assert!(
-        audit.mismatched_slots.is_empty() && audit.index_sound && audit.max_sharers <= MAX_SHARING,
-        "{step}: {audit:?}"
-    );
-    let stats = engine.stats();
-    assert_eq!(stats.errors, 0, "{step}: {:?}", engine.last_error());
-    let merged: u64 = regions
-        .iter()
-        .map(|region| engine.owner_stats(region.owner.id()).pages_merged)
-        .sum();
-    assert_eq!(
-        merged,
-        stats.pages_sharing + stats.pages_shared,
-        "{step}: the owners' merged pages against the engine's"
-    );
-    check_kernel_view(engine, regions, pagemap, step);
-    checked
 }
 
 fn new_region(engine: &Engine, domain: u32) -> TestRegion {

@@ -10,7 +10,9 @@
 //!   stable slots, and is mapped in both regions.
 //!
 //! Either way the run may bridge a few differing pages (a *window*, see `layout.rs`), which
-//! keep private copies of their own bytes. [`MergeState::map_window`] does the remapping for
+//! keep private copies of their own bytes (and are visited again: a bridged page whose
+//! bytes match is given back to its memfd by [`MergeState::unbridge`] and merged, as the
+//! page that matched or as the partner found). [`MergeState::map_window`] does the remapping for
 //! both, after asking [`super::budget`] whether the mappings it costs may be spent. The order
 //! of its steps is what keeps every byte the owner sees unchanged: compare (under the gate),
 //! map the stable slots, copy the differing pages' own bytes in, and only then punch the
@@ -94,7 +96,11 @@ impl MergeState {
         let other_pages = self.cover_length(partner.region)?;
         let other = self.region(partner.region);
         let other_region = other.region.clone();
-        let still_there = |r: PageRecord| r.stable() == 0 && r.has(SEEN) && r.checksum() == key.1;
+        // Unmerged, or bridged (a private copy of its own bytes, given back to its memfd below).
+        let still_there = |r: PageRecord| {
+            (r.stable() == 0 || r.has(COPY)) && r.has(SEEN) && r.checksum() == key.1
+        };
+        let partner_bridged = other.pages.get(partner.page).has(COPY);
         if partner.page >= other_pages
             || !still_there(other.pages.get(partner.page))
             || !self.may_merge(partner.region, partner.page)
@@ -122,6 +128,9 @@ impl MergeState {
         let (content, other_content) =
             unsafe { (region.page(page), other_region.page(partner.page)) };
         if content != other_content {
+            return Ok(None);
+        }
+        if partner_bridged && !self.unbridge(other_q, partner.region, partner.page)? {
             return Ok(None);
         }
 

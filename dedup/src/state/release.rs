@@ -81,6 +81,24 @@ impl MergeState {
         Ok(())
     }
 
+    /// Gives bridged page `page` of region `id` (a private copy in a merged window) back to
+    /// the region's memfd, so that it can merge elsewhere: its bytes matched another page's.
+    /// Splitting the window costs mappings; `false`, changing nothing, when they do not fit
+    /// the budget.
+    pub(super) fn unbridge(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+    ) -> Result<bool, Error> {
+        let delta = self.region(id).mapping_delta(page..page + 1, 0);
+        if !self.budget_allows(delta, 1) {
+            return Ok(false);
+        }
+        self.restore(q, id, page..page + 1)?;
+        Ok(true)
+    }
+
     /// A page stops mapping `slot`, as a sharer or as a private copy.
     pub(super) fn leave_slot(&mut self, slot: Slot, copy: bool) -> Result<(), Error> {
         if copy {

@@ -32,7 +32,7 @@ use crate::region::{Region, RegionId};
 use crate::{Error, MergeNowReport, PAGE_SIZE};
 
 use super::MergeState;
-use super::records::{SEEN, ZERO};
+use super::records::{COPY, SEEN, ZERO};
 
 /// A page in the unstable index: unchanged for one pass, matched nothing yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,6 +316,21 @@ impl MergeState {
         self.backing[page - self.backing_from]
     }
 
+    /// [`MergeState::unbridge`] for a page of the range being visited, whose page-map reading
+    /// it brings up to date: `restore_own` maps the memfd with its page-table entries filled.
+    fn unbridge_visited(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        page: usize,
+    ) -> Result<bool, Error> {
+        let unbridged = self.unbridge(q, id, page)?;
+        if unbridged {
+            self.backing[page - self.backing_from] = PageBacking::File;
+        }
+        Ok(unbridged)
+    }
+
     /// Visits one page; returns how many pages it consumed (a merged run counts whole).
     fn visit_page(
         &mut self,
@@ -328,7 +343,11 @@ impl MergeState {
     ) -> Result<usize, Error> {
         let record = self.record(id, page);
         let backing = self.backing_of(page);
-        if record.stable() != 0 || !self.may_merge(id, page) {
+        // A bridged page (a private copy in a merged window) holds its own bytes and is
+        // visited like a page of the region's own: once they match a page elsewhere, it is
+        // given back to its memfd and merged (`unbridge`).
+        let bridged = record.has(COPY);
+        if record.stable() != 0 && !bridged || !self.may_merge(id, page) {
             // Merged already, or advised never to be read.
             return Ok(1);
         }
@@ -360,6 +379,9 @@ impl MergeState {
         if record.has(SEEN)
             && let Some(slot) = self.stable.lookup((domain, record.checksum()), content)
         {
+            if bridged && !self.unbridge_visited(q, id, page)? {
+                return Ok(1);
+            }
             return self.merge_onto_stable(q, id, page, end, slot, visit);
         }
 
@@ -372,6 +394,9 @@ impl MergeState {
             return Ok(1);
         }
         if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
+            if bridged && !self.unbridge_visited(q, id, page)? {
+                return Ok(1);
+            }
             crate::memfds::punch_region(q, region, page, 1)
                 .map_err(|source| Error::Punch { region: id, source })?;
             let flags = self.record(id, page).flags();
@@ -380,10 +405,14 @@ impl MergeState {
         }
         let key = (domain, checksum);
         if let Some(slot) = self.stable.lookup(key, content) {
+            if bridged && !self.unbridge_visited(q, id, page)? {
+                return Ok(1);
+            }
             return self.merge_onto_stable(q, id, page, end, slot, visit);
         }
         if let Some(&partner) = self.unstable.get(&key)
             && partner != (PageRef { region: id, page })
+            && (!bridged || self.unbridge_visited(q, id, page)?)
             && let Some(merged) = self.merge_pair(q, id, page, end, partner, key, visit)?
         {
             return Ok(merged);

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod kernel;
+
 use samepage_dedup::{
     Engine, EngineConfig, Knobs, MemfdMapping, MemoryImage, Owner, PAGE_SIZE, RegionHandle,
 };
