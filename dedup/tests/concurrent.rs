@@ -6,22 +6,8 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestRegion, page_content};
+use common::{Random, TestRegion, page_content};
 use samepage_dedup::{Engine, EngineConfig, Knobs, PAGE_SIZE};
-
-/// A small deterministic generator, so a failure can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 #[test]
 fn owners_see_their_own_writes_while_merging_runs() {
@@ -58,7 +44,7 @@ fn owners_see_their_own_writes_while_merging_runs() {
             .enumerate()
             .map(|(n, mut region)| {
                 scope.spawn(move || {
-                    let mut rng = Rng(0x5EED + n as u64);
+                    let mut rng = Random(0x5EED + n as u64);
                     let mut rounds = 0;
                     while !stop.load(Ordering::Relaxed) {
                         let page = rng.below(pages);
@@ -66,7 +52,7 @@ fn owners_see_their_own_writes_while_merging_runs() {
                             // A small write inside a page, maybe a merged one.
                             0 => {
                                 let offset = page * PAGE_SIZE + rng.below(PAGE_SIZE - 8);
-                                region.write(offset, &rng.next().to_le_bytes());
+                                region.write(offset, &rng.next_u64().to_le_bytes());
                             }
                             // Content other owners hold too: it should merge again.
                             1 => region.write(page * PAGE_SIZE, &page_content(1, page)),

@@ -11,6 +11,7 @@ mod engine;
 mod merge_now;
 pub mod plot;
 mod serve;
+mod soak;
 #[cfg(feature = "spec-suite")]
 mod spec;
 mod start;
@@ -47,6 +48,10 @@ pub enum Suite {
     /// wasmtime's memories and on samepage's, merged and unmerged between directives. Only
     /// in a build with `--features spec-suite`, and among "all suites" only there.
     Spec,
+    /// The merge engine's differential stress run (owners writing under merging, the engine's
+    /// other paths in between, every page, the audit and the kernel's view checked) until
+    /// `--soak-writes` checked page writes.
+    Soak,
 }
 
 /// Why the spec suite cannot run in this build.
@@ -64,6 +69,12 @@ pub struct BenchArgs {
     /// Rounds of the compare suite; modes alternate within each round.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub rounds: u32,
+    /// Checked page writes the soak runs until.
+    #[arg(long, default_value_t = 100_000_000)]
+    pub soak_writes: u64,
+    /// Seed of the soak's choices (the same seed replays them).
+    #[arg(long, default_value_t = 0x5eed)]
+    pub soak_seed: u64,
     /// Where the reports go.
     #[arg(long, default_value = "docs/benchmarks")]
     pub out: PathBuf,
@@ -101,6 +112,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Suite::Spec => spec::suite(&args.out)?,
             #[cfg(not(feature = "spec-suite"))]
             Suite::Spec => anyhow::bail!(SPEC_SUITE_MISSING),
+            Suite::Soak => soak::suite(args.soak_writes, args.soak_seed)?,
         };
         let path = args.out.join(format!("{name}.md"));
         std::fs::write(&path, with_header(&body, suite))

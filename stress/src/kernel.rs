@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use samepage_dedup::{Engine, PAGE_SIZE};
 
-use super::TestRegion;
+use crate::TestRegion;
 
 /// What backs one page of a region, as the kernel's page tables say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,222 @@
+//! The differential stress run. Owners in two domains write at random under their guards
+//! (content shared across regions, unique content, zeros, small writes into merged pages),
+//! each write read back at once, while a scanner thread runs passes; between rounds the run
+//! interleaves merge-now, advice, unmerge-all, knob changes, growth and region churn, under
+//! a sharing limit of [`MAX_SHARING`]. After every round and every operation, a
+//! [`checkpoint`]: every page against its shadow copy, the engine's audit and accounting,
+//! and the kernel's view.
+//!
+//! A divergence panics, naming the round and the seed: the same seed replays the run's
+//! choices (the threads' interleaving aside).
+
+use std::fs::File;
+use std::time::{Duration, Instant};
+
+use samepage_dedup::{Advice, Engine, Knobs, Owner, PAGE_SIZE};
+
+use crate::kernel::checkpoint;
+use crate::{Random, TestRegion, manual_engine, page_content};
+
+/// The sharing limit the run holds the engine to: small, so that chains of dups form.
+pub const MAX_SHARING: u32 = 3;
+/// Pages of each region when it is made.
+const PAGES: usize = 96;
+const REGIONS: usize = 8;
+
+/// How long a run goes on.
+#[derive(Clone, Copy, Debug)]
+pub enum Until {
+    Rounds(u64),
+    /// At least this many checked writes.
+    Writes(u64),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub until: Until,
+    pub seed: u64,
+    /// Writes each owner makes in a round, while the scanner runs.
+    pub writes_per_owner: u32,
+}
+
+/// What a run did, so far or in all.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Report {
+    pub rounds: u64,
+    /// Writes made, each read back by its owner at once and checked again at the
+    /// checkpoints that follow.
+    pub writes: u64,
+    /// Pages compared with their shadow copies at checkpoints.
+    pub pages_checked: u64,
+    /// Highest `pages_sharing` seen at a checkpoint.
+    pub peak_sharing: u64,
+    pub elapsed: Duration,
+}
+
+fn new_region(engine: &Engine, domain: u32) -> TestRegion {
+    let mut region = TestRegion::with_owner(engine, Owner::new(domain), PAGES);
+    region.fill(domain_seed(domain), 0..PAGES);
+    region
+}
+
+/// The content every region of a domain starts from and keeps writing back.
+fn domain_seed(domain: u32) -> u64 {
+    u64::from(domain) * 1000 + 3
+}
+
+/// Runs the stress until `config.until`, calling `progress` after every round.
+pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
+    let started = Instant::now();
+    let seed = config.seed;
+    let engine = manual_engine(Knobs {
+        max_page_sharing: MAX_SHARING,
+        ..Knobs::default()
+    });
+    let pagemap = File::open("/proc/self/pagemap").expect("pagemap");
+    let check = |regions: &[TestRegion], step: &str| {
+        checkpoint(&engine, regions, &pagemap, MAX_SHARING, step).1
+    };
+    let mut random = Random(seed);
+    let mut regions: Vec<TestRegion> = (0..REGIONS)
+        .map(|n| new_region(&engine, n as u32 % 2))
+        .collect();
+    let mut report = Report::default();
+    let done = |report: &Report| match config.until {
+        Until::Rounds(rounds) => report.rounds >= rounds,
+        Until::Writes(writes) => report.writes >= writes,
+    };
+    while !done(&report) {
+        let round = report.rounds;
+        let step = format!("seed {seed:#x}, round {round}");
+        write_while_scanning(
+            &engine,
+            &mut regions,
+            &mut random,
+            config.writes_per_owner,
+            &step,
+        );
+        report.writes += u64::from(config.writes_per_owner) * regions.len() as u64;
+        engine.scan_pass().expect("pass");
+        report.peak_sharing = report.peak_sharing.max(engine.stats().pages_sharing);
+        report.pages_checked += check(&regions, &step);
+        let operation = between_rounds(&engine, &mut regions, &mut random, &check, &step);
+        report.pages_checked += check(&regions, &format!("{step}, after operation {operation}"));
+        report.rounds += 1;
+        report.elapsed = started.elapsed();
+        progress(&report);
+    }
+    report
+}
+
+/// Owners write in their own threads, each write read back at once, while a scanner thread
+/// runs passes.
+fn write_while_scanning(
+    engine: &Engine,
+    regions: &mut [TestRegion],
+    random: &mut Random,
+    writes: u32,
+    step: &str,
+) {
+    let seeds: Vec<u64> = regions.iter().map(|_| random.next_u64()).collect();
+    std::thread::scope(|scope| {
+        let scanner = scope.spawn(|| {
+            for _ in 0..3 {
+                engine.scan_pass().expect("pass");
+            }
+        });
+        let writers: Vec<_> = regions
+            .iter_mut()
+            .zip(seeds)
+            .enumerate()
+            .map(|(n, (region, seed))| {
+                scope.spawn(move || {
+                    let mut random = Random(seed);
+                    let domain_seed = domain_seed(region.owner.domain());
+                    let pages = region.pages();
+                    for _ in 0..writes {
+                        let page = random.below(pages);
+                        match random.below(4) {
+                            0 => region.write(page * PAGE_SIZE, &page_content(domain_seed, page)),
+                            1 => region
+                                .write(page * PAGE_SIZE, &page_content(random.next_u64(), page)),
+                            2 => region.write(page * PAGE_SIZE, &[0; PAGE_SIZE]),
+                            _ => {
+                                let offset = page * PAGE_SIZE + random.below(PAGE_SIZE - 8);
+                                region.write(offset, &random.next_u64().to_le_bytes());
+                            }
+                        }
+                        assert!(
+                            region.page_matches_shadow(page),
+                            "{step}: region {n} page {page} differs from its shadow right after \
+                             a write"
+                        );
+                    }
+                    std::thread::yield_now();
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer");
+        }
+        scanner.join().expect("scanner");
+    });
+}
+
+/// With every owner quiescent: one of the engine's other paths, chosen at random (or none).
+/// Returns which, for the checkpoint's name.
+fn between_rounds(
+    engine: &Engine,
+    regions: &mut [TestRegion],
+    random: &mut Random,
+    check: &impl Fn(&[TestRegion], &str) -> u64,
+    step: &str,
+) -> usize {
+    let at = random.below(regions.len());
+    let operation = random.below(7);
+    match operation {
+        0 => {
+            let region = &regions[at];
+            let guard = region.owner.enter();
+            let len = region.pages() * PAGE_SIZE;
+            engine
+                .merge_now(&guard, region.handle().id(), 0..len)
+                .expect("merge-now");
+        }
+        1 => {
+            let first = random.below(PAGES - 8);
+            regions[at]
+                .advise(engine, first..first + 8, Advice::Unmergeable)
+                .expect("advise");
+            check(regions, &format!("{step}, advised"));
+            regions[at]
+                .advise(engine, first..first + 8, Advice::Mergeable)
+                .expect("advise back");
+        }
+        2 => {
+            engine.unmerge_all().expect("unmerge-all");
+        }
+        3 => {
+            let knobs = engine.knobs();
+            engine
+                .set_knobs(Knobs {
+                    use_zero_pages: !knobs.use_zero_pages,
+                    smart_scan: !knobs.smart_scan,
+                    pages_to_scan: 64 + random.below(4096),
+                    ..knobs
+                })
+                .expect("knobs");
+        }
+        4 => {
+            let pages = regions[at].pages() + 16;
+            regions[at].grow(pages);
+            let seed = domain_seed(regions[at].owner.domain());
+            regions[at].fill(seed, pages - 16..pages);
+        }
+        5 => {
+            let domain = regions[at].owner.domain();
+            regions[at] = new_region(engine, domain);
+        }
+        _ => {}
+    }
+    operation
+}
