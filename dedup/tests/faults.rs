@@ -52,30 +52,7 @@ fn regions(engine: &Engine) -> Vec<TestRegion> {
 
 /// Every region against its shadow, and the engine's records against the page tables.
 fn assert_sound(engine: &Engine, regions: &[TestRegion], step: &str) {
-    for (n, region) in regions.iter().enumerate() {
-        let bytes = region.bytes();
-        if let Some(page) = (0..region.pages()).find(|&p| {
-            bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-                != region.shadow[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-        }) {
-            panic!("{step}: region {n} page {page} differs from its shadow copy");
-        }
-    }
-    let audit = engine.audit();
-    assert!(
-        audit.mismatched_slots.is_empty() && audit.index_sound && audit.max_sharers <= 3,
-        "{step}: {audit:?}"
-    );
-    let stats = engine.stats();
-    let merged: u64 = regions
-        .iter()
-        .map(|region| engine.owner_stats(region.owner.id()).pages_merged)
-        .sum();
-    assert_eq!(
-        merged,
-        stats.pages_sharing + stats.pages_shared,
-        "{step}: the owners' merged pages against the engine's"
-    );
+    common::kernel::check_engine(engine, regions, 3, step);
 }
 
 /// What the workload does: every step that makes the calls under test. Errors are what the

@@ -370,17 +370,30 @@ fn a_parked_owner_is_merged_without_waiting_for_the_cursor() {
     }
 }
 
+/// `count` regions whose even pages are the same in all and whose odd pages are each
+/// region's own: merged, each is a window that bridges every other page.
+fn alternating_regions(
+    engine: &samepage_dedup::Engine,
+    count: u64,
+    pages: usize,
+) -> Vec<TestRegion> {
+    (0..count)
+        .map(|n| {
+            let mut region = TestRegion::new(engine, pages);
+            region.fill(30, 0..pages);
+            for page in (1..pages).step_by(2) {
+                region.write(page * PAGE_SIZE, &page_content(40 + n, page));
+            }
+            region
+        })
+        .collect()
+}
+
 #[test]
 fn a_window_merges_every_other_page_with_one_mapping_and_copies_the_rest() {
     let engine = manual_engine(Knobs::default());
     let pages = 256;
-    let mut regions: Vec<TestRegion> = (0..4).map(|_| TestRegion::new(&engine, pages)).collect();
-    for (n, region) in regions.iter_mut().enumerate() {
-        region.fill(30, 0..pages);
-        for page in (1..pages).step_by(2) {
-            region.write(page * PAGE_SIZE, &page_content(40 + n as u64, page));
-        }
-    }
+    let mut regions = alternating_regions(&engine, 4, pages);
     settle(&engine);
     let stats = engine.stats();
     assert_eq!(stats.pages_sharing, 3 * pages as u64 / 2);
@@ -429,13 +442,7 @@ fn a_bridged_page_merges_once_its_bytes_match_another_page() {
         ..Knobs::default()
     });
     let pages = 16;
-    let mut regions: Vec<TestRegion> = (0..3).map(|_| TestRegion::new(&engine, pages)).collect();
-    for (n, region) in regions.iter_mut().enumerate() {
-        region.fill(30, 0..pages);
-        for page in (1..pages).step_by(2) {
-            region.write(page * PAGE_SIZE, &page_content(40 + n as u64, page));
-        }
-    }
+    let regions = alternating_regions(&engine, 3, pages);
     settle(&engine);
     let merged = |region: &TestRegion| engine.owner_stats(region.owner.id()).pages_merged;
     assert_eq!(merged(&regions[0]), pages as u64 / 2);

@@ -59,24 +59,7 @@ fn vmas_equals_the_kernels_count_under_churn() {
         if stats.vmas as usize != kernel {
             mismatches.push((round, stats.vmas, kernel));
         }
-        for region in &regions {
-            region.assert_matches_shadow();
-        }
-        let audit = engine.audit();
-        assert!(
-            audit.mismatched_slots.is_empty() && audit.index_sound,
-            "round {round}: {audit:?}"
-        );
-        assert!(audit.max_sharers <= 3, "round {round}: {audit:?}");
-        let merged: u64 = regions
-            .iter()
-            .map(|region| engine.owner_stats(region.owner.id()).pages_merged)
-            .sum();
-        assert_eq!(
-            merged,
-            stats.pages_sharing + stats.pages_shared,
-            "round {round}: the owners' merged pages against the engine's"
-        );
+        common::kernel::check_engine(&engine, &regions, 3, &format!("round {round}"));
     }
     assert!(
         mismatches.is_empty(),
