@@ -20,7 +20,8 @@
 //! - **A page of a region's own memfd that the region no longer maps**
 //!   ([`punch_unmapped`]), when freeing the pages a merge replaced is left for after an
 //!   owner's merge-now call. The region maps a stable slot there, so nobody reads the memfd
-//!   page; the only way back to it is a restore (sharer-left recovery, unmerge), which writes
+//!   page; the only way back to it is a restore (sharer-left recovery, unmerge, a bridged
+//!   page given back to merge elsewhere), which writes
 //!   the page and remaps it under the engine's state lock and updates the page's record under
 //!   the same lock. So this punch needs no owner's token, but the state lock, and a record that
 //!   still says the page is merged: the caller (`state::merge`) checks it page by page.

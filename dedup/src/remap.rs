@@ -69,7 +69,8 @@ pub(crate) fn map_stable(
 }
 
 /// Gives the region back its own pages `first..first + count`: copies what the owner sees
-/// there (stable pages, or private copies a write made) into the region's memfd, then maps
+/// there (stable pages, private copies a write made, or a window's private copies) into the
+/// region's memfd, then maps
 /// the memfd over the range again. Adjacent pieces of the memfd mapping merge back into one.
 pub(crate) fn restore_own(
     q: Quiescent<'_>,

@@ -279,7 +279,7 @@ impl Model {
         for (n, (unmergeable, pages)) in self.unmergeable.iter().zip(&view.pages).enumerate() {
             for (page, backing) in pages.iter().enumerate() {
                 assert!(
-                    !unmergeable[page] || matches!(backing, Backing::Own { .. }),
+                    !unmergeable[page] || matches!(backing, Backing::Own),
                     "{step}: region {n} page {page}, advised unmergeable, is {backing:?}"
                 );
             }
@@ -319,7 +319,7 @@ impl Model {
                     Backing::Stable { slot } => {
                         stable.entry(slot).or_insert((domain, bytes, 0)).2 += 1
                     }
-                    Backing::Own { .. } | Backing::PrivateCopy => unmerged
+                    Backing::Own | Backing::PrivateCopy => unmerged
                         .entry((domain, bytes))
                         .or_default()
                         .push((n, number)),

@@ -70,7 +70,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub rounds: u32,
     /// Checked page writes the soak runs until.
-    #[arg(long, default_value_t = 100_000_000)]
+    #[arg(long, default_value_t = 100_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub soak_writes: u64,
     /// Seed of the soak's choices (the same seed replays them).
     #[arg(long, default_value_t = 0x5eed)]

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use samepage_stress::run::{Config, MAX_SHARING, Report, Until, run};
+use samepage_stress::run::{Config, MAX_SHARING, REGIONS, Report, Until, run};
 
 const WRITES_PER_OWNER: u32 = 1024;
 
@@ -44,7 +44,7 @@ fn markdown(report: &Report, seed: u64) -> String {
     let seconds = report.elapsed.as_secs_f64();
     format!(
         "# Soak: the merge engine under differential stress\n\n\
-         Eight regions in two domains, `max_page_sharing` {MAX_SHARING}. In each round every \
+         {REGIONS} regions in two domains, `max_page_sharing` {MAX_SHARING}. In each round every \
          owner makes {WRITES_PER_OWNER} writes in its own thread (content shared across \
          regions, unique content, zeros, eight-byte writes into merged pages), reading each \
          page back at once, while a scanner thread runs passes; then one of merge-now, \

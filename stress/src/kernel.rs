@@ -12,12 +12,12 @@ use crate::TestRegion;
 /// What backs one page of a region, as the kernel's page tables say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backing {
-    /// The region's own memfd; `present` if the page has a page-table entry (a hole the owner
-    /// never touched, or a punched zero page, has none).
-    Own { present: bool },
+    /// The region's own memfd.
+    Own,
     /// Shares slot `slot` of the stable store, copy-on-write.
     Stable { slot: u64 },
-    /// A private copy the owner's write made of a stable page.
+    /// A private anonymous copy over a stable slot: the owner's write to a stable page, or a
+    /// page a merged window bridges.
     PrivateCopy,
 }
 
@@ -86,7 +86,7 @@ impl KernelView {
             let entry = |page: usize| {
                 u64::from_le_bytes(entries[page * 8..page * 8 + 8].try_into().expect("entry"))
             };
-            let mut backing = vec![Backing::Own { present: false }; region.pages()];
+            let mut backing = vec![Backing::Own; region.pages()];
             for mapping in maps
                 .iter()
                 .filter(|m| m.range.start < range.end && m.range.end > range.start)
@@ -108,9 +108,7 @@ impl KernelView {
                     let page = (addr - range.start) / PAGE_SIZE;
                     let entry = entry(page);
                     backing[page] = if own_mapping {
-                        Backing::Own {
-                            present: entry & PRESENT != 0,
-                        }
+                        Backing::Own
                     } else if entry & PRESENT != 0 && entry & FILE_OR_SHARED == 0 {
                         Backing::PrivateCopy
                     } else {

@@ -21,7 +21,8 @@ use crate::{Random, TestRegion, manual_engine, page_content};
 pub const MAX_SHARING: u32 = 3;
 /// Pages of each region when it is made.
 const PAGES: usize = 96;
-const REGIONS: usize = 8;
+/// Regions the run writes in, half in each of two domains.
+pub const REGIONS: usize = 8;
 
 /// How long a run goes on.
 #[derive(Clone, Copy, Debug)]

@@ -11,8 +11,9 @@
 //!
 //! Either way the run may bridge a few differing pages (a *window*, see `layout.rs`), which
 //! keep private copies of their own bytes (and are visited again: a bridged page whose
-//! bytes match is given back to its memfd by [`MergeState::unbridge`] and merged, as the
-//! page that matched or as the partner found). [`MergeState::map_window`] does the remapping for
+//! bytes match is given back to its memfd by [`MergeState::unbridge`], as the page that
+//! matched or as the partner found, once the match is checked, and merged when the merge's
+//! mappings fit the budget). [`MergeState::map_window`] does the remapping for
 //! both, after asking [`super::budget`] whether the mappings it costs may be spent. The order
 //! of its steps is what keeps every byte the owner sees unchanged: compare (under the gate),
 //! map the stable slots, copy the differing pages' own bytes in, and only then punch the
@@ -78,7 +79,9 @@ impl MergeState {
     }
 
     /// Merges the run at `page` of region `id` with the equal run at `partner` into new
-    /// stable pages. `None` when the partner is gone, changed, busy or not equal.
+    /// stable pages, giving either page back to its memfd first if it is bridged. `None`
+    /// when the partner is gone, changed, busy or not equal, or a bridged page's unbridging
+    /// does not fit the map budget.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn merge_pair(
         &mut self,
@@ -130,7 +133,11 @@ impl MergeState {
         if content != other_content {
             return Ok(None);
         }
-        if partner_bridged && !self.unbridge(other_q, partner.region, partner.page)? {
+        // Bridged pages go back to their memfds only now, with the partner there, unchanged,
+        // not busy and equal: the merge is all but certain.
+        if self.record(id, page).has(COPY) && !self.unbridge(q, id, page)?
+            || partner_bridged && !self.unbridge(other_q, partner.region, partner.page)?
+        {
             return Ok(None);
         }
 

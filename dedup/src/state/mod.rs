@@ -18,7 +18,8 @@
 //!    private anonymous copy. Nothing in samepage runs in the write path.
 //! 5. [`release`]: the next visit sees the private copy in the page map and gives the page
 //!    back to the region's memfd (sharer-left recovery); a stable page nobody shares any more
-//!    is freed. Unmerging a region takes the same path.
+//!    is freed. Unmerging a region takes the same path, and so does a bridged page (a
+//!    private copy in a window) that is about to merge elsewhere.
 //!
 //! Beside the journey: [`budget`] decides whether a merge may spend the mappings it costs;
 //! [`accounting`] derives the counters, per-owner figures and the audit from the records.
@@ -74,8 +75,9 @@ struct RegionPages {
     /// alone imply one boundary fewer; each is counted in `vmas`.
     kernel_splits: std::collections::BTreeSet<usize>,
     /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
-    /// found nothing left to do: every page merged, a hole, or a copy. While the owner has
-    /// not entered since, the scanner skips the region.
+    /// found nothing left to do: every page shared or a hole (a bridged page, like one of the
+    /// region's own, may still meet a match). While the owner has not entered since, the
+    /// scanner skips the region.
     quiet_at: Option<u64>,
     /// The visit in progress: the owner's entries when it began, and whether it has found
     /// nothing to do so far.
@@ -90,9 +92,11 @@ pub(crate) struct MergeState {
     /// entries may be stale (the page changed or merged since) and are checked before use.
     unstable: HashMap<ContentKey, PageRef>,
     pagemap: Pagemap,
-    /// Backing of the pages of the range being visited, from page `backing_from` on.
+    /// Backing of the pages of the range being visited, from page `backing_from` on, of
+    /// region `backing_region`.
     backing: Vec<PageBacking>,
     backing_from: usize,
+    backing_region: Option<RegionId>,
     counters: records::Counters,
     /// Mappings the engine holds: the stable view plus every region's `vmas`.
     vmas: u64,
@@ -146,6 +150,7 @@ impl MergeState {
             pagemap,
             backing: Vec::new(),
             backing_from: 0,
+            backing_region: None,
             counters: records::Counters::default(),
             vmas: 1,
             max_map_count,

@@ -12,7 +12,8 @@
 //!
 //! Unmerging (`run = 2`, or a region that must not be shared) gives back every merged page
 //! of a region the same way, private copies and shared pages alike, so that the region ends
-//! as one mapping of its own memfd.
+//! as one mapping of its own memfd. So does [`MergeState::unbridge`], for one bridged page
+//! whose bytes came to match a page elsewhere, just before that merge.
 
 use std::ops::Range;
 
@@ -83,8 +84,8 @@ impl MergeState {
 
     /// Gives bridged page `page` of region `id` (a private copy in a merged window) back to
     /// the region's memfd, so that it can merge elsewhere: its bytes matched another page's.
-    /// Splitting the window costs mappings; `false`, changing nothing, when they do not fit
-    /// the budget.
+    /// Splitting the window costs mappings; `false`, and the page left bridged, when they do
+    /// not fit the budget (counted in `pages_skipped_map_budget`).
     pub(super) fn unbridge(
         &mut self,
         q: Quiescent<'_>,
@@ -96,6 +97,12 @@ impl MergeState {
             return Ok(false);
         }
         self.restore(q, id, page..page + 1)?;
+        // `restore_own` mapped the memfd with its page-table entries filled: the page map
+        // of the range being visited, if the page is in it, reads so from now on.
+        let from = self.backing_from;
+        if self.backing_region == Some(id) && (from..from + self.backing.len()).contains(&page) {
+            self.backing[page - from] = PageBacking::File;
+        }
         Ok(true)
     }
 

@@ -9,8 +9,11 @@
 //! first reads the page map of each run of such pages (which also tells [`super::release`]
 //! which merged pages were written), then looks at each page:
 //!
-//! - merged pages and holes (never touched, or punched zeros) are passed over: reading a hole
+//! - shared pages and holes (never touched, or punched zeros) are passed over: reading a hole
 //!   would allocate a page;
+//! - a bridged page (a private copy of its own bytes in a merged window) is visited like a
+//!   page of the region's own, on scan passes and merge-now but not on park visits; if it
+//!   matches, it is given back to its memfd first ([`super::release`]);
 //! - a page whose last checksum names a stable page with the same bytes merges at once: the
 //!   comparison proves both that it did not change and that it can merge;
 //! - otherwise it is hashed: a changed checksum marks it volatile (KSM's rule), an unchanged
@@ -299,6 +302,7 @@ impl MergeState {
 
     fn read_backing(&mut self, region: &Region, range: Range<usize>) -> Result<(), Error> {
         self.backing.clear();
+        self.backing_region = Some(region.id);
         self.backing_from = range.start;
         let backing = self
             .pagemap
@@ -316,21 +320,6 @@ impl MergeState {
         self.backing[page - self.backing_from]
     }
 
-    /// [`MergeState::unbridge`] for a page of the range being visited, whose page-map reading
-    /// it brings up to date: `restore_own` maps the memfd with its page-table entries filled.
-    fn unbridge_visited(
-        &mut self,
-        q: Quiescent<'_>,
-        id: RegionId,
-        page: usize,
-    ) -> Result<bool, Error> {
-        let unbridged = self.unbridge(q, id, page)?;
-        if unbridged {
-            self.backing[page - self.backing_from] = PageBacking::File;
-        }
-        Ok(unbridged)
-    }
-
     /// Visits one page; returns how many pages it consumed (a merged run counts whole).
     fn visit_page(
         &mut self,
@@ -345,7 +334,7 @@ impl MergeState {
         let backing = self.backing_of(page);
         // A bridged page (a private copy in a merged window) holds its own bytes and is
         // visited like a page of the region's own: once they match a page elsewhere, it is
-        // given back to its memfd and merged (`unbridge`).
+        // given back to its memfd and merged (`unbridge`, here or in `merge_pair`).
         let bridged = record.has(COPY);
         if record.stable() != 0 && !bridged || !self.may_merge(id, page) {
             // Merged already, or advised never to be read.
@@ -355,8 +344,15 @@ impl MergeState {
             // A hole (never written, or punched as zeros): reading it would allocate a page.
             return Ok(1);
         }
-        // A page of the region's own with bytes in it: there may be work here next time.
+        // A page of the region's own with bytes in it, or a bridged page: there may be work
+        // here next time.
         self.region_mut(id).visit.1 = false;
+        if bridged && visit == Visit::Park {
+            // A park visit is for what the owner just wrote, and a bridged page matched
+            // nothing when its window was made: it is left to scan passes, which it costs a
+            // hash at the smart-scan rate, where a park would hash it at every request.
+            return Ok(1);
+        }
         if visit == Visit::Scan
             && self.knobs.smart_scan
             && !self
@@ -379,7 +375,7 @@ impl MergeState {
         if record.has(SEEN)
             && let Some(slot) = self.stable.lookup((domain, record.checksum()), content)
         {
-            if bridged && !self.unbridge_visited(q, id, page)? {
+            if bridged && !self.unbridge(q, id, page)? {
                 return Ok(1);
             }
             return self.merge_onto_stable(q, id, page, end, slot, visit);
@@ -394,7 +390,7 @@ impl MergeState {
             return Ok(1);
         }
         if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
-            if bridged && !self.unbridge_visited(q, id, page)? {
+            if bridged && !self.unbridge(q, id, page)? {
                 return Ok(1);
             }
             crate::memfds::punch_region(q, region, page, 1)
@@ -405,14 +401,13 @@ impl MergeState {
         }
         let key = (domain, checksum);
         if let Some(slot) = self.stable.lookup(key, content) {
-            if bridged && !self.unbridge_visited(q, id, page)? {
+            if bridged && !self.unbridge(q, id, page)? {
                 return Ok(1);
             }
             return self.merge_onto_stable(q, id, page, end, slot, visit);
         }
         if let Some(&partner) = self.unstable.get(&key)
             && partner != (PageRef { region: id, page })
-            && (!bridged || self.unbridge_visited(q, id, page)?)
             && let Some(merged) = self.merge_pair(q, id, page, end, partner, key, visit)?
         {
             return Ok(merged);
