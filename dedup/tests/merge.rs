@@ -509,6 +509,40 @@ fn idle_owners_are_skipped_until_they_run_again() {
 }
 
 #[test]
+fn idle_regions_sleep_once_smart_scan_backs_off_and_still_meet_new_partners() {
+    let engine = manual_engine(Knobs::default());
+    let pages = 8;
+    let mut a = TestRegion::new(&engine, pages);
+    a.fill(60, 0..pages);
+    // Every page of a matches nothing: smart scan backs off to every 32nd pass, and then a
+    // is idle (its owner does not run).
+    for _ in 0..100 {
+        engine.scan_pass().expect("pass");
+    }
+    let scanned = engine.stats().pages_scanned;
+    for _ in 0..64 {
+        engine.scan_pass().expect("pass");
+    }
+    assert_eq!(
+        engine.stats().pages_scanned,
+        scanned,
+        "a host whose regions are all idle visits nothing, not even on every 32nd pass"
+    );
+
+    // A new region holds what a's page 3 holds: it wakes the host, and on the next pass that
+    // looks at every page, a is visited too and its page merges.
+    let mut b = TestRegion::new(&engine, 1);
+    b.write(0, &page_content(60, 3));
+    for _ in 0..34 {
+        engine.scan_pass().expect("pass");
+    }
+    assert_eq!(engine.owner_stats(a.owner.id()).pages_merged, 1);
+    assert_eq!(engine.owner_stats(b.owner.id()).pages_merged, 1);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+}
+
+#[test]
 fn the_advisor_raises_pages_to_scan_to_meet_its_target_pass_time() {
     let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
         scanner: true,

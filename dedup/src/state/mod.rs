@@ -75,9 +75,9 @@ struct RegionPages {
     /// alone imply one boundary fewer; each is counted in `vmas`.
     kernel_splits: std::collections::BTreeSet<usize>,
     /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
-    /// found nothing left to do: every page shared or a hole (a bridged page, like one of the
-    /// region's own, may still meet a match). While the owner has not entered since, the
-    /// scanner skips the region.
+    /// found nothing left to do: every page shared, a hole, or (with smart scan) looked at
+    /// only on every 32nd pass. While the owner has not entered since, the scanner skips the
+    /// region, but on those passes after the host was awake (see [`scan`]).
     quiet_at: Option<u64>,
     /// The visit in progress: the owner's entries when it began, and whether it has found
     /// nothing to do so far.
@@ -191,6 +191,7 @@ impl MergeState {
             return Err(Error::UnknownRegion(id));
         };
         self.vmas = self.vmas.saturating_sub(record.vmas);
+        self.counters.host_awake = true;
         let result = self.forget_records(&record.pages);
         if self.cursor.region == Some(id) {
             self.cursor.page = 0;
@@ -318,6 +319,7 @@ impl MergeState {
     pub(crate) fn set_knobs(&mut self, knobs: Knobs) -> Result<(), Error> {
         self.stable.set_max_sharing(knobs.max_page_sharing)?;
         self.knobs = knobs;
+        self.counters.host_awake = true;
         Ok(())
     }
 }

@@ -22,7 +22,11 @@
 //!
 //! Owners are never waited for: a region whose owner is busy is skipped for the batch
 //! (`regions_busy_skips`); one whose owner has not run since a visit found nothing left to do
-//! is skipped outright (`regions_idle_skips`).
+//! is skipped (`regions_idle_skips`). "Nothing left to do" is every page shared or a hole,
+//! or, with smart scan, looked at only on every 32nd pass anyway. On those passes, idle
+//! regions are visited too, so that their unmerged pages still meet what changed elsewhere:
+//! but only if something did (another region was visited, a knob changed, a region went;
+//! `host_awake`). A host whose instances are all idle visits nothing and naps.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -32,7 +36,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::pagemap::PageBacking;
 use crate::quiesce::{Owner, OwnerGuard, Quiescent};
 use crate::region::{Region, RegionId};
-use crate::{Error, MergeNowReport, PAGE_SIZE};
+use crate::{Error, Knobs, MergeNowReport, PAGE_SIZE};
 
 use super::MergeState;
 use super::records::{COPY, SEEN, ZERO};
@@ -103,9 +107,11 @@ impl MergeState {
                 continue;
             };
             let entries = region.owner.entries();
+            let visit_idle = self.counters.visit_idle_regions;
             let record = self.region_mut(id);
             if start == 0 {
-                if record.quiet_at == Some(entries) {
+                let idle = record.quiet_at == Some(entries);
+                if idle && !visit_idle {
                     // The owner has not run since a visit found nothing to do here.
                     self.counters.regions_idle_skips += 1;
                     budget -= 1;
@@ -113,6 +119,7 @@ impl MergeState {
                     continue;
                 }
                 record.visit = (entries, true);
+                self.counters.host_awake |= !idle;
             }
             let pages = self.cover_length(id)?;
             let mut spans = self.existing_spans(id, start..pages)?;
@@ -186,6 +193,11 @@ impl MergeState {
 
     fn end_pass(&mut self) {
         self.counters.full_scans += 1;
+        self.counters.visit_idle_regions = self
+            .counters
+            .full_scans
+            .is_multiple_of(Knobs::SMART_SCAN_LONGEST_SKIP)
+            && std::mem::take(&mut self.counters.host_awake);
         if let Err(error) = self.prune_image_copies() {
             // Only a punch of a freed page can fail: memory of the stable store stays
             // allocated, and nothing else changes.
@@ -345,8 +357,13 @@ impl MergeState {
             return Ok(1);
         }
         // A page of the region's own with bytes in it, or a bridged page: there may be work
-        // here next time.
-        self.region_mut(id).visit.1 = false;
+        // here next time, unless smart scan has come to look at it only on every 32nd pass
+        // (when quiet regions are visited too).
+        if !(self.knobs.smart_scan
+            && smart_scan_period(record.misses()) == Knobs::SMART_SCAN_LONGEST_SKIP)
+        {
+            self.region_mut(id).visit.1 = false;
+        }
         if bridged && visit == Visit::Park {
             // A park visit is for what the owner just wrote, and a bridged page matched
             // nothing when its window was made: it is left to scan passes, which it costs a
