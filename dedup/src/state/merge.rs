@@ -100,9 +100,7 @@ impl MergeState {
         let other = self.region(partner.region);
         let other_region = other.region.clone();
         // Unmerged, or bridged (a private copy of its own bytes, given back to its memfd below).
-        let still_there = |r: PageRecord| {
-            (r.stable() == 0 || r.has(COPY)) && r.has(SEEN) && r.checksum() == key.1
-        };
+        let still_there = |r: PageRecord| !r.shares() && r.has(SEEN) && r.checksum() == key.1;
         let partner_bridged = other.pages.get(partner.page).has(COPY);
         if partner.page >= other_pages
             || !still_there(other.pages.get(partner.page))

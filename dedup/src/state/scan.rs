@@ -348,8 +348,8 @@ impl MergeState {
         // visited like a page of the region's own: once they match a page elsewhere, it is
         // given back to its memfd and merged (`unbridge`, here or in `merge_pair`).
         let bridged = record.has(COPY);
-        if record.stable() != 0 && !bridged || !self.may_merge(id, page) {
-            // Merged already, or advised never to be read.
+        if record.shares() || !self.may_merge(id, page) {
+            // Shared already, or advised never to be read.
             return Ok(1);
         }
         if backing == PageBacking::Untouched {
