@@ -26,7 +26,8 @@
 //! (about 2 µs) and no memory beyond the page it replaces; the mappings it saves are what
 //! runs out first when identical pages alternate with unique ones. A bridged page is still
 //! scanned like any other: once its bytes match a page elsewhere, it is given back to its
-//! memfd (splitting the window) and merged, when the map budget allows both.
+//! memfd (splitting the window, if the map budget allows) and merged (if it allows that too;
+//! if not, the page stays its region's own until a later pass).
 //! The engine counts the mappings it creates and stays within a share of `vm.max_map_count`;
 //! when that budget is tight it merges only long runs and counts what it skipped.
 //!

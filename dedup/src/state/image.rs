@@ -54,6 +54,8 @@ impl MergeState {
             return Err(Error::ImageUnaligned(bytes.len()));
         }
         let pages = bytes.len() / PAGE_SIZE;
+        // New stable pages, which idle regions' pages may match.
+        self.counters.host_awake = true;
         let page_bytes = |p: usize| &bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
         // Each page hashed once; `None` for zero pages, which need no slot.
         let hashes: Vec<Option<u64>> = (0..pages)
@@ -149,6 +151,8 @@ impl MergeState {
 
     /// Forgets image `image`: its pages go once no region page shares them.
     pub(crate) fn drop_image(&mut self, image: u64) -> Result<(), Error> {
+        // The image's pages stop being pinned: stable pages may go, or have room.
+        self.counters.host_awake = true;
         match self.images.remove(&image) {
             Some(record) => self.release_image(record),
             None => Ok(()),

@@ -272,6 +272,9 @@ impl MergeState {
         self.note_window(id, page, shares, slot);
         self.reconcile_edges(id, page..page + len);
         self.counters.merges_this_pass += 1;
+        // A new stable page, or a new sharer of one, wherever the merge came from (a pass,
+        // an owner's call, a park visit): idle regions may hold its bytes.
+        self.counters.host_awake = true;
         if self.punch_after_calls && self.in_owner_call {
             // The merge stands; freeing the replaced pages can wait for the scanner.
             self.deferred_punches.push((region, page..page + len));

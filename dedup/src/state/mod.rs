@@ -75,9 +75,10 @@ struct RegionPages {
     /// alone imply one boundary fewer; each is counted in `vmas`.
     kernel_splits: std::collections::BTreeSet<usize>,
     /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
-    /// found nothing left to do: every page shared, a hole, or (with smart scan) looked at
-    /// only on every 32nd pass. While the owner has not entered since, the scanner skips the
-    /// region, but on those passes after the host was awake (see [`scan`]).
+    /// found nothing left to do: every page shared, a hole, advised never to merge, or (with
+    /// smart scan) looked at only on every 32nd pass. While the owner has not entered since,
+    /// the scanner skips the region, but on those passes if anything was awake since the
+    /// last of them (see [`scan`]).
     quiet_at: Option<u64>,
     /// The visit in progress: the owner's entries when it began, and whether it has found
     /// nothing to do so far.
@@ -318,7 +319,15 @@ impl MergeState {
     /// Takes new settings; a new sharing limit only while nothing is shared.
     pub(crate) fn set_knobs(&mut self, knobs: Knobs) -> Result<(), Error> {
         self.stable.set_max_sharing(knobs.max_page_sharing)?;
+        if self.knobs.smart_scan && !knobs.smart_scan {
+            // Pages smart scan had backed off made their regions idle; without it, they are
+            // work on every pass again.
+            for region in self.regions.values_mut() {
+                region.quiet_at = None;
+            }
+        }
         self.knobs = knobs;
+        // Zero pages, the budget or the run mode may make pages of idle regions mergeable.
         self.counters.host_awake = true;
         Ok(())
     }

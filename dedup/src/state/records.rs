@@ -254,9 +254,10 @@ pub(super) struct Counters {
     pub(super) last_pass_idle: bool,
     pub(super) merges_this_pass: u64,
     pub(super) merges_last_pass: u64,
-    /// Whether anything could have made an idle region's pages mergeable since the pass
-    /// in progress, or the last one that visited idle regions, began: a visit of a region
-    /// that was not idle, a knob change, a region gone (its sharers leave room).
+    /// Whether anything that could make an idle region's pages mergeable happened since the
+    /// last pass on which idle regions may be visited began: a visit of a region that was
+    /// not idle, a merge, pages given back (room in their stable pages), an image made or
+    /// dropped, a knob change, a region gone.
     pub(super) host_awake: bool,
     /// Whether the pass in progress visits idle regions too: one of the passes on which
     /// smart scan looks at every page, and the host was awake since the last of them.

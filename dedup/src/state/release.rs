@@ -71,6 +71,8 @@ impl MergeState {
         let remapped = range.clone();
         record.vmas = record.vmas.saturating_add_signed(delta);
         self.vmas = self.vmas.saturating_add_signed(delta);
+        // Sharers leaving make room in their stable pages, and mappings in the budget.
+        self.counters.host_awake = true;
         for page in range {
             let record = self.record_mut(id, page);
             let slot = record.slot().expect("restore of an unmerged page");

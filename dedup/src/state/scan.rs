@@ -25,8 +25,9 @@
 //! is skipped (`regions_idle_skips`). "Nothing left to do" is every page shared or a hole,
 //! or, with smart scan, looked at only on every 32nd pass anyway. On those passes, idle
 //! regions are visited too, so that their unmerged pages still meet what changed elsewhere:
-//! but only if something did (another region was visited, a knob changed, a region went;
-//! `host_awake`). A host whose instances are all idle visits nothing and naps.
+//! but only if something did since the last of them (`host_awake`: a region that was not
+//! idle visited, a merge, pages given back, an image made or dropped, a knob changed, a
+//! region gone). A host whose instances are all idle visits nothing and naps.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -54,8 +55,9 @@ pub(crate) enum Visit {
     /// KSM's rule: merge only pages whose checksum did not change since the last visit, and
     /// (with smart scan) skip pages that keep failing to merge.
     Scan,
-    /// A visit because the owner parked: the same rule, but no page is skipped, since the
-    /// owner may just have changed any of them.
+    /// A visit because the owner parked: the same rule, but smart scan skips no page, since
+    /// the owner may just have changed any of them. Bridged pages are left to scan passes
+    /// (see [`MergeState::visit_page`]).
     Park,
     /// The owner says the range is ready: merge at once.
     Now,
@@ -358,16 +360,17 @@ impl MergeState {
         }
         // A page of the region's own with bytes in it, or a bridged page: there may be work
         // here next time, unless smart scan has come to look at it only on every 32nd pass
-        // (when quiet regions are visited too).
+        // (when idle regions are visited too, if anything was awake since).
         if !(self.knobs.smart_scan
             && smart_scan_period(record.misses()) == Knobs::SMART_SCAN_LONGEST_SKIP)
         {
             self.region_mut(id).visit.1 = false;
         }
         if bridged && visit == Visit::Park {
-            // A park visit is for what the owner just wrote, and a bridged page matched
-            // nothing when its window was made: it is left to scan passes, which it costs a
-            // hash at the smart-scan rate, where a park would hash it at every request.
+            // A bridged page is private memory already, so the page map cannot show whether
+            // the owner wrote it: a park would have to hash every bridged page at every
+            // request (`samepage serve` parks after each). They are left to scan passes,
+            // which look at them at the smart-scan rate; a write there merges that much later.
             return Ok(1);
         }
         if visit == Visit::Scan
