@@ -406,6 +406,11 @@ impl MergeState {
         // A first visit proves nothing either way; only a changed checksum is volatile.
         let changed = record.has(SEEN) && !unchanged;
         self.record_visit(id, page, checksum, !changed || visit == Visit::Now);
+        if changed {
+            // Its smart-scan streak ended: it is looked at next pass, even if it was one of
+            // those that let the region count as idle.
+            self.region_mut(id).visit.1 = false;
+        }
         if !unchanged && visit != Visit::Now {
             return Ok(1);
         }
