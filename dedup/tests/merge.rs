@@ -543,6 +543,25 @@ fn idle_regions_sleep_once_smart_scan_backs_off_and_still_meet_new_partners() {
 }
 
 #[test]
+fn a_page_written_once_in_an_idle_region_merges_with_its_twin() {
+    let engine = manual_engine(Knobs::default());
+    let mut a = TestRegion::new(&engine, 2);
+    a.fill(61, 0..2);
+    for _ in 0..100 {
+        engine.scan_pass().expect("pass");
+    }
+    // The owner runs once: page 0 now holds page 1's bytes. Smart scan had backed page 0
+    // off to every 32nd pass; on its turn it is seen changed, and the region, idle again
+    // since, must still be visited for it to be compared.
+    a.write(0, &page_content(61, 1));
+    for _ in 0..70 {
+        engine.scan_pass().expect("pass");
+    }
+    assert_eq!(engine.owner_stats(a.owner.id()).pages_merged, 2);
+    a.assert_matches_shadow();
+}
+
+#[test]
 fn the_advisor_raises_pages_to_scan_to_meet_its_target_pass_time() {
     let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
         scanner: true,
