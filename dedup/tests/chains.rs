@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{TestRegion, manual_engine};
+use common::{TestRegion, manual_engine, page_content};
 use samepage_dedup::{Knobs, PAGE_SIZE};
 
 fn settle(engine: &samepage_dedup::Engine) {
@@ -118,4 +118,38 @@ fn the_limit_cannot_change_while_pages_are_shared() {
             ..Knobs::default()
         })
         .expect("nothing shared any more");
+}
+
+#[test]
+fn a_run_holding_the_same_bytes_twice_leaves_both_stable_pages_findable() {
+    // Found by the property tests (`model.rs`): pages 6 and 7 pair with pages 0 and 1 as one
+    // run of two pages of the same bytes, whose two stable pages must both be found by
+    // lookups. The first fills up (page 8 joins it); the second still has room for page 0 of
+    // the other region.
+    let engine = manual_engine(Knobs {
+        max_page_sharing: 3,
+        smart_scan: false,
+        ..Knobs::default()
+    });
+    let same = page_content(70, 0);
+    let mut a = TestRegion::new(&engine, 12);
+    let mut b = TestRegion::new(&engine, 12);
+    for page in [7, 0, 6] {
+        a.write(page * PAGE_SIZE, &same);
+    }
+    engine.scan_pass().expect("pass");
+    for page in [1, 8] {
+        a.write(page * PAGE_SIZE, &same);
+    }
+    b.write(0, &same);
+    for _ in 0..4 {
+        engine.scan_pass().expect("pass");
+    }
+    let merged = |region: &TestRegion| engine.owner_stats(region.owner.id()).pages_merged;
+    assert_eq!((merged(&a), merged(&b)), (5, 1));
+    let stats = engine.stats();
+    assert_eq!(stats.pages_shared + stats.pages_sharing, 6);
+    a.assert_matches_shadow();
+    b.assert_matches_shadow();
+    assert!(engine.audit().mismatched_slots.is_empty());
 }

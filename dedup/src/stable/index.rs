@@ -1,17 +1,19 @@
 //! The stable index: content key -> the stable page of that content, or, once the content
-//! hit `max_page_sharing`, the chain of its dups (see the module docs of the store for why).
+//! has more than one stable page, the chain of its dups (see the module docs of the store for
+//! why).
 //!
 //! The transitions, each done by one method here:
 //!
 //! ```text
-//!   (absent) --publish--> Page(s) --publish while s is full--> Chain[s, d1] --full--> Chain[s, d1, d2]
+//!   (absent) --publish--> Page(s) --publish--> Chain[s, d1] --publish--> Chain[s, d1, d2]
 //!   Page(s) --last sharer of s leaves--> (absent)
 //!   Chain[..., d, ...] --last sharer of d leaves--> Chain[...]     Chain[d] --d leaves--> (absent)
 //! ```
 //!
-//! A page published under a key whose page still has room (the same bytes twice in one run),
-//! or whose indexed bytes differ (a checksum collision), is left out of the index: it keeps
-//! its sharers and takes no new ones.
+//! A page is published under a key that has a page already when that page is full (a dup,
+//! as in KSM) or when one merged run holds the same bytes twice: both are dups, so that each
+//! stays findable while it has room. A page whose indexed bytes differ (a checksum collision)
+//! is left out of the index: it keeps its sharers and takes no new ones.
 
 use hashbrown::HashTable;
 
@@ -25,7 +27,7 @@ type Entry = u32;
 /// Marks an entry that names a chain. Slots stay below it (`MAX_SLOTS`).
 const CHAIN: Entry = 1 << 31;
 
-/// A content that hit the sharing limit: its key and its dups, each a page of its bytes.
+/// A content with more than one stable page: its key and its dups, each a page of its bytes.
 #[derive(Debug)]
 struct Chain {
     key: ContentKey,
@@ -146,9 +148,11 @@ impl StableStore {
                 .insert_unique(hash(key), slot, |&entry| hash(key_of(nodes, chains, entry)));
             return true;
         };
-        // Other bytes under the same key (a checksum collision), or a page of this content
-        // that still has room (the same bytes twice in one run): no dup, just unindexed.
-        if self.page(self.first_slot(entry)) != self.page(slot) || self.with_room(key).is_some() {
+        // Other bytes under the same key (a checksum collision): unindexed. The same bytes
+        // make a dup, whether the content's pages are full or one run held them twice: left
+        // out of the index, a page with room would never take another sharer, and a page of
+        // its bytes could stay unmerged beside it.
+        if self.page(self.first_slot(entry)) != self.page(slot) {
             return false;
         }
         if entry & CHAIN != 0 {
@@ -347,21 +351,25 @@ mod tests {
     }
 
     #[test]
-    fn a_colliding_key_or_a_page_with_room_leaves_the_new_page_unindexed() {
+    fn a_colliding_key_leaves_the_new_page_unindexed_and_a_twin_is_a_dup() {
         let mut store = store();
         let first = publish(&mut store, KEY, 7, 1);
         // Other bytes under the same key: kept, never found.
         let collision = publish(&mut store, KEY, 9, 1);
         assert!(!store.node(collision).expect("in use").indexed);
         assert_eq!(store.lookup(KEY, &bytes(9)), None);
-        // The same bytes while the first page has room: no dup.
-        let twin = publish(&mut store, KEY, 7, 1);
-        assert!(!store.node(twin).expect("in use").indexed);
-        check(&store, 0, 0);
-        assert_eq!(store.lookup(KEY, &bytes(7)), Some(first));
         // An unindexed page's last sharer leaving does not touch the entry.
-        store.drop_sharer(twin).expect("punch");
+        store.drop_sharer(collision).expect("punch");
         assert_eq!(store.lookup(KEY, &bytes(7)), Some(first));
+        // The same bytes while the first page has room (one run held them twice): a dup,
+        // found once the first is full.
+        let twin = publish(&mut store, KEY, 7, 1);
+        assert!(store.node(twin).expect("in use").indexed);
+        check(&store, 1, 2);
+        for _ in 1..LIMIT {
+            store.add_sharer(first);
+        }
+        assert_eq!(store.lookup(KEY, &bytes(7)), Some(twin));
     }
 
     #[test]

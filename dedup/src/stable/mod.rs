@@ -20,7 +20,9 @@
 //! that happens, its index entry turns from a single page into a *chain* of dups. The index
 //! still holds each content once, so lookups cost the same; a lookup through a chain picks the
 //! fullest dup with room, so dups fill before new ones appear. Contents that never hit the
-//! limit pay nothing for it. A dup is freed the moment its last sharer leaves (the engine
+//! limit pay nothing for it. The two pages of the same bytes that one merged run can make
+//! (a run may hold a content twice) are dups as well, so that neither is lost to lookups. A
+//! dup is freed the moment its last sharer leaves (the engine
 //! learns of every departure when it happens to visit the page, not later), and a chain with
 //! no dups left is removed at once, so no stale dup ever waits for a prune.
 //!
