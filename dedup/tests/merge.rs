@@ -8,8 +8,13 @@ use samepage_dedup::{Knobs, PAGE_SIZE, RunMode};
 
 /// Two passes: the first records checksums, the second merges what stayed the same.
 fn settle(engine: &samepage_dedup::Engine) {
-    engine.scan_pass().expect("pass");
-    engine.scan_pass().expect("pass");
+    passes(engine, 2);
+}
+
+fn passes(engine: &samepage_dedup::Engine, count: usize) {
+    for _ in 0..count {
+        engine.scan_pass().expect("pass");
+    }
 }
 
 #[test]
@@ -316,9 +321,7 @@ fn smart_scan_skips_pages_that_keep_failing_and_still_merges_them_when_they_matc
     let engine = manual_engine(Knobs::default());
     let mut a = TestRegion::new(&engine, 64);
     a.fill(14, 0..64);
-    for _ in 0..6 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 6);
     let skipped = engine.stats().pages_skipped;
     assert!(
         skipped >= 64,
@@ -327,9 +330,7 @@ fn smart_scan_skips_pages_that_keep_failing_and_still_merges_them_when_they_matc
     // A second region with the same content: the skipped pages merge once visited again.
     let mut b = TestRegion::new(&engine, 64);
     b.fill(14, 0..64);
-    for _ in 0..40 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 40);
     assert_eq!(engine.stats().pages_sharing, 64);
     a.assert_matches_shadow();
     b.assert_matches_shadow();
@@ -457,9 +458,7 @@ fn a_bridged_page_merges_once_its_bytes_match_another_page() {
     for region in &mut two {
         region.write(0, &page_content(41, 3));
     }
-    for _ in 0..4 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 4);
     assert_eq!(
         merged(&regions[0]),
         pages as u64 / 2 + 1,
@@ -516,13 +515,9 @@ fn idle_regions_sleep_once_smart_scan_backs_off_and_still_meet_new_partners() {
     a.fill(60, 0..pages);
     // Every page of a matches nothing: smart scan backs off to every 32nd pass, and then a
     // is idle (its owner does not run).
-    for _ in 0..100 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 100);
     let scanned = engine.stats().pages_scanned;
-    for _ in 0..64 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 64);
     assert_eq!(
         engine.stats().pages_scanned,
         scanned,
@@ -533,9 +528,7 @@ fn idle_regions_sleep_once_smart_scan_backs_off_and_still_meet_new_partners() {
     // looks at every page, a is visited too and its page merges.
     let mut b = TestRegion::new(&engine, 1);
     b.write(0, &page_content(60, 3));
-    for _ in 0..34 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 34);
     assert_eq!(engine.owner_stats(a.owner.id()).pages_merged, 1);
     assert_eq!(engine.owner_stats(b.owner.id()).pages_merged, 1);
     a.assert_matches_shadow();
@@ -547,16 +540,12 @@ fn a_page_written_once_in_an_idle_region_merges_with_its_twin() {
     let engine = manual_engine(Knobs::default());
     let mut a = TestRegion::new(&engine, 2);
     a.fill(61, 0..2);
-    for _ in 0..100 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 100);
     // The owner runs once: page 0 now holds page 1's bytes. Smart scan had backed page 0
     // off to every 32nd pass; on its turn it is seen changed, and the region, idle again
     // since, must still be visited for it to be compared.
     a.write(0, &page_content(61, 1));
-    for _ in 0..70 {
-        engine.scan_pass().expect("pass");
-    }
+    passes(&engine, 70);
     assert_eq!(engine.owner_stats(a.owner.id()).pages_merged, 2);
     a.assert_matches_shadow();
 }
