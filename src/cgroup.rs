@@ -110,25 +110,36 @@ impl MemoryCgroup {
                 continue;
             }
             Self::sweep_stale(&parent);
-            let dir = parent.join(format!("samepage-{}", std::process::id()));
-            if std::fs::create_dir(&dir).is_err() {
-                continue;
+            // Made, entered and owed where no signal's undo can run. A signal in between
+            // would find no removal owed and leave the cgroup behind: moving the process can
+            // take milliseconds, and under cgroup v1 two runs in thirty signalled as soon as
+            // their cgroup appeared left it.
+            if let Some(cgroup) = cleanup::critical(|| Self::make_and_enter(&parent, version)) {
+                return Some(cgroup);
             }
-            // A v2 child accounts memory only if its parent hands it the controller.
-            if dir.join(version.usage()).exists() && move_into(&dir.join("cgroup.procs")).is_ok() {
-                let removal = cleanup::owe({
-                    let (dir, parent) = (dir.clone(), parent.clone());
-                    move || remove(&dir, &parent)
-                });
-                return Some(Self {
-                    usage: dir.join(version.usage()),
-                    peak: dir.join(version.peak()),
-                    peak_reader: None,
-                    removal: Some(removal),
-                });
-            }
-            let _ = std::fs::remove_dir(&dir);
         }
+        None
+    }
+
+    /// Makes `samepage-PID` in `parent` and moves the process into it, with its removal owed;
+    /// `None`, with nothing left behind, if it cannot be made or does not account memory.
+    fn make_and_enter(parent: &Path, version: Version) -> Option<Self> {
+        let dir = parent.join(format!("samepage-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        // A v2 child accounts memory only if its parent hands it the controller.
+        if dir.join(version.usage()).exists() && move_into(&dir.join("cgroup.procs")).is_ok() {
+            let removal = cleanup::owe({
+                let (dir, parent) = (dir.clone(), parent.to_owned());
+                move || remove(&dir, &parent)
+            });
+            return Some(Self {
+                usage: dir.join(version.usage()),
+                peak: dir.join(version.peak()),
+                peak_reader: None,
+                removal: Some(removal),
+            });
+        }
+        let _ = std::fs::remove_dir(&dir);
         None
     }
 
