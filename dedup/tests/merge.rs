@@ -481,6 +481,95 @@ fn a_bridged_page_merges_once_its_bytes_match_another_page() {
 }
 
 #[test]
+fn a_bridged_page_the_map_budget_refuses_stays_bridged_and_merges_once_there_is_room() {
+    // A limit of 20,000 mappings, whatever the system's, so that 1% is a budget of 200 and
+    // isolated merges stop at three quarters of it, 150.
+    let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
+        stable_capacity_bytes: 1 << 30,
+        max_map_count: Some(20_000),
+        ..samepage_dedup::EngineConfig::manual(Knobs {
+            smart_scan: false,
+            ..Knobs::default()
+        })
+    })
+    .expect("engine");
+    let pages = 16;
+    let mut regions = alternating_regions(&engine, 3, pages);
+    settle(&engine);
+    let merged = |region: &TestRegion| engine.owner_stats(region.owner.id()).pages_merged;
+    assert_eq!(merged(&regions[0]), pages as u64 / 2);
+
+    // Isolated merges, each two mappings, fill the budget until no page fits.
+    engine
+        .set_knobs(Knobs {
+            smart_scan: false,
+            map_budget_percent: 1,
+            ..Knobs::default()
+        })
+        .expect("knobs");
+    let filler: Vec<TestRegion> = (0..2)
+        .map(|n| {
+            let mut region = TestRegion::new(&engine, 2000);
+            region.fill(60 + n, 0..2000);
+            for page in (0..2000).step_by(10) {
+                region.write(page * PAGE_SIZE, &page_content(70, page));
+            }
+            region
+        })
+        .collect();
+    settle(&engine);
+    let full = engine.stats();
+    assert!(
+        (full.vmas + 2) * 4 > full.map_budget * 3,
+        "the filler left room for the unbridge this test needs refused: {full:?}"
+    );
+
+    // A page matches region 0's bridged page 1. Giving that page back to its memfd would
+    // split the window for two more mappings: refused, and the page stays a private copy.
+    let mut pair = TestRegion::new(&engine, 1);
+    pair.write(0, &page_content(40, 1));
+    passes(&engine, 4);
+    let refused = engine.stats();
+    assert_eq!(
+        merged(&regions[0]),
+        pages as u64 / 2,
+        "the page stayed bridged"
+    );
+    assert_eq!(merged(&pair), 0);
+    assert!(refused.vmas <= refused.map_budget, "{refused:?}");
+    assert!(engine.audit().mismatched_slots.is_empty());
+    // The page the budget kept bridged is still its owner's own to write.
+    regions[0].write(PAGE_SIZE + 8, b"still mine");
+    for region in regions.iter().chain([&pair]).chain(&filler) {
+        region.assert_matches_shadow();
+    }
+
+    // With room again, the page is given back and merges with its new twin.
+    regions[0].write(PAGE_SIZE, &page_content(40, 1));
+    engine
+        .set_knobs(Knobs {
+            smart_scan: false,
+            ..Knobs::default()
+        })
+        .expect("knobs");
+    passes(&engine, 4);
+    assert_eq!(merged(&regions[0]), pages as u64 / 2 + 1);
+    assert_eq!(merged(&pair), 1);
+    for region in regions.iter().chain([&pair]).chain(&filler) {
+        region.assert_matches_shadow();
+    }
+    let stats = engine.stats();
+    let all: u64 = regions
+        .iter()
+        .chain([&pair])
+        .chain(&filler)
+        .map(merged)
+        .sum();
+    assert_eq!(all, stats.pages_shared + stats.pages_sharing);
+    assert!(engine.audit().mismatched_slots.is_empty());
+}
+
+#[test]
 fn idle_owners_are_skipped_until_they_run_again() {
     let engine = manual_engine(Knobs::default());
     let mut a = TestRegion::new(&engine, 32);
