@@ -77,8 +77,9 @@
 //!   engine's `stable` module states how).
 //! - *Zero pages* (`use_zero_pages`): a page of zeros is punched out of its own memfd, which
 //!   then reads back zeros; it needs no stable page and no mapping.
-//! - *Smart scan*: a page that stays unchanged and matches nothing is looked at less and less
-//!   often, on passes aligned so that two such pages still meet.
+//! - *Smart scan*: a page that stays unchanged and unmerged (it matches nothing, or its merge
+//!   does not fit the map budget) is looked at less and less often, on passes aligned so that
+//!   two such pages still meet.
 //! - *The scan-time advisor* ([`Advisor`]) tunes `pages_to_scan` to a target pass time under
 //!   a CPU cap.
 //! - *Scan on park*, which KSM cannot have: the host tells the engine when an instance

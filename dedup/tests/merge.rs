@@ -570,6 +570,76 @@ fn a_bridged_page_the_map_budget_refuses_stays_bridged_and_merges_once_there_is_
 }
 
 #[test]
+fn pages_a_full_map_budget_refuses_back_off_until_there_is_room() {
+    // Two regions whose equal pages are each too far from the next for a window: every merge
+    // is an isolated page, two mappings.
+    let knobs = Knobs::default();
+    let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
+        stable_capacity_bytes: 1 << 30,
+        max_map_count: Some(20_000),
+        ..samepage_dedup::EngineConfig::manual(knobs.clone())
+    })
+    .expect("engine");
+    let pages = 2000;
+    let sparse = |n: u64| {
+        let mut region = TestRegion::new(&engine, pages);
+        region.fill(80 + n, 0..pages);
+        for page in (0..pages).step_by(10) {
+            region.write(page * PAGE_SIZE, &page_content(90, page));
+        }
+        region
+    };
+    let mut regions = vec![sparse(0), sparse(1)];
+    settle(&engine);
+    assert_eq!(engine.stats().pages_sharing, 200);
+
+    // A budget of 1% of 20,000, 200 mappings, is spent already: a third region's pages find
+    // their stable pages, and every merge onto them is refused.
+    let tight = Knobs {
+        map_budget_percent: 1,
+        ..knobs.clone()
+    };
+    engine.set_knobs(tight).expect("knobs");
+    regions.push(sparse(2));
+    settle(&engine);
+    assert!(engine.stats().pages_skipped_map_budget >= 200);
+
+    // Refused again and again, the pages back off to every 32nd pass; then the region counts
+    // as idle and, with nothing else awake, the host stops visiting it.
+    let longest = Knobs::SMART_SCAN_LONGEST_SKIP as usize;
+    passes(&engine, 4 * longest);
+    let backed_off = engine.stats();
+    passes(&engine, 2 * longest);
+    let later = engine.stats();
+    assert_eq!(
+        later.pages_skipped_map_budget, backed_off.pages_skipped_map_budget,
+        "no refused merge is tried again while nothing changes: {later:?}"
+    );
+    assert_eq!(later.pages_scanned, backed_off.pages_scanned, "{later:?}");
+    assert!(later.regions_idle_skips > backed_off.regions_idle_skips);
+    assert_eq!(engine.owner_stats(regions[2].owner.id()).pages_merged, 0);
+    for region in &regions {
+        region.assert_matches_shadow();
+    }
+
+    // Room again: the knob change wakes the host, and the backed-off pages merge on the next
+    // pass that looks at every page.
+    engine.set_knobs(knobs).expect("knobs");
+    passes(&engine, 2 * longest + 2);
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.pages_shared, stats.pages_sharing),
+        (200, 400),
+        "{stats:?}"
+    );
+    for region in &regions {
+        assert_eq!(engine.owner_stats(region.owner.id()).pages_merged, 200);
+        region.assert_matches_shadow();
+    }
+    assert!(engine.audit().mismatched_slots.is_empty());
+}
+
+#[test]
 fn idle_owners_are_skipped_until_they_run_again() {
     let engine = manual_engine(Knobs::default());
     let mut a = TestRegion::new(&engine, 32);

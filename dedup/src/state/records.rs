@@ -38,7 +38,7 @@ pub(super) struct PageRecord {
     checksum: u64,
     /// Bits 0..25: the stable slot this page maps, plus one (zero when the page maps its own
     /// memfd). Bits 25..29: the flags. Bits 29..32: consecutive visits in which the page was
-    /// unchanged but matched nothing (smart scan), saturating at 7.
+    /// unchanged but stayed unmerged (smart scan), saturating at 7.
     word: u32,
 }
 
@@ -278,7 +278,8 @@ impl MergeState {
         counters.set_flags(record, flags);
     }
 
-    /// One more visit in which the page was unchanged and matched nothing (smart scan).
+    /// One more visit in which the page was unchanged and stayed unmerged: it matched
+    /// nothing, or the map budget refused its merge (smart scan).
     pub(super) fn note_miss(&mut self, id: RegionId, page: usize) {
         let record = self.record_mut(id, page);
         record.set_misses(record.misses().saturating_add(1));

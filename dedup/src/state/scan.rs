@@ -76,9 +76,9 @@ pub(super) fn zero_page_hash() -> u64 {
     *HASH.get_or_init(|| xxh3_64(&[0; PAGE_SIZE]))
 }
 
-/// Smart scan: a page that stays unchanged and matches nothing visit after visit is looked
-/// at only every second pass, then every fourth, up to every 32nd, until it changes or
-/// merges. The passes are aligned (pass numbers divisible by the period) rather than counted
+/// Smart scan: a page that stays unchanged and unmerged visit after visit (it matches
+/// nothing, or its merge does not fit the map budget) is looked at only every second pass,
+/// then every fourth, up to every 32nd, until it changes or merges. The passes are aligned (pass numbers divisible by the period) rather than counted
 /// per page, so that two such pages that became equal still meet in one pass: pages of any
 /// period are all visited on every 32nd pass.
 fn smart_scan_period(misses: u8) -> u64 {
@@ -308,7 +308,17 @@ impl MergeState {
             self.release_written(q, id, range.clone())?;
             let mut page = range.start;
             while page < range.end {
-                page += self.visit_page(q, id, &region, page, range.end, visit)?;
+                let refused = self.counters.pages_skipped_map_budget;
+                let visited = self.visit_page(q, id, &region, page, range.end, visit)?;
+                if self.counters.pages_skipped_map_budget > refused {
+                    // A merge the map budget refused is a miss, as KSM's smart scan counts
+                    // any page that stays unmerged: on a full budget these pages back off
+                    // like any other, rather than being compared again on every pass.
+                    for missed in page..page + visited {
+                        self.note_miss(id, missed);
+                    }
+                }
+                page += visited;
             }
         }
         Ok(())
