@@ -78,9 +78,10 @@ pub(super) fn zero_page_hash() -> u64 {
 
 /// Smart scan: a page that stays unchanged and unmerged visit after visit (it matches
 /// nothing, or its merge does not fit the map budget) is looked at only every second pass,
-/// then every fourth, up to every 32nd, until it changes or merges. The passes are aligned (pass numbers divisible by the period) rather than counted
-/// per page, so that two such pages that became equal still meet in one pass: pages of any
-/// period are all visited on every 32nd pass.
+/// then every fourth, up to every 32nd, until it changes or merges. The passes are aligned
+/// (pass numbers divisible by the period) rather than counted per page, so that two such
+/// pages that became equal still meet in one pass: pages of any period are all visited on
+/// every 32nd pass.
 fn smart_scan_period(misses: u8) -> u64 {
     if misses < 2 {
         1
