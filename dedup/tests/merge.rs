@@ -218,16 +218,8 @@ fn the_map_count_budget_is_never_exceeded() {
         map_budget_percent: 1,
         ..Knobs::default()
     });
-    let pages = 4000;
-    let mut a = TestRegion::new(&engine, pages);
-    let mut b = TestRegion::new(&engine, pages);
-    a.fill(1, 0..pages);
-    b.fill(2, 0..pages);
-    for page in (0..pages).step_by(10) {
-        let content = page_content(50, page);
-        a.write(page * PAGE_SIZE, &content);
-        b.write(page * PAGE_SIZE, &content);
-    }
+    let a = sparse_region(&engine, 4000, 1, 50);
+    let b = sparse_region(&engine, 4000, 2, 50);
     settle(&engine);
     let stats = engine.stats();
     assert!(stats.vmas <= stats.map_budget, "{stats:?}");
@@ -373,6 +365,34 @@ fn a_parked_owner_is_merged_without_waiting_for_the_cursor() {
 
 /// `count` regions whose even pages are the same in all and whose odd pages are each
 /// region's own: merged, each is a window that bridges every other page.
+/// A region of `pages` pages of its own bytes (`seed`) but for every tenth, which holds
+/// content `shared`: in two such regions the equal pages are too far apart for a window, so
+/// each merge is an isolated page costing two mappings.
+fn sparse_region(
+    engine: &samepage_dedup::Engine,
+    pages: usize,
+    seed: u64,
+    shared: u64,
+) -> TestRegion {
+    let mut region = TestRegion::new(engine, pages);
+    region.fill(seed, 0..pages);
+    for page in (0..pages).step_by(10) {
+        region.write(page * PAGE_SIZE, &page_content(shared, page));
+    }
+    region
+}
+
+/// A manual engine under a limit of 20,000 mappings, whatever the system's: a
+/// `map_budget_percent` of 1 is a budget of exactly 200 mappings.
+fn engine_under_20_000_mappings(knobs: Knobs) -> samepage_dedup::Engine {
+    samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
+        stable_capacity_bytes: 1 << 30,
+        max_map_count: Some(20_000),
+        ..samepage_dedup::EngineConfig::manual(knobs)
+    })
+    .expect("engine")
+}
+
 fn alternating_regions(
     engine: &samepage_dedup::Engine,
     count: u64,
@@ -484,15 +504,10 @@ fn a_bridged_page_merges_once_its_bytes_match_another_page() {
 fn a_bridged_page_the_map_budget_refuses_stays_bridged_and_merges_once_there_is_room() {
     // A limit of 20,000 mappings, whatever the system's, so that 1% is a budget of 200 and
     // isolated merges stop at three quarters of it, 150.
-    let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
-        stable_capacity_bytes: 1 << 30,
-        max_map_count: Some(20_000),
-        ..samepage_dedup::EngineConfig::manual(Knobs {
-            smart_scan: false,
-            ..Knobs::default()
-        })
-    })
-    .expect("engine");
+    let engine = engine_under_20_000_mappings(Knobs {
+        smart_scan: false,
+        ..Knobs::default()
+    });
     let pages = 16;
     let mut regions = alternating_regions(&engine, 3, pages);
     settle(&engine);
@@ -507,16 +522,10 @@ fn a_bridged_page_the_map_budget_refuses_stays_bridged_and_merges_once_there_is_
             ..Knobs::default()
         })
         .expect("knobs");
-    let filler: Vec<TestRegion> = (0..2)
-        .map(|n| {
-            let mut region = TestRegion::new(&engine, 2000);
-            region.fill(60 + n, 0..2000);
-            for page in (0..2000).step_by(10) {
-                region.write(page * PAGE_SIZE, &page_content(70, page));
-            }
-            region
-        })
-        .collect();
+    let filler = [
+        sparse_region(&engine, 2000, 60, 70),
+        sparse_region(&engine, 2000, 61, 70),
+    ];
     settle(&engine);
     let full = engine.stats();
     assert!(
@@ -574,21 +583,8 @@ fn pages_a_full_map_budget_refuses_back_off_until_there_is_room() {
     // Two regions whose equal pages are each too far from the next for a window: every merge
     // is an isolated page, two mappings.
     let knobs = Knobs::default();
-    let engine = samepage_dedup::Engine::new(samepage_dedup::EngineConfig {
-        stable_capacity_bytes: 1 << 30,
-        max_map_count: Some(20_000),
-        ..samepage_dedup::EngineConfig::manual(knobs.clone())
-    })
-    .expect("engine");
-    let pages = 2000;
-    let sparse = |n: u64| {
-        let mut region = TestRegion::new(&engine, pages);
-        region.fill(80 + n, 0..pages);
-        for page in (0..pages).step_by(10) {
-            region.write(page * PAGE_SIZE, &page_content(90, page));
-        }
-        region
-    };
+    let engine = engine_under_20_000_mappings(knobs.clone());
+    let sparse = |n: u64| sparse_region(&engine, 2000, 80 + n, 90);
     let mut regions = vec![sparse(0), sparse(1)];
     settle(&engine);
     assert_eq!(engine.stats().pages_sharing, 200);
