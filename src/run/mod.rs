@@ -66,7 +66,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         ksm.check_usable()?;
     }
     let merging_while_starting =
-        args.merge_while_starting == settings::Switch::On && knobs.run != RunMode::Stop;
+        args.merge_while_starting == crate::cli::Switch::On && knobs.run != RunMode::Stop;
     let mut host = Host::new(HostConfig {
         memory: match args.dedup {
             DedupMode::On | DedupMode::Off => MemoryBacking::Memfd,

@@ -46,7 +46,7 @@ use samepage_dedup::{Advisor, DomainId, KnobRange, Knobs, RunMode};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::run::settings::{parse_bytes, parse_duration};
+use crate::cli::{parse_bytes, parse_duration};
 
 /// A configuration refused: where, and why.
 #[derive(Debug, thiserror::Error)]

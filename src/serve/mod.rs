@@ -61,7 +61,7 @@ use pool::{Budget, Code, Function, OverBudget};
 use proxy::{ProxyInstance, ProxyState, WasiBody};
 use wagi::WagiState;
 
-use crate::run::settings::{LimitSetting, Switch, parse_bytes, parse_dir, parse_env};
+use crate::cli::{LimitSetting, Switch, parse_bytes, parse_dir, parse_env};
 
 #[derive(Args, Debug)]
 #[command(
@@ -103,7 +103,7 @@ pub struct ServeArgs {
     pub max_instances: u32,
     /// How long an idle instance above --min-instances is kept (such as 30s, 5m).
     #[arg(long, help_heading = "One component",
-        value_parser = crate::run::settings::parse_duration)]
+        value_parser = crate::cli::parse_duration)]
     pub idle_timeout: Option<Duration>,
     /// A path each pre-warmed instance is sent a GET for before it waits for requests.
     #[arg(long, value_name = "PATH", help_heading = "One component")]
@@ -111,7 +111,7 @@ pub struct ServeArgs {
     /// Limits, as `wasmtime serve -W`: timeout=DURATION (per request), max-memory-size=BYTES
     /// (per linear memory).
     #[arg(short = 'W', value_name = "KEY=VALUE[,...]", help_heading = "One component",
-        value_parser = crate::run::settings::parse_limit)]
+        value_parser = crate::cli::parse_limit)]
     pub wasm: Vec<Vec<LimitSetting>>,
     /// Grant the component a host directory, as HOST or HOST::GUEST.
     #[arg(long = "dir", value_name = "HOST[::GUEST]", help_heading = "One component",
@@ -124,8 +124,8 @@ pub struct ServeArgs {
     /// Codegen options, as `wasmtime serve -C`: cache=y|n (wasmtime's compilation cache, on
     /// by default), cache-config=PATH.
     #[arg(short = 'C', value_name = "KEY=VALUE[,...]",
-        value_parser = crate::run::settings::parse_codegen)]
-    pub codegen: Vec<Vec<crate::run::settings::CodegenSetting>>,
+        value_parser = crate::cli::parse_codegen)]
+    pub codegen: Vec<Vec<crate::cli::CodegenSetting>>,
     /// The wasi:http/proxy component (or WAGI command module) to serve at /.
     #[arg(value_name = "APP.wasm", required_unless_present = "config")]
     pub component: Option<PathBuf>,
@@ -191,7 +191,7 @@ impl ServeArgs {
                 component.display()
             );
         }
-        let env = crate::run::settings::environment(&self.envs);
+        let env = crate::cli::environment(&self.envs);
         let function = FunctionConfig {
             name: component
                 .file_stem()
@@ -346,7 +346,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if timeouts {
         wasm_config.epoch_interruption(true);
     }
-    crate::run::settings::compilation_cache(&args.codegen)
+    crate::cli::compilation_cache(&args.codegen)
         .configure(&mut wasm_config)
         .context("setting up the compilation cache")?;
     let engine = wasmtime::Engine::new(&wasm_config).map_err(wasm("starting wasmtime"))?;

@@ -125,7 +125,7 @@ impl ProxyInstance {
             .map_err(|error| Failure::Instantiate(format!("{error:#}")))?;
         let instance = owner
             .instantiate_component(&mut store, linker, component)
-            .map_err(|error| Failure::Instantiate(crate::causes_once(&error.into())))?;
+            .map_err(|error| Failure::Instantiate(crate::cli::causes_once(&error.into())))?;
         let proxy = Proxy::new(&mut store, &instance).map_err(|error| {
             Failure::Instantiate(format!(
                 "the component does not export wasi:http/incoming-handler: {error:#}"

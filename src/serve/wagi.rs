@@ -145,7 +145,7 @@ pub fn run(
         .map_err(|error| Failure::Internal(format!("{error:#}")))?;
     let instance = owner
         .instantiate(&mut store, linker, module)
-        .map_err(|error| Failure::Instantiate(crate::causes_once(&error.into())))?;
+        .map_err(|error| Failure::Instantiate(crate::cli::causes_once(&error.into())))?;
     let start = instance
         .get_typed_func::<(), ()>(&mut store, "_start")
         .map_err(|_| {
