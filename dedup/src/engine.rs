@@ -1,6 +1,7 @@
 //! The engine's public face: creating an engine, registering regions, merging and unmerging
 //! on an owner's behalf, settings and figures. The merge state behind it lives in `state/`,
-//! the background scanner that drives it in `scanner.rs`.
+//! the background scanner that drives it in `scanner.rs`, and what the engine's handles and
+//! that thread share in `shared.rs`.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -14,7 +15,8 @@ use crate::image::MemoryImage;
 use crate::pagemap::Pagemap;
 use crate::quiesce::{DomainId, Owner, OwnerGuard, OwnerId, Quiescent};
 use crate::region::{Region, RegionId};
-use crate::scanner::{ParkVisit, ScannerThread};
+use crate::scanner::ScannerThread;
+use crate::shared::Shared;
 use crate::stable::StableStore;
 use crate::state::{Audit, MergeState, Visit};
 use crate::{Error, Knobs, OwnerStats, PAGE_SIZE, Stats};
@@ -69,23 +71,6 @@ pub struct Engine {
     shared: Arc<Shared>,
     /// Joins the scanner when the last engine handle goes.
     _scanner: Arc<ScannerThread>,
-}
-
-/// What the engine's handles, region handles and scanner thread share.
-pub(crate) struct Shared {
-    pub(crate) state: Mutex<MergeState>,
-    /// Signalled when the knobs change or the engine shuts down, to wake a sleeping scanner.
-    pub(crate) wake: Condvar,
-    /// Set when the last engine handle is dropped.
-    pub(crate) shutdown: Mutex<bool>,
-    /// Owners that parked, waiting for their park visits (see [`Engine::parked`]). Apart
-    /// from the state so that parking never waits for a batch.
-    pub(crate) parked: Mutex<Vec<ParkVisit>>,
-    /// CPU time spent by the scanner thread, in nanoseconds.
-    pub(crate) scanner_cpu_ns: AtomicU64,
-    /// Failures the scanner met (it cannot return them); the last one is kept.
-    pub(crate) errors: AtomicU64,
-    pub(crate) last_error: Mutex<Option<String>>,
 }
 
 /// A region registered with the engine. Dropping it unregisters the region and releases all

@@ -29,8 +29,8 @@
 
 use std::sync::Arc;
 
-use crate::engine::Shared;
 use crate::quiesce::DomainId;
+use crate::shared::Shared;
 
 /// A module's initial memory in an engine's stable store; mapped into new regions by
 /// [`crate::Engine::register_with_image`]. Dropping it lets its pages go once no region page

@@ -129,6 +129,7 @@ mod pagemap;
 mod region;
 mod remap;
 mod scanner;
+mod shared;
 mod stable;
 mod state;
 mod vma;

@@ -18,22 +18,13 @@ use parking_lot::Mutex;
 
 use rustix::time::{ClockId, clock_gettime};
 
-use crate::engine::Shared;
 use crate::quiesce::Owner;
+use crate::shared::{ParkVisit, Shared};
 use crate::{Error, Knobs, RunMode};
 
 /// The pause between batches while every region is idle (its owner has not run since the
 /// engine found nothing to do in it): owners that park wake the scanner at once anyway.
 const IDLE_NAP: Duration = Duration::from_millis(250);
-
-/// A visit owed to an owner that parked.
-pub(crate) struct ParkVisit {
-    owner: Owner,
-    /// When the visit is due.
-    due: Instant,
-    /// Visits still owed: the first records checksums, the second merges what stayed.
-    visits_left: u8,
-}
 
 /// The scanner thread, if the engine has one; joins it when dropped (with the last engine
 /// handle).
