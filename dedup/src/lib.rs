@@ -97,19 +97,21 @@
 //!
 //! | step | file |
 //! | --- | --- |
-//! | the region is registered (a memfd mapped in a reservation) | `mapping.rs`, `region.rs`, `engine.rs` |
+//! | the region is registered (a memfd mapped in a reservation) | `mapping.rs`, `region.rs`, `engine.rs` (what its handles share: `shared.rs`) |
 //! | the scanner thread picks a batch or a park visit | `scanner.rs` |
-//! | the visit: page map, checksum, volatility, smart scan, index lookups | `state/scan.rs` (records in `state/records.rs`) |
-//! | a match grows into a run or a window and is mapped onto stable slots | `state/merge.rs`, with `layout.rs` (window shape, mapping cost) and `state/budget.rs` (map-count budget) |
-//! | the stable page: slots, sharers, chains and dups | `stable/mod.rs`, `stable/index.rs`, `stable/slots.rs` |
+//! | the visit: page map, checksum, volatility, smart scan, index lookups | `state/scan.rs` (the records, `Records` and `RegionPages`, in `state/records.rs`) |
+//! | a match grows into a run or a window and is mapped onto stable slots | `state/merge.rs`, with `layout.rs` (window shape, mapping cost) and `state/budget.rs` (the map-count budget, `MapBudget`) |
+//! | the stable page: slots, sharers, chains and dups | `stable/mod.rs` (`StableStore`), `stable/index.rs`, `stable/slots.rs` |
 //! | the system calls: remapping, and memfd punches | `remap.rs`, `memfds.rs` |
 //! | what the kernel says of the mappings (where anonymous memory keeps two apart) | `vma.rs` |
 //! | module images: built in the stable store, mapped as merged pages, reset | `image.rs`, `state/image.rs` |
 //! | copy-on-write break | the kernel (nothing of samepage runs) |
 //! | sharer-left recovery and unmerge | `state/release.rs` (the page map is read in `pagemap.rs`) |
-//! | counters, per-owner figures, audit | `state/accounting.rs`, `stats.rs` |
+//! | counters, per-owner figures, audit | `state/accounting.rs` (`Counters`), `stats.rs` |
 //!
-//! `state/mod.rs` opens with the invariants that hold across those steps.
+//! `state/mod.rs` opens with the invariants that hold across those steps; its `MergeState`
+//! holds each step's part (`Records`, `StableStore`, `MapBudget`, `Counters`) and does what
+//! spans them.
 
 pub mod advice;
 pub mod advisor;

@@ -1,6 +1,8 @@
 //! What the records add up to: the engine's counters ([`crate::Stats`]), what merging saves
 //! each owner ([`crate::OwnerStats`]), and the audit that checks records and stable nodes
-//! against each other. Nothing here changes the state.
+//! against each other. Nothing here changes the state but [`Counters`], which the steps bump
+//! as they go: what cannot be read back from the records afterwards (pages visited, passes,
+//! merges refused) is counted when it happens.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -11,9 +13,44 @@ use crate::stable::{ContentKey, Slot};
 use crate::{MergeNowReport, OwnerStats, PAGE_SIZE, Stats};
 
 use super::MergeState;
-use super::budget::map_budget;
 use super::records::{COPY, ZERO};
 use super::scan::PageRef;
+
+/// Counters kept by the state as things happen (the rest of [`crate::Stats`] is derived
+/// from the records, the stable store and the map budget), and the pass-wide facts the
+/// scanner's idle-region and nap rules read back.
+#[derive(Default)]
+pub(super) struct Counters {
+    /// Page visits (KSM `pages_scanned`).
+    pub(super) pages_scanned: u64,
+    /// Passes ended (KSM `full_scans`); smart scan's aligned passes count on it.
+    pub(super) full_scans: u64,
+    /// Pages whose merge the map-count budget refused.
+    pub(super) pages_skipped_map_budget: u64,
+    /// Times a region was passed over because its owner was running.
+    pub(super) regions_busy_skips: u64,
+    /// Page visits smart scan skipped (KSM `pages_skipped`).
+    pub(super) pages_skipped: u64,
+    /// Times a region was passed over as idle (`RegionPages::quiet_at`).
+    pub(super) regions_idle_skips: u64,
+    /// Hole punches that failed (memory left allocated, no data affected).
+    pub(super) punch_failures: u64,
+    /// Pages visited in the pass in progress, and whether the last whole pass visited none
+    /// (every region idle): then the scanner may sleep longer.
+    pub(super) pages_visited_this_pass: u64,
+    pub(super) last_pass_idle: bool,
+    /// Merges in the pass in progress, and in the last whole pass.
+    pub(super) merges_this_pass: u64,
+    pub(super) merges_last_pass: u64,
+    /// Whether anything that could make an idle region's pages mergeable happened since the
+    /// last pass on which idle regions may be visited began: a visit of a region that was
+    /// not idle, a merge, pages given back (room in their stable pages), an image made or
+    /// dropped, a knob change, a region gone.
+    pub(super) host_awake: bool,
+    /// Whether the pass in progress visits idle regions too: one of the passes on which
+    /// smart scan looks at every page, and the host was awake since the last of them.
+    pub(super) visit_idle_regions: bool,
+}
 
 /// The result of walking the engine's records ([`crate::Engine::audit`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,6 +75,7 @@ impl MergeState {
         let mut stats = OwnerStats::default();
         let mut metadata = 0;
         for record in self
+            .records
             .regions
             .values()
             .filter(|r| r.region.owner.id() == owner)
@@ -53,7 +91,8 @@ impl MergeState {
 
     /// Pages of `range` in region `id` that map a stable page, and that are freed zeros.
     pub(crate) fn merged_pages(&self, id: RegionId, range: Range<usize>) -> MergeNowReport {
-        self.regions
+        self.records
+            .regions
             .get(&id)
             .map_or_else(MergeNowReport::default, |record| {
                 let pages = || record.pages.existing(range.clone());
@@ -68,6 +107,7 @@ impl MergeState {
     /// engine's to fill in.
     pub(crate) fn stats(&self) -> Stats {
         let region_bytes: usize = self
+            .records
             .regions
             .values()
             .map(|r| r.pages.metadata_bytes() + r.advice.metadata_bytes())
@@ -76,35 +116,36 @@ impl MergeState {
             + self.stable.metadata_bytes()
             + self.unstable.capacity() * size_of::<(ContentKey, PageRef)>())
             as u64;
-        let saved = self.stable.pages_sharing() + self.counters.zero_pages;
+        let saved = self.stable.pages_sharing() + self.records.zero_pages();
         let (stable_node_chains, stable_node_dups) = self.stable.chain_counts();
         Stats {
             general_profit_bytes: (saved * PAGE_SIZE as u64) as i64 - metadata_bytes as i64,
             pages_shared: self.stable.pages_shared(),
             pages_sharing: self.stable.pages_sharing(),
             pages_unshared: self.unstable.len() as u64,
-            pages_volatile: self.counters.pages_volatile,
+            pages_volatile: self.records.volatile_pages(),
             pages_scanned: self.counters.pages_scanned,
             full_scans: self.counters.full_scans,
-            vmas: self.vmas,
+            vmas: self.budget.vmas(),
             pages_skipped_map_budget: self.counters.pages_skipped_map_budget,
             regions_busy_skips: self.counters.regions_busy_skips,
             metadata_bytes,
             image_pages: self.stable.pinned_pages(),
             pages_tracked: self
+                .records
                 .regions
                 .values()
                 .map(|r| r.pages.all().count() as u64)
                 .sum(),
-            regions: self.regions.len() as u64,
+            regions: self.records.regions.len() as u64,
             merges_last_pass: self.counters.merges_last_pass,
-            zero_pages: self.counters.zero_pages,
+            zero_pages: self.records.zero_pages(),
             pages_skipped: self.counters.pages_skipped,
             regions_idle_skips: self.counters.regions_idle_skips,
             punch_failures: self.counters.punch_failures,
             stable_node_chains,
             stable_node_dups,
-            map_budget: map_budget(&self.knobs, self.max_map_count),
+            map_budget: self.budget.share(&self.knobs),
             scanner_cpu_ns: 0,
             errors: 0,
         }
@@ -115,7 +156,7 @@ impl MergeState {
     pub(crate) fn audit(&self) -> Audit {
         // Per slot: (sharers, private copies) found in the page records.
         let mut mapped: HashMap<Slot, (u32, u32)> = HashMap::new();
-        for record in self.regions.values() {
+        for record in self.records.regions.values() {
             for (_, page) in record.pages.all() {
                 if let Some(slot) = page.slot() {
                     let counts = mapped.entry(slot).or_default();

@@ -75,7 +75,7 @@ impl AdviceMap {
 impl MergeState {
     /// Whether the engine may read and merge page `page` of region `id`.
     pub(super) fn may_merge(&self, id: RegionId, page: usize) -> bool {
-        match self.region(id).advice.get(page) {
+        match self.records.region(id).advice.get(page) {
             Some(Advice::Unmergeable) => false,
             Some(Advice::Mergeable) => true,
             None => self.scope == MergeScope::All,
@@ -92,7 +92,7 @@ impl MergeState {
         advice: Advice,
     ) -> Result<(), Error> {
         let scope = self.scope;
-        let region = self.region_mut(id);
+        let region = self.records.region_mut(id);
         let mut advised = region.advice.clone();
         // Under scope `All`, mergeable is what a page without advice is.
         let kept = match advice {
@@ -113,16 +113,16 @@ impl MergeState {
                 self.restore(q, id, run)?;
             }
             // Nothing of the bytes stays with the engine.
-            let (records, counters) = self.records_and_counters(id);
+            let (records, counts) = self.records.pages_and_flags(id);
             records.update_existing(pages, |_, record| {
                 record.set_checksum(0);
                 record.set_misses(0);
                 let flags = record.flags() & !SEEN & !VOLATILE;
-                counters.set_flags(record, flags);
+                counts.set_flags(record, flags);
             });
         }
         // What may merge changed: the region needs visits again, whoever ran.
-        let region = self.region_mut(id);
+        let region = self.records.region_mut(id);
         region.quiet_at = None;
         region.visit.1 = false;
         Ok(())

@@ -7,13 +7,18 @@
 //! 250 ms), and, once three
 //! quarters of the budget is spent, merges only runs long enough to be worth their two
 //! mappings.
+//!
+//! [`MapBudget`] holds the count and the limit; what a change costs is read from the records
+//! (`RegionPages::mapping_delta`, in [`super::records`]), and the region's share of the count
+//! is kept with its records.
 
 use std::ops::Range;
+use std::time::Instant;
 
 use crate::Knobs;
 use crate::layout::boundary;
 
-use super::{MergeState, RegionPages};
+use super::MergeState;
 use crate::region::RegionId;
 
 /// Runs shorter than this are not merged while the map-count budget is tight (more than
@@ -37,63 +42,98 @@ const MAPPINGS_PER_NEW_REGION: u64 = 4;
 /// instance adds a handful); the margin is what covers them.
 const MAPS_READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// The mappings the engine may hold: its share of `vm.max_map_count`.
-pub(super) fn map_budget(knobs: &Knobs, max_map_count: u64) -> u64 {
-    max_map_count * u64::from(knobs.map_budget_percent) / 100
+/// The mappings the engine holds, and what it knows of the limit they count against.
+pub(super) struct MapBudget {
+    /// Mappings the engine holds: the stable view plus every region's `vmas`.
+    vmas: u64,
+    /// `vm.max_map_count`, read at start, or the lower limit the engine was given.
+    max_map_count: u64,
+    /// Mappings in the whole process at the last reading of `/proc/self/maps`, our `vmas`
+    /// at that time, and when it was read (at most every [`MAPS_READ_INTERVAL`], and only
+    /// when a merge needs it: the file is long when the process holds many mappings, and
+    /// reading it on every instantiation made instantiation cost grow with the number of
+    /// instances).
+    process_maps: (u64, u64, Option<Instant>),
+    /// Regions registered since the engine started: the budget counts a few mappings for
+    /// each one since the last reading of `/proc/self/maps`.
+    registrations: u64,
+    /// `registrations` at the last reading of `/proc/self/maps`.
+    registrations_at_reading: u64,
 }
 
-impl RegionPages {
-    /// How many mappings the region gains when pages `range` change to map what `first`
-    /// says: 0 for the region's own memfd (every page of the range), or `s + 1` for stable
-    /// slot `s` at the range's first page and the slots after it for the pages after it. That
-    /// is every change the engine makes (a merged run or window onto consecutive slots, or
-    /// pages given back), so inside the range the pages join; what they were joined to before
-    /// is read from the records that exist, not page by page. `layout::mapping_delta` is the same
-    /// count for any change, page by page (the tests check the two agree).
-    pub(super) fn mapping_delta(&self, range: Range<usize>, first: u32) -> i64 {
-        let len = self.len.max(range.end);
-        if range.is_empty() || len < 2 {
-            return 0;
+impl MapBudget {
+    /// A budget under `vm.max_map_count`, or under `limit` if that is lower.
+    pub(super) fn new(limit: Option<u64>) -> Self {
+        let system = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(65_530);
+        Self {
+            vmas: 1,
+            max_map_count: limit.map_or(system, |limit| limit.min(system)),
+            process_maps: (0, 0, None),
+            registrations: 0,
+            registrations_at_reading: 0,
         }
-        let kind = |n: usize| {
-            if first == 0 {
-                0
-            } else {
-                first.wrapping_add(n as u32)
-            }
-        };
-        let before = |p: usize| self.pages.get(p).stable();
-        let after = |p: usize| {
-            if range.contains(&p) {
-                kind(p - range.start)
-            } else {
-                before(p)
-            }
-        };
-        // Pairs (p - 1, p) for p in lo..=hi touch the range.
-        let (lo, hi) = (range.start.max(1), range.end.min(len - 1));
-        let mut delta = 0;
-        // After the change only the range's two edges can be boundaries.
-        for p in [range.start, range.end] {
-            if (lo..=hi).contains(&p) {
-                delta += boundary(after(p - 1), after(p));
-            }
+    }
+
+    /// Mappings the engine holds.
+    pub(super) fn vmas(&self) -> u64 {
+        self.vmas
+    }
+
+    /// Counts `delta` more mappings (fewer when negative).
+    pub(super) fn add(&mut self, delta: i64) {
+        self.vmas = self.vmas.saturating_add_signed(delta);
+    }
+
+    /// Stops counting `vmas` mappings that went with a region (unregistered, or reset).
+    pub(super) fn remove(&mut self, vmas: u64) {
+        self.vmas = self.vmas.saturating_sub(vmas);
+    }
+
+    /// A region was registered: its owner's mappings come before the next reading.
+    pub(super) fn note_registration(&mut self) {
+        self.registrations += 1;
+    }
+
+    /// The mappings the engine may hold: its share of `vm.max_map_count`.
+    pub(super) fn share(&self, knobs: &Knobs) -> u64 {
+        self.max_map_count * u64::from(knobs.map_budget_percent) / 100
+    }
+
+    /// Whether `delta` more mappings for a run of `run` pages fit.
+    fn allows(&mut self, knobs: &Knobs, delta: i64, run: usize) -> bool {
+        if delta <= 0 {
+            return true;
         }
-        // Before it, boundaries lie only next to pages that map a stable slot.
-        let mut pairs: Vec<usize> = Vec::new();
-        for (page, record) in self.pages.existing(lo - 1..hi + 1) {
-            if record.stable() != 0 {
-                for p in [page, page + 1] {
-                    if (lo..=hi).contains(&p) && pairs.last() != Some(&p) {
-                        pairs.push(p);
-                    }
-                }
-            }
+        let budget = self.share(knobs);
+        let used = self.vmas + delta as u64;
+        let process_after = self.process_maps_now() + delta as u64;
+        used <= budget
+            && process_after + self.max_map_count / MAP_COUNT_MARGIN_DIVISOR <= self.max_map_count
+            && (used * 4 <= budget * 3 || run >= TIGHT_MIN_RUN)
+    }
+
+    /// Mappings in the process now, estimated from the last reading of `/proc/self/maps` and
+    /// the engine's own changes since; re-read at most every [`MAPS_READ_INTERVAL`].
+    fn process_maps_now(&mut self) -> u64 {
+        if self
+            .process_maps
+            .2
+            .is_none_or(|at| at.elapsed() >= MAPS_READ_INTERVAL)
+        {
+            let count = std::fs::read("/proc/self/maps")
+                .map(|text| text.iter().filter(|&&b| b == b'\n').count() as u64)
+                .unwrap_or(0);
+            self.process_maps = (count, self.vmas, Some(Instant::now()));
+            self.registrations_at_reading = self.registrations;
         }
-        for p in pairs {
-            delta -= boundary(before(p - 1), before(p));
-        }
-        delta
+        let (count, ours, _) = self.process_maps;
+        let new_regions = self
+            .registrations
+            .saturating_sub(self.registrations_at_reading);
+        (count + self.vmas + new_regions * MAPPINGS_PER_NEW_REGION).saturating_sub(ours)
     }
 }
 
@@ -103,7 +143,7 @@ impl MergeState {
     /// its two edges, where the records say the pages join consecutive slots, the kernel says
     /// whether they did ([`crate::vma::joined`]). Keeps `vmas` what the kernel counts.
     pub(super) fn reconcile_edges(&mut self, id: RegionId, range: Range<usize>) {
-        let Some(record) = self.regions.get_mut(&id) else {
+        let Some(record) = self.records.regions.get_mut(&id) else {
             return;
         };
         let mut delta = 0i64;
@@ -135,45 +175,24 @@ impl MergeState {
             }
         }
         record.vmas = record.vmas.saturating_add_signed(delta);
-        self.vmas = self.vmas.saturating_add_signed(delta);
+        self.budget.add(delta);
     }
 
     /// Whether a merge adding `delta` mappings for a run of `run` pages fits the budget;
     /// counts the run as skipped when it does not.
     pub(super) fn budget_allows(&mut self, delta: i64, run: usize) -> bool {
-        if delta <= 0 {
-            return true;
-        }
-        let budget = map_budget(&self.knobs, self.max_map_count);
-        let used = self.vmas + delta as u64;
-        let process_after = self.process_maps_now() + delta as u64;
-        let allowed = used <= budget
-            && process_after + self.max_map_count / MAP_COUNT_MARGIN_DIVISOR <= self.max_map_count
-            && (used * 4 <= budget * 3 || run >= TIGHT_MIN_RUN);
+        let allowed = self.budget.allows(&self.knobs, delta, run);
         if !allowed {
             self.counters.pages_skipped_map_budget += run as u64;
         }
         allowed
     }
 
-    /// Mappings in the process now, estimated from the last reading of `/proc/self/maps` and
-    /// the engine's own changes since; re-read at most every [`MAPS_READ_INTERVAL`].
-    fn process_maps_now(&mut self) -> u64 {
-        if self
-            .process_maps
-            .2
-            .is_none_or(|at| at.elapsed() >= MAPS_READ_INTERVAL)
-        {
-            let count = std::fs::read("/proc/self/maps")
-                .map(|text| text.iter().filter(|&&b| b == b'\n').count() as u64)
-                .unwrap_or(0);
-            self.process_maps = (count, self.vmas, Some(std::time::Instant::now()));
-            self.registrations_at_reading = self.registrations;
-        }
-        let (count, ours, _) = self.process_maps;
-        let new_regions = self
-            .registrations
-            .saturating_sub(self.registrations_at_reading);
-        (count + self.vmas + new_regions * MAPPINGS_PER_NEW_REGION).saturating_sub(ours)
+    /// Counts `delta` more mappings of region `id` (fewer when negative), in the region's
+    /// share and in the engine's.
+    pub(super) fn add_mappings(&mut self, id: RegionId, delta: i64) {
+        let record = self.records.region_mut(id);
+        record.vmas = record.vmas.saturating_add_signed(delta);
+        self.budget.add(delta);
     }
 }

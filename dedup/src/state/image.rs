@@ -188,7 +188,7 @@ impl MergeState {
                 (segment.page, segment.len)
             };
             let first = self.copy_with_room(image, index)?;
-            let region = self.region(id);
+            let region = self.records.region(id);
             let delta = region.mapping_delta(page..page + len, first + 1);
             let region = region.region.clone();
             if !self.budget_allows(delta, len) {
@@ -207,9 +207,7 @@ impl MergeState {
                 continue;
             }
             remap::map_stable(q, &region, page, len, self.stable.fd(), u64::from(first))?;
-            let record = self.region_mut(id);
-            record.vmas = record.vmas.saturating_add_signed(delta);
-            self.vmas = self.vmas.saturating_add_signed(delta);
+            self.add_mappings(id, delta);
             self.note_window(id, page, &vec![true; len], first);
             self.reconcile_edges(id, page..page + len);
         }
@@ -288,14 +286,14 @@ impl MergeState {
         image: Option<u64>,
     ) -> Result<(), Error> {
         let pages = self.cover_length(id)?;
-        let record = self.region_mut(id);
+        let record = self.records.region_mut(id);
         let records = std::mem::take(&mut record.pages);
         let vmas = std::mem::take(&mut record.vmas);
         record.kernel_splits.clear();
         let region = record.region.clone();
         record.quiet_at = None;
         record.visit.1 = false;
-        self.vmas = self.vmas.saturating_sub(vmas);
+        self.budget.remove(vmas);
         let mut result = self.forget_records(&records);
         remap::map_own(q, &region, 0, pages)?;
         let written = crate::memfds::data_extents(&region.memfd, 0..pages)

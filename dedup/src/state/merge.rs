@@ -50,9 +50,9 @@ impl MergeState {
         slot: Slot,
         visit: Visit,
     ) -> Result<usize, Error> {
-        let region = self.region(id).region.clone();
+        let region = self.records.region(id).region.clone();
         let domain = region.owner.domain();
-        let records = &self.region(id).pages;
+        let records = &self.records.region(id).pages;
         let shares = grow_window(end - page, |n| {
             let (next, next_slot) = (page + n, slot + n as Slot);
             let record = records.get(next);
@@ -93,11 +93,11 @@ impl MergeState {
         key: ContentKey,
         visit: Visit,
     ) -> Result<Option<usize>, Error> {
-        if !self.regions.contains_key(&partner.region) {
+        if !self.records.regions.contains_key(&partner.region) {
             return Ok(None);
         }
         let other_pages = self.cover_length(partner.region)?;
-        let other = self.region(partner.region);
+        let other = self.records.region(partner.region);
         let other_region = other.region.clone();
         // Unmerged, or bridged (a private copy of its own bytes, given back to its memfd below).
         let still_there = |r: PageRecord| !r.shares() && r.has(SEEN) && r.checksum() == key.1;
@@ -123,7 +123,7 @@ impl MergeState {
                 }
             }
         };
-        let region = self.region(id).region.clone();
+        let region = self.records.region(id).region.clone();
         // SAFETY: both gates are held (`q`, `other_q`), both pages below the lengths read
         // under them.
         let (content, other_content) =
@@ -133,7 +133,7 @@ impl MergeState {
         }
         // Bridged pages go back to their memfds only now, with the partner there, unchanged,
         // not busy and equal: the merge is all but certain.
-        if self.record(id, page).has(COPY) && !self.unbridge(q, id, page)?
+        if self.records.record(id, page).has(COPY) && !self.unbridge(q, id, page)?
             || partner_bridged && !self.unbridge(other_q, partner.region, partner.page)?
         {
             return Ok(None);
@@ -161,8 +161,8 @@ impl MergeState {
                     })?;
                 other_backing.extend(more);
             }
-            let mine = self.record(id, page + n);
-            let theirs = self.record(partner.region, partner.page + n);
+            let mine = self.records.record(id, page + n);
+            let theirs = self.records.record(partner.region, partner.page + n);
             if mine.stable() != 0
                 || theirs.stable() != 0
                 || !self.may_merge(id, page + n)
@@ -199,8 +199,12 @@ impl MergeState {
 
         // The run's slots are not chosen yet; any fresh contiguous numbers stand for them.
         let fresh = u32::MAX - run as u32;
-        let delta = self.region(id).mapping_delta(page..page + run, fresh)
+        let delta = self
+            .records
+            .region(id)
+            .mapping_delta(page..page + run, fresh)
             + self
+                .records
                 .region(partner.region)
                 .mapping_delta(partner.page..partner.page + run, fresh);
         if !self.budget_allows(delta, run) {
@@ -247,7 +251,7 @@ impl MergeState {
         slot: Slot,
     ) -> Result<bool, Error> {
         let len = shares.len();
-        let record = self.region(id);
+        let record = self.records.region(id);
         let delta = record.mapping_delta(page..page + len, slot + 1);
         let region = record.region.clone();
         if !self.budget_allows(delta, len) {
@@ -266,9 +270,7 @@ impl MergeState {
         if shares.contains(&false) && self.stable.punch_empty(slot, len as Slot).is_err() {
             self.counters.punch_failures += 1;
         }
-        let record = self.region_mut(id);
-        record.vmas = record.vmas.saturating_add_signed(delta);
-        self.vmas = self.vmas.saturating_add_signed(delta);
+        self.add_mappings(id, delta);
         self.note_window(id, page, shares, slot);
         self.reconcile_edges(id, page..page + len);
         self.counters.merges_this_pass += 1;
@@ -290,11 +292,7 @@ impl MergeState {
         let len = shares.len();
         // One lookup of the region's records for the whole window: this loop runs once per
         // merged page.
-        let records = &mut self
-            .regions
-            .get_mut(&id)
-            .expect("a region found under the state lock stays registered")
-            .pages;
+        let (records, counts) = self.records.pages_and_flags(id);
         records.update(page..page + len, |p, record| {
             let n = p - page;
             let page_slot = slot + n as Slot;
@@ -311,7 +309,7 @@ impl MergeState {
                 self.stable.add_copy(page_slot);
                 flags | COPY
             };
-            self.counters.set_flags(record, flags);
+            counts.set_flags(record, flags);
         });
     }
 
@@ -334,6 +332,7 @@ impl MergeState {
         }
         for (region, range) in std::mem::take(&mut self.deferred_punches) {
             let Some(record) = self
+                .records
                 .regions
                 .get(&region.id)
                 .filter(|record| Arc::ptr_eq(&record.region, &region))

@@ -6,7 +6,7 @@
 //! One file per step of a page's journey, in the order a page takes them:
 //!
 //! 1. [`records`]: what the engine keeps for every page that exists, and only for those
-//!    (`PageRecord`: checksum, stable slot, flags, in a sparse `PageTable`), and the counters
+//!    (`PageRecord`: checksum, stable slot, flags, in a sparse `PageTable`), and the counts
 //!    derived from its flags.
 //! 2. [`scan`]: the cursor and full passes; a visit reads the page map, hashes the page,
 //!    applies KSM's volatility rule and smart scan, and looks for a match, first in the
@@ -23,6 +23,12 @@
 //!
 //! Beside the journey: [`budget`] decides whether a merge may spend the mappings it costs;
 //! [`accounting`] derives the counters, per-owner figures and the audit from the records.
+//!
+//! [`MergeState`] holds one part per concern, each a type of its own in its step's file with
+//! the methods that touch only its data: the records (`Records`, in [`records`]), the stable
+//! store (`StableStore`, in `stable/`), the map-count budget (`MapBudget`, in [`budget`]) and
+//! the counters (`Counters`, in [`accounting`]). What spans them (a visit, a merge, a
+//! release) is a `MergeState` method in the file of the step that does it.
 //!
 //! Invariants kept across all of them:
 //! - every page of a region maps its own memfd (`stable == 0`), a stable slot it shares, or
@@ -43,76 +49,48 @@ mod records;
 mod release;
 mod scan;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::advice::MergeScope;
 use crate::pagemap::{PageBacking, Pagemap};
-use crate::quiesce::OwnerId;
 use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, StableStore};
 use crate::{Error, Knobs};
 
 pub use accounting::Audit;
-use advice::AdviceMap;
-use records::{COPY, PageRecord, PageTable};
+use accounting::Counters;
+use budget::MapBudget;
+use records::{COPY, PageTable, Records};
 pub(crate) use scan::Visit;
 use scan::{Cursor, PageRef};
 
-/// A registered region and the engine's records of its pages.
-struct RegionPages {
-    region: Arc<Region>,
-    /// Records of the pages that exist (see [`records`]).
-    pages: PageTable,
-    /// The region's length in pages at the last visit.
-    len: usize,
-    /// The owner's advice, by range.
-    advice: AdviceMap,
-    /// Mappings the engine's merges split this region's mapping into, beyond the first.
-    vmas: u64,
-    /// Pages where the kernel starts a mapping although the page before maps the slot
-    /// before (their mappings' anonymous memory differs: `vma.rs`), so that the records
-    /// alone imply one boundary fewer; each is counted in `vmas`.
-    kernel_splits: std::collections::BTreeSet<usize>,
-    /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
-    /// found nothing left to do: every page shared, a hole, advised never to merge, or (with
-    /// smart scan) looked at only on every 32nd pass. While the owner has not entered since,
-    /// the scanner skips the region, but on those passes if anything was awake since the
-    /// last of them (see [`scan`]).
-    quiet_at: Option<u64>,
-    /// The visit in progress: the owner's entries when it began, and whether it has found
-    /// nothing to do so far.
-    visit: (u64, bool),
-}
-
+/// What the engine knows of every registered region's pages and of the stable pages they
+/// share, with what it needs to go on merging: the parts below, one per concern, and the
+/// few facts that belong to no single step.
 pub(crate) struct MergeState {
-    regions: BTreeMap<RegionId, RegionPages>,
+    /// Every region's page records and the counts that follow their flags.
+    records: Records,
+    /// Where the scanner resumes.
     cursor: Cursor,
+    /// The stable pages, their sharers and the stable index.
     stable: StableStore,
     /// This pass's unchanged pages that matched nothing, by content key. Rebuilt every pass;
     /// entries may be stale (the page changed or merged since) and are checked before use.
     unstable: HashMap<ContentKey, PageRef>,
+    /// `/proc/self/pagemap`, to tell pages of the region's memfd from holes and from
+    /// private copies its owner wrote.
     pagemap: Pagemap,
     /// Backing of the pages of the range being visited, from page `backing_from` on, of
     /// region `backing_region`.
     backing: Vec<PageBacking>,
     backing_from: usize,
     backing_region: Option<RegionId>,
-    counters: records::Counters,
-    /// Mappings the engine holds: the stable view plus every region's `vmas`.
-    vmas: u64,
-    /// `vm.max_map_count`, read at start, or the lower limit the engine was given.
-    max_map_count: u64,
-    /// Mappings in the whole process at the last reading of `/proc/self/maps`, our `vmas`
-    /// at that time, and when it was read (at most every `budget::MAPS_READ_INTERVAL`, and
-    /// only when a merge needs it: the file is long when the process holds many mappings,
-    /// and reading it on every instantiation made instantiation cost grow with the number of
-    /// instances).
-    process_maps: (u64, u64, Option<std::time::Instant>),
-    /// Regions registered since the engine started, and at the last reading of
-    /// `/proc/self/maps`: the budget counts a few mappings for each one since.
-    registrations: u64,
-    registrations_at_reading: u64,
+    /// What the steps count as they go.
+    counters: Counters,
+    /// The mappings the engine holds, against the share of `vm.max_map_count` it may.
+    budget: MapBudget,
+    /// The settings, which every step reads.
     pub(crate) knobs: Knobs,
     /// Which pages may merge without advice (fixed at start).
     scope: MergeScope,
@@ -138,13 +116,8 @@ impl MergeState {
         punch_after_calls: bool,
         max_map_count: Option<u64>,
     ) -> Self {
-        let system = std::fs::read_to_string("/proc/sys/vm/max_map_count")
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(65_530);
-        let max_map_count = max_map_count.map_or(system, |limit| limit.min(system));
         Self {
-            regions: BTreeMap::new(),
+            records: Records::default(),
             cursor: Cursor::default(),
             stable,
             unstable: HashMap::new(),
@@ -152,12 +125,8 @@ impl MergeState {
             backing: Vec::new(),
             backing_from: 0,
             backing_region: None,
-            counters: records::Counters::default(),
-            vmas: 1,
-            max_map_count,
-            process_maps: (0, 0, None),
-            registrations: 0,
-            registrations_at_reading: 0,
+            counters: Counters::default(),
+            budget: MapBudget::new(max_map_count),
             knobs,
             scope,
             punch_after_calls,
@@ -169,29 +138,17 @@ impl MergeState {
     }
 
     pub(crate) fn add_region(&mut self, region: Arc<Region>) {
-        self.registrations += 1;
-        self.regions.insert(
-            region.id,
-            RegionPages {
-                region,
-                pages: PageTable::default(),
-                len: 0,
-                advice: AdviceMap::default(),
-                vmas: 0,
-                kernel_splits: Default::default(),
-                quiet_at: None,
-                visit: (0, false),
-            },
-        );
+        self.budget.note_registration();
+        self.records.add(region);
     }
 
     /// Forgets a region whose owner is about to unmap it: releases its sharing without
     /// touching its mapping.
     pub(crate) fn remove_region(&mut self, id: RegionId) -> Result<(), Error> {
-        let Some(record) = self.regions.remove(&id) else {
+        let Some(record) = self.records.regions.remove(&id) else {
             return Err(Error::UnknownRegion(id));
         };
-        self.vmas = self.vmas.saturating_sub(record.vmas);
+        self.budget.remove(record.vmas);
         self.counters.host_awake = true;
         let result = self.forget_records(&record.pages);
         if self.cursor.region == Some(id) {
@@ -209,49 +166,19 @@ impl MergeState {
             {
                 result = Err(error);
             }
-            self.forget_flags(page.flags());
+            self.records.forget_flags(page.flags());
         }
         result
-    }
-
-    /// The records of region `id`, which the caller knows is registered (it was found under
-    /// the same lock).
-    fn region(&self, id: RegionId) -> &RegionPages {
-        self.regions
-            .get(&id)
-            .expect("a region found under the state lock stays registered")
-    }
-
-    fn region_mut(&mut self, id: RegionId) -> &mut RegionPages {
-        self.regions
-            .get_mut(&id)
-            .expect("a region found under the state lock stays registered")
-    }
-
-    /// The records of region `id` and the counters their flags feed, borrowed together, for
-    /// loops over many pages (one lookup of the region for all of them).
-    fn records_and_counters(&mut self, id: RegionId) -> (&mut PageTable, &mut records::Counters) {
-        let region = self
-            .regions
-            .get_mut(&id)
-            .expect("a region found under the state lock stays registered");
-        (&mut region.pages, &mut self.counters)
-    }
-
-    /// The record of page `page` of region `id`.
-    fn record(&self, id: RegionId, page: usize) -> PageRecord {
-        self.region(id).pages.get(page)
-    }
-
-    /// The record of page `page` of region `id`, made if it has none.
-    fn record_mut(&mut self, id: RegionId, page: usize) -> &mut PageRecord {
-        self.region_mut(id).pages.get_mut(page)
     }
 
     /// Takes note of region `id`'s current length (it may have grown since the last visit);
     /// returns it in pages.
     pub(crate) fn cover_length(&mut self, id: RegionId) -> Result<usize, Error> {
-        let record = self.regions.get_mut(&id).ok_or(Error::UnknownRegion(id))?;
+        let record = self
+            .records
+            .regions
+            .get_mut(&id)
+            .ok_or(Error::UnknownRegion(id))?;
         let pages = record.region.len() / crate::PAGE_SIZE;
         if record.len < pages {
             // Grown: a merged last page now has the new memfd range after it, a boundary
@@ -260,7 +187,7 @@ impl MergeState {
             record.len = pages;
             if boundary {
                 record.vmas += 1;
-                self.vmas += 1;
+                self.budget.add(1);
             }
         }
         Ok(pages)
@@ -275,6 +202,7 @@ impl MergeState {
         range: std::ops::Range<usize>,
     ) -> Result<std::ops::Range<usize>, Error> {
         let region = &self
+            .records
             .regions
             .get(&id)
             .ok_or(Error::UnknownRegion(id))?
@@ -300,20 +228,12 @@ impl MergeState {
 
     /// The owner of region `id`.
     pub(crate) fn region_owner(&self, id: RegionId) -> Option<crate::Owner> {
-        Some(self.regions.get(&id)?.region.owner.clone())
+        Some(self.records.regions.get(&id)?.region.owner.clone())
     }
 
     /// The current length of region `id` in bytes.
     pub(crate) fn region_len(&self, id: RegionId) -> Option<usize> {
-        Some(self.regions.get(&id)?.region.len())
-    }
-
-    fn regions_of(&self, owner: OwnerId) -> Vec<RegionId> {
-        self.regions
-            .iter()
-            .filter(|(_, r)| r.region.owner.id() == owner)
-            .map(|(&id, _)| id)
-            .collect()
+        Some(self.records.regions.get(&id)?.region.len())
     }
 
     /// Takes new settings; a new sharing limit only while nothing is shared.
@@ -322,7 +242,7 @@ impl MergeState {
         if self.knobs.smart_scan && !knobs.smart_scan {
             // Pages smart scan had backed off made their regions idle; without it, they are
             // work on every pass again.
-            for region in self.regions.values_mut() {
+            for region in self.records.regions.values_mut() {
                 region.quiet_at = None;
             }
         }

@@ -1,4 +1,4 @@
-//! What the engine keeps for each page of a region, and the counters that follow from it.
+//! What the engine keeps for each region and each of its pages, and the counts that follow.
 //!
 //! # Only pages that exist
 //!
@@ -16,19 +16,29 @@
 //! # The record
 //!
 //! A `PageRecord` is 12 bytes: the checksum of the last visit, and one word holding the stable
-//! slot the page maps (if any), the flags, and the smart-scan streak. Flags that counters
-//! follow (`VOLATILE`, `ZERO`) change only through [`MergeState::set_flags`] or
-//! [`Counters::set_flags`], which keep `pages_volatile` and `zero_pages` equal to the number of
-//! records that carry them. Advice is not kept per page but per range
-//! ([`super::advice::AdviceMap`]): a guest may advise gigabytes it never touches.
+//! slot the page maps (if any), the flags, and the smart-scan streak. Flags that counts
+//! follow (`VOLATILE`, `ZERO`) change only through [`Records::set_flags`] or
+//! [`FlagCounts::set_flags`], which keep those counts equal to the number of records that
+//! carry them. Advice is not kept per page but per range ([`super::advice::AdviceMap`]): a
+//! guest may advise gigabytes it never touches.
+//!
+//! # Regions
+//!
+//! [`Records`] holds every registered region ([`RegionPages`]: its page table, its advice,
+//! what its mapping costs, whether it is idle) with the flag counts, and the methods that
+//! touch nothing else. What the records say a change of mappings costs is theirs too
+//! ([`RegionPages::mapping_delta`]); whether the budget can pay it is [`super::budget`]'s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
+use std::sync::Arc;
 
-use crate::region::RegionId;
+use crate::layout::boundary;
+use crate::quiesce::OwnerId;
+use crate::region::{Region, RegionId};
 use crate::stable::{MAX_SLOTS, Slot};
 
-use super::MergeState;
+use super::advice::AdviceMap;
 
 /// What the engine remembers of one page of a region.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,8 +89,8 @@ impl PageRecord {
     pub(super) fn flags(&self) -> u8 {
         ((self.word & FLAGS_MASK) >> FLAGS_SHIFT) as u8
     }
-    /// Sets the flags without touching the counters: only for flags no counter follows
-    /// (`SEEN`, `COPY`), or through [`Counters::set_flags`].
+    /// Sets the flags without touching the counts: only for flags no count follows
+    /// (`SEEN`, `COPY`), or through [`FlagCounts::set_flags`].
     fn put_flags(&mut self, flags: u8) {
         self.word = self.word & !FLAGS_MASK | (u32::from(flags & 0xf) << FLAGS_SHIFT);
     }
@@ -232,50 +242,210 @@ impl PageTable {
     }
 }
 
-/// Counters kept by the state (the rest of [`crate::Stats`] is derived).
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) pages_scanned: u64,
-    pub(super) full_scans: u64,
-    pub(super) pages_skipped_map_budget: u64,
-    pub(super) regions_busy_skips: u64,
-    /// Records with `VOLATILE`.
-    pub(super) pages_volatile: u64,
-    /// Records with `ZERO`.
-    pub(super) zero_pages: u64,
-    /// Page visits smart scan skipped (KSM `pages_skipped`).
-    pub(super) pages_skipped: u64,
-    pub(super) regions_idle_skips: u64,
-    /// Hole punches that failed (memory left allocated, no data affected).
-    pub(super) punch_failures: u64,
-    /// Pages visited in the pass in progress, and whether the last whole pass visited none
-    /// (every region idle): then the scanner may sleep longer.
-    pub(super) pages_visited_this_pass: u64,
-    pub(super) last_pass_idle: bool,
-    pub(super) merges_this_pass: u64,
-    pub(super) merges_last_pass: u64,
-    /// Whether anything that could make an idle region's pages mergeable happened since the
-    /// last pass on which idle regions may be visited began: a visit of a region that was
-    /// not idle, a merge, pages given back (room in their stable pages), an image made or
-    /// dropped, a knob change, a region gone.
-    pub(super) host_awake: bool,
-    /// Whether the pass in progress visits idle regions too: one of the passes on which
-    /// smart scan looks at every page, and the host was awake since the last of them.
-    pub(super) visit_idle_regions: bool,
+/// A registered region and the engine's records of its pages.
+pub(super) struct RegionPages {
+    pub(super) region: Arc<Region>,
+    /// Records of the pages that exist (see the module docs).
+    pub(super) pages: PageTable,
+    /// The region's length in pages at the last visit.
+    pub(super) len: usize,
+    /// The owner's advice, by range.
+    pub(super) advice: AdviceMap,
+    /// Mappings the engine's merges split this region's mapping into, beyond the first.
+    pub(super) vmas: u64,
+    /// Pages where the kernel starts a mapping although the page before maps the slot
+    /// before (their mappings' anonymous memory differs: `vma.rs`), so that the records
+    /// alone imply one boundary fewer; each is counted in `vmas`.
+    pub(super) kernel_splits: BTreeSet<usize>,
+    /// The owner's gate entries (see [`crate::Owner`]) at which a whole visit of the region
+    /// found nothing left to do: every page shared, a hole, advised never to merge, or (with
+    /// smart scan) looked at only on every 32nd pass. While the owner has not entered since,
+    /// the scanner skips the region, but on those passes if anything was awake since the
+    /// last of them (see [`super::scan`]).
+    pub(super) quiet_at: Option<u64>,
+    /// The visit in progress: the owner's entries when it began, and whether it has found
+    /// nothing to do so far.
+    pub(super) visit: (u64, bool),
 }
 
-impl MergeState {
+impl RegionPages {
+    /// How many mappings the region gains when pages `range` change to map what `first`
+    /// says: 0 for the region's own memfd (every page of the range), or `s + 1` for stable
+    /// slot `s` at the range's first page and the slots after it for the pages after it. That
+    /// is every change the engine makes (a merged run or window onto consecutive slots, or
+    /// pages given back), so inside the range the pages join; what they were joined to before
+    /// is read from the records that exist, not page by page. `layout::mapping_delta` is the same
+    /// count for any change, page by page (the tests check the two agree).
+    pub(super) fn mapping_delta(&self, range: Range<usize>, first: u32) -> i64 {
+        let len = self.len.max(range.end);
+        if range.is_empty() || len < 2 {
+            return 0;
+        }
+        let kind = |n: usize| {
+            if first == 0 {
+                0
+            } else {
+                first.wrapping_add(n as u32)
+            }
+        };
+        let before = |p: usize| self.pages.get(p).stable();
+        let after = |p: usize| {
+            if range.contains(&p) {
+                kind(p - range.start)
+            } else {
+                before(p)
+            }
+        };
+        // Pairs (p - 1, p) for p in lo..=hi touch the range.
+        let (lo, hi) = (range.start.max(1), range.end.min(len - 1));
+        let mut delta = 0;
+        // After the change only the range's two edges can be boundaries.
+        for p in [range.start, range.end] {
+            if (lo..=hi).contains(&p) {
+                delta += boundary(after(p - 1), after(p));
+            }
+        }
+        // Before it, boundaries lie only next to pages that map a stable slot.
+        let mut pairs: Vec<usize> = Vec::new();
+        for (page, record) in self.pages.existing(lo - 1..hi + 1) {
+            if record.stable() != 0 {
+                for p in [page, page + 1] {
+                    if (lo..=hi).contains(&p) && pairs.last() != Some(&p) {
+                        pairs.push(p);
+                    }
+                }
+            }
+        }
+        for p in pairs {
+            delta -= boundary(before(p - 1), before(p));
+        }
+        delta
+    }
+}
+
+/// How many records carry the flags that [`crate::Stats`] counts. Kept beside the records,
+/// and changed only with them ([`FlagCounts::set_flags`]), so that the figures need no walk
+/// of every record and cannot drift from what the records say.
+#[derive(Default)]
+pub(super) struct FlagCounts {
+    /// Records with `VOLATILE` (KSM `pages_volatile`).
+    volatile: u64,
+    /// Records with `ZERO`: pages of zeros punched out of their memfds.
+    zero: u64,
+}
+
+impl FlagCounts {
+    /// Sets `record`'s flags to `flags`, keeping the counts in step; for loops that hold a
+    /// region's records already.
+    pub(super) fn set_flags(&mut self, record: &mut PageRecord, flags: u8) {
+        let was = record.flags();
+        record.put_flags(flags);
+        if (was ^ flags) & (VOLATILE | ZERO) == 0 {
+            return;
+        }
+        self.forget_flags(was);
+        for (flag, count) in self.counts() {
+            if flags & flag != 0 {
+                *count += 1;
+            }
+        }
+    }
+
+    fn forget_flags(&mut self, flags: u8) {
+        for (flag, count) in self.counts() {
+            if flags & flag != 0 {
+                *count -= 1;
+            }
+        }
+    }
+
+    fn counts(&mut self) -> [(u8, &mut u64); 2] {
+        [(VOLATILE, &mut self.volatile), (ZERO, &mut self.zero)]
+    }
+}
+
+/// Every registered region's records, and the flag counts that follow them. All that the
+/// engine knows of a region's pages is here; what the pages share is the stable store's.
+#[derive(Default)]
+pub(super) struct Records {
+    /// The registered regions, by id: the order the scanner's cursor walks them in.
+    pub(super) regions: BTreeMap<RegionId, RegionPages>,
+    /// Private, so that no flag it follows changes without it.
+    flags: FlagCounts,
+}
+
+impl Records {
+    /// Takes region `region` in, with no records yet.
+    pub(super) fn add(&mut self, region: Arc<Region>) {
+        self.regions.insert(
+            region.id,
+            RegionPages {
+                region,
+                pages: PageTable::default(),
+                len: 0,
+                advice: AdviceMap::default(),
+                vmas: 0,
+                kernel_splits: BTreeSet::new(),
+                quiet_at: None,
+                visit: (0, false),
+            },
+        );
+    }
+
+    /// The records of region `id`, which the caller knows is registered (it was found under
+    /// the same lock).
+    pub(super) fn region(&self, id: RegionId) -> &RegionPages {
+        self.regions
+            .get(&id)
+            .expect("a region found under the state lock stays registered")
+    }
+
+    pub(super) fn region_mut(&mut self, id: RegionId) -> &mut RegionPages {
+        self.regions
+            .get_mut(&id)
+            .expect("a region found under the state lock stays registered")
+    }
+
+    /// The records of region `id` and the flag counts they feed, borrowed together, for
+    /// loops over many pages (one lookup of the region for all of them).
+    pub(super) fn pages_and_flags(&mut self, id: RegionId) -> (&mut PageTable, &mut FlagCounts) {
+        let region = self
+            .regions
+            .get_mut(&id)
+            .expect("a region found under the state lock stays registered");
+        (&mut region.pages, &mut self.flags)
+    }
+
+    /// The record of page `page` of region `id`.
+    pub(super) fn record(&self, id: RegionId, page: usize) -> PageRecord {
+        self.region(id).pages.get(page)
+    }
+
+    /// The record of page `page` of region `id`, made if it has none.
+    pub(super) fn record_mut(&mut self, id: RegionId, page: usize) -> &mut PageRecord {
+        self.region_mut(id).pages.get_mut(page)
+    }
+
+    /// The regions of `owner`.
+    pub(super) fn regions_of(&self, owner: OwnerId) -> Vec<RegionId> {
+        self.regions
+            .iter()
+            .filter(|(_, r)| r.region.owner.id() == owner)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Stores a visit's checksum and whether the page counts as volatile; a change (or a
     /// merge) ends a smart-scan streak.
     pub(super) fn record_visit(&mut self, id: RegionId, page: usize, checksum: u64, settled: bool) {
-        let (records, counters) = self.records_and_counters(id);
+        let (records, counts) = self.pages_and_flags(id);
         let record = records.get_mut(page);
         if record.checksum() != checksum || !settled {
             record.set_misses(0);
         }
         record.set_checksum(checksum);
         let flags = (record.flags() | SEEN) & !VOLATILE | if settled { 0 } else { VOLATILE };
-        counters.set_flags(record, flags);
+        counts.set_flags(record, flags);
     }
 
     /// One more visit in which the page was unchanged and stayed unmerged: it matched
@@ -285,48 +455,25 @@ impl MergeState {
         record.set_misses(record.misses().saturating_add(1));
     }
 
-    /// Sets a page's flags, keeping the counters derived from them in step.
+    /// Sets a page's flags, keeping the counts derived from them in step.
     pub(super) fn set_flags(&mut self, id: RegionId, page: usize, flags: u8) {
-        let (records, counters) = self.records_and_counters(id);
-        counters.set_flags(records.get_mut(page), flags);
+        let (records, counts) = self.pages_and_flags(id);
+        counts.set_flags(records.get_mut(page), flags);
     }
 
-    /// Takes a page's flags out of the counters derived from them.
+    /// Takes the flags of a page whose record is gone out of the counts.
     pub(super) fn forget_flags(&mut self, flags: u8) {
-        self.counters.forget_flags(flags);
-    }
-}
-
-impl Counters {
-    /// Sets `record`'s flags to `flags`, keeping the counters derived from them in step; for
-    /// loops that hold a region's records already.
-    pub(super) fn set_flags(&mut self, record: &mut PageRecord, flags: u8) {
-        let was = record.flags();
-        record.put_flags(flags);
-        if (was ^ flags) & (VOLATILE | ZERO) == 0 {
-            return;
-        }
-        self.forget_flags(was);
-        for (flag, counter) in self.flag_counters() {
-            if flags & flag != 0 {
-                *counter += 1;
-            }
-        }
+        self.flags.forget_flags(flags);
     }
 
-    fn forget_flags(&mut self, flags: u8) {
-        for (flag, counter) in self.flag_counters() {
-            if flags & flag != 0 {
-                *counter -= 1;
-            }
-        }
+    /// Records with `VOLATILE`.
+    pub(super) fn volatile_pages(&self) -> u64 {
+        self.flags.volatile
     }
 
-    fn flag_counters(&mut self) -> [(u8, &mut u64); 2] {
-        [
-            (VOLATILE, &mut self.pages_volatile),
-            (ZERO, &mut self.zero_pages),
-        ]
+    /// Records with `ZERO`.
+    pub(super) fn zero_pages(&self) -> u64 {
+        self.flags.zero
     }
 }
 

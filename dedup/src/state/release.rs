@@ -39,7 +39,7 @@ impl MergeState {
         let mut page = range.start;
         while page < range.end {
             let written = |state: &Self, p: usize| {
-                state.record(id, p).shares() && state.backing_of(p) == PageBacking::Private
+                state.records.record(id, p).shares() && state.backing_of(p) == PageBacking::Private
             };
             if !written(self, page) {
                 page += 1;
@@ -62,19 +62,18 @@ impl MergeState {
         id: RegionId,
         range: Range<usize>,
     ) -> Result<(), Error> {
-        let record = self.region_mut(id);
+        let record = self.records.region_mut(id);
         remap::restore_own(q, &record.region, range.start, range.len())?;
         // Pages of its own again: the region needs visits, whoever ran.
         record.quiet_at = None;
         record.visit.1 = false;
         let delta = record.mapping_delta(range.clone(), 0);
         let remapped = range.clone();
-        record.vmas = record.vmas.saturating_add_signed(delta);
-        self.vmas = self.vmas.saturating_add_signed(delta);
+        self.add_mappings(id, delta);
         // Sharers leaving make room in their stable pages, and mappings in the budget.
         self.counters.host_awake = true;
         for page in range {
-            let record = self.record_mut(id, page);
+            let record = self.records.record_mut(id, page);
             let slot = record.slot().expect("restore of an unmerged page");
             let copy = record.has(COPY);
             record.unmap_stable();
@@ -94,7 +93,7 @@ impl MergeState {
         id: RegionId,
         page: usize,
     ) -> Result<bool, Error> {
-        let delta = self.region(id).mapping_delta(page..page + 1, 0);
+        let delta = self.records.region(id).mapping_delta(page..page + 1, 0);
         if !self.budget_allows(delta, 1) {
             return Ok(false);
         }
@@ -121,7 +120,11 @@ impl MergeState {
     /// Gives every merged page of region `id` back to it: afterwards the region is one
     /// mapping of its own memfd again.
     pub(crate) fn unmerge_region(&mut self, q: Quiescent<'_>, id: RegionId) -> Result<(), Error> {
-        let record = self.regions.get(&id).ok_or(Error::UnknownRegion(id))?;
+        let record = self
+            .records
+            .regions
+            .get(&id)
+            .ok_or(Error::UnknownRegion(id))?;
         let merged = record.pages.runs(0..usize::MAX, |p| p.stable() != 0);
         for range in merged {
             self.restore(q, id, range)?;
@@ -132,9 +135,9 @@ impl MergeState {
     /// Unmerges every region whose owner is quiescent; returns how many were busy.
     pub(crate) fn unmerge_all(&mut self) -> Result<usize, Error> {
         let mut busy = 0;
-        let ids: Vec<RegionId> = self.regions.keys().copied().collect();
+        let ids: Vec<RegionId> = self.records.regions.keys().copied().collect();
         for id in ids {
-            let record = self.region(id);
+            let record = self.records.region(id);
             if !record.pages.all().any(|(_, p)| p.stable() != 0) {
                 continue;
             }

@@ -101,7 +101,7 @@ impl MergeState {
             let Some(id) = self.cursor_region() else {
                 return Ok(true);
             };
-            let region = self.region(id).region.clone();
+            let region = self.records.region(id).region.clone();
             let start = self.cursor.page;
             let Some(guard) = region.owner.try_enter() else {
                 self.counters.regions_busy_skips += 1;
@@ -111,7 +111,7 @@ impl MergeState {
             };
             let entries = region.owner.entries();
             let visit_idle = self.counters.visit_idle_regions;
-            let record = self.region_mut(id);
+            let record = self.records.region_mut(id);
             if start == 0 {
                 let idle = record.quiet_at == Some(entries);
                 if idle && !visit_idle {
@@ -142,7 +142,7 @@ impl MergeState {
             drop(guard);
             budget -= (budget - left).max(1);
             if end >= pages {
-                let record = self.region_mut(id);
+                let record = self.records.region_mut(id);
                 let (entries, quiet) = record.visit;
                 record.quiet_at = quiet.then_some(entries);
                 pass_ended |= self.advance_region(id);
@@ -163,7 +163,7 @@ impl MergeState {
     /// which ends the pass.
     fn cursor_region(&mut self) -> Option<RegionId> {
         let from = self.cursor.region.unwrap_or(RegionId(0));
-        let Some((&id, _)) = self.regions.range(from..).next() else {
+        let Some((&id, _)) = self.records.regions.range(from..).next() else {
             self.end_pass();
             return None;
         };
@@ -179,6 +179,7 @@ impl MergeState {
     /// Moves the cursor past region `id`; ends the pass when it was the last.
     fn advance_region(&mut self, id: RegionId) -> bool {
         let next = self
+            .records
             .regions
             .range(RegionId(id.0 + 1)..)
             .next()
@@ -221,7 +222,7 @@ impl MergeState {
     /// Merges every region of the guard's owner at once (see [`crate::Engine::merge_owner_now`]);
     /// returns how many of their pages map stable pages, or are freed zeros, afterwards.
     pub(crate) fn merge_owner_now(&mut self, guard: &OwnerGuard) -> Result<MergeNowReport, Error> {
-        let ids = self.regions_of(guard.owner());
+        let ids = self.records.regions_of(guard.owner());
         self.owner_call(|state| state.visit_whole(guard, &ids, Visit::Now))?;
         Ok(ids
             .iter()
@@ -235,7 +236,7 @@ impl MergeState {
     /// Visits every region of `owner` (its park visit). `false` when the owner is running
     /// again, or has no regions: then there is nothing to look at now.
     pub(crate) fn scan_owner(&mut self, owner: &Owner) -> Result<bool, Error> {
-        let ids = self.regions_of(owner.id());
+        let ids = self.records.regions_of(owner.id());
         if ids.is_empty() {
             return Ok(false);
         }
@@ -255,7 +256,7 @@ impl MergeState {
         visit: Visit,
     ) -> Result<(), Error> {
         for &id in ids {
-            let pages = self.region(id).region.len() / PAGE_SIZE;
+            let pages = self.records.region(id).region.len() / PAGE_SIZE;
             self.scan_range(guard.quiescent(), id, 0..pages, visit)?;
         }
         Ok(())
@@ -283,7 +284,7 @@ impl MergeState {
         id: RegionId,
         range: Range<usize>,
     ) -> Result<Vec<Range<usize>>, Error> {
-        let record = self.region(id);
+        let record = self.records.region(id);
         let data = crate::memfds::data_extents(&record.region.memfd, range.clone())
             .map_err(|source| Error::DataExtents { region: id, source })?;
         Ok(union_of_runs(
@@ -301,7 +302,7 @@ impl MergeState {
         spans: &[Range<usize>],
         visit: Visit,
     ) -> Result<(), Error> {
-        let region = self.region(id).region.clone();
+        let region = self.records.region(id).region.clone();
         for range in spans.iter().cloned() {
             self.counters.pages_scanned += range.len() as u64;
             self.counters.pages_visited_this_pass += range.len() as u64;
@@ -316,7 +317,7 @@ impl MergeState {
                     // any page that stays unmerged: on a full budget these pages back off
                     // like any other, rather than being compared again on every pass.
                     for missed in page..page + visited {
-                        self.note_miss(id, missed);
+                        self.records.note_miss(id, missed);
                     }
                 }
                 page += visited;
@@ -355,7 +356,7 @@ impl MergeState {
         end: usize,
         visit: Visit,
     ) -> Result<usize, Error> {
-        let record = self.record(id, page);
+        let record = self.records.record(id, page);
         let backing = self.backing_of(page);
         // A bridged page (a private copy in a merged window) holds its own bytes and is
         // visited like a page of the region's own: once they match a page elsewhere, it is
@@ -375,7 +376,7 @@ impl MergeState {
         if !(self.knobs.smart_scan
             && smart_scan_period(record.misses()) == Knobs::SMART_SCAN_LONGEST_SKIP)
         {
-            self.region_mut(id).visit.1 = false;
+            self.records.region_mut(id).visit.1 = false;
         }
         if bridged && visit == Visit::Park {
             // A bridged page is private memory already, so the page map cannot show whether
@@ -395,7 +396,7 @@ impl MergeState {
             return Ok(1);
         }
         if record.has(ZERO) {
-            self.set_flags(id, page, record.flags() & !ZERO);
+            self.records.set_flags(id, page, record.flags() & !ZERO);
         }
         let domain = region.owner.domain();
         // SAFETY: the gate is held (`q`) and `page` is below the length read under it.
@@ -416,11 +417,12 @@ impl MergeState {
         let unchanged = record.has(SEEN) && record.checksum() == checksum;
         // A first visit proves nothing either way; only a changed checksum is volatile.
         let changed = record.has(SEEN) && !unchanged;
-        self.record_visit(id, page, checksum, !changed || visit == Visit::Now);
+        self.records
+            .record_visit(id, page, checksum, !changed || visit == Visit::Now);
         if changed {
             // Its smart-scan streak ended: it is looked at next pass, even if it was one of
             // those that let the region count as idle.
-            self.region_mut(id).visit.1 = false;
+            self.records.region_mut(id).visit.1 = false;
         }
         if !unchanged && visit != Visit::Now {
             return Ok(1);
@@ -431,8 +433,8 @@ impl MergeState {
             }
             crate::memfds::punch_region(q, region, page, 1)
                 .map_err(|source| Error::Punch { region: id, source })?;
-            let flags = self.record(id, page).flags();
-            self.set_flags(id, page, flags | ZERO);
+            let flags = self.records.record(id, page).flags();
+            self.records.set_flags(id, page, flags | ZERO);
             return Ok(1);
         }
         let key = (domain, checksum);
@@ -449,7 +451,7 @@ impl MergeState {
             return Ok(merged);
         }
         self.unstable.insert(key, PageRef { region: id, page });
-        self.note_miss(id, page);
+        self.records.note_miss(id, page);
         Ok(1)
     }
 }
