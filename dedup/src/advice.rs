@@ -17,8 +17,11 @@
 //!   (scope `All`). The pages merge as the scanner or a merge-now finds them.
 //!
 //! A region holds at most [`MAX_ADVISED_RANGES`] advised ranges (maximal runs of pages with
-//! the same advice); advice that would exceed it is refused and changes nothing. The records
-//! keep advice per page, so looking it up costs nothing in the scan.
+//! the same advice); advice that would exceed it is refused and changes nothing. The engine
+//! keeps advice per range (in an `AdviceMap`), not per page: a guest may advise gigabytes it never
+//! touches, and a lookup searches a region's few ranges.
+
+use std::ops::Range;
 
 /// Which pages of a region may merge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,3 +45,85 @@ pub enum MergeScope {
 /// Most advised ranges one region may hold: each is a run of pages with the same advice.
 /// Ranges that touch and carry the same advice count once.
 pub const MAX_ADVISED_RANGES: usize = 256;
+
+/// A region's advised ranges: sorted, disjoint, and never two touching ranges with the same
+/// advice. Pages outside every range have no advice.
+#[derive(Clone, Default)]
+pub(crate) struct AdviceMap {
+    /// The ranges in page order, each with its advice.
+    ranges: Vec<(Range<usize>, Advice)>,
+}
+
+impl AdviceMap {
+    /// The advice page `page` has, if any.
+    pub(crate) fn get(&self, page: usize) -> Option<Advice> {
+        let at = self.ranges.partition_point(|(range, _)| range.end <= page);
+        self.ranges
+            .get(at)
+            .filter(|(range, _)| range.start <= page)
+            .map(|&(_, advice)| advice)
+    }
+
+    /// Gives pages `pages` advice `advice` (`None`: no advice), replacing what they had.
+    pub(crate) fn set(&mut self, pages: Range<usize>, advice: Option<Advice>) {
+        if pages.is_empty() {
+            return;
+        }
+        let mut ranges = Vec::with_capacity(self.ranges.len() + 2);
+        for (range, had) in self.ranges.drain(..) {
+            // What is left of each old range outside `pages`.
+            for piece in [
+                range.start..range.end.min(pages.start),
+                range.start.max(pages.end)..range.end,
+            ] {
+                if !piece.is_empty() {
+                    ranges.push((piece, had));
+                }
+            }
+        }
+        if let Some(advice) = advice {
+            ranges.push((pages, advice));
+        }
+        ranges.sort_by_key(|(range, _)| range.start);
+        for (range, advice) in ranges {
+            match self.ranges.last_mut() {
+                Some((last, had)) if last.end == range.start && *had == advice => {
+                    last.end = range.end;
+                }
+                _ => self.ranges.push((range, advice)),
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub(crate) fn metadata_bytes(&self) -> usize {
+        self.ranges.capacity() * size_of::<(Range<usize>, Advice)>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advice_ranges_split_replace_and_join() {
+        let mut map = AdviceMap::default();
+        map.set(0..100, Some(Advice::Mergeable));
+        map.set(10..20, Some(Advice::Unmergeable));
+        assert_eq!(map.len(), 3);
+        assert_eq!(map.get(9), Some(Advice::Mergeable));
+        assert_eq!(map.get(10), Some(Advice::Unmergeable));
+        assert_eq!(map.get(20), Some(Advice::Mergeable));
+        assert_eq!(map.get(100), None);
+        map.set(10..20, Some(Advice::Mergeable));
+        assert_eq!(map.len(), 1);
+        map.set(50..1 << 40, None);
+        assert_eq!(
+            (map.len(), map.get(49), map.get(50)),
+            (1, Some(Advice::Mergeable), None)
+        );
+    }
+}

@@ -104,7 +104,7 @@
 //! | the stable page: slots, sharers, chains and dups | `stable/mod.rs` (`StableStore`), `stable/index.rs`, `stable/slots.rs` |
 //! | the system calls: remapping, and memfd punches | `remap.rs`, `memfds.rs` |
 //! | what the kernel says of the mappings (where anonymous memory keeps two apart) | `vma.rs` |
-//! | module images: built in the stable store, mapped as merged pages, reset | `image.rs`, `state/image.rs` |
+//! | module images: built in the stable store, mapped as merged pages, reset | `image.rs`, `state/image.rs` (`Images`) |
 //! | copy-on-write break | the kernel (nothing of samepage runs) |
 //! | sharer-left recovery and unmerge | `state/release.rs` (the page map is read in `pagemap.rs`) |
 //! | counters, per-owner figures, audit | `state/accounting.rs` (`Counters`), `stats.rs` |

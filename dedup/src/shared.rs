@@ -24,8 +24,9 @@ pub(crate) struct Shared {
     pub(crate) parked: Mutex<Vec<ParkVisit>>,
     /// CPU time spent by the scanner thread, in nanoseconds.
     pub(crate) scanner_cpu_ns: AtomicU64,
-    /// Failures the scanner met (it cannot return them); the last one is kept.
+    /// Failures the scanner met (it cannot return them).
     pub(crate) errors: AtomicU64,
+    /// The last of those failures, for [`crate::Engine::last_error`].
     pub(crate) last_error: Mutex<Option<String>>,
 }
 

@@ -35,12 +35,14 @@ pub(super) struct Counters {
     pub(super) regions_idle_skips: u64,
     /// Hole punches that failed (memory left allocated, no data affected).
     pub(super) punch_failures: u64,
-    /// Pages visited in the pass in progress, and whether the last whole pass visited none
-    /// (every region idle): then the scanner may sleep longer.
+    /// Pages visited in the pass in progress.
     pub(super) pages_visited_this_pass: u64,
+    /// Whether the last whole pass visited no page (every region idle): then the scanner
+    /// may sleep longer.
     pub(super) last_pass_idle: bool,
-    /// Merges in the pass in progress, and in the last whole pass.
+    /// Merges in the pass in progress.
     pub(super) merges_this_pass: u64,
+    /// Merges in the last whole pass (how the host sees whether merging has converged).
     pub(super) merges_last_pass: u64,
     /// Whether anything that could make an idle region's pages mergeable happened since the
     /// last pass on which idle regions may be visited began: a visit of a region that was
@@ -61,8 +63,9 @@ pub struct Audit {
     pub max_sharers: u32,
     /// Stable slots whose sharer count disagrees with the region pages that map them.
     pub mismatched_slots: Vec<u32>,
-    /// Chains and dups found by walking the stable index.
+    /// Chains found by walking the stable index.
     pub stable_node_chains: u64,
+    /// Dups found by walking the stable index.
     pub stable_node_dups: u64,
     /// Whether every page the index names is in use, within the sharing limit, and holds the
     /// same bytes as the rest of its chain.

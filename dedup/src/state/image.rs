@@ -14,6 +14,7 @@
 //! index chains as dups, pinned by the image too. When the map-count budget cannot pay for a
 //! segment's mapping, its bytes are written into the region's memfd instead.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -25,8 +26,29 @@ use crate::{Error, PAGE_SIZE, remap};
 
 use super::MergeState;
 
+/// The module images the state holds.
+#[derive(Default)]
+pub(super) struct Images {
+    /// The images, by number.
+    by_number: HashMap<u64, ImageRecord>,
+    /// The number the next image gets. Numbers are never reused, so that the number of an
+    /// image dropped meanwhile names no other.
+    next: u64,
+}
+
+impl Images {
+    /// Takes `record` in; returns its number.
+    fn add(&mut self, record: ImageRecord) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.by_number.insert(id, record);
+        id
+    }
+}
+
 /// An image the state holds: its runs of non-zero pages.
-pub(crate) struct ImageRecord {
+struct ImageRecord {
+    /// In page order; the pages between them are zeros, which need no slot.
     segments: Vec<ImageSegment>,
 }
 
@@ -128,16 +150,13 @@ impl MergeState {
             self.release_image(record)?;
             return Err(error);
         }
-        let id = self.next_image;
-        self.next_image += 1;
-        self.images.insert(id, record);
-        Ok(id)
+        Ok(self.images.add(record))
     }
 
     /// The bytes of image `image`, `len` of them, read back from its stable pages.
     pub(crate) fn read_image(&self, image: u64, len: usize) -> Vec<u8> {
         let mut bytes = vec![0; len];
-        if let Some(record) = self.images.get(&image) {
+        if let Some(record) = self.images.by_number.get(&image) {
             for segment in &record.segments {
                 for n in 0..segment.len {
                     let at = (segment.page + n) * PAGE_SIZE;
@@ -153,7 +172,7 @@ impl MergeState {
     pub(crate) fn drop_image(&mut self, image: u64) -> Result<(), Error> {
         // The image's pages stop being pinned: stable pages may go, or have room.
         self.counters.host_awake = true;
-        match self.images.remove(&image) {
+        match self.images.by_number.remove(&image) {
             Some(record) => self.release_image(record),
             None => Ok(()),
         }
@@ -181,10 +200,10 @@ impl MergeState {
         id: RegionId,
         image: u64,
     ) -> Result<(), Error> {
-        let segments = self.images[&image].segments.len();
+        let segments = self.images.by_number[&image].segments.len();
         for index in 0..segments {
             let (page, len) = {
-                let segment = &self.images[&image].segments[index];
+                let segment = &self.images.by_number[&image].segments[index];
                 (segment.page, segment.len)
             };
             let first = self.copy_with_room(image, index)?;
@@ -217,7 +236,7 @@ impl MergeState {
     /// The first copy of segment `index` of `image` with room for a sharer on every page;
     /// made when there is none.
     fn copy_with_room(&mut self, image: u64, index: usize) -> Result<Slot, Error> {
-        let segment = &self.images[&image].segments[index];
+        let segment = &self.images.by_number[&image].segments[index];
         let len = segment.len as Slot;
         if let Some(&first) = segment
             .copies
@@ -241,6 +260,7 @@ impl MergeState {
             self.stable.pin(slot);
         }
         self.images
+            .by_number
             .get_mut(&image)
             .expect("looked up above")
             .segments[index]
@@ -254,7 +274,7 @@ impl MergeState {
     /// left, and the next instantiation that needs one makes it again.
     pub(super) fn prune_image_copies(&mut self) -> Result<(), Error> {
         let mut idle: Vec<(Slot, usize)> = Vec::new();
-        for record in self.images.values_mut() {
+        for record in self.images.by_number.values_mut() {
             for segment in &mut record.segments {
                 let len = segment.len as Slot;
                 let stable = &self.stable;

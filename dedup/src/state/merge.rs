@@ -19,6 +19,7 @@
 //! map the stable slots, copy the differing pages' own bytes in, and only then punch the
 //! region's memfd; a failure before the punch maps the memfd back.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -26,7 +27,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::layout::{grow_window, runs_of};
 use crate::pagemap::PageBacking;
 use crate::quiesce::{OwnerGuard, Quiescent};
-use crate::region::RegionId;
+use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, Slot};
 use crate::{Error, remap};
 
@@ -36,6 +37,30 @@ use super::scan::{PageRef, Visit, zero_page_hash};
 
 /// Pages of a partner region's page map read at a time while extending a run.
 const BACKING_CHUNK: usize = 64;
+
+/// The region pages that merges on owners' calls replaced, freed later by the scanner thread
+/// so that the calls return sooner ([`MergeState::owner_call`]).
+pub(super) struct DeferredPunches {
+    /// Whether merges on owners' calls leave the freeing to the scanner thread (only
+    /// engines that have one).
+    after_calls: bool,
+    /// Set while such a call merges.
+    in_owner_call: bool,
+    /// Ranges of regions' own memfd pages waiting to be freed
+    /// ([`MergeState::free_deferred`]).
+    ranges: Vec<(Arc<Region>, Range<usize>)>,
+}
+
+impl DeferredPunches {
+    /// Deferring punches when `after_calls`, that is, on an engine with a scanner thread.
+    pub(super) fn new(after_calls: bool) -> Self {
+        Self {
+            after_calls,
+            in_owner_call: false,
+            ranges: Vec::new(),
+        }
+    }
+}
 
 impl MergeState {
     /// Merges the window starting at `page` onto the stable slots starting at `slot`: it
@@ -61,7 +86,7 @@ impl MergeState {
             };
             if record.stable() != 0
                 || !self.may_merge(id, next)
-                || self.backing_of(next) != PageBacking::File
+                || self.backing.of(next) != PageBacking::File
                 || node.key.0 != domain
             {
                 return Ok(None);
@@ -167,7 +192,7 @@ impl MergeState {
                 || theirs.stable() != 0
                 || !self.may_merge(id, page + n)
                 || !self.may_merge(partner.region, partner.page + n)
-                || self.backing_of(page + n) != PageBacking::File
+                || self.backing.of(page + n) != PageBacking::File
                 || other_backing[n] != PageBacking::File
             {
                 return Ok(None);
@@ -277,9 +302,9 @@ impl MergeState {
         // A new stable page, or a new sharer of one, wherever the merge came from (a pass,
         // an owner's call, a park visit): idle regions may hold its bytes.
         self.counters.host_awake = true;
-        if self.punch_after_calls && self.in_owner_call {
+        if self.deferred.after_calls && self.deferred.in_owner_call {
             // The merge stands; freeing the replaced pages can wait for the scanner.
-            self.deferred_punches.push((region, page..page + len));
+            self.deferred.ranges.push((region, page..page + len));
         } else if crate::memfds::punch_region(q, &region, page, len).is_err() {
             self.counters.punch_failures += 1;
         }
@@ -316,9 +341,9 @@ impl MergeState {
     /// Runs `f`, a merge on an owner's call (merge-now, merge on instantiation): on an engine
     /// with a scanner thread, the pages it replaces are freed afterwards, by the scanner.
     pub(crate) fn owner_call<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
-        self.in_owner_call = true;
+        self.deferred.in_owner_call = true;
         let result = f(self);
-        self.in_owner_call = false;
+        self.deferred.in_owner_call = false;
         result
     }
 
@@ -327,10 +352,10 @@ impl MergeState {
     /// (a page given back since holds the owner's bytes again, and stays). Returns whether
     /// there was anything to do.
     pub(crate) fn free_deferred(&mut self) -> bool {
-        if self.deferred_punches.is_empty() {
+        if self.deferred.ranges.is_empty() {
             return false;
         }
-        for (region, range) in std::mem::take(&mut self.deferred_punches) {
+        for (region, range) in std::mem::take(&mut self.deferred.ranges) {
             let Some(record) = self
                 .records
                 .regions

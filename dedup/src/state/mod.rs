@@ -26,9 +26,12 @@
 //!
 //! [`MergeState`] holds one part per concern, each a type of its own in its step's file with
 //! the methods that touch only its data: the records (`Records`, in [`records`]), the stable
-//! store (`StableStore`, in `stable/`), the map-count budget (`MapBudget`, in [`budget`]) and
-//! the counters (`Counters`, in [`accounting`]). What spans them (a visit, a merge, a
-//! release) is a `MergeState` method in the file of the step that does it.
+//! store (`StableStore`, in `stable/`), the map-count budget (`MapBudget`, in [`budget`]), the
+//! counters (`Counters`, in [`accounting`]), and smaller ones: the cursor and the page map
+//! of the range being visited (`Cursor`, `Backing`, in [`scan`]), the frees left to the
+//! scanner thread (`DeferredPunches`, in [`merge`]) and the module images (`Images`, in
+//! [`image`]). What spans them (a visit, a merge, a release) is a `MergeState` method in
+//! the file of the step that does it.
 //!
 //! Invariants kept across all of them:
 //! - every page of a region maps its own memfd (`stable == 0`), a stable slot it shares, or
@@ -53,7 +56,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::advice::MergeScope;
-use crate::pagemap::{PageBacking, Pagemap};
+use crate::pagemap::Pagemap;
 use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, StableStore};
 use crate::{Error, Knobs};
@@ -61,9 +64,11 @@ use crate::{Error, Knobs};
 pub use accounting::Audit;
 use accounting::Counters;
 use budget::MapBudget;
+use image::Images;
+use merge::DeferredPunches;
 use records::{COPY, PageTable, Records};
 pub(crate) use scan::Visit;
-use scan::{Cursor, PageRef};
+use scan::{Backing, Cursor, PageRef};
 
 /// What the engine knows of every registered region's pages and of the stable pages they
 /// share, with what it needs to go on merging: the parts below, one per concern, and the
@@ -78,14 +83,11 @@ pub(crate) struct MergeState {
     /// This pass's unchanged pages that matched nothing, by content key. Rebuilt every pass;
     /// entries may be stale (the page changed or merged since) and are checked before use.
     unstable: HashMap<ContentKey, PageRef>,
-    /// `/proc/self/pagemap`, to tell pages of the region's memfd from holes and from
-    /// private copies its owner wrote.
+    /// `/proc/self/pagemap`, to tell pages of a region's memfd from holes and from private
+    /// copies its owner wrote: read for the range being visited, and for a partner's run.
     pagemap: Pagemap,
-    /// Backing of the pages of the range being visited, from page `backing_from` on, of
-    /// region `backing_region`.
-    backing: Vec<PageBacking>,
-    backing_from: usize,
-    backing_region: Option<RegionId>,
+    /// What the page map says of the range being visited.
+    backing: Backing,
     /// What the steps count as they go.
     counters: Counters,
     /// The mappings the engine holds, against the share of `vm.max_map_count` it may.
@@ -94,17 +96,10 @@ pub(crate) struct MergeState {
     pub(crate) knobs: Knobs,
     /// Which pages may merge without advice (fixed at start).
     scope: MergeScope,
-    /// Whether a merge made on an owner's call leaves freeing the replaced pages to the
-    /// scanner thread, so that the call returns sooner (only engines that have one).
-    punch_after_calls: bool,
-    /// Set while such a call merges.
-    in_owner_call: bool,
-    /// Ranges of regions' own memfd pages that merges on owners' calls replaced, waiting to
-    /// be freed ([`MergeState::free_deferred`]).
-    deferred_punches: Vec<(Arc<Region>, std::ops::Range<usize>)>,
-    /// Module images, by number ([`image`]).
-    images: HashMap<u64, image::ImageRecord>,
-    next_image: u64,
+    /// Pages that merges on owners' calls replaced, left for the scanner thread to free.
+    deferred: DeferredPunches,
+    /// Module images ([`image`]).
+    images: Images,
 }
 
 impl MergeState {
@@ -122,18 +117,13 @@ impl MergeState {
             stable,
             unstable: HashMap::new(),
             pagemap,
-            backing: Vec::new(),
-            backing_from: 0,
-            backing_region: None,
+            backing: Backing::default(),
             counters: Counters::default(),
             budget: MapBudget::new(max_map_count),
             knobs,
             scope,
-            punch_after_calls,
-            in_owner_call: false,
-            deferred_punches: Vec::new(),
-            images: HashMap::new(),
-            next_image: 0,
+            deferred: DeferredPunches::new(punch_after_calls),
+            images: Images::default(),
         }
     }
 

@@ -33,12 +33,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::advice::AdviceMap;
 use crate::layout::boundary;
 use crate::quiesce::OwnerId;
 use crate::region::{Region, RegionId};
 use crate::stable::{MAX_SLOTS, Slot};
-
-use super::advice::AdviceMap;
 
 /// What the engine remembers of one page of a region.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -459,6 +458,18 @@ impl Records {
     pub(super) fn set_flags(&mut self, id: RegionId, page: usize, flags: u8) {
         let (records, counts) = self.pages_and_flags(id);
         counts.set_flags(records.get_mut(page), flags);
+    }
+
+    /// Forgets what the records of pages `pages` of region `id` say of their bytes (checksum,
+    /// smart-scan streak, volatility): for pages advised never to be read.
+    pub(super) fn forget_contents(&mut self, id: RegionId, pages: Range<usize>) {
+        let (records, counts) = self.pages_and_flags(id);
+        records.update_existing(pages, |_, record| {
+            record.set_checksum(0);
+            record.set_misses(0);
+            let flags = record.flags() & !SEEN & !VOLATILE;
+            counts.set_flags(record, flags);
+        });
     }
 
     /// Takes the flags of a page whose record is gone out of the counts.

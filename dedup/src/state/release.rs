@@ -39,7 +39,7 @@ impl MergeState {
         let mut page = range.start;
         while page < range.end {
             let written = |state: &Self, p: usize| {
-                state.records.record(id, p).shares() && state.backing_of(p) == PageBacking::Private
+                state.records.record(id, p).shares() && state.backing.of(p) == PageBacking::Private
             };
             if !written(self, page) {
                 page += 1;
@@ -98,12 +98,8 @@ impl MergeState {
             return Ok(false);
         }
         self.restore(q, id, page..page + 1)?;
-        // `restore_own` mapped the memfd with its page-table entries filled: the page map
-        // of the range being visited, if the page is in it, reads so from now on.
-        let from = self.backing_from;
-        if self.backing_region == Some(id) && (from..from + self.backing.len()).contains(&page) {
-            self.backing[page - from] = PageBacking::File;
-        }
+        // `restore_own` mapped the memfd with its page-table entries filled.
+        self.backing.update(id, page, PageBacking::File);
         Ok(true)
     }
 

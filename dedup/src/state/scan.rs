@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::pagemap::PageBacking;
+use crate::pagemap::{PageBacking, Pagemap};
 use crate::quiesce::{Owner, OwnerGuard, Quiescent};
 use crate::region::{Region, RegionId};
 use crate::{Error, Knobs, MergeNowReport, PAGE_SIZE};
@@ -45,7 +45,9 @@ use super::records::{COPY, SEEN, ZERO};
 /// A page in the unstable index: unchanged for one pass, matched nothing yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct PageRef {
+    /// The region it is in (which may have gone since: entries are checked before use).
     pub(super) region: RegionId,
+    /// Its page number in the region.
     pub(super) page: usize,
 }
 
@@ -63,10 +65,60 @@ pub(crate) enum Visit {
     Now,
 }
 
+/// What the page map says of the range being visited, read once per run of pages that
+/// exist: the visit, both run growers and the release of written pages ask it page by page.
+#[derive(Default)]
+pub(super) struct Backing {
+    /// Backing of the pages from `from` on, of region `region`.
+    pages: Vec<PageBacking>,
+    /// The first page read.
+    from: usize,
+    /// The region read; `None` before the first reading.
+    region: Option<RegionId>,
+}
+
+impl Backing {
+    /// Reads the backing of pages `range` of `region` from `pagemap`.
+    fn read(
+        &mut self,
+        pagemap: &mut Pagemap,
+        region: &Region,
+        range: Range<usize>,
+    ) -> Result<(), Error> {
+        self.pages.clear();
+        self.region = Some(region.id);
+        self.from = range.start;
+        let backing = pagemap
+            .read(region.page_addr(range.start), range.len())
+            .map_err(|source| Error::PagemapRead {
+                region: region.id,
+                source,
+            })?;
+        self.pages.extend(backing);
+        Ok(())
+    }
+
+    /// The backing of page `page` of the range being visited.
+    pub(super) fn of(&self, page: usize) -> PageBacking {
+        self.pages[page - self.from]
+    }
+
+    /// Page `page` of region `id` has changed backing to `backing` since the reading: the
+    /// page map of the range being visited, if the page is in it, reads so from now on.
+    pub(super) fn update(&mut self, id: RegionId, page: usize, backing: PageBacking) {
+        let from = self.from;
+        if self.region == Some(id) && (from..from + self.pages.len()).contains(&page) {
+            self.pages[page - from] = backing;
+        }
+    }
+}
+
 /// Where the scanner resumes.
 #[derive(Default)]
 pub(super) struct Cursor {
+    /// The region the batch resumes in; `None` before the first region of a pass.
     pub(super) region: Option<RegionId>,
+    /// The page it resumes at (regions are visited in page order).
     pub(super) page: usize,
 }
 
@@ -306,7 +358,8 @@ impl MergeState {
         for range in spans.iter().cloned() {
             self.counters.pages_scanned += range.len() as u64;
             self.counters.pages_visited_this_pass += range.len() as u64;
-            self.read_backing(&region, range.clone())?;
+            self.backing
+                .read(&mut self.pagemap, &region, range.clone())?;
             self.release_written(q, id, range.clone())?;
             let mut page = range.start;
             while page < range.end {
@@ -326,26 +379,6 @@ impl MergeState {
         Ok(())
     }
 
-    fn read_backing(&mut self, region: &Region, range: Range<usize>) -> Result<(), Error> {
-        self.backing.clear();
-        self.backing_region = Some(region.id);
-        self.backing_from = range.start;
-        let backing = self
-            .pagemap
-            .read(region.page_addr(range.start), range.len())
-            .map_err(|source| Error::PagemapRead {
-                region: region.id,
-                source,
-            })?;
-        self.backing.extend(backing);
-        Ok(())
-    }
-
-    /// The backing of page `page` of the range being visited.
-    pub(super) fn backing_of(&self, page: usize) -> PageBacking {
-        self.backing[page - self.backing_from]
-    }
-
     /// Visits one page; returns how many pages it consumed (a merged run counts whole).
     fn visit_page(
         &mut self,
@@ -357,7 +390,7 @@ impl MergeState {
         visit: Visit,
     ) -> Result<usize, Error> {
         let record = self.records.record(id, page);
-        let backing = self.backing_of(page);
+        let backing = self.backing.of(page);
         // A bridged page (a private copy in a merged window) holds its own bytes and is
         // visited like a page of the region's own: once they match a page elsewhere, it is
         // given back to its memfd and merged (`unbridge`, here or in `merge_pair`).
