@@ -141,7 +141,7 @@ pub use advisor::Advisor;
 pub use engine::{Engine, EngineConfig, MergeNowReport, RegionHandle};
 pub use error::Error;
 pub use image::MemoryImage;
-pub use knobs::{KnobRange, Knobs, RunMode};
+pub use knobs::{AdvisorMode, KNOBS, Knob, KnobRange, KnobValue, Knobs, RunMode};
 pub use mapping::{MappingError, MemfdMapping};
 pub use quiesce::{DomainId, Owner, OwnerGuard, OwnerId};
 pub use region::RegionId;

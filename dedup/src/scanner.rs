@@ -205,7 +205,7 @@ impl Shared {
             Duration::from_nanos(now.1 - pass_start.1),
         );
         *pass_start = now;
-        if let Some(advisor) = &knobs.advisor {
+        if let Some(advisor) = knobs.active_advisor() {
             let mut state = self.state.lock();
             state.knobs.pages_to_scan =
                 advisor.next_pages_to_scan(state.knobs.pages_to_scan, wall, cpu);

@@ -712,12 +712,13 @@ fn the_advisor_raises_pages_to_scan_to_meet_its_target_pass_time() {
         knobs: Knobs {
             pages_to_scan: 16,
             sleep: std::time::Duration::from_millis(10),
-            advisor: Some(samepage_dedup::Advisor {
+            advisor_mode: samepage_dedup::AdvisorMode::ScanTime,
+            advisor: samepage_dedup::Advisor {
                 target_scan_time: std::time::Duration::from_millis(50),
                 min_pages_to_scan: 16,
                 max_pages_to_scan: 1 << 16,
                 max_cpu_percent: 100,
-            }),
+            },
             ..Knobs::default()
         },
         stable_capacity_bytes: 1 << 30,

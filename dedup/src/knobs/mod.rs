@@ -1,9 +1,19 @@
 //! Run-time settings of the engine, named after `/sys/kernel/mm/ksm/` so that operators who
 //! know KSM find their way.
+//!
+//! [`Knobs`] holds the values; [`KNOBS`] declares each knob once (its name, whether KSM has it,
+//! the values it takes, its unit and its help), and every surface that sets knobs is derived
+//! from that declaration: the command-line flags of `samepage run` and `samepage serve`, the
+//! `[engine]` table of the serve config and the help text. Adding a knob is a field here, its
+//! default, and one entry in [`KNOBS`].
+
+mod declared;
 
 use std::time::Duration;
 
 use crate::{Advisor, Error};
+
+pub use declared::{KNOBS, Knob, KnobValue, Origin, Values};
 
 /// What the scanner does, as KSM's `run` file: 0 stop, 1 merge, 2 unmerge everything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +24,15 @@ pub enum RunMode {
     Merge,
     /// Give every merged page back to its region, then stop.
     UnmergeAll,
+}
+
+/// KSM's `advisor_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdvisorMode {
+    /// `pages_to_scan` stays as set.
+    None,
+    /// `pages_to_scan` is tuned after every pass to meet `advisor_target_scan_time`.
+    ScanTime,
 }
 
 /// The scanner's settings. All can change while it runs ([`crate::Engine::set_knobs`]).
@@ -35,9 +54,11 @@ pub struct Knobs {
     /// Skip pages that keep failing to merge for exponentially more passes (KSM
     /// `smart_scan`).
     pub smart_scan: bool,
-    /// Tune `pages_to_scan` to meet a target pass time (KSM `advisor_mode=scan-time`);
-    /// `None` keeps `pages_to_scan` as set (KSM `advisor_mode=none`).
-    pub advisor: Option<Advisor>,
+    /// Whether `pages_to_scan` is tuned to meet a target pass time (KSM `advisor_mode`).
+    pub advisor_mode: AdvisorMode,
+    /// The advisor's settings (KSM's `advisor_*` files), kept whatever the mode, as KSM keeps
+    /// them.
+    pub advisor: Advisor,
     /// Visit an owner's regions as soon as it parks ([`crate::Engine::parked`]), and again
     /// `park_recheck` later, instead of waiting for the cursor to come round.
     pub scan_on_park: bool,
@@ -56,7 +77,8 @@ impl Default for Knobs {
             use_zero_pages: true,
             max_page_sharing: 256,
             smart_scan: true,
-            advisor: None,
+            advisor_mode: AdvisorMode::None,
+            advisor: Advisor::default(),
             scan_on_park: true,
             park_recheck: Duration::from_millis(200),
         }
@@ -146,6 +168,17 @@ impl Knobs {
         ..Self::PAGES_TO_SCAN
     };
 
+    /// The advisor's settings when it is on.
+    pub fn active_advisor(&self) -> Option<&Advisor> {
+        (self.advisor_mode == AdvisorMode::ScanTime).then_some(&self.advisor)
+    }
+
+    /// The knob called `name` (its sysfs spelling, or its flag's with dashes).
+    pub fn declared(name: &str) -> Option<&'static Knob> {
+        let name = name.replace('-', "_");
+        KNOBS.iter().find(|knob| knob.name == name)
+    }
+
     /// Refuses values outside the accepted ranges, naming the range.
     pub fn validate(&self) -> Result<(), Error> {
         Self::PAGES_TO_SCAN.check(self.pages_to_scan as u64)?;
@@ -153,7 +186,7 @@ impl Knobs {
         Self::MAP_BUDGET_PERCENT.check(u64::from(self.map_budget_percent))?;
         Self::MAX_PAGE_SHARING.check(u64::from(self.max_page_sharing))?;
         Self::PARK_RECHECK_MILLISECS.check(millis(self.park_recheck))?;
-        if let Some(advisor) = &self.advisor {
+        if let Some(advisor) = self.active_advisor() {
             Self::ADVISOR_TARGET_SCAN_TIME.check(millis(advisor.target_scan_time))?;
             Self::ADVISOR_MAX_CPU.check(u64::from(advisor.max_cpu_percent))?;
             Self::ADVISOR_PAGES_TO_SCAN.check(advisor.min_pages_to_scan as u64)?;
@@ -199,7 +232,8 @@ mod tests {
             ..Advisor::default()
         };
         let error = Knobs {
-            advisor: Some(advisor),
+            advisor_mode: AdvisorMode::ScanTime,
+            advisor,
             ..Knobs::default()
         }
         .validate()
