@@ -31,6 +31,9 @@ pub(super) struct Counters {
     pub(super) regions_busy_skips: u64,
     /// Page visits smart scan skipped (KSM `pages_skipped`).
     pub(super) pages_skipped: u64,
+    /// The `full_scans` by which every page smart scan skipped so far has been looked at
+    /// again ([`crate::Stats::smart_scan_horizon`]).
+    pub(super) smart_scan_horizon: u64,
     /// Times a region was passed over as idle (`RegionPages::quiet_at`).
     pub(super) regions_idle_skips: u64,
     /// Hole punches that failed (memory left allocated, no data affected).
@@ -52,6 +55,15 @@ pub(super) struct Counters {
     /// Whether the pass in progress visits idle regions too: one of the passes on which
     /// smart scan looks at every page, and the host was awake since the last of them.
     pub(super) visit_idle_regions: bool,
+}
+
+impl Counters {
+    /// Moves the smart-scan horizon out to the end of the next pass numbered a multiple of
+    /// `period` (smart scan's passes are aligned: a page of that period is looked at then).
+    pub(super) fn looked_at_again_within(&mut self, period: u64) {
+        let next_look = (self.full_scans / period + 1) * period;
+        self.smart_scan_horizon = self.smart_scan_horizon.max(next_look + 1);
+    }
 }
 
 /// The result of walking the engine's records ([`crate::Engine::audit`]).
@@ -144,6 +156,7 @@ impl MergeState {
             merges_last_pass: self.counters.merges_last_pass,
             zero_pages: self.records.zero_pages(),
             pages_skipped: self.counters.pages_skipped,
+            smart_scan_horizon: self.counters.smart_scan_horizon,
             regions_idle_skips: self.counters.regions_idle_skips,
             punch_failures: self.counters.punch_failures,
             stable_node_chains,

@@ -169,6 +169,12 @@ impl MergeState {
                 if idle && !visit_idle {
                     // The owner has not run since a visit found nothing to do here.
                     self.counters.regions_idle_skips += 1;
+                    if self.counters.host_awake {
+                        // Something that may make its pages mergeable happened since: the
+                        // next pass that visits idle regions looks at them.
+                        self.counters
+                            .looked_at_again_within(Knobs::SMART_SCAN_LONGEST_SKIP);
+                    }
                     budget -= 1;
                     pass_ended |= self.advance_region(id);
                     continue;
@@ -418,14 +424,13 @@ impl MergeState {
             // which look at them at the smart-scan rate; a write there merges that much later.
             return Ok(1);
         }
+        let period = smart_scan_period(record.misses());
         if visit == Visit::Scan
             && self.knobs.smart_scan
-            && !self
-                .counters
-                .full_scans
-                .is_multiple_of(smart_scan_period(record.misses()))
+            && !self.counters.full_scans.is_multiple_of(period)
         {
             self.counters.pages_skipped += 1;
+            self.counters.looked_at_again_within(period);
             return Ok(1);
         }
         if record.has(ZERO) {
