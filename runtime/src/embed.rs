@@ -47,6 +47,7 @@ use samepage_dedup::{DomainId, EngineConfig, Owner};
 
 use crate::RuntimeError;
 use crate::memory::{GC_HEAP_GUARD_BYTES, MemfdMemoryCreator};
+use crate::program::{self, Program};
 use crate::store::StoreOwner;
 
 /// How samepage is set up under a wasmtime engine.
@@ -114,12 +115,8 @@ impl Samepage {
     /// built from the `Config` this handle configured. With merging, data segments are lifted
     /// into module images, mapped into each instance's memories instead of copied; without,
     /// wasmtime keeps them (a lifted segment needs the merge engine to be mapped).
-    pub fn compile(
-        &self,
-        engine: &wasmtime::Engine,
-        bytes: &[u8],
-    ) -> wasmtime::Result<crate::Program> {
-        crate::host::compile(engine, bytes, self.dedup.is_some())
+    pub fn compile(&self, engine: &wasmtime::Engine, bytes: &[u8]) -> wasmtime::Result<Program> {
+        program::compile(engine, bytes, self.dedup.is_some())
     }
 
     /// A new owner for one store, in tenant `domain` (pages merge only within a domain).

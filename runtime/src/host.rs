@@ -6,16 +6,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use samepage_dedup::{DomainId, EngineConfig, Owner};
-use wasmtime::component::{self, Component};
-use wasmtime::{Linker, Module, Store, StoreLimits};
-use wasmtime_wasi::p1::{self, WasiP1Ctx};
-use wasmtime_wasi::{WasiCtxView, WasiView};
+use wasmtime::component;
+use wasmtime::{Linker, Store};
+use wasmtime_wasi::p1;
 
 use crate::RuntimeError;
 use crate::embed::{Samepage, SamepageConfig};
+use crate::host_state::HostState;
 use crate::instance::{Instance, InstanceHandle, WasiOptions};
 use crate::limits::{EpochTicker, Limits};
-use crate::store::{HasStoreOwner, StoreOwner};
+use crate::program::{self, Program};
+use crate::store::StoreOwner;
 
 /// What backs the linear memories of a host's instances.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,39 +89,6 @@ impl CompilationCache {
         };
         config.cache(Some(cache.map_err(RuntimeError::Cache)?));
         Ok(())
-    }
-}
-
-/// A compiled program: a core module or a component, told apart by its header.
-#[derive(Clone, Debug)]
-pub enum Program {
-    /// A WASI preview 1 core module (a command with `_start`, or a reactor).
-    Module(crate::Module),
-    /// A component; a command exports `wasi:cli/run` and gets WASI preview 2.
-    Component(crate::Component),
-}
-
-/// What a host's stores hold: the instance's WASI context and its owner.
-pub struct HostState {
-    /// WASI preview 1 for core modules; its preview 2 context serves components.
-    pub(crate) wasi: WasiP1Ctx,
-    /// The owner of the store's memories, with their regions and the guard while it runs.
-    pub(crate) owner: StoreOwner,
-    /// The host's limits, for telling an instance why it stopped.
-    pub(crate) limits: Limits,
-    /// The store's limiter, enforcing `limits.max_memory_size`.
-    store_limits: StoreLimits,
-}
-
-impl HasStoreOwner for HostState {
-    fn store_owner(&self) -> &StoreOwner {
-        &self.owner
-    }
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        self.wasi.ctx()
     }
 }
 
@@ -227,7 +195,7 @@ impl Host {
     fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Program> {
         match &self.samepage {
             Some(samepage) => samepage.compile(&self.engine, bytes),
-            None => compile(&self.engine, bytes, false),
+            None => program::compile(&self.engine, bytes, false),
         }
     }
 
@@ -258,14 +226,9 @@ impl Host {
         };
         let mut store = Store::new(
             &self.engine,
-            HostState {
-                wasi: context.wasi,
-                owner: owner.clone(),
-                limits: self.limits,
-                store_limits: self.limits.store_limits(),
-            },
+            HostState::new(context.wasi, owner.clone(), self.limits),
         );
-        store.limiter(|state| &mut state.store_limits);
+        store.limiter(HostState::limiter);
         self.limits
             .apply(&mut store)
             .map_err(RuntimeError::Wasmtime)?;
@@ -285,46 +248,6 @@ impl Host {
         }
         Ok(instance)
     }
-}
-
-/// Compiles `bytes` as a module or a component, told apart by the header; with `lift`,
-/// data segments are lifted into module images ([`crate::image`]), else wasmtime keeps them.
-pub(crate) fn compile(
-    engine: &wasmtime::Engine,
-    bytes: &[u8],
-    lift: bool,
-) -> wasmtime::Result<Program> {
-    // Without the binary magic wasmtime reads the bytes as text; say what they are not
-    // rather than that they are not UTF-8.
-    if !bytes.starts_with(b"\0asm") && std::str::from_utf8(bytes).is_err() {
-        wasmtime::bail!(
-            "it is neither a WebAssembly binary (which starts with \\0asm) nor the text \
-             format (which is UTF-8)"
-        );
-    }
-    Ok(match (is_component(bytes), lift) {
-        (true, true) => Program::Component(crate::Component::new(engine, bytes)?),
-        (true, false) => Program::Component(Component::new(engine, bytes)?.into()),
-        (false, true) => Program::Module(crate::Module::new(engine, bytes)?),
-        (false, false) => Program::Module(Module::new(engine, bytes)?.into()),
-    })
-}
-
-/// Whether `bytes` are a component: the binary header's layer field, or `(component` as the
-/// text format's first token.
-pub fn is_component(bytes: &[u8]) -> bool {
-    if let Some(header) = bytes.strip_prefix(b"\0asm") {
-        return header.get(2..4) == Some(&[1, 0]);
-    }
-    let mut text = std::str::from_utf8(bytes).unwrap_or("").trim_start();
-    while let Some(rest) = text.strip_prefix(";;") {
-        text = rest
-            .split_once('\n')
-            .map_or("", |(_, rest)| rest)
-            .trim_start();
-    }
-    text.strip_prefix('(')
-        .is_some_and(|rest| rest.trim_start().starts_with("component"))
 }
 
 impl std::fmt::Debug for Host {

@@ -13,7 +13,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::RuntimeError;
 use crate::error::describe;
-use crate::host::HostState;
+use crate::host_state::HostState;
 use crate::stdio::{GuestOutput, HostStream, PrefixedOutput};
 use crate::store::StoreOwner;
 

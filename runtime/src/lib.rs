@@ -40,22 +40,24 @@
 mod embed;
 mod error;
 mod host;
+mod host_state;
 mod image;
 mod instance;
 mod limits;
 mod memory;
+mod program;
 mod stdio;
 mod store;
 
 pub use embed::{Samepage, SamepageConfig};
 pub use error::RuntimeError;
-pub use host::{
-    CompilationCache, Host, HostConfig, HostState, MemoryBacking, Program, is_component,
-};
+pub use host::{CompilationCache, Host, HostConfig, MemoryBacking};
+pub use host_state::HostState;
 pub use image::{Component, ImageError, Module, ModuleImages};
 pub use instance::{Instance, RunOutcome, WasiOptions};
 pub use limits::{EPOCH_TICK, EpochTicker, Limits};
-pub use memory::MemoryError;
+pub use memory::{MemoryError, MemoryRegion};
+pub use program::{Program, is_component};
 pub use stdio::{GuestOutput, HostStream};
-pub use store::{ComponentRef, HasStoreOwner, MemoryRegion, ModuleRef, StoreOwner};
+pub use store::{ComponentRef, HasStoreOwner, ModuleRef, StoreOwner};
 pub use wasmtime::Val;

@@ -30,16 +30,16 @@
 //! creates a memory for, so it cannot know the owner. The runtime names the owner in a
 //! thread-local [`OwnerScope`] around instantiation, which is when wasmtime creates an
 //! instance's memories, on the instantiating thread; the scope also collects the memories
-//! created, which become the store owner's regions ([`crate::StoreOwner`]).
+//! created, each a [`MemoryRegion`], which become the store owner's regions
+//! ([`crate::StoreOwner`]).
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use samepage_dedup::{Engine, MappingError, MemfdMapping, Owner, PAGE_SIZE};
+use samepage_dedup::{Engine, MappingError, MemfdMapping, Owner, PAGE_SIZE, RegionId};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
 use crate::image::ImagePlan;
-use crate::store::MemoryRegion;
 
 /// Why a linear memory could not be created or grown.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,17 @@ pub enum MemoryError {
     },
     #[error(transparent)]
     Mapping(#[from] MappingError),
+}
+
+/// A linear memory of a store, registered with the merge engine: what the creator records
+/// for the scope's owner as it makes each merged memory, and what the store owner keeps as its
+/// regions ([`crate::StoreOwner::regions`]). A GC heap or an unmerged memory has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// Where the memory starts; it never moves.
+    pub base: usize,
+    /// The engine's name for it.
+    pub id: RegionId,
 }
 
 /// The instantiation running on this thread.

@@ -43,7 +43,7 @@ use wasmtime::{CallHook, Store};
 
 use crate::RuntimeError;
 use crate::image::{ImagePlan, ModuleImages};
-use crate::memory::OwnerScope;
+use crate::memory::{MemoryRegion, OwnerScope};
 
 /// What [`StoreOwner::instantiate`] takes: a samepage [`crate::Module`] (its images are
 /// mapped) or a plain `wasmtime::Module` (wasmtime copies its data segments).
@@ -94,15 +94,6 @@ impl<'a> From<&'a crate::Component> for ComponentRef<'a> {
             images: Some(component.images()),
         }
     }
-}
-
-/// A linear memory of the store, registered with the merge engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemoryRegion {
-    /// Where the memory starts; it never moves.
-    pub base: usize,
-    /// The engine's name for it.
-    pub id: RegionId,
 }
 
 /// Store data that holds a [`StoreOwner`]: what host functions that need the owner (the guest
