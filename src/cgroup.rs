@@ -6,7 +6,7 @@
 //! the parts of wasmtime's module image that no instance touched; the cgroup does.
 //!
 //! The cgroup must go however the run ends: its `Drop` removes it, a terminating signal
-//! removes it through [`crate::cleanup`], and, for runs that died by `SIGKILL` (an OOM kill
+//! removes it through [`cleanup`], and, for runs that died by `SIGKILL` (an OOM kill
 //! among them), every new run first removes the `samepage-PID` cgroups beside its own whose
 //! process is gone.
 //!
@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cleanup::{self, Owed};
+use samepage_runtime::cleanup::{self, Owed};
 
 /// Which files a memory cgroup has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

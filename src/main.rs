@@ -1,11 +1,7 @@
 //! `samepage`: the serverless host binary.
 
-mod bench;
 mod cgroup;
-mod cleanup;
 mod cli;
-mod ksm;
-mod measure;
 mod merger;
 mod resources;
 mod run;
@@ -14,6 +10,8 @@ mod serve;
 use std::io::Write;
 
 use clap::{Parser, Subcommand};
+// What serve, run and the lab measure, in the runtime they share.
+use samepage_runtime::measure;
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +28,15 @@ enum Command {
     /// Runs N instances of a module, merges their memory and reports the saving.
     Run(Box<run::RunArgs>),
     /// Measures samepage: the merge path, the baselines side by side, single mechanisms.
-    Bench(bench::BenchArgs),
+    #[cfg(feature = "bench")]
+    Bench(samepage_lab::BenchArgs),
+    /// `samepage bench` in a build without the lab: refused, saying how to build it.
+    #[cfg(not(feature = "bench"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        _args: Vec<String>,
+    },
     /// The serverless host: serves wasi:http components and WAGI commands over HTTP, their
     /// instances kept warm and merged, within a memory budget.
     Serve(Box<serve::ServeArgs>),
@@ -60,7 +66,13 @@ fn main() {
                 Ok(finished.exit_code)
             })
         }
-        Command::Bench(args) => bench::run(args).map(|()| 0),
+        #[cfg(feature = "bench")]
+        Command::Bench(args) => samepage_lab::run(args).map(|()| 0),
+        #[cfg(not(feature = "bench"))]
+        Command::Bench { .. } => Err(anyhow::anyhow!(
+            "`samepage bench` is the lab's, which this build leaves out: build with \
+             `--features bench` (`cargo run --release --features bench -- bench ...`)"
+        )),
         Command::Serve(args) => serve::serve(*args).map(|()| 0),
     };
     match status {

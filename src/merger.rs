@@ -1,10 +1,11 @@
 //! What merges the instances' memory in a `run`, behind one face: samepage's engine, Linux
-//! KSM, or nothing (the baselines). The run samples it to know when it has converged.
+//! KSM (the lab's baseline, driven by `samepage_lab::ksm` in a build with `--features
+//! bench`), or nothing (the baselines). The run samples it to know when it has converged.
 
-use anyhow::{Context, Result, bail};
-use samepage_dedup::{Engine, Knobs, Stats, Value};
-
-use crate::ksm::{KsmSession, KsmSysfs, ksmd_cpu_seconds};
+use anyhow::{Context, Result};
+use samepage_dedup::{Engine, Knobs, Stats};
+#[cfg(feature = "bench")]
+use samepage_lab::ksm::{KsmSession, KsmSysfs, ksmd_cpu_seconds};
 
 /// The counters a run takes from its merger as it converges, whichever merger it is: under
 /// `--dedup ksm` these are ksmd's own (read from the sysfs files [`Counter::ksm`] names);
@@ -45,6 +46,7 @@ pub enum Merger {
     /// ksmd, configured for the run; `first_full_scans` is ksmd's count of passes before
     /// it started (the run reports its own passes), `cpu_start` ksmd's CPU time then, and
     /// `last_pass` the full-scan count and sharing seen at the latest pass end.
+    #[cfg(feature = "bench")]
     Ksm {
         session: KsmSession,
         first_full_scans: u64,
@@ -71,6 +73,7 @@ impl Merger {
     }
 
     /// Starts ksmd at the given speed; the memories must already be `MADV_MERGEABLE`.
+    #[cfg(feature = "bench")]
     pub fn ksm(sysfs: &KsmSysfs, pages_to_scan: u64, sleep_ms: u64) -> Result<Self> {
         // Before ksmd starts: at full speed it completes a pass within milliseconds.
         let first_full_scans = sysfs.read("full_scans")?;
@@ -109,6 +112,7 @@ impl Merger {
                     stats,
                 }
             }
+            #[cfg(feature = "bench")]
             Self::Ksm {
                 session,
                 first_full_scans,
@@ -148,13 +152,14 @@ impl Merger {
 /// names.
 ///
 /// [`Counter::ksm`]: samepage_dedup::Counter::ksm
+#[cfg(feature = "bench")]
 fn read_sampled(sysfs: &KsmSysfs) -> Result<Stats> {
     let mut stats = Stats::default();
     for counter in Stats::COUNTERS {
         if let (true, Some(file)) = (SAMPLED.contains(&counter.name), counter.ksm) {
-            let value = Value::Count(sysfs.read(file)?);
+            let value = samepage_dedup::Value::Count(sysfs.read(file)?);
             if !stats.set(counter.name, value) {
-                bail!("ksmd's {file} ({value}) does not fit {}", counter.name);
+                anyhow::bail!("ksmd's {file} ({value}) does not fit {}", counter.name);
             }
         }
     }

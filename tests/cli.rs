@@ -27,23 +27,9 @@ fn run_report(program: &str, options: &[&str]) -> serde_json::Value {
 #[test]
 fn thirty_two_instances_of_4096_identical_pages_merge() {
     // Merging once every instance ran, so that PSS before merging is the unmerged total.
-    let plot = std::env::temp_dir().join(format!("samepage-plot-{}.svg", std::process::id()));
     let report = run_report(
         "examples/guests/fill.wat",
-        &[
-            "--instances",
-            "32",
-            "--merge-while-starting",
-            "off",
-            "--plot",
-            plot.to_str().expect("path"),
-        ],
-    );
-    let svg = std::fs::read_to_string(&plot).expect("the PSS plot");
-    std::fs::remove_file(&plot).ok();
-    assert!(
-        svg.starts_with("<svg") && svg.contains("PSS"),
-        "not the plot"
+        &["--instances", "32", "--merge-while-starting", "off"],
     );
     let field = |name: &str| report[name].as_f64().unwrap_or_else(|| panic!("no {name}"));
     let ideal = 31.0 * 4096.0;
@@ -145,6 +131,51 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     );
 }
 
+/// `samepage bench` and run's lab-only modes (`--dedup ksm`, `--plot`) are in a build with
+/// `--features bench`; a build without them neither advertises them nor fails obscurely.
+#[test]
+fn the_lab_is_in_the_build_with_its_feature_and_only_then() {
+    let text = |output: std::process::Output| {
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr)
+    };
+    let top = text(samepage(&["--help"]));
+    let run = text(samepage(&["run", "--help"]));
+    let bench = samepage(&["bench", "--suite", "no-such-suite"]);
+    assert!(!bench.status.success());
+    let bench = text(bench);
+    if cfg!(feature = "bench") {
+        assert!(top.contains("bench"), "{top}");
+        for flag in ["--plot", "--ksm-pages-to-scan", "Linux KSM"] {
+            assert!(run.contains(flag), "no {flag}: {run}");
+        }
+        assert!(bench.contains("compare"), "not bench's own error: {bench}");
+    } else {
+        assert!(!top.contains("bench"), "{top}");
+        for flag in ["--plot", "--ksm-pages-to-scan", "Linux KSM"] {
+            assert!(!run.contains(flag), "{flag} advertised: {run}");
+        }
+        assert!(bench.contains("--features bench"), "{bench}");
+    }
+}
+
+#[cfg(feature = "bench")]
+#[test]
+fn the_lab_plots_a_runs_pss() {
+    let plot = std::env::temp_dir().join(format!("samepage-plot-{}.svg", std::process::id()));
+    run_report(
+        "examples/guests/fill.wat",
+        &["--instances", "4", "--plot", plot.to_str().expect("path")],
+    );
+    let svg = std::fs::read_to_string(&plot).expect("the PSS plot");
+    std::fs::remove_file(&plot).ok();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("PSS"),
+        "not the plot"
+    );
+}
+
+#[cfg(feature = "bench")]
 #[test]
 fn the_ksm_baseline_merges_and_puts_the_system_settings_back() {
     let ksm = std::path::Path::new("/sys/kernel/mm/ksm");

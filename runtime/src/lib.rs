@@ -37,6 +37,7 @@
 //! # }
 //! ```
 
+pub mod cleanup;
 mod embed;
 mod error;
 mod host;
@@ -44,6 +45,7 @@ mod host_state;
 mod image;
 mod instance;
 mod limits;
+pub mod measure;
 mod memory;
 mod program;
 mod stdio;

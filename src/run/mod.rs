@@ -14,16 +14,17 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use samepage_dedup::{EngineConfig, Knobs, RunMode};
-use samepage_runtime::{Host, HostConfig, Instance, MemoryBacking};
+use samepage_runtime::{Host, HostConfig, MemoryBacking};
 use serde::Serialize;
 
 pub use report::{Counters, RunReport, print_human};
 pub use settings::RunArgs;
 
 use crate::cgroup::MemoryCgroup;
-use crate::ksm::KsmSysfs;
 use crate::measure::pss_bytes;
 use crate::merger::Merger;
+#[cfg(feature = "bench")]
+use samepage_lab::ksm::KsmSysfs;
 use settle::settle;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -36,7 +37,9 @@ pub enum DedupMode {
     /// wasmtime's own memories with its copy-on-write instantiation, no merging: what a
     /// plain wasmtime host does today.
     Cow,
-    /// wasmtime's own memories, opted into Linux KSM (needs root and a KSM kernel).
+    /// wasmtime's own memories, opted into Linux KSM (needs root and a KSM kernel): the
+    /// lab's baseline, in a build with `--features bench`.
+    #[cfg(feature = "bench")]
     Ksm,
 }
 
@@ -48,7 +51,9 @@ pub struct Finished {
 
 pub fn run(args: RunArgs) -> Result<Finished> {
     let knobs = args.knobs()?;
+    #[cfg(feature = "bench")]
     let ksm = KsmSysfs::system();
+    #[cfg(feature = "bench")]
     repair_ksm(&ksm);
     crate::resources::raise_descriptor_limit();
     // Opened now, while descriptors are plenty.
@@ -62,6 +67,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
     }
     // Before anything else is allocated, so that the cgroup is charged with all of it.
     let mut cgroup = MemoryCgroup::enter_new();
+    #[cfg(feature = "bench")]
     if args.dedup == DedupMode::Ksm {
         ksm.check_usable()?;
     }
@@ -70,7 +76,9 @@ pub fn run(args: RunArgs) -> Result<Finished> {
     let mut host = Host::new(HostConfig {
         memory: match args.dedup {
             DedupMode::On | DedupMode::Off => MemoryBacking::Memfd,
-            DedupMode::Cow | DedupMode::Ksm => MemoryBacking::WasmtimeDefault,
+            DedupMode::Cow => MemoryBacking::WasmtimeDefault,
+            #[cfg(feature = "bench")]
+            DedupMode::Ksm => MemoryBacking::WasmtimeDefault,
         },
         dedup: args.dedup == DedupMode::On,
         engine_config: EngineConfig {
@@ -124,9 +132,10 @@ pub fn run(args: RunArgs) -> Result<Finished> {
     let cgroup_bytes_before = cgroup.as_ref().and_then(MemoryCgroup::usage_bytes);
     let mut merger = match (args.dedup, host.dedup()) {
         (DedupMode::On, Some(engine)) => Merger::samepage(engine, knobs)?,
+        #[cfg(feature = "bench")]
         (DedupMode::Ksm, _) => {
             for instance in started.instances_mut() {
-                mark_mergeable(instance)?;
+                samepage_lab::ksm::mark_mergeable(instance)?;
             }
             Merger::ksm(&ksm, args.ksm_pages_to_scan, args.ksm_sleep_millisecs)?
         }
@@ -151,7 +160,9 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         .dedup()
         .map(|engine| engine.stats())
         .unwrap_or_default();
-    let per_instance = report::per_instance(&started.records, args.dedup != DedupMode::Ksm);
+    // samepage's engine's figures, zeros without merging; none under KSM.
+    let engine_figures = matches!(args.dedup, DedupMode::On | DedupMode::Off | DedupMode::Cow);
+    let per_instance = report::per_instance(&started.records, engine_figures);
     let per_domain = report::per_domain(&per_instance);
     let exit_code = started.exit_code();
     let report = RunReport {
@@ -174,7 +185,10 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         cgroup_memory_bytes_after: cgroup_bytes_after,
         cgroup_memory_bytes_peak: cgroup.as_ref().and_then(MemoryCgroup::peak_bytes),
         counters: Counters::of_run(stats, &settled.last),
-        process_ksm_stat: (args.dedup == DedupMode::Ksm).then(crate::ksm::process_ksm_stat),
+        #[cfg(feature = "bench")]
+        process_ksm_stat: (args.dedup == DedupMode::Ksm).then(samepage_lab::ksm::process_ksm_stat),
+        #[cfg(not(feature = "bench"))]
+        process_ksm_stat: None,
         converge_seconds: settled.converge_seconds,
         settle_seconds: settled.settle_seconds,
         settle_timed_out: settled.timed_out,
@@ -185,6 +199,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         per_instance,
         per_domain,
     };
+    #[cfg(feature = "bench")]
     if let Some(path) = &args.plot {
         report::plot(&report, path)?;
     }
@@ -192,6 +207,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
 }
 
 /// Restores KSM's settings that a killed `--dedup ksm` run left changed, saying so.
+#[cfg(feature = "bench")]
 fn repair_ksm(ksm: &KsmSysfs) {
     match ksm.repair_stale() {
         Ok(Some(pid)) => eprintln!(
@@ -214,21 +230,4 @@ fn release_compiler_garbage() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Opts an instance's memory into Linux KSM.
-fn mark_mergeable(instance: &mut Instance) -> Result<()> {
-    instance
-        .with_memory(|memory| {
-            // SAFETY: the range is the instance's own linear memory, a mapping wasmtime made
-            // and keeps; MADV_MERGEABLE changes nothing anyone can observe in it.
-            unsafe {
-                rustix::mm::madvise(
-                    memory.as_mut_ptr().cast(),
-                    memory.len(),
-                    rustix::mm::Advice::LinuxMergeable,
-                )
-            }
-        })?
-        .context("madvise(MADV_MERGEABLE) on a linear memory")
 }

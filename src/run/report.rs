@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::Result;
 use samepage_dedup::{OwnerStats, Stats, Value};
@@ -231,7 +230,8 @@ pub fn per_domain(instances: &[InstanceReport]) -> Vec<DomainReport> {
 }
 
 /// Draws the run's PSS trace into an SVG file.
-pub fn plot(report: &RunReport, path: &Path) -> Result<()> {
+#[cfg(feature = "bench")]
+pub fn plot(report: &RunReport, path: &std::path::Path) -> Result<()> {
     let points = report
         .pss_trace
         .iter()
@@ -241,7 +241,7 @@ pub fn plot(report: &RunReport, path: &Path) -> Result<()> {
         "{} × {} (dedup {:?})",
         report.instances_started, report.module, report.mode
     );
-    crate::bench::plot::pss_over_time(path, &title, &[("PSS", points)])
+    samepage_lab::plot::pss_over_time(path, &title, &[("PSS", points)])
 }
 
 /// The report for a reader.

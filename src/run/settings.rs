@@ -119,6 +119,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Draw the run's PSS trace into this SVG file.
+    #[cfg(feature = "bench")]
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
     /// Where the guests' stdout and stderr go.
@@ -213,10 +214,12 @@ pub struct RunArgs {
     pub max_map_count: Option<u64>,
 
     /// ksmd's pages_to_scan for --dedup ksm (default: full speed).
+    #[cfg(feature = "bench")]
     #[arg(long, default_value_t = 100_000, help_heading = "--dedup ksm",
         value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub ksm_pages_to_scan: u64,
     /// ksmd's sleep_millisecs for --dedup ksm.
+    #[cfg(feature = "bench")]
     #[arg(long, alias = "ksm-sleep-ms", default_value_t = 0, help_heading = "--dedup ksm",
         value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub ksm_sleep_millisecs: u64,

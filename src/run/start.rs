@@ -96,6 +96,7 @@ impl Started {
         self.records.iter().filter_map(|r| r.instance.as_ref())
     }
 
+    #[cfg(feature = "bench")]
     pub fn instances_mut(&mut self) -> impl Iterator<Item = &mut Instance> {
         self.records.iter_mut().filter_map(|r| r.instance.as_mut())
     }
@@ -218,7 +219,7 @@ impl<'a> MemoryWatch<'a> {
     fn usage(&self) -> Result<u64> {
         match self.cgroup.and_then(MemoryCgroup::usage_bytes) {
             Some(bytes) => Ok(bytes),
-            None => pss_bytes(),
+            None => Ok(pss_bytes()?),
         }
     }
 

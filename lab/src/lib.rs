@@ -1,6 +1,12 @@
-//! `samepage bench`: figures, not timed tests. Each suite writes a Markdown report (and the
-//! compare suite SVG plots) under `--out`, stamped with the machine, the date and the exact
-//! command, and prints where it wrote them.
+//! samepage's lab: what measures samepage, apart from the host that serves. The `samepage`
+//! binary carries it only when built with `--features bench`.
+//!
+//! - `samepage bench` ([`BenchArgs`], [`run`]): figures, not timed tests. Each suite writes a
+//!   Markdown report (and the compare suite SVG plots) under `--out`, stamped with the
+//!   machine, the date and the exact command, and prints where it wrote them. The suites
+//!   that compare modes run `samepage run --json` as child processes of the same binary.
+//! - [`ksm`]: the Linux KSM driver behind `samepage run --dedup ksm`, the baseline.
+//! - [`plot`]: the SVG line charts, `samepage run --plot` among them.
 
 mod child;
 mod compare;
@@ -8,6 +14,7 @@ mod cow_fault;
 mod defaults;
 mod density;
 mod engine;
+pub mod ksm;
 mod merge_now;
 pub mod plot;
 mod serve;
@@ -127,7 +134,7 @@ fn with_header(body: &str, suite: Suite) -> String {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let build = match suite {
         Suite::Spec => "cargo build --release --features spec-suite",
-        _ => "cargo build --release",
+        _ => "cargo build --release --features bench",
     };
     format!(
         "{body}\n---\nMeasured on {}.\nCommand: `{build} && target/release/samepage {}`.\n",
@@ -186,7 +193,10 @@ fn mib(bytes: f64) -> String {
 
 /// The repository root (where `examples/` is), for guests and real programs.
 fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the lab is a directory of the repository")
+        .join(relative)
 }
 
 /// Fills `pages` pages at `base` with pages `0..pages` of the pattern `seed`

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE, pattern};
 use serde::Serialize;
 
-use crate::measure::{pss_bytes, thread_cpu_seconds};
+use samepage_runtime::measure::{pss_bytes, thread_cpu_seconds};
 
 /// The shape of a synthetic workload.
 #[derive(Clone, Copy, Debug)]

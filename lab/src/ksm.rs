@@ -4,7 +4,7 @@
 //! ends:
 //!
 //! - when the session is dropped (normal end, error, panic unwinding);
-//! - on `SIGINT`, `SIGTERM` and `SIGHUP`, through [`crate::cleanup`] (a benchmark killed by
+//! - on `SIGINT`, `SIGTERM` and `SIGHUP`, through [`cleanup`] (a benchmark killed by
 //!   its runner must not leave ksmd at full speed);
 //! - after a `SIGKILL`, by the next run: every setting is written to a state file
 //!   ([`KsmSysfs::state_file`]) before it is changed, and a start that finds the file of a run
@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use parking_lot::Mutex;
-
-use crate::cleanup::{self, Owed};
+use samepage_runtime::Instance;
+use samepage_runtime::cleanup::{self, Owed};
 
 /// A setting changed by a session, with its value before.
 struct Saved {
@@ -276,6 +276,23 @@ pub fn ksmd_cpu_seconds() -> Result<f64> {
         .context("no ksmd thread found in /proc")?;
     let stat = ksmd.stat().context("reading ksmd's stat")?;
     Ok((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+}
+
+/// Opts an instance's memory into Linux KSM.
+pub fn mark_mergeable(instance: &mut Instance) -> Result<()> {
+    instance
+        .with_memory(|memory| {
+            // SAFETY: the range is the instance's own linear memory, a mapping wasmtime made
+            // and keeps; MADV_MERGEABLE changes nothing anyone can observe in it.
+            unsafe {
+                rustix::mm::madvise(
+                    memory.as_mut_ptr().cast(),
+                    memory.len(),
+                    rustix::mm::Advice::LinuxMergeable,
+                )
+            }
+        })?
+        .context("madvise(MADV_MERGEABLE) on a linear memory")
 }
 
 /// The process's own KSM figures, from `/proc/self/ksm_stat` (Linux 6.1 and later): each

@@ -1,5 +1,5 @@
-//! What a run must undo however it ends: its memory cgroup, and KSM's system-wide settings
-//! under `--dedup ksm`.
+//! What a process must undo however it ends, even when a signal ends it: `samepage run`'s
+//! memory cgroup, and KSM's system-wide settings under the lab's `--dedup ksm`.
 //!
 //! Each undo is registered here while it is owed. A normal end, an error or a panic runs it
 //! from the owner's `Drop`; `SIGINT`, `SIGTERM` and `SIGHUP` run every one still owed, from a
@@ -8,8 +8,8 @@
 //! runs, while the signal thread undoes and exits, and by whoever changes what an undo will
 //! put back: a signal never finds an undo half done, or a change half recorded.
 //! `SIGKILL` (an OOM kill included) runs nothing: for that, every start sweeps what
-//! dead runs left ([`crate::cgroup::MemoryCgroup::sweep_stale`], and
-//! [`crate::ksm::KsmSysfs::repair_stale`] through KSM's state file).
+//! dead runs left (`samepage run`'s cgroups by their names, KSM's settings through the state
+//! file the lab's KSM driver keeps).
 
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use samepage_dedup::{Engine, EngineConfig, Knobs, MemfdMapping, Owner, PAGE_SIZE, RunMode};
 
 use super::fill_pages;
-use crate::measure::thread_cpu_seconds;
+use samepage_runtime::measure::thread_cpu_seconds;
 
 /// The merge-now API on 64 regions of 16 MiB holding the same pages.
 pub fn suite() -> Result<String> {

@@ -1,4 +1,5 @@
-//! What the host measures about itself: proportional memory (PSS) and CPU time.
+//! What a host measures about itself: proportional memory (PSS) and CPU time. `samepage
+//! run` and `samepage serve` measure with it, and so does the lab.
 //!
 //! PSS, not RSS: one host process maps a merged page into many instances, and RSS would
 //! count it once per mapping.
@@ -7,8 +8,16 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
 use rustix::time::{ClockId, clock_gettime};
+
+/// Why the process's PSS could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PssError {
+    #[error("reading /proc/self/smaps_rollup")]
+    Read(#[source] std::io::Error),
+    #[error("no Pss line in /proc/self/smaps_rollup")]
+    NoPss,
+}
 
 /// `/proc/self/smaps_rollup`, opened once and read again from its start each time: a run
 /// that uses every file descriptor it may have can still measure itself (the run opens it
@@ -16,12 +25,11 @@ use rustix::time::{ClockId, clock_gettime};
 static ROLLUP: OnceLock<File> = OnceLock::new();
 
 /// The process's proportional set size, from `/proc/self/smaps_rollup`, in bytes.
-pub fn pss_bytes() -> Result<u64> {
+pub fn pss_bytes() -> Result<u64, PssError> {
     let file = match ROLLUP.get() {
         Some(file) => file,
         None => {
-            let file =
-                File::open("/proc/self/smaps_rollup").context("opening /proc/self/smaps_rollup")?;
+            let file = File::open("/proc/self/smaps_rollup").map_err(PssError::Read)?;
             ROLLUP.get_or_init(|| file)
         }
     };
@@ -31,13 +39,13 @@ pub fn pss_bytes() -> Result<u64> {
     loop {
         let read = file
             .read_at(&mut chunk, text.len() as u64)
-            .context("reading /proc/self/smaps_rollup")?;
+            .map_err(PssError::Read)?;
         if read == 0 {
             break;
         }
         text.extend_from_slice(&chunk[..read]);
     }
-    pss_in_rollup(&String::from_utf8_lossy(&text)).context("no Pss line in /proc/self/smaps_rollup")
+    pss_in_rollup(&String::from_utf8_lossy(&text)).ok_or(PssError::NoPss)
 }
 
 /// The `Pss:` figure of a `smaps_rollup` file's text, in bytes.

@@ -1,0 +1,219 @@
+//! The serve suite's density: how many warm instances `samepage serve` holds within a memory
+//! budget, merging on and off.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::server::Host;
+use super::yes_no;
+use crate::child::median;
+use crate::{mib, table};
+
+/// The memory budget of the density runs (the host's PSS, as `samepage serve` counts it).
+const DENSITY_BUDGET_MIB: u64 = 640;
+/// Instances each density run asks for: more than fit, so that the budget decides.
+const DENSITY_INSTANCES: u32 = 1000;
+
+/// What one density run found.
+struct DensityRun {
+    instances: f64,
+    pss: f64,
+    ready_seconds: f64,
+    vmas: f64,
+    map_budget: f64,
+    skipped_map_budget: f64,
+    stopped: String,
+}
+
+pub(super) fn density(
+    rounds: u32,
+    component: &Path,
+    targets: &mut Vec<Vec<String>>,
+) -> Result<String> {
+    let budget = format!("{DENSITY_BUDGET_MIB}MiB");
+    // The host alone, each way: what the instances are counted above, and its start time.
+    let mut base = Vec::new();
+    for mode in ["on", "off"] {
+        eprintln!("bench: serve: density: the host alone, merging {mode}");
+        let mut host = Host::samepage(&[
+            "--dedup",
+            mode,
+            "--memory-budget",
+            &budget,
+            component.to_str().context("a UTF-8 path")?,
+        ])?;
+        std::thread::sleep(Duration::from_secs(1));
+        let metrics = host.metrics()?;
+        base.push((
+            metrics.sum("samepage_host_pss_bytes"),
+            host.ready.as_secs_f64(),
+        ));
+        host.stop()?;
+    }
+    let mut runs: [Vec<DensityRun>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds as usize {
+        for k in 0..2 {
+            let index = (round + k) % 2;
+            let mode = ["on", "off"][index];
+            eprintln!(
+                "bench: serve: density: round {} merging {mode} (pre-warming up to {DENSITY_INSTANCES})",
+                round + 1
+            );
+            runs[index].push(density_run(component, mode, &budget)?);
+        }
+    }
+    let med = |runs: &[DensityRun], field: fn(&DensityRun) -> f64| {
+        median(runs.iter().map(field).collect())
+    };
+    let mut rows = Vec::new();
+    for (index, mode) in ["on", "off"].into_iter().enumerate() {
+        let r = &runs[index];
+        let (base_pss, base_ready) = base[index];
+        let instances = med(r, |d| d.instances);
+        let pss = med(r, |d| d.pss);
+        let vmas = med(r, |d| d.vmas);
+        let map_budget = med(r, |d| d.map_budget);
+        let mut stopped: Vec<&str> = r.iter().map(|d| d.stopped.as_str()).collect();
+        stopped.dedup();
+        rows.push(vec![
+            mode.to_owned(),
+            format!("**{instances:.0}**"),
+            mib(pss),
+            mib(base_pss),
+            mib((pss - base_pss) / instances.max(1.0)),
+            format!("{:.1} s", med(r, |d| d.ready_seconds) - base_ready),
+            if map_budget > 0.0 {
+                format!(
+                    "{vmas:.0} / {map_budget:.0} ({:.0}%)",
+                    100.0 * vmas / map_budget
+                )
+            } else {
+                "-".into()
+            },
+            if mode == "on" {
+                format!("{:.0}", med(r, |d| d.skipped_map_budget))
+            } else {
+                "-".into()
+            },
+            stopped.join("; "),
+        ]);
+    }
+    let on = med(&runs[0], |d| d.instances);
+    let off = med(&runs[1], |d| d.instances);
+    let ratio = on / off.max(1.0);
+    let met = ratio >= 3.0;
+    targets.push(vec![
+        "density: ≥ 3× the warm instances with merging on".into(),
+        format!("{on:.0} against {off:.0}: {ratio:.1}×"),
+        yes_no(met),
+    ]);
+    let mut text = format!(
+        "## Density\n\nWarm instances held within a memory budget of {DENSITY_BUDGET_MIB} MiB, \
+         asking for {DENSITY_INSTANCES} (`--min-instances {DENSITY_INSTANCES} --max-instances \
+         {DENSITY_INSTANCES} --warmup /`). Medians of {rounds} round(s).\n\n{}\n",
+        table(
+            &[
+                "merging",
+                "instances",
+                "host PSS",
+                "host alone",
+                "PSS per instance",
+                "pre-warm",
+                "engine mappings / map budget",
+                "page visits skipped for the map budget",
+                "pre-warming stopped",
+            ],
+            &rows
+        )
+    );
+    let _ = writeln!(
+        text,
+        "Merging on holds **{ratio:.1}×** as many warm instances as merging off (target ≥ 3×: {}).\n",
+        if met { "met" } else { "**missed**" }
+    );
+    let (vmas, map_budget, skipped) = (
+        med(&runs[0], |d| d.vmas),
+        med(&runs[0], |d| d.map_budget),
+        med(&runs[0], |d| d.skipped_map_budget),
+    );
+    if map_budget > 0.0 && (skipped > 0.0 || vmas >= 0.95 * map_budget) {
+        let _ = writeln!(
+            text,
+            "With merging on the engine's mappings reached {:.0}% of its map-count budget \
+             ({vmas:.0} of {map_budget:.0}, `map_budget_percent` of `vm.max_map_count`), and \
+             {skipped:.0} page visits left pages unmerged for want of mappings \
+             (`samepage_pages_skipped_map_budget`, counted at every visit): the map-count \
+             budget, not the pages themselves, is what limits merging here, so each instance \
+             keeps more private memory than it would with more mappings allowed.\n",
+            100.0 * vmas / map_budget
+        );
+    } else if map_budget > 0.0 {
+        let _ = writeln!(
+            text,
+            "The map-count budget did not bind: the engine's mappings stayed at {:.0}% of it \
+             ({vmas:.0} of {map_budget:.0}) and no page was skipped for it.\n",
+            100.0 * vmas / map_budget
+        );
+    }
+    Ok(text)
+}
+
+fn density_run(component: &Path, mode: &str, budget: &str) -> Result<DensityRun> {
+    let instances = DENSITY_INSTANCES.to_string();
+    let mut host = Host::samepage(&[
+        "--dedup",
+        mode,
+        "--memory-budget",
+        budget,
+        "--min-instances",
+        &instances,
+        "--max-instances",
+        &instances,
+        "--warmup",
+        "/",
+        component.to_str().context("a UTF-8 path")?,
+    ])?;
+    // The pool keeper tops the pool up four times a second while memory allows: wait until
+    // the count holds still (at most 10 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut metrics = host.metrics()?;
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_secs(1));
+        let next = host.metrics()?;
+        let same =
+            next.sum("samepage_function_instances") == metrics.sum("samepage_function_instances");
+        metrics = next;
+        if same {
+            break;
+        }
+    }
+    let stopped = host
+        .log_lines()
+        .into_iter()
+        .find(|line| line.contains("instances pre-warmed"))
+        .map_or_else(
+            || "asked-for count reached".to_owned(),
+            |line| {
+                if line.contains("memory budget") {
+                    "at the memory budget".to_owned()
+                } else {
+                    line.rsplit_once("pre-warmed: ")
+                        .map_or(line.clone(), |(_, why)| why.to_owned())
+                }
+            },
+        );
+    let run = DensityRun {
+        instances: metrics.sum("samepage_function_instances"),
+        pss: metrics.sum("samepage_host_pss_bytes"),
+        ready_seconds: host.ready.as_secs_f64(),
+        vmas: metrics.sum("samepage_vmas"),
+        map_budget: metrics.sum("samepage_map_budget"),
+        skipped_map_budget: metrics.sum("samepage_pages_skipped_map_budget"),
+        stopped,
+    };
+    host.stop()?;
+    Ok(run)
+}

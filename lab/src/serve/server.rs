@@ -1,0 +1,225 @@
+//! The serve suite's servers, each in a child process on loopback: `samepage serve` (this
+//! same binary) or `wasmtime serve`, read for readiness from its stderr, measured through
+//! its admin endpoint or its PSS, and stopped with SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::metrics::{Metrics, scrape};
+
+/// Longest a server may take from its start to serving (compiling, pre-warming).
+const START_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// How often the server's PSS is sampled during a load.
+pub(super) const PSS_EVERY: Duration = Duration::from_millis(200);
+
+/// A server in a child process, serving.
+pub(super) struct Host {
+    child: Child,
+    pub(super) addr: SocketAddr,
+    pub(super) admin: Option<SocketAddr>,
+    /// From its start to its saying that it serves.
+    pub(super) ready: Duration,
+    /// Everything it printed on stderr so far.
+    log: Arc<Mutex<Vec<String>>>,
+    name: String,
+}
+
+impl Host {
+    /// `samepage serve` with `args`, on ports of loopback the kernel picks.
+    pub(super) fn samepage(args: &[&str]) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the samepage binary")?;
+        let mut command = Command::new(exe);
+        command
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args(args);
+        Self::start("samepage serve", command, |line, host| {
+            if let Some(addr) = line.strip_prefix("samepage: admin http://") {
+                host.1 = addr.trim().parse().ok();
+            }
+            if let Some(addr) = line.strip_prefix("samepage: serving http://") {
+                host.0 = addr.trim().parse().ok();
+            }
+        })
+    }
+
+    /// `wasmtime serve` with every WASI interface (componentize-py components import
+    /// wasi:cli), on a free port of loopback.
+    pub(super) fn wasmtime(wasmtime: &Path, component: &Path) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = Command::new(wasmtime);
+        command
+            .args(["serve", "-Scli", "--addr"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(component);
+        Self::start("wasmtime serve", command, |line, host| {
+            // "Serving HTTP on http://127.0.0.1:PORT/"
+            if let Some(at) = line.find("http://") {
+                let rest = &line[at + "http://".len()..];
+                host.0 = rest.trim().trim_end_matches('/').parse().ok();
+            }
+        })
+    }
+
+    /// Starts `command` and reads its stderr until `ready` found its address (a thread
+    /// keeps reading it after, so that the server never blocks writing).
+    fn start(
+        name: &str,
+        mut command: Command,
+        ready: fn(&str, &mut (Option<SocketAddr>, Option<SocketAddr>)),
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (lines, received) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    log.lock().expect("log lock").push(line.clone());
+                    let _ = lines.send(line);
+                }
+            });
+        }
+        let mut found = (None, None);
+        let mut host = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: None,
+            ready: Duration::ZERO,
+            log,
+            name: name.to_owned(),
+        };
+        loop {
+            let left = START_TIMEOUT.saturating_sub(started.elapsed());
+            match received.recv_timeout(left) {
+                Ok(line) => {
+                    ready(&line, &mut found);
+                    if let Some(addr) = found.0 {
+                        host.addr = addr;
+                        host.admin = found.1;
+                        host.ready = started.elapsed();
+                        return Ok(host);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "{name} was not serving after {START_TIMEOUT:?}:\n{}",
+                        host.tail()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = host.child.wait()?;
+                    bail!("{name} ended before serving ({status}):\n{}", host.tail());
+                }
+            }
+        }
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(super) fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// The last lines it printed.
+    fn tail(&self) -> String {
+        let log = self.log.lock().expect("log lock");
+        log[log.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub(super) fn metrics(&self) -> Result<Metrics> {
+        scrape(self.admin.context("the host has no admin address")?)
+    }
+
+    /// SIGTERM, then waits for it to drain and exit (a minute at most, then SIGKILL).
+    pub(super) fn stop(&mut self) -> Result<ExitStatus> {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .with_context(|| format!("stopping {}", self.name))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill().ok();
+                self.child.wait().ok();
+                bail!("{} did not stop within a minute of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+/// Samples a process's PSS on a thread until stopped.
+pub(super) struct PssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl PssSampler {
+    pub(super) fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                loop {
+                    let last = stop.load(Ordering::Acquire);
+                    samples.extend(pss_of(pid));
+                    if last {
+                        break samples;
+                    }
+                    std::thread::sleep(PSS_EVERY);
+                }
+            })
+        };
+        Self { stop, thread }
+    }
+
+    /// Stops sampling (after one last sample) and returns the samples, in bytes.
+    pub(super) fn stop(self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("the PSS sampler panicked")
+    }
+}
+
+/// A process's PSS, from `/proc/PID/smaps_rollup`.
+fn pss_of(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    samepage_runtime::measure::pss_in_rollup(&rollup)
+}
