@@ -265,6 +265,10 @@ pub(super) struct RegionPages {
     /// The visit in progress: the owner's entries when it began, and whether it has found
     /// nothing to do so far.
     pub(super) visit: (u64, bool),
+    /// Whether the last visit (or the one in progress) met pages of the region's own that
+    /// smart scan looks at only on every 32nd pass: pages that may yet merge with a stable
+    /// page made since, unlike shared pages and holes.
+    pub(super) holds_back: bool,
 }
 
 impl RegionPages {
@@ -387,6 +391,7 @@ impl Records {
                 kernel_splits: BTreeSet::new(),
                 quiet_at: None,
                 visit: (0, false),
+                holds_back: false,
             },
         );
     }

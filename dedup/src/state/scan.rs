@@ -169,7 +169,7 @@ impl MergeState {
                 if idle && !visit_idle {
                     // The owner has not run since a visit found nothing to do here.
                     self.counters.regions_idle_skips += 1;
-                    if self.counters.host_awake {
+                    if self.counters.host_awake && record.holds_back {
                         // Something that may make its pages mergeable happened since: the
                         // next pass that visits idle regions looks at them.
                         self.counters
@@ -180,6 +180,7 @@ impl MergeState {
                     continue;
                 }
                 record.visit = (entries, true);
+                record.holds_back = false;
                 self.counters.host_awake |= !idle;
             }
             let pages = self.cover_length(id)?;
@@ -412,9 +413,10 @@ impl MergeState {
         // A page of the region's own with bytes in it, or a bridged page: there may be work
         // here next time, unless smart scan has come to look at it only on every 32nd pass
         // (when idle regions are visited too, if anything was awake since).
-        if !(self.knobs.smart_scan
-            && smart_scan_period(record.misses()) == Knobs::SMART_SCAN_LONGEST_SKIP)
-        {
+        let period = smart_scan_period(record.misses());
+        if self.knobs.smart_scan && period == Knobs::SMART_SCAN_LONGEST_SKIP {
+            self.records.region_mut(id).holds_back = true;
+        } else {
             self.records.region_mut(id).visit.1 = false;
         }
         if bridged && visit == Visit::Park {
@@ -424,7 +426,6 @@ impl MergeState {
             // which look at them at the smart-scan rate; a write there merges that much later.
             return Ok(1);
         }
-        let period = smart_scan_period(record.misses());
         if visit == Visit::Scan
             && self.knobs.smart_scan
             && !self.counters.full_scans.is_multiple_of(period)
