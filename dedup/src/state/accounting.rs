@@ -31,9 +31,12 @@ pub(super) struct Counters {
     pub(super) regions_busy_skips: u64,
     /// Page visits smart scan skipped (KSM `pages_skipped`).
     pub(super) pages_skipped: u64,
-    /// The `full_scans` by which every page smart scan skipped so far has been looked at
-    /// again ([`crate::Stats::smart_scan_horizon`]).
+    /// The `full_scans` by which every page that may still merge has been looked at again
+    /// ([`crate::Stats::smart_scan_horizon`]).
     pub(super) smart_scan_horizon: u64,
+    /// The last pass that merged, or saw a page new or changed: what a page smart scan held
+    /// back could merge with, if it was last looked at before then.
+    pub(super) last_news_pass: u64,
     /// Times a region was passed over as idle (`RegionPages::quiet_at`).
     pub(super) regions_idle_skips: u64,
     /// Hole punches that failed (memory left allocated, no data affected).
@@ -63,6 +66,21 @@ impl Counters {
     pub(super) fn looked_at_again_within(&mut self, period: u64) {
         let next_look = (self.full_scans / period + 1) * period;
         self.smart_scan_horizon = self.smart_scan_horizon.max(next_look + 1);
+    }
+
+    /// A page of `period` that smart scan skips in this pass: it may yet merge only if there
+    /// was news since it was last looked at (the last pass numbered a multiple of `period`),
+    /// and then the horizon waits for its next look.
+    pub(super) fn held_back(&mut self, period: u64) {
+        let last_look = self.full_scans / period * period;
+        if self.last_news_pass >= last_look {
+            self.looked_at_again_within(period);
+        }
+    }
+
+    /// A merge, or a page seen new or changed, in this pass.
+    pub(super) fn news(&mut self) {
+        self.last_news_pass = self.full_scans;
     }
 }
 

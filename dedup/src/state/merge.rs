@@ -299,6 +299,7 @@ impl MergeState {
         self.note_window(id, page, shares, slot);
         self.reconcile_edges(id, page..page + len);
         self.counters.merges_this_pass += 1;
+        self.counters.news();
         // A new stable page, or a new sharer of one, wherever the merge came from (a pass,
         // an owner's call, a park visit): idle regions may hold its bytes.
         self.counters.host_awake = true;

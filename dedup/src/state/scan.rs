@@ -431,7 +431,7 @@ impl MergeState {
             && !self.counters.full_scans.is_multiple_of(period)
         {
             self.counters.pages_skipped += 1;
-            self.counters.looked_at_again_within(period);
+            self.counters.held_back(period);
             return Ok(1);
         }
         if record.has(ZERO) {
@@ -464,6 +464,9 @@ impl MergeState {
             self.records.region_mut(id).visit.1 = false;
         }
         if !unchanged && visit != Visit::Now {
+            // New or changed: it may merge once a pass has seen it unchanged, the next.
+            self.counters.news();
+            self.counters.looked_at_again_within(1);
             return Ok(1);
         }
         if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
