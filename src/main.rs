@@ -48,6 +48,7 @@ fn main() {
         Command::Run(mut args) => {
             args.split_program();
             let json = args.json;
+            let human_report = args.wants_report() && !json;
             // stdout is the guests' when their output is shown, as under `wasmtime run`: the
             // report for a reader then goes to stderr.
             let guests_on_stdout = args.guest_output_on_stdout();
@@ -58,9 +59,9 @@ fn main() {
                 if json {
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "{}", serde_json::to_string(&finished.report)?)?;
-                } else if guests_on_stdout {
+                } else if human_report && guests_on_stdout {
                     run::print_human(&finished.report, &mut std::io::stderr().lock())?;
-                } else {
+                } else if human_report {
                     run::print_human(&finished.report, &mut std::io::stdout().lock())?;
                 }
                 Ok(finished.exit_code)
@@ -80,6 +81,89 @@ fn main() {
         Err(error) => {
             eprintln!("error: {}", cli::causes_once(&error));
             std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+    use samepage_dedup::knobs::Values;
+    use samepage_dedup::{KNOBS, Knob, KnobValue, Knobs};
+
+    use super::Cli;
+
+    /// A value of `knob` other than its default, spelled for the command line and for TOML.
+    fn other_value(knob: &Knob) -> (String, String) {
+        match (knob.values, knob.default_value()) {
+            (Values::Number(range), KnobValue::Number(default)) => {
+                let n = if default == range.min {
+                    range.max
+                } else {
+                    range.min
+                };
+                (n.to_string(), n.to_string())
+            }
+            (Values::Seconds(range), _) => {
+                let seconds = range.min as f64 / 1e3;
+                (seconds.to_string(), format!("{seconds:?}"))
+            }
+            (Values::Switch, KnobValue::Switch(on)) => {
+                (if on { "off" } else { "on" }.to_owned(), (!on).to_string())
+            }
+            (Values::Choice(names), KnobValue::Choice(default)) => {
+                let name = names[(default + 1) % names.len()];
+                (name.to_owned(), format!("{name:?}"))
+            }
+            (values, default) => panic!("{}: {default:?} is not one of {values}", knob.name),
+        }
+    }
+
+    /// The three surfaces of a knob agree: `samepage run` and `samepage serve` have its flag
+    /// with the declared help, and the serve config's `[engine]` table takes its key, each
+    /// setting the same value.
+    #[test]
+    fn every_knob_is_a_flag_of_run_and_serve_and_a_key_of_the_serve_config() {
+        let command = Cli::command();
+        for knob in KNOBS {
+            let (flag_value, toml_value) = other_value(knob);
+            let mut expected = Knobs::default();
+            knob.set(&mut expected, knob.parse(&flag_value).expect("parses"))
+                .expect("in range");
+            for sub in ["run", "serve"] {
+                let sub = command.find_subcommand(sub).expect("a subcommand");
+                let arg = sub
+                    .get_arguments()
+                    .find(|arg| arg.get_long() == Some(knob.flag().as_str()))
+                    .unwrap_or_else(|| panic!("{}: no --{}", sub.get_name(), knob.flag()));
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert_eq!(help, knob.help_line(), "{}", knob.name);
+            }
+            let flag = format!("--{}={flag_value}", knob.flag());
+            let run = Cli::try_parse_from(["samepage", "run", &flag, "x.wasm"])
+                .unwrap_or_else(|e| panic!("{flag}: {e}"));
+            let super::Command::Run(run) = run.command else {
+                panic!("run")
+            };
+            assert_eq!(run.knobs().expect("valid"), expected, "{flag}");
+            let serve = Cli::try_parse_from(["samepage", "serve", &flag, "x.wasm"])
+                .unwrap_or_else(|e| panic!("{flag}: {e}"));
+            let super::Command::Serve(serve) = serve.command else {
+                panic!("serve")
+            };
+            assert_eq!(
+                serve.knobs.apply(Knobs::default()).expect("valid"),
+                expected,
+                "{flag}"
+            );
+            let text = format!(
+                "[engine]\n{} = {toml_value}\n[[function]]\nname = \"a\"\nroute = \"/\"\n\
+                 component = \"a.wasm\"\n",
+                knob.name
+            );
+            let config = crate::serve::config::parse(std::path::Path::new("/x.toml"), &text)
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(config.knobs, expected, "{text}");
         }
     }
 }

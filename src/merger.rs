@@ -3,7 +3,7 @@
 //! bench`), or nothing (the baselines). The run samples it to know when it has converged.
 
 use anyhow::{Context, Result};
-use samepage_dedup::{Engine, Knobs, Stats};
+use samepage_dedup::{Engine, RunMode, Stats};
 #[cfg(feature = "bench")]
 use samepage_lab::ksm::{KsmSession, KsmSysfs, ksmd_cpu_seconds};
 
@@ -34,12 +34,12 @@ pub struct Sample {
 }
 
 pub enum Merger {
-    /// samepage's scanner; `first_full_scans` is where it stood when merging began,
-    /// `last_change` the full-scan count and sharing when sharing last changed, and
-    /// `quiet_passes` how many passes without a change mean convergence.
+    /// samepage's scanner; `last_change` is the full-scan count and sharing when sharing last
+    /// changed (or merging began), and `quiet_passes` how many passes without a change mean
+    /// convergence whatever the engine's horizon says (pages that change at every pass keep
+    /// moving it).
     Samepage {
         engine: Engine,
-        first_full_scans: u64,
         last_change: (u64, u64),
         quiet_passes: u64,
     },
@@ -59,14 +59,18 @@ pub enum Merger {
 }
 
 impl Merger {
-    /// Starts samepage's scanner with `knobs` (it waited while the instances ran).
-    pub fn samepage(engine: &Engine, knobs: Knobs) -> Result<Self> {
+    /// Lets samepage's scanner run as `run` says, if it waited while the instances ran: the
+    /// engine already has every other knob from the host's config.
+    pub fn samepage(engine: &Engine, run: RunMode) -> Result<Self> {
         let first_full_scans = engine.stats().full_scans;
+        let mut knobs = engine.knobs();
         let quiet_passes = knobs.passes_to_see_every_page();
-        engine.set_knobs(knobs).context("starting the scanner")?;
+        if knobs.run != run {
+            knobs.run = run;
+            engine.set_knobs(knobs).context("starting the scanner")?;
+        }
         Ok(Self::Samepage {
             engine: engine.clone(),
-            first_full_scans,
             last_change: (first_full_scans, engine.stats().pages_sharing),
             quiet_passes,
         })
@@ -95,7 +99,6 @@ impl Merger {
         Ok(match self {
             Self::Samepage {
                 engine,
-                first_full_scans,
                 last_change,
                 quiet_passes,
             } => {
@@ -105,10 +108,13 @@ impl Merger {
                 }
                 Sample {
                     cpu_seconds: stats.scanner_cpu_ns as f64 * 1e-9,
-                    // Smart scan may still hold back pages that merge: converged once every
-                    // page was looked at since sharing last changed.
-                    converged: stats.full_scans >= *first_full_scans + 3
-                        && stats.full_scans >= last_change.0 + *quiet_passes,
+                    // Converged once a pass changed nothing and every page that may still
+                    // merge was looked at again since (the engine's horizon: pages new or
+                    // changed, pages smart scan held back), or after as many quiet passes
+                    // as smart scan can hold a page back, whichever comes first.
+                    converged: stats.full_scans > last_change.0
+                        && (stats.full_scans >= stats.smart_scan_horizon
+                            || stats.full_scans >= last_change.0 + *quiet_passes),
                     stats,
                 }
             }

@@ -3,7 +3,9 @@
 //! declaration of each knob), and how an error reaches the terminal.
 
 mod errors;
+mod knobs;
 mod parsers;
 
 pub use errors::causes_once;
+pub use knobs::KnobFlags;
 pub use parsers::*;

@@ -25,7 +25,7 @@ use crate::measure::pss_bytes;
 use crate::merger::Merger;
 #[cfg(feature = "bench")]
 use samepage_lab::ksm::KsmSysfs;
-use settle::settle;
+use settle::{Settled, settle};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -131,7 +131,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
     let pss_bytes_before = pss_bytes()?;
     let cgroup_bytes_before = cgroup.as_ref().and_then(MemoryCgroup::usage_bytes);
     let mut merger = match (args.dedup, host.dedup()) {
-        (DedupMode::On, Some(engine)) => Merger::samepage(engine, knobs)?,
+        (DedupMode::On, Some(engine)) => Merger::samepage(engine, knobs.run)?,
         #[cfg(feature = "bench")]
         (DedupMode::Ksm, _) => {
             for instance in started.instances_mut() {
@@ -141,12 +141,16 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         }
         _ => Merger::Nothing,
     };
-    let settled = settle(
-        &mut merger,
-        pss_bytes_before,
-        Duration::from_secs_f64(args.settle_secs),
-        Duration::from_millis(args.pss_trace_ms),
-    )?;
+    let settled = if args.wants_report() {
+        settle(
+            &mut merger,
+            pss_bytes_before,
+            Duration::from_secs_f64(args.settle_secs),
+            Duration::from_millis(args.pss_trace_ms),
+        )?
+    } else {
+        Settled::skipped(pss_bytes_before, merger.sample()?)
+    };
     let pss_bytes_after = settled.pss_after();
     let cgroup_bytes_after = cgroup.as_ref().and_then(MemoryCgroup::usage_bytes);
     let idle_cpu_percent = if args.idle_secs > 0.0 {

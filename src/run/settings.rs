@@ -7,21 +7,20 @@
 //! timeout=DURATION,max-memory-size=BYTES` and `-C cache=y|n,cache-config=PATH`. The merge
 //! engine's knobs carry the names of `/sys/kernel/mm/ksm/` (`--pages-to-scan`,
 //! `--sleep-millisecs`, `--use-zero-pages`, ...); each also answers to its sysfs spelling
-//! with underscores, and the spellings of earlier versions stay as hidden aliases. Their
-//! ranges and defaults are the engine's own ([`Knobs`] and its [`KnobRange`] constants).
+//! with underscores, and the spellings of earlier versions stay as hidden aliases. They are
+//! derived from the engine's declaration of each knob ([`KnobFlags`]), as `samepage serve`'s
+//! are.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use clap::builder::RangedI64ValueParser;
 use clap::{Args, ValueEnum};
-use samepage_dedup::{Advisor, KnobRange, Knobs, MergeScope, RunMode};
+use samepage_dedup::{Knobs, MergeScope};
 use samepage_runtime::{CompilationCache, Limits};
 
 use super::DedupMode;
 use crate::cli::{
-    CodegenSetting, LimitSetting, Switch, compilation_cache, environment, parse_codegen, parse_dir,
-    parse_env, parse_limit,
+    CodegenSetting, KnobFlags, LimitSetting, Switch, compilation_cache, environment, parse_codegen,
+    parse_dir, parse_env, parse_limit,
 };
 
 /// `--merge-scope`: [`MergeScope`] on the command line.
@@ -38,34 +37,6 @@ impl From<Scope> for MergeScope {
             Scope::Advised => MergeScope::Advised,
         }
     }
-}
-
-/// `--run`: KSM's `run`, by number or by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Run {
-    #[value(name = "0", alias = "stop")]
-    Stop,
-    #[value(name = "1", alias = "merge")]
-    Merge,
-    #[value(name = "2", alias = "unmerge")]
-    Unmerge,
-}
-
-impl From<Run> for RunMode {
-    fn from(run: Run) -> Self {
-        match run {
-            Run::Stop => RunMode::Stop,
-            Run::Merge => RunMode::Merge,
-            Run::Unmerge => RunMode::UnmergeAll,
-        }
-    }
-}
-
-/// `--advisor-mode`: KSM's `advisor_mode`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AdvisorMode {
-    None,
-    ScanTime,
 }
 
 /// `--stdio`: what becomes of the guests' stdout and stderr.
@@ -114,6 +85,12 @@ pub struct RunArgs {
     /// Longest wait for the scanner to converge after the instances ran.
     #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
     pub settle_secs: f64,
+    /// Print samepage's report after the guests' output (on stderr when the guests write to
+    /// stdout): how much merging saved. The default with more than one instance; with one,
+    /// `samepage run` prints only what the guest prints, as `wasmtime run` does, and exits
+    /// when the guest does.
+    #[arg(long)]
+    pub report: bool,
     /// Print the report as one JSON object on stdout (guests' stdout then goes to stderr,
     /// unless captured or dropped).
     #[arg(long)]
@@ -146,68 +123,8 @@ pub struct RunArgs {
     #[arg(short = 'C', value_name = "KEY=VALUE[,...]", value_parser = parse_codegen)]
     pub codegen: Vec<Vec<CodegenSetting>>,
 
-    /// KSM run: 1 merges, 0 stops the scanner (what is merged stays), 2 unmerges everything
-    /// once the instances ran.
-    #[arg(long, value_enum, default_value_t = Run::Merge, help_heading = "KSM knobs")]
-    pub run: Run,
-    /// Pages the scanner looks at per batch (KSM pages_to_scan).
-    #[arg(long, alias = "pages_to_scan", default_value_t = default_pages_to_scan(),
-        value_parser = knob(Knobs::PAGES_TO_SCAN), help_heading = "KSM knobs")]
-    pub pages_to_scan: u32,
-    /// Pause between batches, in milliseconds (KSM sleep_millisecs).
-    #[arg(long, aliases = ["sleep_millisecs", "sleep-ms"], default_value_t = default_sleep_ms(),
-        value_parser = knob(Knobs::SLEEP_MILLISECS), help_heading = "KSM knobs")]
-    pub sleep_millisecs: u32,
-    /// Most instances that may share one stable page (KSM max_page_sharing).
-    #[arg(long, alias = "max_page_sharing", default_value_t = Knobs::default().max_page_sharing,
-        value_parser = knob(Knobs::MAX_PAGE_SHARING), help_heading = "KSM knobs")]
-    pub max_page_sharing: u32,
-    /// Free pages of zeros instead of merging them (KSM use_zero_pages).
-    #[arg(long, aliases = ["use_zero_pages", "zero-pages"], value_enum,
-        default_value_t = Knobs::default().use_zero_pages.into(), help_heading = "KSM knobs")]
-    pub use_zero_pages: Switch,
-    /// Skip pages that keep failing to merge for exponentially more passes (KSM smart_scan).
-    #[arg(long, alias = "smart_scan", value_enum,
-        default_value_t = Knobs::default().smart_scan.into(), help_heading = "KSM knobs")]
-    pub smart_scan: Switch,
-    /// Tune pages_to_scan to a target pass time (KSM advisor_mode).
-    #[arg(long, alias = "advisor_mode", value_enum, default_value_t = AdvisorMode::None,
-        help_heading = "KSM knobs")]
-    pub advisor_mode: AdvisorMode,
-    /// The advisor's target time for a full pass, in seconds (KSM advisor_target_scan_time).
-    #[arg(long, alias = "advisor_target_scan_time",
-        default_value_t = Advisor::default().target_scan_time.as_secs_f64(),
-        value_parser = parse_scan_time, help_heading = "KSM knobs")]
-    pub advisor_target_scan_time: f64,
-    /// Most of one core the advisor lets the scanner use, in percent (KSM advisor_max_cpu).
-    #[arg(long, alias = "advisor_max_cpu",
-        default_value_t = u32::from(Advisor::default().max_cpu_percent),
-        value_parser = knob(Knobs::ADVISOR_MAX_CPU), help_heading = "KSM knobs")]
-    pub advisor_max_cpu: u32,
-    /// The advisor's lowest pages_to_scan (KSM advisor_min_pages_to_scan).
-    #[arg(long, alias = "advisor_min_pages_to_scan",
-        default_value_t = Advisor::default().min_pages_to_scan as u32,
-        value_parser = knob(Knobs::ADVISOR_PAGES_TO_SCAN), help_heading = "KSM knobs")]
-    pub advisor_min_pages_to_scan: u32,
-    /// The advisor's highest pages_to_scan (KSM advisor_max_pages_to_scan).
-    #[arg(long, alias = "advisor_max_pages_to_scan",
-        default_value_t = Advisor::default().max_pages_to_scan as u32,
-        value_parser = knob(Knobs::ADVISOR_PAGES_TO_SCAN), help_heading = "KSM knobs")]
-    pub advisor_max_pages_to_scan: u32,
-
-    /// Look at an instance's memory as soon as it stops running.
-    #[arg(long, alias = "scan_on_park", value_enum,
-        default_value_t = Knobs::default().scan_on_park.into(), help_heading = "samepage knobs")]
-    pub scan_on_park: Switch,
-    /// How long after a park the scanner looks again, in milliseconds.
-    #[arg(long, alias = "park_recheck_millisecs", default_value_t = default_park_recheck_ms(),
-        value_parser = knob(Knobs::PARK_RECHECK_MILLISECS), help_heading = "samepage knobs")]
-    pub park_recheck_millisecs: u32,
-    /// Share of the map-count limit the engine's own mappings may use, in percent.
-    #[arg(long, alias = "map_budget_percent",
-        default_value_t = u32::from(Knobs::default().map_budget_percent),
-        value_parser = knob(Knobs::MAP_BUDGET_PERCENT), help_heading = "samepage knobs")]
-    pub map_budget_percent: u32,
+    #[command(flatten)]
+    pub knobs: KnobFlags,
     /// Budget mappings as if vm.max_map_count were this (only lower limits are taken).
     #[arg(long, alias = "max_map_count", help_heading = "samepage knobs",
         value_parser = clap::value_parser!(u64).range(64..))]
@@ -259,26 +176,15 @@ impl RunArgs {
     }
 
     /// The engine's knobs these arguments ask for, validated.
-    pub fn knobs(&self) -> Result<Knobs, samepage_dedup::Error> {
-        let knobs = Knobs {
-            run: self.run.into(),
-            max_page_sharing: self.max_page_sharing,
-            pages_to_scan: self.pages_to_scan as usize,
-            sleep: Duration::from_millis(u64::from(self.sleep_millisecs)),
-            use_zero_pages: self.use_zero_pages == Switch::On,
-            smart_scan: self.smart_scan == Switch::On,
-            advisor: (self.advisor_mode == AdvisorMode::ScanTime).then(|| Advisor {
-                target_scan_time: Duration::from_secs_f64(self.advisor_target_scan_time),
-                min_pages_to_scan: self.advisor_min_pages_to_scan as usize,
-                max_pages_to_scan: self.advisor_max_pages_to_scan as usize,
-                max_cpu_percent: u8::try_from(self.advisor_max_cpu).unwrap_or(u8::MAX),
-            }),
-            scan_on_park: self.scan_on_park == Switch::On,
-            park_recheck: Duration::from_millis(u64::from(self.park_recheck_millisecs)),
-            map_budget_percent: u8::try_from(self.map_budget_percent).unwrap_or(u8::MAX),
-        };
-        knobs.validate()?;
-        Ok(knobs)
+    pub fn knobs(&self) -> anyhow::Result<Knobs> {
+        self.knobs.apply(Knobs::default())
+    }
+
+    /// Whether the run measures merging and reports it: asked for (`--report`, `--json`), or
+    /// more than one instance. Otherwise the run ends when its guests do, with no settling:
+    /// their memory is about to be freed whole.
+    pub fn wants_report(&self) -> bool {
+        self.report || self.json || self.instances > 1
     }
 
     /// Whether the guests' stdout goes to samepage's stdout.
@@ -302,24 +208,6 @@ impl RunArgs {
     }
 }
 
-/// A parser of a `u32` knob that accepts what the engine accepts.
-fn knob(range: KnobRange) -> RangedI64ValueParser<u32> {
-    let bound = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
-    clap::value_parser!(u32).range(bound(range.min)..=bound(range.max))
-}
-
-fn default_pages_to_scan() -> u32 {
-    u32::try_from(Knobs::default().pages_to_scan).unwrap_or(u32::MAX)
-}
-
-fn default_sleep_ms() -> u32 {
-    u32::try_from(Knobs::default().sleep.as_millis()).unwrap_or(u32::MAX)
-}
-
-fn default_park_recheck_ms() -> u32 {
-    u32::try_from(Knobs::default().park_recheck.as_millis()).unwrap_or(u32::MAX)
-}
-
 /// Seconds from 0 to a day.
 fn parse_seconds(text: &str) -> Result<f64, String> {
     let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
@@ -327,21 +215,5 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
         Ok(seconds)
     } else {
         Err(format!("{seconds} is not in 0..=86400 seconds"))
-    }
-}
-
-/// KSM's advisor_target_scan_time, in seconds, within the engine's range of it.
-fn parse_scan_time(text: &str) -> Result<f64, String> {
-    let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
-    let range = Knobs::ADVISOR_TARGET_SCAN_TIME;
-    let ms = seconds * 1e3;
-    if ms.is_finite() && range.contains(ms.round() as u64) && ms >= 0.0 {
-        Ok(seconds)
-    } else {
-        Err(format!(
-            "{seconds} s is out of range: accepted {} to {} s",
-            range.min as f64 / 1e3,
-            range.max as f64 / 1e3
-        ))
     }
 }

@@ -21,6 +21,17 @@ pub struct Settled {
 }
 
 impl Settled {
+    /// No settling: the run reports nothing, and ends as soon as its guests did.
+    pub fn skipped(pss_before: u64, last: Sample) -> Self {
+        Self {
+            last,
+            converge_seconds: 0.0,
+            settle_seconds: 0.0,
+            timed_out: false,
+            pss_trace: vec![(0.0, pss_before)],
+        }
+    }
+
     /// PSS once the merger converged: the trace's last point, read as it did.
     pub fn pss_after(&self) -> u64 {
         self.pss_trace.last().map_or(0, |&(_, pss)| pss)
