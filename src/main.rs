@@ -87,7 +87,7 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
     use samepage_dedup::knobs::Values;
     use samepage_dedup::{KNOBS, Knob, KnobValue, Knobs};
 
