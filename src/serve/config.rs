@@ -35,6 +35,10 @@
 //! and the reason ([`ConfigError`]): TOML syntax, unknown keys, values out of range,
 //! contradictions (two functions on one route, a WAGI module asked to stay warm).
 //! Relative paths are the config file's directory's.
+//!
+//! One function's settings, their defaults and the checks between them are
+//! `config/function.rs`'s builder's, which the command line's one function goes through too;
+//! this file reads the file's shape into it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,133 +52,12 @@ use toml::Spanned;
 
 use crate::cli::{parse_bytes, parse_duration};
 
-/// A configuration refused: where, and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{}:{line}:{column}: {reason}", file.display())]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub reason: String,
-}
+mod function;
 
-/// What becomes of an instance after a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Reuse {
-    /// Parked in its function's pool, to serve a later request as it is (execution
-    /// environment reuse): what it built at start-up or in earlier requests stays.
-    Warm,
-    /// Each request sees an instance as it was just instantiated, from its module image,
-    /// and the next one is instantiated off the request path, after the response.
-    Reset,
-    /// Each request instantiates on its own path, as `wasmtime serve` does.
-    Fresh,
-}
-
-/// What a function runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Program {
-    /// A `wasi:http/proxy` component.
-    Proxy(PathBuf),
-    /// A WASI preview 1 command served as WAGI defines it: the request in environment
-    /// variables and stdin, the response (CGI headers, then the body) on stdout.
-    Wagi(PathBuf),
-}
-
-impl Program {
-    pub fn path(&self) -> &Path {
-        match self {
-            Program::Proxy(path) | Program::Wagi(path) => path,
-        }
-    }
-}
-
-/// Which requests a function answers: those to `host` (any, when `None`) whose path is
-/// `prefix` or under it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub host: Option<String>,
-    /// Starts with `/`, never ends with one (except `/` itself).
-    pub prefix: String,
-}
-
-impl Route {
-    /// How well this route matches a request: the length of its prefix, or `None`.
-    pub fn matches(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        if let Some(want) = &self.host {
-            let host = host?.rsplit_once(':').map_or(host?, |(name, _)| name);
-            if !host.eq_ignore_ascii_case(want) {
-                return None;
-            }
-        }
-        let rest = path.strip_prefix(self.prefix.as_str())?;
-        let on_boundary = self.prefix == "/" || rest.is_empty() || rest.starts_with(['/', '?']);
-        on_boundary.then_some(self.prefix.len())
-    }
-}
-
-/// One function: what it runs, where, for whom, and within what.
-#[derive(Clone, Debug)]
-pub struct FunctionConfig {
-    pub name: String,
-    pub route: Route,
-    pub program: Program,
-    pub tenant: String,
-    /// The merge domain of the function's tenant: pages merge only within one.
-    pub domain: DomainId,
-    pub env: Vec<(String, String)>,
-    /// Preopened directories, as (host path, guest path).
-    pub dirs: Vec<(PathBuf, String)>,
-    pub reuse: Reuse,
-    /// Instances kept ready even when idle (pre-warmed at start, topped up later), memory
-    /// budget allowing.
-    pub min_instances: usize,
-    /// Most instances at once, busy and idle; requests beyond wait for one.
-    pub max_instances: usize,
-    /// How long an idle instance above `min_instances` is kept.
-    pub idle_timeout: Duration,
-    /// Longest a request may run in wasm; then it answers 500 and its instance is dropped.
-    pub request_timeout: Option<Duration>,
-    /// Most bytes of any one linear memory of an instance.
-    pub max_memory_size: Option<usize>,
-    /// A path each pre-warmed instance is sent a GET request for before it is parked, so
-    /// that it is warm (caches filled, lazy start-up done) before its first real request.
-    pub warmup: Option<String>,
-    /// Where the function is defined, for errors about it found later (its program).
-    pub defined_at: Location,
-}
-
-impl FunctionConfig {
-    /// What each of the function's instances may use: its memory maximum, and the deadline
-    /// of each request (armed again before each).
-    pub fn limits(&self) -> samepage_runtime::Limits {
-        samepage_runtime::Limits {
-            fuel: None,
-            timeout: self.request_timeout,
-            max_memory_size: self.max_memory_size,
-        }
-    }
-}
-
-/// A place in the config file (or the command line, which has no file).
-#[derive(Clone, Debug)]
-pub struct Location {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-}
-
-impl Location {
-    pub fn error(&self, reason: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.file.clone(),
-            line: self.line,
-            column: self.column,
-            reason: reason.into(),
-        }
-    }
-}
+use function::Contradiction;
+pub use function::{
+    ConfigError, DEFAULT_MAX_INSTANCES, FunctionConfig, Location, Program, Reuse, Route,
+};
 
 /// Everything `samepage serve` serves, and how.
 #[derive(Clone, Debug)]
@@ -192,12 +75,20 @@ pub struct ServeConfig {
     pub functions: Vec<FunctionConfig>,
 }
 
-pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
-pub const DEFAULT_MAX_INSTANCES: usize = 64;
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The tenant of a function that names none.
-pub const DEFAULT_TENANT: &str = "default";
+impl ServeConfig {
+    /// Serving `functions`, with the server and the engine at their defaults.
+    pub fn new(functions: Vec<FunctionConfig>) -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_addr: None,
+            memory_budget: None,
+            dedup: true,
+            knobs: Knobs::default(),
+            drain_timeout: Duration::from_secs(30),
+            functions,
+        }
+    }
+}
 
 // The file's shape. Fields that are checked after parsing keep their spans.
 
@@ -305,10 +196,11 @@ pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
         memory_budget: None,
         drain_timeout: None,
     });
-    let addr = match &server.addr {
-        Some(addr) => at.socket_addr(addr)?,
-        None => DEFAULT_ADDR.parse().expect("the default address parses"),
-    };
+    let addr = server
+        .addr
+        .as_ref()
+        .map(|addr| at.socket_addr(addr))
+        .transpose()?;
     let admin_addr = server
         .admin_addr
         .as_ref()
@@ -323,8 +215,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
         .drain_timeout
         .as_ref()
         .map(|text| at.duration(text))
-        .transpose()?
-        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        .transpose()?;
 
     let (dedup, knobs) = match &file.engine {
         Some(engine) => at.engine(engine)?,
@@ -358,15 +249,14 @@ pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
         }
         functions.push(function);
     }
-    Ok(ServeConfig {
-        addr,
-        admin_addr,
-        memory_budget,
-        dedup,
-        knobs,
-        drain_timeout,
-        functions,
-    })
+    let mut config = ServeConfig::new(functions);
+    config.addr = addr.unwrap_or(config.addr);
+    config.admin_addr = admin_addr;
+    config.memory_budget = memory_budget;
+    config.dedup = dedup;
+    config.knobs = knobs;
+    config.drain_timeout = drain_timeout.unwrap_or(config.drain_timeout);
+    Ok(config)
 }
 
 /// Tenants' merge domains, numbered by name: a tenant's domain is its own name unless the
@@ -606,11 +496,6 @@ impl Locator<'_> {
                 "function {name:?} has neither a route nor a host: say which requests it answers"
             )));
         }
-        let tenant = f
-            .tenant
-            .as_ref()
-            .map_or(DEFAULT_TENANT, |tenant| tenant.get_ref().as_str())
-            .to_owned();
         let dirs = f
             .dirs
             .iter()
@@ -629,50 +514,16 @@ impl Locator<'_> {
                 Ok((host, guest.to_owned()))
             })
             .collect::<Result<_, _>>()?;
-        let reuse = f
-            .reuse
-            .as_ref()
-            .map_or(Reuse::Warm, |reuse| *reuse.get_ref());
-        let count = |value: &Option<Spanned<u64>>, default: usize, least: u64| match value {
-            None => Ok(default),
+        let count = |value: &Option<Spanned<u64>>, least: u64| match value {
+            None => Ok(None),
             Some(value) if (least..=100_000).contains(value.get_ref()) => {
-                Ok(*value.get_ref() as usize)
+                Ok(Some(*value.get_ref() as usize))
             }
             Some(value) => Err(self.error(
                 value.span(),
                 format!("{} is out of range ({least} to 100000)", value.get_ref()),
             )),
         };
-        let min_instances = count(&f.min_instances, 0, 0)?;
-        let max_instances = count(&f.max_instances, DEFAULT_MAX_INSTANCES, 1)?;
-        if min_instances > max_instances {
-            let at = f.min_instances.as_ref().map_or(0..0, Spanned::span);
-            return Err(self.error(
-                at,
-                format!("min_instances = {min_instances} is above max_instances = {max_instances}"),
-            ));
-        }
-        if let Program::Wagi(_) = program {
-            // A WAGI program runs its `_start` once per request, with the request in its
-            // environment, which WASI fixes when the instance is made.
-            if reuse != Reuse::Fresh {
-                let at = f.reuse.as_ref().map_or(table.span(), Spanned::span);
-                return Err(self.error(
-                    at,
-                    format!(
-                        "function {name:?} is a WAGI module, which runs once per request: \
-                         its reuse can only be \"fresh\""
-                    ),
-                ));
-            }
-            if let Some(min) = f.min_instances.as_ref().filter(|min| *min.get_ref() > 0) {
-                return Err(self.error(
-                    min.span(),
-                    "a WAGI module is instantiated for each request: it has no pool to pre-warm"
-                        .to_owned(),
-                ));
-            }
-        }
         let warmup = match &f.warmup {
             Some(path) if !path.get_ref().starts_with('/') => {
                 return Err(self.error(
@@ -695,32 +546,38 @@ impl Locator<'_> {
                     .map_err(|_| self.error(size.span(), format!("{bytes} bytes is too many")))
             })
             .transpose()?;
-        Ok(FunctionConfig {
-            domain: domains.of(&tenant),
-            name,
-            route,
-            program,
-            tenant,
-            env: f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            dirs,
-            reuse,
-            min_instances,
-            max_instances,
-            idle_timeout: f
-                .idle_timeout
-                .as_ref()
-                .map(|text| self.duration(text))
-                .transpose()?
-                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
-            request_timeout: f
-                .request_timeout
-                .as_ref()
-                .map(|text| self.duration(text))
-                .transpose()?,
-            max_memory_size,
-            warmup,
-            defined_at,
-        })
+        let duration = |text: &Option<Spanned<String>>| {
+            text.as_ref().map(|text| self.duration(text)).transpose()
+        };
+        let mut function = FunctionConfig::builder(name, program, defined_at)
+            .route(route)
+            .tenant(f.tenant.as_ref().map(|tenant| tenant.get_ref().clone()))
+            .env(f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .dirs(dirs)
+            .reuse(f.reuse.as_ref().map(|reuse| *reuse.get_ref()))
+            .min_instances(count(&f.min_instances, 0)?)
+            .max_instances(count(&f.max_instances, 1)?)
+            .idle_timeout(duration(&f.idle_timeout)?)
+            .request_timeout(duration(&f.request_timeout)?)
+            .max_memory_size(max_memory_size)
+            .warmup(warmup)
+            .build()
+            .map_err(|contradiction| {
+                let span = match &contradiction {
+                    Contradiction::MinAboveMax { .. } => {
+                        f.min_instances.as_ref().map_or(0..0, Spanned::span)
+                    }
+                    Contradiction::WagiNotFresh { .. } => {
+                        f.reuse.as_ref().map_or(table.span(), Spanned::span)
+                    }
+                    Contradiction::WagiPool => {
+                        f.min_instances.as_ref().map_or(table.span(), Spanned::span)
+                    }
+                };
+                self.error(span, contradiction.to_string())
+            })?;
+        function.domain = domains.of(&function.tenant);
+        Ok(function)
     }
 }
 
@@ -826,24 +683,5 @@ mod tests {
         assert_eq!(names, ["python", "small", "cgi"]);
         assert_eq!(config.memory_budget, Some(1 << 30));
         assert_ne!(config.functions[0].domain, config.functions[2].domain);
-    }
-
-    #[test]
-    fn routes_match_on_path_segments_and_host() {
-        let route = Route {
-            host: None,
-            prefix: "/api".into(),
-        };
-        assert_eq!(route.matches(None, "/api"), Some(4));
-        assert_eq!(route.matches(None, "/api/x?y"), Some(4));
-        assert_eq!(route.matches(None, "/api?q"), Some(4));
-        assert_eq!(route.matches(None, "/apix"), None);
-        let root = Route {
-            host: Some("a.example".into()),
-            prefix: "/".into(),
-        };
-        assert_eq!(root.matches(Some("A.example:8080"), "/anything"), Some(1));
-        assert_eq!(root.matches(Some("b.example"), "/"), None);
-        assert_eq!(root.matches(None, "/"), None);
     }
 }

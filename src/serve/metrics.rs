@@ -13,11 +13,15 @@
 //!   instances, evictions, expiries, traps, timeouts, refusals over budget, and a histogram
 //!   of the time from a request's arrival to its response's head;
 //! - the host: its PSS and its memory budget.
+//!
+//! It reads the pools and the server's own counters, handed down in [`Figures`]; it never
+//! reaches up into the server.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -28,22 +32,51 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use samepage_dedup::stats::Value;
+use samepage_runtime::measure::pss_bytes;
 use wasmtime_wasi_http::io::TokioIo;
 
-use super::Server;
+use super::lifecycle::Pools;
 use super::pool::{FunctionCounters, Usage};
 
+/// Counters of the whole server, beyond its functions'.
+pub struct ServerCounters {
+    /// Requests being handled, wasm and the work after the response included.
+    pub in_flight: AtomicU64,
+    /// Requests no function's route matched.
+    pub unrouted: AtomicU64,
+    /// When the server started, for its uptime.
+    pub started: Instant,
+}
+
+impl Default for ServerCounters {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicU64::new(0),
+            unrouted: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// What the admin address reads, shared with the server: the pools and the server's
+/// counters. It is also the collector that reads them at each scrape.
+#[derive(Clone)]
+pub struct Figures {
+    pub pools: Arc<Pools>,
+    pub counters: Arc<ServerCounters>,
+}
+
 /// Serves `/metrics` and `/healthz` on `listener` for as long as the server runs.
-pub async fn serve_admin(server: Arc<Server>, listener: tokio::net::TcpListener) {
+pub async fn serve_admin(figures: Figures, listener: tokio::net::TcpListener) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
-        let server = server.clone();
+        let figures = figures.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(admin_response(&server, &request)) }
+                let figures = figures.clone();
+                async move { Ok::<_, Infallible>(admin_response(&figures, &request)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(client), service)
@@ -53,22 +86,20 @@ pub async fn serve_admin(server: Arc<Server>, listener: tokio::net::TcpListener)
 }
 
 fn admin_response<B>(
-    server: &Arc<Server>,
+    figures: &Figures,
     request: &hyper::Request<B>,
 ) -> hyper::Response<Full<Bytes>> {
     let (status, kind, body) = match request.uri().path() {
         "/metrics" => {
             // Reading PSS and every owner's figures walks page tables: off the async threads.
-            let text = tokio::task::block_in_place(|| encode(server));
+            let text = tokio::task::block_in_place(|| encode(figures));
             (
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 text,
             )
         }
-        "/healthz" if server.draining.load(Ordering::Acquire) => {
-            (503, "text/plain", "draining\n".to_owned())
-        }
+        "/healthz" if figures.pools.draining() => (503, "text/plain", "draining\n".to_owned()),
         "/healthz" => (200, "text/plain", "ok\n".to_owned()),
         _ => (
             404,
@@ -86,17 +117,14 @@ fn admin_response<B>(
 }
 
 /// The exposition of everything the server counts, now.
-pub fn encode(server: &Arc<Server>) -> String {
+fn encode(figures: &Figures) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Figures(server.clone())));
+    registry.register_collector(Box::new(figures.clone()));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)
         .expect("writing to a String cannot fail");
     text
 }
-
-/// The collector that reads the server's figures at each scrape.
-struct Figures(Arc<Server>);
 
 impl std::fmt::Debug for Figures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -212,8 +240,8 @@ const USAGE_GAUGES: &[(&str, &str, UsageField)] = &[
 
 impl Collector for Figures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let server = &self.0;
-        if let Some(engine) = server.samepage.dedup() {
+        let (pools, counters) = (&self.pools, &self.counters);
+        if let Some(engine) = pools.samepage().dedup() {
             for (counter, value) in engine.stats().counters() {
                 let name = format!("samepage_{}", counter.ksm.unwrap_or(counter.name));
                 let metric =
@@ -224,7 +252,7 @@ impl Collector for Figures {
                 }
             }
         }
-        let pss = crate::measure::pss_bytes().unwrap_or(0);
+        let pss = pss_bytes().unwrap_or(0);
         let metric = encoder.encode_descriptor(
             "samepage_host_pss_bytes",
             "The host process's proportional set size: its memory as the kernel counts it.",
@@ -232,7 +260,7 @@ impl Collector for Figures {
             MetricType::Gauge,
         )?;
         ConstGauge::new(pss as i64).encode(metric)?;
-        if let Some(budget) = server.budget.limit {
+        if let Some(budget) = pools.budget.limit {
             let metric = encoder.encode_descriptor(
                 "samepage_memory_budget_bytes",
                 "Most PSS the host may hold before it evicts idle instances.",
@@ -247,16 +275,16 @@ impl Collector for Figures {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(server.started.elapsed().as_secs_f64()).encode(metric)?;
+        ConstGauge::new(counters.started.elapsed().as_secs_f64()).encode(metric)?;
         let metric = encoder.encode_descriptor(
             "samepage_unrouted_requests",
             "Requests no function's route matched (answered 404).",
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(server.counters.unrouted.load(Ordering::Relaxed)).encode(metric)?;
+        ConstCounter::new(counters.unrouted.load(Ordering::Relaxed)).encode(metric)?;
 
-        let functions: Vec<_> = server
+        let functions: Vec<_> = pools
             .functions
             .iter()
             .map(|f| {

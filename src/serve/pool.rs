@@ -1,22 +1,15 @@
-//! A function's pool of instances, and the host's memory budget over all pools.
+//! A function's pool of instances: its idle queue, the owners of its live instances, and
+//! its counters. This file keeps the pool; when an instance is made, parked, evicted or
+//! expired is the lifecycle's (`lifecycle.rs`) to decide.
 //!
 //! Each function has at most `max_instances` instances at once, busy and idle: a request
 //! takes a permit of the function's semaphore before it takes an instance, so a request
 //! beyond the maximum waits for one to come back. An instance serves one request at a time.
-//! Idle instances wait in their function's queue in the order they parked: a request takes
-//! the most recently parked (the warmest), the memory budget evicts the least recently
-//! parked of all functions, and keep-alive drops those idle longer than `idle_timeout` down
-//! to `min_instances`.
-//!
-//! The budget is the host's proportional set size, the kernel's count of the memory the
-//! process holds, in which a page merged across instances counts once. Before a new instance
-//! is made, the host must have room for it: its PSS plus what the function's last new
-//! instance added (measured across that instance's instantiation and first request, after
-//! merging it) must fit, or idle instances are evicted, least recently used first, until it
-//! does. With no idle instance left to evict, the request is refused (503) rather than the
-//! budget broken. A new instance is merged as soon as its first request is answered, so
-//! that what it shares with the others stops counting before the next one is made; later,
-//! warm instances are merged by the scanner as they park (scan on park).
+//! Idle instances wait in their function's queue in the order they parked, so that the most
+//! recently parked (the warmest) is at one end and the least recently parked (the first to
+//! evict or expire) at the other. Every live instance's owner is counted from its birth to
+//! its retirement, busy or idle, so that `live` and the metrics see instances being made
+//! and serving, not only those parked.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -29,15 +22,9 @@ use samepage_dedup::{OwnerId, OwnerStats};
 use samepage_runtime::StoreOwner;
 use tokio::sync::Semaphore;
 
+use super::code::Code;
 use super::config::FunctionConfig;
 use super::proxy::ProxyInstance;
-
-/// What a function runs, compiled; clones share the compiled code and its module images.
-#[derive(Clone)]
-pub enum Code {
-    Proxy(samepage_runtime::Component),
-    Wagi(samepage_runtime::Module),
-}
 
 /// One function: its configuration, code, pool and counters.
 pub struct Function {
@@ -136,51 +123,18 @@ impl Function {
     }
 
     /// When the least recently parked idle instance parked.
-    fn oldest_idle(&self) -> Option<Instant> {
+    pub fn oldest_idle(&self) -> Option<Instant> {
         self.idle.lock().front().map(|parked| parked.since)
     }
 
-    /// Takes the least recently parked idle instance, if it parked at `since` (no other
-    /// took it meanwhile).
-    fn take_oldest(&self, since: Instant) -> Option<ProxyInstance> {
+    /// Takes the least recently parked idle instance if `take` says so of when it parked:
+    /// the check and the taking are one step, so that no other request takes it between.
+    pub fn take_oldest_if(&self, take: impl FnOnce(Instant) -> bool) -> Option<ProxyInstance> {
         let mut idle = self.idle.lock();
-        if idle.front()?.since != since {
+        if !take(idle.front()?.since) {
             return None;
         }
         idle.pop_front().map(|parked| parked.instance)
-    }
-
-    /// Drops idle instances that parked before `deadline`, keeping `min_instances` live.
-    pub fn expire(&self, now: Instant) -> usize {
-        let mut expired = Vec::new();
-        {
-            let mut idle = self.idle.lock();
-            while self.live() > self.config.min_instances + expired.len()
-                && idle.front().is_some_and(|parked| {
-                    now.duration_since(parked.since) >= self.config.idle_timeout
-                })
-            {
-                expired.extend(idle.pop_front());
-            }
-        }
-        let count = expired.len();
-        for parked in expired {
-            self.retire(parked.instance);
-        }
-        self.counters
-            .expired
-            .fetch_add(count as u64, Ordering::Relaxed);
-        count
-    }
-
-    /// Counts a request whose instance trapped or timed out.
-    pub fn count_failure(&self, failure: &super::Failure) {
-        let counter = match failure {
-            super::Failure::TimedOut(_) => &self.counters.timeouts,
-            super::Failure::Trapped(_) => &self.counters.traps,
-            _ => return,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a new live instance's owner.
@@ -234,133 +188,5 @@ impl Function {
     /// Records what a new instance added, measured once it was merged.
     pub fn measured_cost(&self, bytes: u64) {
         self.cost.store(bytes, Ordering::Relaxed);
-    }
-}
-
-/// Why no instance could be made.
-#[derive(Debug)]
-pub struct OverBudget {
-    pub pss: u64,
-    pub need: u64,
-    pub budget: u64,
-}
-
-impl std::fmt::Display for OverBudget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the host holds {} MiB of its {} MiB memory budget and a new instance needs about \
-             {} MiB, with no idle instance left to evict",
-            self.pss >> 20,
-            self.budget >> 20,
-            self.need >> 20
-        )
-    }
-}
-
-/// The host's memory budget over every function's pool.
-pub struct Budget {
-    /// Most bytes of PSS; `None` for no cap (then nothing is measured).
-    pub limit: Option<u64>,
-    /// Bytes promised to instances being made, not yet in the PSS they are measured by:
-    /// cold starts at the same moment see each other's.
-    pending: Mutex<u64>,
-}
-
-/// Room made for one new instance: what it was promised, given back when dropped (once the
-/// instance is made and measured, or was not made).
-pub struct Room<'a> {
-    budget: &'a Budget,
-    promised: u64,
-    /// The host's PSS before the instance, when there is a budget to measure against.
-    pub pss_before: Option<u64>,
-}
-
-impl Drop for Room<'_> {
-    fn drop(&mut self) {
-        *self.budget.pending.lock() -= self.promised;
-    }
-}
-
-impl Budget {
-    pub fn new(limit: Option<u64>) -> Self {
-        Self {
-            limit,
-            pending: Mutex::new(0),
-        }
-    }
-
-    /// Makes room for a new instance of `function`: evicts idle instances of any function,
-    /// least recently parked first, until the host's PSS, what is promised to instances
-    /// being made, and the instance's expected cost fit the budget; with `evict` false
-    /// (pre-warming, which must not push out instances that serve), only looks.
-    pub fn make_room(
-        &self,
-        function: &Function,
-        functions: &[Arc<Function>],
-        evict: bool,
-    ) -> Result<Room<'_>, OverBudget> {
-        let Some(budget) = self.limit else {
-            return Ok(Room {
-                budget: self,
-                promised: 0,
-                pss_before: None,
-            });
-        };
-        let need = function.expected_cost();
-        loop {
-            let pss = crate::measure::pss_bytes().unwrap_or(0);
-            {
-                let mut pending = self.pending.lock();
-                if pss + *pending + need <= budget {
-                    *pending += need;
-                    return Ok(Room {
-                        budget: self,
-                        promised: need,
-                        pss_before: Some(pss),
-                    });
-                }
-            }
-            if !evict || !evict_least_recent(functions) {
-                return Err(OverBudget { pss, need, budget });
-            }
-        }
-    }
-
-    /// Evicts idle instances while the host is over its budget (instances grow as they
-    /// serve); `false` when it stays over with nothing idle.
-    pub fn enforce(&self, functions: &[Arc<Function>]) -> bool {
-        let Some(budget) = self.limit else {
-            return true;
-        };
-        loop {
-            let pss = crate::measure::pss_bytes().unwrap_or(0);
-            if pss <= budget {
-                return true;
-            }
-            if !evict_least_recent(functions) {
-                return false;
-            }
-        }
-    }
-}
-
-/// Drops the least recently parked idle instance of all `functions`; `false` when none is
-/// idle.
-fn evict_least_recent(functions: &[Arc<Function>]) -> bool {
-    loop {
-        let oldest = functions
-            .iter()
-            .filter_map(|function| Some((function.oldest_idle()?, function)))
-            .min_by_key(|(since, _)| *since);
-        let Some((since, function)) = oldest else {
-            return false;
-        };
-        // Another thread may have taken it since; then look again.
-        if let Some(instance) = function.take_oldest(since) {
-            function.retire(instance);
-            function.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
     }
 }

@@ -11,8 +11,9 @@ use wasmtime_wasi_http::p2::bindings::sync::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::Failure;
 use super::config::FunctionConfig;
+use super::failure::Failure;
+use super::wasi::wasi_context;
 
 /// The body of an HTTP message as wasi:http holds it.
 pub type WasiBody = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
@@ -106,7 +107,7 @@ impl ProxyInstance {
         owner: StoreOwner,
         function: &FunctionConfig,
     ) -> Result<Self, Failure> {
-        let mut wasi = super::wasi_context(function)?;
+        let mut wasi = wasi_context(function)?;
         let limits = function.limits();
         let mut store = Store::new(
             engine,

@@ -14,8 +14,9 @@ use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
-use super::Failure;
 use super::config::FunctionConfig;
+use super::failure::Failure;
+use super::wasi::wasi_context;
 
 /// Most bytes of a request body handed to a command, and of its output.
 pub const BODY_LIMIT: usize = 16 << 20;
@@ -126,7 +127,7 @@ pub fn run(
     request: &CgiRequest,
 ) -> Result<hyper::Response<Bytes>, Failure> {
     let stdout = MemoryOutputPipe::new(BODY_LIMIT);
-    let mut wasi = super::wasi_context(function)?;
+    let mut wasi = wasi_context(function)?;
     wasi.args(&request.arguments(function))
         .envs(&request.environment(function))
         .stdin(MemoryInputPipe::new(request.body.clone()))

@@ -1,0 +1,78 @@
+//! Functions' programs, compiled.
+//!
+//! Functions of one program share its compiled code, and so its module images and the pages
+//! of its code: each file is compiled once, however many functions serve it. A program that
+//! is not what its function says it is (a core module given as a component, or the other way
+//! round) is refused with the function's place in the config.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use samepage_runtime::Samepage;
+
+use super::config::{ConfigError, FunctionConfig, Program};
+
+/// What a function runs, compiled; clones share the compiled code and its module images.
+#[derive(Clone)]
+pub enum Code {
+    Proxy(samepage_runtime::Component),
+    Wagi(samepage_runtime::Module),
+}
+
+/// The code of each of `functions`, in their order, each program compiled once.
+pub fn compile_all(
+    engine: &wasmtime::Engine,
+    samepage: &Samepage,
+    functions: &[FunctionConfig],
+) -> Result<Vec<Code>, ConfigError> {
+    let mut compiled: BTreeMap<(PathBuf, bool), Code> = BTreeMap::new();
+    functions
+        .iter()
+        .map(|function| {
+            let path = function.program.path();
+            let key = (
+                std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
+                matches!(function.program, Program::Wagi(_)),
+            );
+            if let Some(code) = compiled.get(&key) {
+                return Ok(code.clone());
+            }
+            let code = compile(engine, samepage, function)?;
+            compiled.insert(key, code.clone());
+            Ok(code)
+        })
+        .collect()
+}
+
+/// Compiles a function's program, with errors that say which function and where.
+fn compile(
+    engine: &wasmtime::Engine,
+    samepage: &Samepage,
+    function: &FunctionConfig,
+) -> Result<Code, ConfigError> {
+    let path = function.program.path();
+    let refuse = |why: String| {
+        function
+            .defined_at
+            .error(format!("function {:?}: {why}", function.name))
+    };
+    let bytes = std::fs::read(path)
+        .map_err(|error| refuse(format!("reading {}: {error}", path.display())))?;
+    let program = samepage
+        .compile(engine, &bytes)
+        .map_err(|error| refuse(format!("{} is not valid: {error:#}", path.display())))?;
+    match (&function.program, program) {
+        (Program::Proxy(_), samepage_runtime::Program::Component(component)) => {
+            Ok(Code::Proxy(component))
+        }
+        (Program::Wagi(_), samepage_runtime::Program::Module(module)) => Ok(Code::Wagi(module)),
+        (Program::Proxy(_), _) => Err(refuse(format!(
+            "{} is a core module, not a component: give it as `module` (WAGI)",
+            path.display()
+        ))),
+        (Program::Wagi(_), _) => Err(refuse(format!(
+            "{} is a component, not a core module: give it as `component`",
+            path.display()
+        ))),
+    }
+}
