@@ -2,6 +2,10 @@
 
 use std::process::Command;
 
+// Only the KSM test uses it, and it is in the build with the lab.
+#[cfg(feature = "bench")]
+mod common;
+
 fn samepage(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_samepage"))
         .args(args)
@@ -177,12 +181,9 @@ fn the_lab_plots_a_runs_pss() {
 
 #[cfg(feature = "bench")]
 #[test]
+#[ignore = "needs root and kernel KSM"]
 fn the_ksm_baseline_merges_and_puts_the_system_settings_back() {
-    let ksm = std::path::Path::new("/sys/kernel/mm/ksm");
-    if !ksm.join("run").exists() || !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: --dedup ksm needs root and a kernel with KSM (/sys/kernel/mm/ksm)");
-        return;
-    }
+    let ksm = common::ksm_settings();
     let read = |name: &str| std::fs::read_to_string(ksm.join(name)).expect("ksm setting");
     let before = (read("run"), read("pages_to_scan"), read("sleep_millisecs"));
     let report = run_report(

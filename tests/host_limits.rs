@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// Every run sweeps the cgroups of dead runs and repairs KSM after a killed one: the tests
 /// here kill runs and look at what they left, so they run one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -58,6 +60,14 @@ fn memory_cgroup() -> Option<(PathBuf, bool)> {
     None
 }
 
+/// [`memory_cgroup`], for a test that cannot run without one.
+fn delegable_memory_cgroup() -> (PathBuf, bool) {
+    memory_cgroup().expect(
+        "needs a delegable memory cgroup: this process may create no child of its memory cgroup \
+         (run as root, or in a cgroup delegated to this user)",
+    )
+}
+
 /// Waits until `path` exists (or does not, with `exists` false), up to 20 s, looking every
 /// millisecond so that a signal can follow the moment it appears.
 fn wait_for(path: &Path, exists: bool) -> bool {
@@ -81,12 +91,10 @@ fn looping_run() -> Child {
 }
 
 #[test]
+#[ignore = "needs a delegable memory cgroup"]
 fn killed_runs_leave_no_cgroup_behind() {
     let _one = one_at_a_time();
-    let Some((parent, _)) = memory_cgroup() else {
-        eprintln!("skipped: no memory cgroup this process may create children in");
-        return;
-    };
+    let (parent, _) = delegable_memory_cgroup();
     // SIGTERM: the run removes its own cgroup and dies of the signal, even when the signal
     // comes the moment the cgroup appears, while the run is still moving into it. That
     // window was hit in about one run in fifteen; fifty runs take about four seconds.
@@ -126,13 +134,10 @@ fn killed_runs_leave_no_cgroup_behind() {
 }
 
 #[test]
+#[ignore = "needs root and kernel KSM"]
 fn the_next_run_restores_ksm_after_a_killed_ksm_run() {
     let _one = one_at_a_time();
-    let ksm = Path::new("/sys/kernel/mm/ksm");
-    if !ksm.join("run").exists() || !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: --dedup ksm needs root and a kernel with KSM (/sys/kernel/mm/ksm)");
-        return;
-    }
+    let ksm = common::ksm_settings();
     let read = |name: &str| std::fs::read_to_string(ksm.join(name)).expect("ksm setting");
     let before = (read("run"), read("pages_to_scan"), read("sleep_millisecs"));
     // A run that idles after merging, killed while ksmd runs at its speed.
@@ -230,12 +235,10 @@ fn a_low_descriptor_limit_is_refused_with_what_the_run_needs() {
 }
 
 #[test]
+#[ignore = "needs a delegable memory cgroup"]
 fn a_memory_limit_that_fits_the_merged_total_is_met_by_merging_while_starting() {
     let _one = one_at_a_time();
-    let Some((parent, v1)) = memory_cgroup() else {
-        eprintln!("skipped: no memory cgroup this process may create children in");
-        return;
-    };
+    let (parent, v1) = delegable_memory_cgroup();
     let limited = parent.join(format!("samepage-test-limit-{}", std::process::id()));
     std::fs::create_dir(&limited).expect("test cgroup");
     let (limit_file, peak_file) = if v1 {
