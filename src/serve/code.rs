@@ -15,7 +15,9 @@ use super::config::{ConfigError, FunctionConfig, Program};
 /// What a function runs, compiled; clones share the compiled code and its module images.
 #[derive(Clone)]
 pub enum Code {
+    /// A `wasi:http/proxy` component, instantiated into a pool.
     Proxy(samepage_runtime::Component),
+    /// A WAGI command, instantiated once per request.
     Wagi(samepage_runtime::Module),
 }
 

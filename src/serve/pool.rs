@@ -29,6 +29,7 @@ use super::proxy::ProxyInstance;
 /// One function: its configuration, code, pool and counters.
 pub struct Function {
     pub config: FunctionConfig,
+    /// Its program compiled, shared with other functions of the same file.
     pub code: Code,
     /// Idle instances, oldest park first.
     idle: Mutex<VecDeque<Parked>>,
@@ -38,6 +39,7 @@ pub struct Function {
     owners: Mutex<BTreeMap<OwnerId, StoreOwner>>,
     /// Bytes of PSS the function's last new instance added, merged; 0 until one was made.
     cost: AtomicU64,
+    /// Read at each scrape; never reset.
     pub counters: FunctionCounters,
     /// Seconds from a request's arrival to its response's head.
     pub latency: Histogram,
@@ -52,6 +54,7 @@ struct Parked {
 /// Counters of one function.
 #[derive(Default)]
 pub struct FunctionCounters {
+    /// Requests routed to the function.
     pub requests: AtomicU64,
     /// Requests that had to wait for an instance to be made.
     pub cold_starts: AtomicU64,
@@ -63,7 +66,9 @@ pub struct FunctionCounters {
     pub expired: AtomicU64,
     /// Instances made ahead of requests (`min_instances`, and reset's replacements).
     pub prewarmed: AtomicU64,
+    /// Requests whose instance trapped (or whose command exited with a failure).
     pub traps: AtomicU64,
+    /// Requests that ran out of time in wasm.
     pub timeouts: AtomicU64,
     /// Requests refused because no instance could be made within the memory budget.
     pub over_budget: AtomicU64,
@@ -76,9 +81,13 @@ pub struct FunctionCounters {
 /// Instances of a function, and what merging saves them.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {
+    /// Instances alive: idle, busy and starting.
     pub live: u64,
+    /// Instances parked, ready for a request.
     pub idle: u64,
+    /// The sizes of the instances' linear memories, added up.
     pub linear_memory_bytes: u64,
+    /// What merging saves the instances, added up.
     pub merged: OwnerStats,
 }
 
