@@ -46,7 +46,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use samepage_dedup::{Advisor, DomainId, KnobRange, Knobs, RunMode};
+use samepage_dedup::{DomainId, KNOBS, Knobs};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -120,25 +120,9 @@ enum Size {
     Text(String),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EngineTable {
-    dedup: Option<bool>,
-    run: Option<Spanned<u64>>,
-    pages_to_scan: Option<Spanned<u64>>,
-    sleep_millisecs: Option<Spanned<u64>>,
-    max_page_sharing: Option<Spanned<u64>>,
-    use_zero_pages: Option<bool>,
-    smart_scan: Option<bool>,
-    advisor_mode: Option<Spanned<String>>,
-    advisor_target_scan_time: Option<Spanned<u64>>,
-    advisor_max_cpu: Option<Spanned<u64>>,
-    advisor_min_pages_to_scan: Option<Spanned<u64>>,
-    advisor_max_pages_to_scan: Option<Spanned<u64>>,
-    scan_on_park: Option<bool>,
-    park_recheck_millisecs: Option<Spanned<u64>>,
-    map_budget_percent: Option<Spanned<u64>>,
-}
+/// `[engine]`: `dedup`, and one key per knob of the engine's declaration
+/// ([`samepage_dedup::KNOBS`]), each value with its place in the file.
+type EngineTable = BTreeMap<String, Spanned<toml::Value>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -335,101 +319,42 @@ impl Locator<'_> {
         })
     }
 
-    fn knob(
-        &self,
-        value: &Option<Spanned<u64>>,
-        range: KnobRange,
-    ) -> Result<Option<u64>, ConfigError> {
-        let Some(value) = value else {
-            return Ok(None);
-        };
-        range
-            .check(*value.get_ref())
-            .map_err(|error| self.error(value.span(), error.to_string()))?;
-        Ok(Some(*value.get_ref()))
-    }
-
+    /// `[engine]`: whether to merge, and the knobs, each key and value checked by the
+    /// knob's own declaration.
     fn engine(&self, table: &Spanned<EngineTable>) -> Result<(bool, Knobs), ConfigError> {
-        let engine = table.get_ref();
+        let mut dedup = true;
         let mut knobs = Knobs::default();
-        if let Some(run) = &engine.run {
-            knobs.run = match run.get_ref() {
-                0 => RunMode::Stop,
-                1 => RunMode::Merge,
-                2 => RunMode::UnmergeAll,
-                other => {
-                    return Err(self.error(
-                        run.span(),
-                        format!("run = {other}: KSM's run is 0 (stop), 1 (merge) or 2 (unmerge)"),
-                    ));
-                }
+        for (key, value) in table.get_ref() {
+            let at = |reason: String| self.error(value.span(), reason);
+            if key == "dedup" {
+                dedup = value
+                    .get_ref()
+                    .as_bool()
+                    .ok_or_else(|| at("dedup = true or false".to_owned()))?;
+                continue;
+            }
+            let knob = KNOBS.iter().find(|knob| knob.name == key).ok_or_else(|| {
+                let known: Vec<&str> = KNOBS.iter().map(|knob| knob.name).collect();
+                at(format!(
+                    "unknown key {key:?} in [engine]: it takes dedup, {}",
+                    known.join(", ")
+                ))
+            })?;
+            let parsed = match value.get_ref() {
+                toml::Value::Integer(n) => u64::try_from(*n)
+                    .map_err(|_| format!("{key} = {n}: expected {}", knob.values))
+                    .and_then(|n| knob.number(n)),
+                toml::Value::Float(seconds) => knob.seconds(*seconds),
+                toml::Value::Boolean(on) => knob.switch(*on),
+                toml::Value::String(name) => knob.choice(name),
+                other => Err(format!("{key} = {other}: expected {}", knob.values)),
             };
-        }
-        if let Some(pages) = self.knob(&engine.pages_to_scan, Knobs::PAGES_TO_SCAN)? {
-            knobs.pages_to_scan = pages as usize;
-        }
-        if let Some(ms) = self.knob(&engine.sleep_millisecs, Knobs::SLEEP_MILLISECS)? {
-            knobs.sleep = Duration::from_millis(ms);
-        }
-        if let Some(sharing) = self.knob(&engine.max_page_sharing, Knobs::MAX_PAGE_SHARING)? {
-            knobs.max_page_sharing = sharing as u32;
-        }
-        if let Some(ms) = self.knob(
-            &engine.park_recheck_millisecs,
-            Knobs::PARK_RECHECK_MILLISECS,
-        )? {
-            knobs.park_recheck = Duration::from_millis(ms);
-        }
-        if let Some(percent) = self.knob(&engine.map_budget_percent, Knobs::MAP_BUDGET_PERCENT)? {
-            knobs.map_budget_percent = percent as u8;
-        }
-        knobs.use_zero_pages = engine.use_zero_pages.unwrap_or(knobs.use_zero_pages);
-        knobs.smart_scan = engine.smart_scan.unwrap_or(knobs.smart_scan);
-        knobs.scan_on_park = engine.scan_on_park.unwrap_or(knobs.scan_on_park);
-        let advisor = match &engine.advisor_mode {
-            None => false,
-            Some(mode) => {
-                match mode.get_ref().as_str() {
-                    "none" => false,
-                    "scan-time" => true,
-                    other => {
-                        return Err(self.error(
-                        mode.span(),
-                        format!("advisor_mode = {other:?}: KSM's modes are \"none\" and \"scan-time\""),
-                    ));
-                    }
-                }
-            }
-        };
-        if advisor {
-            let mut settings = Advisor::default();
-            if let Some(secs) = self.knob(
-                &engine.advisor_target_scan_time,
-                Knobs::ADVISOR_TARGET_SCAN_TIME,
-            )? {
-                settings.target_scan_time = Duration::from_secs(secs);
-            }
-            if let Some(percent) = self.knob(&engine.advisor_max_cpu, Knobs::ADVISOR_MAX_CPU)? {
-                settings.max_cpu_percent = percent as u8;
-            }
-            if let Some(pages) = self.knob(
-                &engine.advisor_min_pages_to_scan,
-                Knobs::ADVISOR_PAGES_TO_SCAN,
-            )? {
-                settings.min_pages_to_scan = pages as usize;
-            }
-            if let Some(pages) = self.knob(
-                &engine.advisor_max_pages_to_scan,
-                Knobs::ADVISOR_PAGES_TO_SCAN,
-            )? {
-                settings.max_pages_to_scan = pages as usize;
-            }
-            knobs.advisor = Some(settings);
+            knob.set(&mut knobs, parsed.map_err(at)?).map_err(at)?;
         }
         knobs
             .validate()
             .map_err(|error| self.error(table.span(), error.to_string()))?;
-        Ok((engine.dedup.unwrap_or(true), knobs))
+        Ok((dedup, knobs))
     }
 
     fn function(
@@ -633,7 +558,17 @@ mod tests {
         let cases = [
             ("[server]\naddr = \"nowhere\"\n", "2:8", "not an address"),
             ("[engine]\npages_to_scan = 0\n", "2:17", "pages_to_scan"),
-            ("[engine]\nrun = 3\n", "2:7", "KSM's run"),
+            (
+                "[engine]\nrun = 3\n",
+                "2:7",
+                "expected 0 (stop), 1 (merge), 2 (unmerge)",
+            ),
+            (
+                "[engine]\npages = 1\n",
+                "2:9",
+                "unknown key \"pages\" in [engine]",
+            ),
+            ("[engine]\nsmart_scan = 1\n", "2:14", "expected on or off"),
             (
                 "[server]\nmemory_budget = \"2 parsecs\"\n",
                 "2:17",

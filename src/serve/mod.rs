@@ -22,7 +22,7 @@
 
 mod budget;
 mod code;
-mod config;
+pub(crate) mod config;
 mod failure;
 mod lifecycle;
 mod metrics;
@@ -122,6 +122,8 @@ pub struct ServeArgs {
     #[arg(short = 'C', value_name = "KEY=VALUE[,...]",
         value_parser = crate::cli::parse_codegen)]
     pub codegen: Vec<Vec<crate::cli::CodegenSetting>>,
+    #[command(flatten)]
+    pub knobs: crate::cli::KnobFlags,
     /// The wasi:http/proxy component (or WAGI command module) to serve at /.
     #[arg(value_name = "APP.wasm", required_unless_present = "config")]
     pub component: Option<PathBuf>,
@@ -147,6 +149,7 @@ impl ServeArgs {
         if let Some(dedup) = self.dedup {
             config.dedup = dedup == Switch::On;
         }
+        config.knobs = self.knobs.apply(config.knobs)?;
         Ok(config)
     }
 
