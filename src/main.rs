@@ -10,8 +10,6 @@ mod serve;
 use std::io::Write;
 
 use clap::{Parser, Subcommand};
-// What serve, run and the lab measure, in the runtime they share.
-use samepage_runtime::measure;
 
 #[derive(Parser)]
 #[command(

@@ -4,7 +4,7 @@
 //! A run raises its soft descriptor limit to the hard one at start, measures what its first
 //! instance took of each, and says before starting the others when the whole run will not
 //! fit, with the figures. `/proc` is read through the `procfs` crate here; the PSS sampler
-//! (`crate::measure`) keeps its own reader, because it samples every few milliseconds from
+//! (`samepage_runtime::measure`) keeps its own reader, because it samples every few milliseconds from
 //! one file descriptor opened before the instances can use them all.
 
 use std::path::PathBuf;

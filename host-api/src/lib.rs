@@ -32,7 +32,8 @@ wasmtime::component::bindgen!({
     world: "guest",
 });
 
-use samepage::dedup::advice::{self, AdviceKind, Error, InstanceStats, MergeReport};
+// `samepage` here is the module `bindgen!` made for the WIT package `samepage:dedup`, not a crate.
+use self::samepage::dedup::advice::{self, AdviceKind, Error, InstanceStats, MergeReport};
 
 /// The guest API for one call: the caller's owner and the memory its offsets refer to.
 pub struct GuestApi<'a> {

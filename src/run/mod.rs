@@ -21,10 +21,10 @@ pub use report::{Counters, RunReport, print_human};
 pub use settings::RunArgs;
 
 use crate::cgroup::MemoryCgroup;
-use crate::measure::pss_bytes;
 use crate::merger::Merger;
 #[cfg(feature = "bench")]
 use samepage_lab::ksm::KsmSysfs;
+use samepage_runtime::measure::pss_bytes;
 use settle::{Settled, settle};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use indicatif::ProgressBar;
 
-use crate::measure::pss_bytes;
 use crate::merger::{Merger, Sample};
+use samepage_runtime::measure::pss_bytes;
 
 /// How merging went, once `settle` returned.
 pub struct Settled {

@@ -26,8 +26,8 @@ use samepage_runtime::{GuestOutput, Host, HostStream, Instance, Program, RunOutc
 use super::RunArgs;
 use super::settings::Stdio;
 use crate::cgroup::MemoryCgroup;
-use crate::measure::pss_bytes;
 use crate::resources::{Headroom, check_descriptors, open_descriptors};
+use samepage_runtime::measure::pss_bytes;
 
 /// How one instance's run ended.
 #[derive(Debug)]
