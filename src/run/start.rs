@@ -340,6 +340,9 @@ pub fn start_instances(
         }
         match &record.ending {
             Ending::Ran(RunOutcome::Exited(0)) | Ending::Ready | Ending::Invoked(_) => {}
+            // A guest's exit status is its own answer, which the run's status carries: said
+            // again only beside a report, as `wasmtime run` does not say it.
+            Ending::Ran(RunOutcome::Exited(_)) if !args.wants_report() => {}
             Ending::Ran(outcome) => started.problems.push(format!("instance {n} {outcome}")),
             Ending::Failed(message) => started.problems.push(format!("instance {n} {message}")),
         }
