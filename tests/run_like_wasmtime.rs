@@ -203,7 +203,11 @@ fn a_looping_guest_is_stopped_by_a_timeout_and_by_fuel() {
     let timed = samepage(&["run", "-W", "timeout=200ms", "examples/guests/loop.wat"]);
     // As `wasmtime run`, the run ends when its guest does: at the timeout, not after a wait
     // for merging. (A generous bound: this is a check that nothing waits, not a benchmark.)
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(timed.status.code(), Some(134));
     let stderr = text(&timed.stderr);
     assert!(
