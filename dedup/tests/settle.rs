@@ -74,3 +74,29 @@ fn with_nothing_held_back_merging_settles_in_a_few_passes() {
         region.assert_matches_shadow();
     }
 }
+
+#[test]
+fn unique_pages_held_back_do_not_hold_settling_to_smart_scans_longest_period() {
+    let engine = manual_engine(Knobs::default());
+    let mut regions: Vec<TestRegion> = (0..4).map(|_| TestRegion::new(&engine, 64)).collect();
+    for (n, region) in regions.iter_mut().enumerate() {
+        region.fill(100 + n as u64, 32..64);
+    }
+    // The unique pages match nothing: smart scan backs them off.
+    for _ in 0..6 {
+        engine.scan_pass().expect("pass");
+    }
+    // Then pages the same in every region appear, and merge while the unique pages' periods
+    // keep doubling.
+    for region in &mut regions {
+        region.fill(8, 0..32);
+    }
+    let passes = passes_until_settled(&engine);
+    assert_eq!(engine.stats().pages_sharing, 3 * 32);
+    // Every unique page was looked at after the last merge well before the 32nd pass; a rule
+    // that bounds a page's last look by its current period waits until then.
+    assert!(passes <= 20, "settled after {passes} passes");
+    for region in &regions {
+        region.assert_matches_shadow();
+    }
+}

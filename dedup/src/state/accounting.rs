@@ -10,7 +10,7 @@ use std::ops::Range;
 use crate::quiesce::OwnerId;
 use crate::region::RegionId;
 use crate::stable::{ContentKey, Slot};
-use crate::{MergeNowReport, OwnerStats, PAGE_SIZE, Stats};
+use crate::{Knobs, MergeNowReport, OwnerStats, PAGE_SIZE, Stats};
 
 use super::MergeState;
 use super::records::{COPY, ZERO};
@@ -34,9 +34,11 @@ pub(super) struct Counters {
     /// The `full_scans` by which every page that may still merge has been looked at again
     /// ([`crate::Stats::smart_scan_horizon`]).
     pub(super) smart_scan_horizon: u64,
-    /// The last pass that merged, or saw a page new or changed: what a page smart scan held
-    /// back could merge with, if it was last looked at before then.
-    pub(super) last_news_pass: u64,
+    /// The longest smart-scan period a page looked at or skipped in the pass in progress
+    /// may have after it (twice its period before a look, which may double it), and the
+    /// same for the last whole pass: between them, every page's period right now.
+    pub(super) longest_period_this_pass: u64,
+    pub(super) longest_period_last_pass: u64,
     /// Times a region was passed over as idle (`RegionPages::quiet_at`).
     pub(super) regions_idle_skips: u64,
     /// Hole punches that failed (memory left allocated, no data affected).
@@ -68,19 +70,26 @@ impl Counters {
         self.smart_scan_horizon = self.smart_scan_horizon.max(next_look + 1);
     }
 
-    /// A page of `period` that smart scan skips in this pass: it may yet merge only if there
-    /// was news since it was last looked at (the last pass numbered a multiple of `period`),
-    /// and then the horizon waits for its next look.
-    pub(super) fn held_back(&mut self, period: u64) {
-        let last_look = self.full_scans / period * period;
-        if self.last_news_pass >= last_look {
-            self.looked_at_again_within(period);
-        }
+    /// A page of smart-scan period `period` looked at or skipped in this pass.
+    pub(super) fn period_seen(&mut self, period: u64) {
+        let after_a_look = (2 * period).min(Knobs::SMART_SCAN_LONGEST_SKIP);
+        self.longest_period_this_pass = self.longest_period_this_pass.max(after_a_look);
     }
 
-    /// A merge, or a page seen new or changed, in this pass.
+    /// A merge, or a page seen new or changed, in this pass: any page may now merge with it,
+    /// and each page is looked at again on the next pass numbered a multiple of its period,
+    /// so by the next multiple of the longest period every page has been.
     pub(super) fn news(&mut self) {
-        self.last_news_pass = self.full_scans;
+        let longest = self
+            .longest_period_this_pass
+            .max(self.longest_period_last_pass)
+            .max(1);
+        self.looked_at_again_within(longest);
+    }
+
+    /// The pass in progress ended.
+    pub(super) fn end_pass_periods(&mut self) {
+        self.longest_period_last_pass = std::mem::take(&mut self.longest_period_this_pass);
     }
 }
 

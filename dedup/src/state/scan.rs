@@ -268,6 +268,7 @@ impl MergeState {
             self.counters.punch_failures += 1;
         }
         self.counters.merges_last_pass = std::mem::take(&mut self.counters.merges_this_pass);
+        self.counters.end_pass_periods();
         self.counters.last_pass_idle =
             std::mem::take(&mut self.counters.pages_visited_this_pass) == 0;
         // Keep room for as many entries as this pass had, no more: once everything merged,
@@ -414,6 +415,9 @@ impl MergeState {
         // here next time, unless smart scan has come to look at it only on every 32nd pass
         // (when idle regions are visited too, if anything was awake since).
         let period = smart_scan_period(record.misses());
+        if self.knobs.smart_scan {
+            self.counters.period_seen(period);
+        }
         if self.knobs.smart_scan && period == Knobs::SMART_SCAN_LONGEST_SKIP {
             self.records.region_mut(id).holds_back = true;
         } else {
@@ -431,7 +435,6 @@ impl MergeState {
             && !self.counters.full_scans.is_multiple_of(period)
         {
             self.counters.pages_skipped += 1;
-            self.counters.held_back(period);
             return Ok(1);
         }
         if record.has(ZERO) {
@@ -466,7 +469,6 @@ impl MergeState {
         if !unchanged && visit != Visit::Now {
             // New or changed: it may merge once a pass has seen it unchanged, the next.
             self.counters.news();
-            self.counters.looked_at_again_within(1);
             return Ok(1);
         }
         if self.knobs.use_zero_pages && checksum == zero_page_hash() && content == [0; PAGE_SIZE] {
