@@ -161,12 +161,12 @@ declare_stats! {
     stable_node_dups: u64, ksm: Some("stable_node_dups");
     /// Page visits that smart scan skipped (KSM `pages_skipped`).
     pages_skipped: u64, ksm: Some("pages_skipped");
-    /// The value of `full_scans` by which every page that may still merge has been looked at
-    /// again: pages seen new or changed (they merge no sooner than the next pass), pages smart
-    /// scan skipped, idle regions it holds back. Once merging stopped changing, nothing more
+    /// The value of `full_scans` by which every page has been looked at again since the last
+    /// news (a merge, or a page seen new or changed): the end of the next pass numbered a
+    /// multiple of the longest smart-scan period any page had then, or of the next pass that
+    /// visits idle regions smart scan holds back. Once merging stopped changing, nothing more
     /// can merge when `full_scans` has passed both the last change and this: a host waiting
-    /// for merging to settle waits no longer than what can still merge (pages held back at
-    /// the longest period put it up to 32 passes ahead).
+    /// for merging to settle waits no longer than what can still merge.
     smart_scan_horizon: u64, ksm: None;
     /// Pages of zeros freed by punching them out of their region (KSM `ksm_zero_pages`).
     zero_pages: u64, ksm: Some("ksm_zero_pages");

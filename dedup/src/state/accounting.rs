@@ -31,7 +31,7 @@ pub(super) struct Counters {
     pub(super) regions_busy_skips: u64,
     /// Page visits smart scan skipped (KSM `pages_skipped`).
     pub(super) pages_skipped: u64,
-    /// The `full_scans` by which every page that may still merge has been looked at again
+    /// The `full_scans` by which every page has been looked at again since the last news
     /// ([`crate::Stats::smart_scan_horizon`]).
     pub(super) smart_scan_horizon: u64,
     /// The longest smart-scan period a page looked at or skipped in the pass in progress
