@@ -333,7 +333,7 @@ impl Locator<'_> {
                     .ok_or_else(|| at("dedup = true or false".to_owned()))?;
                 continue;
             }
-            let knob = KNOBS.iter().find(|knob| knob.name == key).ok_or_else(|| {
+            let knob = Knobs::declared(key).ok_or_else(|| {
                 let known: Vec<&str> = KNOBS.iter().map(|knob| knob.name).collect();
                 at(format!(
                     "unknown key {key:?} in [engine]: it takes dedup, {}",

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{AdvisorMode, KnobRange, Knobs, RunMode};
+use super::{AdvisorMode, KnobRange, Knobs, RunMode, millis};
 
 /// Where a knob comes from: KSM's sysfs files, under the same name, or samepage alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,10 +67,6 @@ impl fmt::Debug for Knob {
 
 const RUN_CHOICES: &[&str] = &["stop", "merge", "unmerge"];
 const ADVISOR_CHOICES: &[&str] = &["none", "scan-time"];
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
 
 /// The value as a whole number. [`Knob::set`] lets through only values of the knob's own
 /// kind, so each setter sees the variant it expects; the conversion is total all the same,
@@ -448,7 +444,7 @@ mod tests {
 
     #[test]
     fn values_out_of_range_are_refused_with_the_range() {
-        let pages = Knobs::declared("pages-to-scan").expect("declared");
+        let pages = Knobs::declared("pages_to_scan").expect("declared");
         assert_eq!(
             pages.parse("0"),
             Err("pages_to_scan = 0 is out of range: accepted 1 to 16777216".to_owned())

@@ -173,9 +173,8 @@ impl Knobs {
         (self.advisor_mode == AdvisorMode::ScanTime).then_some(&self.advisor)
     }
 
-    /// The knob called `name` (its sysfs spelling, or its flag's with dashes).
+    /// The knob called `name`, its sysfs spelling (a config file's key).
     pub fn declared(name: &str) -> Option<&'static Knob> {
-        let name = name.replace('-', "_");
         KNOBS.iter().find(|knob| knob.name == name)
     }
 
