@@ -132,7 +132,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
     let cgroup_bytes_before = cgroup.as_ref().and_then(MemoryCgroup::usage_bytes);
     let mut merger = match (args.dedup, host.dedup()) {
         // Nothing is reported, and the memory is freed whole at exit: no merging to start.
-        _ if !args.wants_report() => Merger::Nothing,
+        (DedupMode::On, Some(_)) if !args.wants_report() => Merger::Nothing,
         (DedupMode::On, Some(engine)) => Merger::samepage(engine, knobs.run)?,
         #[cfg(feature = "bench")]
         (DedupMode::Ksm, _) => {
