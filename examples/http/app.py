@@ -11,6 +11,8 @@ Paths are told apart by their last segment, so that the function can be routed a
 - `/sleep?ms=N` answers after N ms (for requests in flight);
 - `/grow?mb=N` holds N MiB more for the instance's life (for memory limits and budgets);
 - `/remember?value=V` keeps V in the instance, and every answer says it (for reuse);
+- `/store?value=V` keeps V in the instance too and answers it as text, and `/read` answers
+  what this instance keeps, empty when nothing (for isolation; as examples/http/app.js does);
 - `/env?name=NAME` answers the environment variable NAME.
 """
 import hashlib
@@ -35,7 +37,7 @@ HELD = []
 REMEMBERED = None
 
 
-def answer(request: IncomingRequest) -> dict:
+def answer(request: IncomingRequest) -> dict | str:
     global REMEMBERED
     url = urlsplit(request.path_with_query() or "/")
     query = {key: values[0] for key, values in parse_qs(url.query).items()}
@@ -49,8 +51,10 @@ def answer(request: IncomingRequest) -> dict:
         time.sleep(int(query.get("ms", "100")) / 1000)
     if action == "/grow":
         HELD.append(bytearray(int(query.get("mb", "1")) << 20))
-    if action == "/remember":
+    if action in ("/remember", "/store"):
         REMEMBERED = query.get("value")
+    if action in ("/store", "/read"):
+        return REMEMBERED or ""
     if action == "/env":
         return {"value": os.environ.get(query.get("name", ""))}
     return {
@@ -66,8 +70,12 @@ class IncomingHandler(exports.IncomingHandler):
     def handle(self, request: IncomingRequest, response_out: ResponseOutparam) -> None:
         global SERVED
         SERVED += 1
-        body = json.dumps(answer(request)).encode()
-        response = OutgoingResponse(Fields.from_list([("content-type", b"application/json")]))
+        answered = answer(request)
+        if isinstance(answered, str):
+            body, kind = answered.encode(), b"text/plain"
+        else:
+            body, kind = json.dumps(answered).encode(), b"application/json"
+        response = OutgoingResponse(Fields.from_list([("content-type", kind)]))
         out = response.body()
         ResponseOutparam.set(response_out, Ok(response))
         stream = out.write()
