@@ -21,10 +21,35 @@ pub(super) struct Load {
     error_kinds: String,
 }
 
-/// Runs `oha` against `url` for `duration` at `connections` connections. Requests still
-/// running at the end are waited for (`-w`), so that none counts as an error for being cut.
-pub(super) fn oha(oha: &Path, url: &str, connections: u32, duration: Duration) -> Result<Load> {
-    let output = Command::new(oha)
+/// How `oha` offers its load.
+#[derive(Clone, Copy)]
+pub(super) enum Offer {
+    /// Closed loop: each connection sends its next request when the last one is answered.
+    Closed,
+    /// Open loop: this many requests a second, whatever the answers (`-q`), each timed from
+    /// when it was due (`--latency-correction`), so that a slow answer delays no
+    /// measurement.
+    Rate(f64),
+}
+
+/// Runs `oha` against `url` for `duration` at `connections` connections, offering `offer`.
+/// Requests still running at the end are waited for (`-w`), so that none counts as an error
+/// for being cut.
+pub(super) fn oha(
+    oha: &Path,
+    url: &str,
+    connections: u32,
+    duration: Duration,
+    offer: Offer,
+) -> Result<Load> {
+    let mut command = Command::new(oha);
+    if let Offer::Rate(rate) = offer {
+        command
+            .arg("-q")
+            .arg(format!("{:.0}", rate.max(1.0)))
+            .arg("--latency-correction");
+    }
+    let output = command
         .args(["--no-tui", "--output-format", "json", "-w"])
         .arg("-z")
         .arg(format!("{}ms", duration.as_millis()))

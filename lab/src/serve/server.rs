@@ -1,6 +1,6 @@
 //! The serve suite's servers, each in a child process on loopback: `samepage serve` (this
 //! same binary) or `wasmtime serve`, read for readiness from its stderr, measured through
-//! its admin endpoint or its PSS, and stopped with SIGTERM.
+//! its admin endpoint, its PSS and its CPU time, and stopped with SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use super::metrics::{Metrics, scrape};
 
 /// Longest a server may take from its start to serving (compiling, pre-warming).
-const START_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const START_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// How often the server's PSS is sampled during a load.
 pub(super) const PSS_EVERY: Duration = Duration::from_millis(200);
 
@@ -222,4 +222,43 @@ impl PssSampler {
 fn pss_of(pid: u32) -> Option<u64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     samepage_runtime::measure::pss_in_rollup(&rollup)
+}
+
+/// A process's CPU time so far, in seconds: all of it, and its merge scanner's thread's
+/// (`samepage-scan`; zero for a process without one).
+#[derive(Clone, Copy, Default)]
+pub(super) struct Cpu {
+    pub(super) total: f64,
+    pub(super) scanner: f64,
+}
+
+impl Cpu {
+    /// Now, of `pid` (zero where `/proc` cannot say).
+    pub(super) fn of(pid: u32) -> Self {
+        let Ok(process) = procfs::process::Process::new(pid as i32) else {
+            return Self::default();
+        };
+        let ticks = procfs::ticks_per_second() as f64;
+        // The process's figure counts its threads, those that ended too.
+        let total = process
+            .stat()
+            .map_or(0.0, |stat| (stat.utime + stat.stime) as f64 / ticks);
+        let scanner = process.tasks().map_or(0.0, |tasks| {
+            tasks
+                .flatten()
+                .filter_map(|task| task.stat().ok())
+                .filter(|stat| stat.comm == "samepage-scan")
+                .map(|stat| (stat.utime + stat.stime) as f64 / ticks)
+                .sum()
+        });
+        Self { total, scanner }
+    }
+
+    /// What was spent from `earlier` to this.
+    pub(super) fn since(self, earlier: Self) -> Self {
+        Self {
+            total: self.total - earlier.total,
+            scanner: self.scanner - earlier.scanner,
+        }
+    }
 }

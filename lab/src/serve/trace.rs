@@ -1,45 +1,49 @@
 //! The serve suite's cold starts on a trace: several functions of one component in a memory
 //! budget too tight for their unmerged instances, sent the trace of `arrivals.rs` on time,
-//! merging on and off.
+//! merging on and off, in rounds.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use plotters::prelude::SeriesLabelPosition;
 
 use super::arrivals::{Arrival, TRACE_FUNCTIONS, TRACE_RATE, TRACE_SEED, TRACE_ZIPF_S, schedule};
+use super::density::DensityFigures;
 use super::http::get;
 use super::metrics::{Metrics, scrape};
 use super::server::Host;
-use super::{Params, REQUEST_TIMEOUT, ms};
+use super::{Component, Params, REQUEST_TIMEOUT, ms, spread};
+use crate::child::median;
 use crate::{mib, table};
 
 /// Tenants the trace's functions are split over.
 const TRACE_TENANTS: usize = 2;
 /// Requests of the trace.
-pub(super) const TRACE_REQUESTS: usize = 1500;
-/// The trace's memory budget. The host alone serving the trace's functions (which share one
-/// compiled component) holds about 60 MiB merging off and 90 MiB merging on, so it leaves
-/// room for about 7 unmerged instances (12-13 MiB each), fewer than the functions, against
-/// some 40 merged ones.
-const TRACE_BUDGET_MIB: u64 = 160;
+pub(super) const TRACE_REQUESTS: usize = 600;
+/// The trace's memory budget is the host alone (the larger of merging on's and off's, from
+/// the density part) and room for this many instances as merging off holds them (its PSS per
+/// instance, from the density part): fewer than the functions.
+const TRACE_ROOM_INSTANCES: f64 = 6.0;
+/// The least room above the host alone, so that the host can start whatever an instance
+/// costs.
+const TRACE_ROOM_LEAST_MIB: f64 = 16.0;
 /// Most instances of each function in the trace.
 const TRACE_MAX_INSTANCES: u32 = 8;
 /// How often the trace's server metrics are scraped (for the plot and peak PSS).
 const TRACE_SCRAPE_EVERY: Duration = Duration::from_millis(500);
 
-/// The trace's config: one function per route, the same component, tenants alternating.
-fn trace_config(component: &Path) -> String {
-    let mut config = format!("[server]\nmemory_budget = \"{TRACE_BUDGET_MIB}MiB\"\n\n");
+/// The trace's config: one function per route, the same component, tenants alternating,
+/// each function in `samepage serve`'s default reuse.
+fn trace_config(component: &Path, budget_mib: u64) -> String {
+    let mut config = format!("[server]\nmemory_budget = \"{budget_mib}MiB\"\n\n");
     for k in 0..TRACE_FUNCTIONS {
         let _ = write!(
             config,
             "[[function]]\nname = \"f{k}\"\nroute = \"/f{k}\"\ncomponent = {:?}\n\
-             tenant = \"t{}\"\nreuse = \"warm\"\nmin_instances = 0\nmax_instances = \
-             {TRACE_MAX_INSTANCES}\n\n",
+             tenant = \"t{}\"\nmin_instances = 0\nmax_instances = {TRACE_MAX_INSTANCES}\n\n",
             component.display().to_string(),
             k % TRACE_TENANTS
         );
@@ -68,88 +72,144 @@ struct TraceRun {
     base_pss: f64,
 }
 
-pub(super) fn trace(
-    params: &Params,
-    component: &Path,
-    scratch: &Path,
-    out: &Path,
-) -> Result<String> {
-    let plan = schedule(params.trace_requests);
-    let config = scratch.join("trace.toml");
-    std::fs::write(&config, trace_config(component))?;
-    let config = config.to_str().context("a UTF-8 path")?.to_owned();
-    let mut runs = Vec::new();
-    for mode in ["on", "off"] {
-        eprintln!(
-            "bench: serve: trace: {} requests over {:.0} s, merging {mode}",
-            plan.len(),
-            plan.last().map_or(0.0, |a| a.at)
-        );
-        let mut host = Host::samepage(&["--config", &config, "--dedup", mode])?;
-        let base_pss = host.metrics()?.sum("samepage_host_pss_bytes");
-        let (outcomes, samples) = run_trace(&host, &plan)?;
-        let end = host.metrics()?;
-        host.stop()?;
-        runs.push(TraceRun {
-            outcomes,
-            samples,
-            end,
-            base_pss,
-        });
+impl TraceRun {
+    fn share_cold(&self) -> f64 {
+        100.0 * self.end.sum("samepage_cold_starts_total")
+            / self.end.sum("samepage_requests_total").max(1.0)
     }
-    let mut rows = Vec::new();
-    for (mode, run) in ["on", "off"].iter().zip(&runs) {
-        let requests = run.end.sum("samepage_requests_total");
-        let cold = run.end.sum("samepage_cold_starts_total");
-        let ok: Vec<f64> = run
-            .outcomes
+
+    fn ok_latencies(&self) -> Vec<f64> {
+        self.outcomes
             .iter()
             .filter(|o| o.status.is_some_and(|s| (200..300).contains(&s)))
             .map(|o| o.seconds)
+            .collect()
+    }
+
+    fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.outcomes.iter().filter(|o| f(o)).count()
+    }
+
+    fn peak_pss(&self) -> f64 {
+        self.samples.iter().map(|s| s.pss).fold(0.0, f64::max)
+    }
+}
+
+pub(super) fn trace(
+    rounds: u32,
+    params: &Params,
+    component: &Component,
+    density: Option<&DensityFigures>,
+    scratch: &Path,
+    out: &Path,
+) -> Result<(String, Vec<Vec<String>>)> {
+    let Some(density) = density else {
+        bail!("the trace's memory budget is sized by the density part's figures, and it failed");
+    };
+    let room =
+        (TRACE_ROOM_INSTANCES * density.per_instance[1]).max(TRACE_ROOM_LEAST_MIB * 1048576.0);
+    let budget_mib = ((density.base[0].max(density.base[1]) + room) / 1048576.0).ceil() as u64;
+    let plan = schedule(params.trace_requests);
+    let config = scratch.join(format!("trace-{}.toml", component.key));
+    std::fs::write(&config, trace_config(&component.path, budget_mib))?;
+    let config = config.to_str().context("a UTF-8 path")?.to_owned();
+    let mut runs: [Vec<TraceRun>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds as usize {
+        for k in 0..2 {
+            let index = (round + k) % 2;
+            let mode = ["on", "off"][index];
+            eprintln!(
+                "bench: serve: {}: trace: round {} merging {mode}: {} requests over {:.0} s",
+                component.key,
+                round + 1,
+                plan.len(),
+                plan.last().map_or(0.0, |a| a.at)
+            );
+            let mut host = Host::samepage(&["--config", &config, "--dedup", mode])?;
+            let base_pss = host.metrics()?.sum("samepage_host_pss_bytes");
+            let (outcomes, samples) = run_trace(&host, &plan)?;
+            let end = host.metrics()?;
+            host.stop()?;
+            runs[index].push(TraceRun {
+                outcomes,
+                samples,
+                end,
+                base_pss,
+            });
+        }
+    }
+    let mut rows = Vec::new();
+    for (mode, runs) in ["on", "off"].iter().zip(&runs) {
+        let sum = |name: &str| -> f64 { runs.iter().map(|r| r.end.sum(name)).sum() };
+        let med = |f: &dyn Fn(&TraceRun) -> f64| median(runs.iter().map(f).collect());
+        let shares: Vec<f64> = runs.iter().map(TraceRun::share_cold).collect();
+        let p99s: Vec<f64> = runs
+            .iter()
+            .map(|r| percentile(&r.ok_latencies(), 0.99))
             .collect();
-        let count = |f: &dyn Fn(&Outcome) -> bool| run.outcomes.iter().filter(|o| f(o)).count();
-        let refused = count(&|o| o.status == Some(503));
-        let other = count(&|o| {
-            o.status
-                .is_some_and(|s| !(200..300).contains(&s) && s != 503)
-        });
-        let lost = count(&|o| o.status.is_none());
-        let peak = run.samples.iter().map(|s| s.pss).fold(0.0, f64::max);
+        let refused: usize = runs
+            .iter()
+            .map(|r| r.count(|o| o.status == Some(503)))
+            .sum();
+        let other: usize = runs
+            .iter()
+            .map(|r| {
+                r.count(|o| {
+                    o.status
+                        .is_some_and(|s| !(200..300).contains(&s) && s != 503)
+                })
+            })
+            .sum();
+        let lost: usize = runs.iter().map(|r| r.count(|o| o.status.is_none())).sum();
         rows.push(vec![
             (*mode).to_owned(),
             format!(
-                "**{:.1}%** ({cold:.0} of {requests:.0})",
-                100.0 * cold / requests.max(1.0)
+                "**{}** ({:.0} of {:.0})",
+                spread(&shares, |v| format!("{v:.1}%")),
+                sum("samepage_cold_starts_total"),
+                sum("samepage_requests_total")
             ),
-            format!("{:.0}", run.end.sum("samepage_evictions_total")),
+            format!("{:.0}", sum("samepage_evictions_total")),
             format!(
                 "{refused} ({:.0} over budget)",
-                run.end.sum("samepage_over_budget_total")
+                sum("samepage_over_budget_total")
             ),
             format!(
                 "{other} / {lost} ({:.0} 5xx counted by the host)",
-                run.end.sum("samepage_responses_5xx_total")
+                sum("samepage_responses_5xx_total")
             ),
-            ms(percentile(&ok, 0.50)),
-            ms(percentile(&ok, 0.99)),
-            format!("{} → {}", mib(run.base_pss), mib(peak)),
-            format!("{:.0}", run.end.sum("samepage_function_instances")),
+            ms(med(&|r| percentile(&r.ok_latencies(), 0.50))),
+            spread(&p99s, ms),
+            format!(
+                "{} → {}",
+                mib(med(&|r| r.base_pss)),
+                mib(med(&TraceRun::peak_pss))
+            ),
+            format!("{:.0}", med(&|r| r.end.sum("samepage_function_instances"))),
         ]);
     }
-    let budget_column = format!("host PSS: alone → peak (budget {TRACE_BUDGET_MIB} MiB)");
-    let plot = "serve-cold-starts.svg";
+    let (on, off) = (
+        median(runs[0].iter().map(TraceRun::share_cold).collect()),
+        median(runs[1].iter().map(TraceRun::share_cold).collect()),
+    );
+    let budget_column = format!("host PSS: alone → peak (budget {budget_mib} MiB)");
+    let plot = format!("serve-cold-starts-{}.svg", component.key);
     crate::plot::lines(
-        &out.join(plot),
-        "Cold starts on the trace",
+        &out.join(&plot),
+        &format!(
+            "Cold starts on the trace, {} component, round 1",
+            component.name
+        ),
         ("seconds since the trace began", "cold starts so far"),
         &["on", "off"]
             .iter()
             .zip(&runs)
-            .map(|(mode, run)| {
-                (
+            .filter_map(|(mode, runs)| {
+                let run = runs.first()?;
+                Some((
                     format!("merging {mode}"),
                     run.samples.iter().map(|s| (s.at, s.cold_starts)).collect(),
-                )
+                ))
             })
             .collect::<Vec<_>>(),
         false,
@@ -164,23 +224,30 @@ pub(super) fn trace(
         .enumerate()
         .map(|(k, n)| format!("f{k} {:.0}%", 100.0 * *n as f64 / plan.len() as f64))
         .collect();
-    Ok(format!(
-        "## Cold starts on a trace\n\n{TRACE_FUNCTIONS} functions of the same component \
-         (`[[function]]`s f0 … f{} on routes /f0 … /f{}, `reuse = \"warm\"`, `min_instances = \
-         0`, `max_instances = {TRACE_MAX_INSTANCES}`), in {TRACE_TENANTS} tenants (f0, f2, … \
-         in t0; f1, f3, … in t1; each tenant its own merge domain), in one memory budget of \
-         {TRACE_BUDGET_MIB} MiB. The trace is {} requests with Poisson arrivals at {TRACE_RATE} \
-         requests/s (exponential gaps; {:.1} s in all), each to function k with Zipf weight \
-         1/(k+1)^{TRACE_ZIPF_S} ({}), drawn by splitmix64 from seed {TRACE_SEED:#x}: the same \
-         trace for both runs. Each request is sent at its scheduled time on a thread of its \
-         own (a new connection, HTTP/1.1 GET, `Connection: close`), whatever the others are \
-         doing, and timed from its scheduled time to the end of its body (p50 and p99 over \
-         the 2xx responses). The cold-start share is the host's cold starts over its \
-         requests (`samepage_cold_starts_total` / `samepage_requests_total`): requests that \
-         found no idle instance of their function, the first one of each function included. \
-         One run each way.\n\n{}\n![Cold starts over the trace, merging on and off]({plot})\n\n",
+    let mut text = format!(
+        "### Cold starts on a trace\n\n{TRACE_FUNCTIONS} functions of the same component \
+         (`[[function]]`s f0 … f{} on routes /f0 … /f{}, `samepage serve`'s default reuse, \
+         `min_instances = 0`, `max_instances = {TRACE_MAX_INSTANCES}`), in {TRACE_TENANTS} \
+         tenants (f0, f2, … in t0; f1, f3, … in t1; each tenant its own merge domain), in one \
+         memory budget of {budget_mib} MiB: the host alone (the larger of merging on's and \
+         off's, from the density part) and room for {TRACE_ROOM_INSTANCES:.0} instances as \
+         merging off holds them ({} each, from the density part; at least \
+         {TRACE_ROOM_LEAST_MIB:.0} MiB), fewer than the functions. The trace is {} requests \
+         with Poisson arrivals at {TRACE_RATE} requests/s (exponential gaps; {:.1} s in \
+         all), each to function k with Zipf weight 1/(k+1)^{TRACE_ZIPF_S} ({}), drawn by \
+         splitmix64 from seed {TRACE_SEED:#x}: the same trace for every run. Each request is \
+         sent at its scheduled time on a thread of its own (a new connection, HTTP/1.1 GET, \
+         `Connection: close`), whatever the others are doing, and timed from its scheduled \
+         time to the end of its body (p50 and p99 over the 2xx responses). The cold-start \
+         share is the host's cold starts over its requests (`samepage_cold_starts_total` / \
+         `samepage_requests_total`): requests that found no ready instance of their \
+         function, the first one of each function included. {rounds} round(s), alternating \
+         which of on and off runs first; counts are summed over the rounds, the rest are \
+         medians.\n\n{}\n![Cold starts over the trace's first round, merging on and off, \
+         {} component]({plot})\n\n",
         TRACE_FUNCTIONS - 1,
         TRACE_FUNCTIONS - 1,
+        mib(density.per_instance[1]),
         plan.len(),
         plan.last().map_or(0.0, |a| a.at),
         shares.join(", "),
@@ -197,8 +264,15 @@ pub(super) fn trace(
                 "instances at end",
             ],
             &rows
-        )
-    ))
+        ),
+        component.name
+    );
+    let _ = writeln!(
+        text,
+        "Cold starts on the trace, in {budget_mib} MiB, `--dedup on` against `--dedup off`: \
+         {on:.1}% against {off:.1}% of requests (medians of the rounds).\n"
+    );
+    Ok((text, Vec::new()))
 }
 
 /// Sends the trace to `host`, each request at its time; scrapes the host's metrics meanwhile.
