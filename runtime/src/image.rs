@@ -32,11 +32,16 @@
 //! they are.
 
 use std::collections::HashMap;
+use std::ops::Range;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use samepage_dedup::{DomainId, MemoryImage, PAGE_SIZE};
-use wasmparser::{DataKind, Operator, Parser, Payload};
+use wasmparser::{
+    Chunk, ComponentAlias, ComponentExternalKind, ComponentInstance, ComponentOuterAliasKind,
+    ComponentTypeRef, DataKind, Instance, Operator, Parser, Payload,
+};
 
 use crate::RuntimeError;
 
@@ -51,6 +56,73 @@ pub enum ImageError {
     Parse(#[from] wasmparser::BinaryReaderError),
     #[error("the module's text does not parse: {0}")]
     Text(#[from] wat::Error),
+    #[error("the module or component nested at byte {0} runs past the end of the binary")]
+    Truncated(usize),
+}
+
+/// What was not lifted, and why: wasmtime copies those data segments into every instance.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unlifted {
+    /// A core module keeps all its segments (the others of its component are lifted).
+    #[error("{module} keeps its data segments: {why}")]
+    Module { module: ModuleAt, why: SegmentsKept },
+    /// No module of the component is lifted: the order of its memories is not known.
+    #[error("no data segment of the component is lifted: {0}")]
+    Component(UnknownOrder),
+}
+
+/// Which core module: the one loaded, or one in a component's binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleAt {
+    /// The core module given to [`Module::new`].
+    Itself,
+    /// The `index`th module section of a component, counted depth-first through its nested
+    /// components, at byte `offset` of the binary.
+    InComponent { index: usize, offset: usize },
+}
+
+impl std::fmt::Display for ModuleAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleAt::Itself => write!(f, "the module"),
+            ModuleAt::InComponent { index, offset } => {
+                write!(f, "core module {index} (at byte {offset:#x})")
+            }
+        }
+    }
+}
+
+/// Why a core module's segments stay in it: the first segment (or memory) found that cannot
+/// be lifted, by its index in the module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentsKept {
+    #[error("data segment {0} reads its offset from a global, known only at instantiation")]
+    OffsetNotConstant(u32),
+    #[error("data segment {0} is for an imported memory")]
+    ImportedMemory(u32),
+    #[error("data segment {0} ends past its memory's initial size (instantiation traps)")]
+    PastInitialSize(u32),
+    #[error("data segment {0} ends past {MAX_IMAGE_BYTES} bytes, the largest image built")]
+    TooLarge(u32),
+    #[error("memory {0} is shared")]
+    SharedMemory(u32),
+}
+
+/// Why the memories a component's instantiation creates cannot be planned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownOrder {
+    #[error(
+        "it instantiates a core module imported or taken from an instance's exports, whose \
+         memories samepage does not follow"
+    )]
+    ModuleFromOutside,
+    #[error(
+        "it instantiates a component imported or taken from an instance's exports, whose \
+         memories samepage does not follow"
+    )]
+    ComponentFromOutside,
+    #[error("its components nest or instantiate more than {MAX_NESTING} deep")]
+    TooDeep,
 }
 
 /// One linear memory an instantiation creates, in creation order.
@@ -59,8 +131,8 @@ struct PlannedMemory {
     /// The memory's initial size in bytes: the creator checks it.
     minimum: u64,
     /// Its initial content, whole pages from offset 0, when its segments were lifted and are
-    /// not all zeros.
-    content: Option<Vec<u8>>,
+    /// not all zeros; shared by every instantiation of its module within a component.
+    content: Option<Arc<[u8]>>,
 }
 
 /// The memories one instantiation of a module or component creates, and the images built of
@@ -69,6 +141,7 @@ struct PlannedMemory {
 pub struct ModuleImages {
     /// Per memory to be created: its initial size, and whether it has an image.
     memories: Vec<(u64, bool)>,
+    unlifted: Vec<Unlifted>,
     state: Mutex<ImagesState>,
 }
 
@@ -76,18 +149,22 @@ pub struct ModuleImages {
 struct ImagesState {
     /// The lifted bytes per memory, until the first domain's images are built from them;
     /// later domains' images are read back from the first's, so that the host keeps no copy.
-    contents: Option<Vec<Option<Vec<u8>>>>,
+    contents: Option<Vec<Option<Arc<[u8]>>>>,
     /// Per domain, an image per planned memory (`None` for those that start as zeros).
     built: HashMap<DomainId, Arc<[Option<MemoryImage>]>>,
 }
 
 impl ModuleImages {
-    fn new(memories: Vec<PlannedMemory>) -> Self {
+    fn new(lifted: Lifted) -> Self {
+        let Lifted {
+            memories, unlifted, ..
+        } = lifted;
         Self {
             memories: memories
                 .iter()
                 .map(|memory| (memory.minimum, memory.content.is_some()))
                 .collect(),
+            unlifted,
             state: Mutex::new(ImagesState {
                 contents: Some(memories.into_iter().map(|memory| memory.content).collect()),
                 built: HashMap::new(),
@@ -122,6 +199,12 @@ impl ModuleImages {
         self.memories.iter().any(|&(_, image)| image)
     }
 
+    /// What was not lifted, and why (empty for a module or component compiled as it is by
+    /// choice, through `From`).
+    pub fn unlifted(&self) -> &[Unlifted] {
+        &self.unlifted
+    }
+
     /// The plan for an instantiation in `domain`, building the domain's images on first use.
     pub(crate) fn plan(
         &self,
@@ -132,14 +215,14 @@ impl ModuleImages {
         let images = match state.built.get(&domain) {
             Some(images) => images.clone(),
             None => {
-                let read_back: Vec<Option<Vec<u8>>>;
+                let read_back: Vec<Option<Arc<[u8]>>>;
                 let contents = match &state.contents {
                     Some(contents) => contents,
                     None => {
                         let built = state.built.values().next().expect("built once");
                         read_back = built
                             .iter()
-                            .map(|image| image.as_ref().map(MemoryImage::read))
+                            .map(|image| image.as_ref().map(|image| image.read().into()))
                             .collect();
                         &read_back
                     }
@@ -175,11 +258,12 @@ impl Module {
     /// Compiles `bytes` (binary or text) with its data segments lifted (see the module docs).
     pub fn new(engine: &wasmtime::Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
         let binary = wat::parse_bytes(bytes)?;
-        let (lifted, memories) = lift_module(&binary)?;
-        let module = wasmtime::Module::new(engine, lifted.as_deref().unwrap_or(&binary))?;
+        let mut lifted = lift_module(&binary, ModuleAt::Itself)?;
+        let wasm = lifted.wasm.take();
+        let module = wasmtime::Module::new(engine, wasm.as_deref().unwrap_or(&binary))?;
         Ok(Self {
             module,
-            images: Arc::new(ModuleImages::new(memories)),
+            images: Arc::new(ModuleImages::new(lifted)),
         })
     }
 
@@ -223,12 +307,13 @@ impl std::fmt::Debug for Component {
 impl Component {
     pub fn new(engine: &wasmtime::Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
         let binary = wat::parse_bytes(bytes)?;
-        let (lifted, memories) = lift_component(&binary)?;
+        let mut lifted = lift_component(&binary)?;
+        let wasm = lifted.wasm.take();
         let component =
-            wasmtime::component::Component::new(engine, lifted.as_deref().unwrap_or(&binary))?;
+            wasmtime::component::Component::new(engine, wasm.as_deref().unwrap_or(&binary))?;
         Ok(Self {
             component,
-            images: Arc::new(ModuleImages::new(memories)),
+            images: Arc::new(ModuleImages::new(lifted)),
         })
     }
 
@@ -251,6 +336,15 @@ impl From<wasmtime::component::Component> for Component {
     }
 }
 
+/// What lifting a module or a component gives.
+struct Lifted {
+    /// The rewritten binary, or `None` when it stays as it is.
+    wasm: Option<Vec<u8>>,
+    /// The memories an instantiation of it creates, in creation order.
+    memories: Vec<PlannedMemory>,
+    unlifted: Vec<Unlifted>,
+}
+
 /// A defined memory of a module being lifted.
 struct DefinedMemory {
     minimum: u64,
@@ -258,13 +352,13 @@ struct DefinedMemory {
     content: Vec<u8>,
 }
 
-/// Lifts a core module's active data segments (see the module docs): the rewritten module,
-/// or `None` when it must stay as it is, and the memories an instantiation of it creates.
-fn lift_module(wasm: &[u8]) -> Result<(Option<Vec<u8>>, Vec<PlannedMemory>), ImageError> {
+/// Lifts a core module's active data segments (see the module docs).
+fn lift_module(wasm: &[u8], at: ModuleAt) -> Result<Lifted, ImageError> {
     let mut imported_memories = 0u32;
     let mut memories: Vec<DefinedMemory> = Vec::new();
-    let mut liftable = true;
-    let mut segments = 0usize;
+    // The first reason the module must stay whole; nothing more is laid out after it.
+    let mut kept: Option<SegmentsKept> = None;
+    let mut segments = 0u32;
     for payload in Parser::new(0).parse_all(wasm) {
         match payload? {
             Payload::ImportSection(imports) => {
@@ -277,17 +371,21 @@ fn lift_module(wasm: &[u8]) -> Result<(Option<Vec<u8>>, Vec<PlannedMemory>), Ima
             Payload::MemorySection(section) => {
                 for memory in section {
                     let memory = memory?;
+                    if memory.shared {
+                        let index = imported_memories + memories.len() as u32;
+                        kept.get_or_insert(SegmentsKept::SharedMemory(index));
+                    }
                     let page = 1u64 << memory.page_size_log2.unwrap_or(16);
                     memories.push(DefinedMemory {
                         minimum: memory.initial.saturating_mul(page),
                         content: Vec::new(),
                     });
-                    liftable &= !memory.shared;
                 }
             }
             Payload::DataSection(section) => {
                 for data in section {
                     let data = data?;
+                    let segment = segments;
                     segments += 1;
                     let DataKind::Active {
                         memory_index,
@@ -296,17 +394,27 @@ fn lift_module(wasm: &[u8]) -> Result<(Option<Vec<u8>>, Vec<PlannedMemory>), Ima
                     else {
                         continue;
                     };
+                    if kept.is_some() {
+                        continue;
+                    }
                     let defined = memory_index
                         .checked_sub(imported_memories)
                         .and_then(|index| memories.get_mut(index as usize));
-                    let (Some(memory), Some(offset)) = (defined, constant_offset(&offset_expr))
-                    else {
-                        liftable = false;
+                    let Some(memory) = defined else {
+                        kept = Some(SegmentsKept::ImportedMemory(segment));
+                        continue;
+                    };
+                    let Some(offset) = constant_offset(&offset_expr) else {
+                        kept = Some(SegmentsKept::OffsetNotConstant(segment));
                         continue;
                     };
                     let end = offset.saturating_add(data.data.len() as u64);
-                    if end > memory.minimum || end > MAX_IMAGE_BYTES {
-                        liftable = false;
+                    if end > memory.minimum {
+                        kept = Some(SegmentsKept::PastInitialSize(segment));
+                        continue;
+                    }
+                    if end > MAX_IMAGE_BYTES {
+                        kept = Some(SegmentsKept::TooLarge(segment));
                         continue;
                     }
                     let end = end as usize;
@@ -319,20 +427,23 @@ fn lift_module(wasm: &[u8]) -> Result<(Option<Vec<u8>>, Vec<PlannedMemory>), Ima
             _ => {}
         }
     }
-    let planned = |lifted: bool, memories: Vec<DefinedMemory>| {
-        memories
+    let lifted = kept.is_none() && segments > 0;
+    let memories = memories
+        .into_iter()
+        .map(|memory| PlannedMemory {
+            minimum: memory.minimum,
+            content: (lifted && memory.content.iter().any(|&b| b != 0))
+                .then(|| memory.content.into()),
+        })
+        .collect();
+    Ok(Lifted {
+        wasm: lifted.then(|| rewrite_data(wasm)).transpose()?,
+        memories,
+        unlifted: kept
+            .map(|why| Unlifted::Module { module: at, why })
             .into_iter()
-            .map(|memory| PlannedMemory {
-                minimum: memory.minimum,
-                content: (lifted && memory.content.iter().any(|&b| b != 0))
-                    .then_some(memory.content),
-            })
-            .collect()
-    };
-    if !liftable || segments == 0 {
-        return Ok((None, planned(false, memories)));
-    }
-    Ok((Some(rewrite_data(wasm)?), planned(true, memories)))
+            .collect(),
+    })
 }
 
 /// The offset of a segment whose offset expression is a constant.
@@ -372,93 +483,431 @@ fn rewrite_data(wasm: &[u8]) -> Result<Vec<u8>, ImageError> {
     Ok(module.finish())
 }
 
-/// Lifts every core module of a top-level component (see the module docs): the rewritten
-/// component, or `None` when it stays as it is, and the memories an instantiation creates.
-fn lift_component(wasm: &[u8]) -> Result<(Option<Vec<u8>>, Vec<PlannedMemory>), ImageError> {
-    let mut component = wasm_encoder::Component::new();
-    let mut modules: Vec<Vec<PlannedMemory>> = Vec::new();
-    let mut instantiations: Vec<u32> = Vec::new();
-    let mut nested = false;
-    let mut depth = 0usize;
-    let mut changed = false;
-    for payload in Parser::new(0).parse_all(wasm) {
-        let payload = payload?;
-        if depth > 0 {
-            // Inside a nested module or component, whose bytes were handled whole.
-            match payload {
-                Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
-                Payload::End(_) => depth -= 1,
-                _ => {}
-            }
-            continue;
-        }
-        match &payload {
-            Payload::ModuleSection {
-                unchecked_range, ..
-            } => {
-                let bytes = &wasm[unchecked_range.clone()];
-                let (lifted, memories) = lift_module(bytes)?;
-                changed |= lifted.is_some();
-                component.section(&wasm_encoder::RawSection {
-                    id: wasm_encoder::ComponentSectionId::CoreModule as u8,
-                    data: lifted.as_deref().unwrap_or(bytes),
-                });
-                modules.push(memories);
-                depth = 1;
-                continue;
-            }
-            Payload::ComponentSection { .. } => {
-                nested = true;
-                depth = 1;
-            }
-            Payload::InstanceSection(instances) => {
-                for instance in instances.clone() {
-                    if let wasmparser::Instance::Instantiate { module_index, .. } = instance? {
-                        instantiations.push(module_index);
+/// How deep components may nest, and component instantiations recurse, for samepage to plan
+/// them: far deeper than any toolchain's output, and shallow enough for the stack.
+const MAX_NESTING: usize = 100;
+
+/// Lifts every core module of a component, at any depth, and plans the memories of its
+/// instantiation (see the module docs): all of them, or none when the order is unknown.
+fn lift_component(wasm: &[u8]) -> Result<Lifted, ImageError> {
+    let mut lifter = ComponentLifter {
+        wasm,
+        modules: Vec::new(),
+        components: Vec::new(),
+        unlifted: Vec::new(),
+        changed: false,
+        too_deep: false,
+    };
+    let (rewritten, root) = lifter.component(0..wasm.len(), 0)?;
+    let mut memories = Vec::new();
+    let order = match lifter.too_deep {
+        true => Err(UnknownOrder::TooDeep),
+        false => lifter.instantiate(
+            &Closure {
+                def: root,
+                outer: None,
+            },
+            &HashMap::new(),
+            0,
+            &mut memories,
+        ),
+    };
+    let mut unlifted = lifter.unlifted;
+    if let Err(why) = order {
+        unlifted.insert(0, Unlifted::Component(why));
+    }
+    Ok(match (order, lifter.changed) {
+        (Ok(()), true) => Lifted {
+            wasm: Some(rewritten),
+            memories,
+            unlifted,
+        },
+        _ => Lifted {
+            wasm: None,
+            memories: Vec::new(),
+            unlifted,
+        },
+    })
+}
+
+/// A component of the binary (the top-level one or a nested one) as far as the plan needs
+/// it: in section order, what enters its core module and component index spaces, and what it
+/// instantiates.
+#[derive(Default)]
+struct ComponentDef {
+    steps: Vec<Step>,
+}
+
+enum Step {
+    /// A new core module index (a module section, an import, an alias or an export).
+    Module(Source),
+    /// A new component index.
+    Component(Source),
+    /// A core instance section's `instantiate` of a module index: its memories are created.
+    InstantiateModule(u32),
+    /// A component instance section's `instantiate`, with the core modules and components
+    /// passed to it, by import name and index (its other arguments create no memory).
+    InstantiateComponent {
+        component: u32,
+        modules: Vec<(String, u32)>,
+        components: Vec<(String, u32)>,
+    },
+}
+
+/// Where an entry of a core module or component index space comes from.
+enum Source {
+    /// A section of the binary: the lifter's module or component number.
+    Defined(usize),
+    /// An import: what the instantiating component passes under this name.
+    Import(String),
+    /// An outer alias: `index` in the component `count` levels out (0 is this one).
+    Outer { count: u32, index: u32 },
+    /// An export of this component's own `index`: the same item under a new index.
+    Local(u32),
+    /// An export of an instance: not followed by the plan.
+    Unknown,
+}
+
+/// Walks a component's binary once: lifts its modules, records its components' steps.
+struct ComponentLifter<'a> {
+    wasm: &'a [u8],
+    /// Per module section, depth-first: the memories an instantiation of it creates.
+    modules: Vec<Vec<PlannedMemory>>,
+    /// Per component section, nested ones before the one they are in.
+    components: Vec<ComponentDef>,
+    unlifted: Vec<Unlifted>,
+    /// Whether any module was rewritten.
+    changed: bool,
+    /// Whether components nest deeper than [`MAX_NESTING`] (the deeper ones are not read).
+    too_deep: bool,
+}
+
+/// A component as a value of an index space: its definition, and the index spaces around
+/// it where it was defined, which its outer aliases see.
+#[derive(Clone)]
+struct Closure {
+    def: usize,
+    outer: Option<Rc<Scope>>,
+}
+
+/// A component's index spaces as they stood where a nested component was defined (entries
+/// never change once made, so the snapshot is what outer aliases see); `None` is unknown.
+struct Scope {
+    modules: Vec<Option<usize>>,
+    components: Vec<Option<Closure>>,
+    outer: Option<Rc<Scope>>,
+}
+
+/// What a component instantiation passes for an import.
+enum Arg {
+    Module(Option<usize>),
+    Component(Option<Closure>),
+}
+
+impl ComponentLifter<'_> {
+    /// Lifts the modules of the component at `range` of the binary, nested ones included,
+    /// and records its steps: its rewritten bytes, and its number in `components`.
+    fn component(
+        &mut self,
+        range: Range<usize>,
+        depth: usize,
+    ) -> Result<(Vec<u8>, usize), ImageError> {
+        let mut encoded = wasm_encoder::Component::new();
+        let mut def = ComponentDef::default();
+        for payload in own_payloads(self.wasm, range) {
+            let payload = payload?;
+            match &payload {
+                Payload::ModuleSection {
+                    unchecked_range, ..
+                } => {
+                    let bytes = &self.wasm[unchecked_range.clone()];
+                    let at = ModuleAt::InComponent {
+                        index: self.modules.len(),
+                        offset: unchecked_range.start,
+                    };
+                    let lifted = lift_module(bytes, at)?;
+                    self.changed |= lifted.wasm.is_some();
+                    self.unlifted.extend(lifted.unlifted);
+                    encoded.section(&wasm_encoder::RawSection {
+                        id: wasm_encoder::ComponentSectionId::CoreModule as u8,
+                        data: lifted.wasm.as_deref().unwrap_or(bytes),
+                    });
+                    def.steps
+                        .push(Step::Module(Source::Defined(self.modules.len())));
+                    self.modules.push(lifted.memories);
+                    continue;
+                }
+                Payload::ComponentSection {
+                    unchecked_range, ..
+                } if depth < MAX_NESTING => {
+                    let (nested, index) = self.component(unchecked_range.clone(), depth + 1)?;
+                    encoded.section(&wasm_encoder::RawSection {
+                        id: wasm_encoder::ComponentSectionId::Component as u8,
+                        data: &nested,
+                    });
+                    def.steps.push(Step::Component(Source::Defined(index)));
+                    continue;
+                }
+                Payload::ComponentSection { .. } => {
+                    self.too_deep = true;
+                    def.steps.push(Step::Component(Source::Unknown));
+                }
+                Payload::ComponentImportSection(imports) => {
+                    for import in imports.clone() {
+                        let import = import?;
+                        let source = Source::Import(import.name.name.to_owned());
+                        match import.ty {
+                            ComponentTypeRef::Module(_) => def.steps.push(Step::Module(source)),
+                            ComponentTypeRef::Component(_) => {
+                                def.steps.push(Step::Component(source))
+                            }
+                            _ => {}
+                        }
                     }
                 }
+                Payload::ComponentExportSection(exports) => {
+                    for export in exports.clone() {
+                        let export = export?;
+                        let source = Source::Local(export.index);
+                        match export.kind {
+                            ComponentExternalKind::Module => def.steps.push(Step::Module(source)),
+                            ComponentExternalKind::Component => {
+                                def.steps.push(Step::Component(source))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Payload::ComponentAliasSection(aliases) => {
+                    for alias in aliases.clone() {
+                        match alias? {
+                            ComponentAlias::InstanceExport {
+                                kind: ComponentExternalKind::Module,
+                                ..
+                            } => def.steps.push(Step::Module(Source::Unknown)),
+                            ComponentAlias::InstanceExport {
+                                kind: ComponentExternalKind::Component,
+                                ..
+                            } => def.steps.push(Step::Component(Source::Unknown)),
+                            ComponentAlias::Outer { kind, count, index } => {
+                                let source = Source::Outer { count, index };
+                                match kind {
+                                    ComponentOuterAliasKind::CoreModule => {
+                                        def.steps.push(Step::Module(source))
+                                    }
+                                    ComponentOuterAliasKind::Component => {
+                                        def.steps.push(Step::Component(source))
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Payload::InstanceSection(instances) => {
+                    for instance in instances.clone() {
+                        if let Instance::Instantiate { module_index, .. } = instance? {
+                            def.steps.push(Step::InstantiateModule(module_index));
+                        }
+                    }
+                }
+                Payload::ComponentInstanceSection(instances) => {
+                    for instance in instances.clone() {
+                        let ComponentInstance::Instantiate {
+                            component_index,
+                            args,
+                        } = instance?
+                        else {
+                            continue;
+                        };
+                        let of = |kind| {
+                            args.iter()
+                                .filter(|arg| arg.kind == kind)
+                                .map(|arg| (arg.name.to_owned(), arg.index))
+                                .collect()
+                        };
+                        def.steps.push(Step::InstantiateComponent {
+                            component: component_index,
+                            modules: of(ComponentExternalKind::Module),
+                            components: of(ComponentExternalKind::Component),
+                        });
+                    }
+                }
+                _ => {}
             }
+            if let Some((id, range)) = payload.as_section() {
+                encoded.section(&wasm_encoder::RawSection {
+                    id,
+                    data: &self.wasm[range],
+                });
+            }
+        }
+        self.components.push(def);
+        Ok((encoded.finish(), self.components.len() - 1))
+    }
+
+    /// Appends to `plan` the memories that instantiating `component` with `args` creates, in
+    /// wasmtime's order: the steps in section order, a nested instantiation's memories where
+    /// its `instantiate` is.
+    fn instantiate(
+        &self,
+        component: &Closure,
+        args: &HashMap<&str, Arg>,
+        depth: usize,
+        plan: &mut Vec<PlannedMemory>,
+    ) -> Result<(), UnknownOrder> {
+        if depth > MAX_NESTING {
+            return Err(UnknownOrder::TooDeep);
+        }
+        let mut modules: Vec<Option<usize>> = Vec::new();
+        let mut components: Vec<Option<Closure>> = Vec::new();
+        // The scope `count` levels out of this component (0 is this one, which has no
+        // snapshot: its own index spaces are the vectors above).
+        let outer = |count: u32| {
+            let mut scope = component.outer.as_deref();
+            for _ in 1..count {
+                scope = scope?.outer.as_deref();
+            }
+            scope
+        };
+        for step in &self.components[component.def].steps {
+            match step {
+                Step::Module(source) => {
+                    let module = match source {
+                        Source::Defined(module) => Some(*module),
+                        Source::Import(name) => match args.get(name.as_str()) {
+                            Some(Arg::Module(module)) => *module,
+                            _ => None,
+                        },
+                        Source::Outer { count: 0, index } | Source::Local(index) => {
+                            modules.get(*index as usize).copied().flatten()
+                        }
+                        Source::Outer { count, index } => outer(*count)
+                            .and_then(|scope| scope.modules.get(*index as usize).copied())
+                            .flatten(),
+                        Source::Unknown => None,
+                    };
+                    modules.push(module);
+                }
+                Step::Component(source) => {
+                    let nested = match source {
+                        Source::Defined(def) => Some(Closure {
+                            def: *def,
+                            outer: Some(Rc::new(Scope {
+                                modules: modules.clone(),
+                                components: components.clone(),
+                                outer: component.outer.clone(),
+                            })),
+                        }),
+                        Source::Import(name) => match args.get(name.as_str()) {
+                            Some(Arg::Component(nested)) => nested.clone(),
+                            _ => None,
+                        },
+                        Source::Outer { count: 0, index } | Source::Local(index) => {
+                            components.get(*index as usize).cloned().flatten()
+                        }
+                        Source::Outer { count, index } => outer(*count)
+                            .and_then(|scope| scope.components.get(*index as usize).cloned())
+                            .flatten(),
+                        Source::Unknown => None,
+                    };
+                    components.push(nested);
+                }
+                Step::InstantiateModule(index) => {
+                    let module = modules.get(*index as usize).copied().flatten();
+                    let module = module.ok_or(UnknownOrder::ModuleFromOutside)?;
+                    plan.extend(self.modules[module].iter().cloned());
+                }
+                Step::InstantiateComponent {
+                    component: index,
+                    modules: module_args,
+                    components: component_args,
+                } => {
+                    let nested = components.get(*index as usize).cloned().flatten();
+                    let nested = nested.ok_or(UnknownOrder::ComponentFromOutside)?;
+                    let module_args = module_args.iter().map(|(name, index)| {
+                        let module = modules.get(*index as usize).copied().flatten();
+                        (name.as_str(), Arg::Module(module))
+                    });
+                    let component_args = component_args.iter().map(|(name, index)| {
+                        let component = components.get(*index as usize).cloned().flatten();
+                        (name.as_str(), Arg::Component(component))
+                    });
+                    let args = module_args.chain(component_args).collect();
+                    self.instantiate(&nested, &args, depth + 1, plan)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payloads of the component at `range` of `wasm`, without those of the modules and
+/// components nested in it (each comes as its one section payload).
+fn own_payloads(
+    wasm: &[u8],
+    range: Range<usize>,
+) -> impl Iterator<Item = Result<Payload<'_>, ImageError>> {
+    let mut parser = Parser::new(range.start as u64);
+    let mut data = &wasm[range];
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let payload = match parser.parse(data, true) {
+            Ok(Chunk::Parsed { consumed, payload }) => {
+                data = &data[consumed..];
+                payload
+            }
+            Ok(Chunk::NeedMoreData(_)) => unreachable!("the whole component is given"),
+            Err(error) => {
+                done = true;
+                return Some(Err(error.into()));
+            }
+        };
+        match &payload {
+            // The parser has stepped over the nested binary, which is left to the caller.
+            Payload::ModuleSection {
+                unchecked_range, ..
+            }
+            | Payload::ComponentSection {
+                unchecked_range, ..
+            } => match data.get(unchecked_range.len()..) {
+                Some(rest) => data = rest,
+                None => {
+                    done = true;
+                    return Some(Err(ImageError::Truncated(unchecked_range.start)));
+                }
+            },
+            Payload::End(_) => done = true,
             _ => {}
         }
-        if let Some((id, range)) = payload.as_section() {
-            component.section(&wasm_encoder::RawSection {
-                id,
-                data: &wasm[range],
-            });
-        }
-    }
-    if nested || !changed {
-        return Ok((None, Vec::new()));
-    }
-    let mut planned = Vec::new();
-    for module in instantiations {
-        let Some(memories) = modules.get(module as usize) else {
-            return Ok((None, Vec::new()));
-        };
-        planned.extend(memories.iter().map(|memory| PlannedMemory {
-            minimum: memory.minimum,
-            content: memory.content.clone(),
-        }));
-    }
-    Ok((Some(component.finish()), planned))
+        Some(Ok(payload))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn lift(text: &str) -> (Option<Vec<u8>>, Vec<PlannedMemory>) {
-        lift_module(&wat::parse_str(text).expect("wat")).expect("lift")
+    fn lift(text: &str) -> Lifted {
+        lift_module(&wat::parse_str(text).expect("wat"), ModuleAt::Itself).expect("lift")
     }
 
     #[test]
     fn constant_segments_of_defined_memories_are_lifted_in_order() {
-        let (lifted, memories) = lift(
+        let Lifted {
+            wasm: lifted,
+            memories,
+            unlifted,
+        } = lift(
             r#"(module (memory 2) (memory 1)
                  (data (i32.const 4096) "ab") (data (i32.const 4097) "XY")
                  (data (memory 1) (i32.const 10) "z") (data "passive"))"#,
         );
-        assert!(lifted.is_some());
+        assert!(lifted.is_some() && unlifted.is_empty());
         assert_eq!(memories[0].minimum, 2 << 16);
         let first = memories[0].content.as_ref().expect("content");
         assert_eq!(first.len(), 2 * PAGE_SIZE);
@@ -484,14 +933,183 @@ mod tests {
 
     #[test]
     fn any_segment_that_cannot_be_lifted_keeps_the_module_whole() {
-        for text in [
-            r#"(module (memory 1) (data (i32.const 0) "a") (data (i32.const 65536) "b"))"#,
-            r#"(module (global i32 (i32.const 0)) (memory 1) (data (global.get 0) "a"))"#,
-            r#"(module (import "env" "m" (memory 1)) (data (i32.const 0) "a"))"#,
+        for (text, why) in [
+            (
+                r#"(module (memory 1) (data (i32.const 0) "a") (data (i32.const 65536) "b"))"#,
+                SegmentsKept::PastInitialSize(1),
+            ),
+            (
+                r#"(module (global i32 (i32.const 0)) (memory 1) (data (global.get 0) "a"))"#,
+                SegmentsKept::OffsetNotConstant(0),
+            ),
+            (
+                r#"(module (import "env" "m" (memory 1)) (data (i32.const 0) "a"))"#,
+                SegmentsKept::ImportedMemory(0),
+            ),
         ] {
-            let (lifted, memories) = lift(text);
-            assert!(lifted.is_none(), "{text}");
-            assert!(memories.iter().all(|memory| memory.content.is_none()));
+            let lifted = lift(text);
+            assert!(lifted.wasm.is_none(), "{text}");
+            assert!(
+                lifted
+                    .memories
+                    .iter()
+                    .all(|memory| memory.content.is_none())
+            );
+            let module = ModuleAt::Itself;
+            assert_eq!(
+                lifted.unlifted,
+                [Unlifted::Module { module, why }],
+                "{text}"
+            );
         }
+    }
+
+    fn lift_text_component(text: &str) -> Lifted {
+        lift_component(&wat::parse_str(text).expect("wat")).expect("lift")
+    }
+
+    /// Per planned memory: its initial size in wasm pages, and its first byte (0 if none).
+    fn order(lifted: &Lifted) -> Vec<(u64, u8)> {
+        lifted
+            .memories
+            .iter()
+            .map(|memory| {
+                let first = memory.content.as_ref().map_or(0, |content| content[0]);
+                (memory.minimum >> 16, first)
+            })
+            .collect()
+    }
+
+    /// Nested components' core instances are created where the nested component is
+    /// instantiated, depth-first, each time it is; modules reach them defined inside, passed
+    /// by name, and through outer aliases.
+    #[test]
+    fn nested_components_plan_memories_in_wasmtimes_order() {
+        let lifted = lift_text_component(
+            r#"(component $root
+                 (core module $a (memory 1) (data (i32.const 0) "A"))
+                 (component $inner
+                   (import "m" (core module $given))
+                   (core module $b (memory 2) (data (i32.const 0) "B"))
+                   (component $innermost
+                     (alias outer $root $a (core module $outer))
+                     (core instance (instantiate $outer)))
+                   (core instance (instantiate $given))
+                   (instance (instantiate $innermost))
+                   (core instance (instantiate $b)))
+                 (component $unused
+                   (core module $z (memory 9) (data (i32.const 0) "Z"))
+                   (core instance (instantiate $z)))
+                 (core module $c (memory 3) (data (i32.const 0) "C"))
+                 (core instance (instantiate $a))
+                 (instance (instantiate $inner (with "m" (core module $c))))
+                 (core instance (instantiate $c))
+                 (instance (instantiate $inner (with "m" (core module $a)))))"#,
+        );
+        assert!(lifted.wasm.is_some() && lifted.unlifted.is_empty());
+        assert_eq!(
+            order(&lifted),
+            [
+                (1, b'A'),
+                (3, b'C'),
+                (1, b'A'),
+                (2, b'B'),
+                (3, b'C'),
+                (1, b'A'),
+                (1, b'A'),
+                (2, b'B')
+            ]
+        );
+        // Every module, nested ones too, is rewritten: no active segment is left.
+        let rewritten = lifted.wasm.expect("rewritten");
+        for payload in Parser::new(0).parse_all(&rewritten) {
+            if let Payload::DataSection(section) = payload.expect("parses") {
+                for data in section {
+                    let data = data.expect("segment");
+                    assert!(matches!(data.kind, DataKind::Passive) && data.data.is_empty());
+                }
+            }
+        }
+        wasmparser::Validator::new()
+            .validate_all(&rewritten)
+            .expect("the rewritten component validates");
+    }
+
+    /// componentize-py's shape: nested components that only re-export types and functions,
+    /// instantiated after the core instances, add no memory.
+    #[test]
+    fn nested_components_without_modules_add_no_memories() {
+        let lifted = lift_text_component(
+            r#"(component
+                 (core module $m (memory 1) (data (i32.const 0) "M"))
+                 (core instance (instantiate $m))
+                 (component $shim
+                   (import "f" (func $f))
+                   (export "g" (func $f)))
+                 (core module $n (func (export "f")))
+                 (core instance $n (instantiate $n))
+                 (func $f (canon lift (core func $n "f")))
+                 (instance (instantiate $shim (with "f" (func $f)))))"#,
+        );
+        assert!(lifted.wasm.is_some());
+        assert_eq!(order(&lifted), [(1, b'M')]);
+    }
+
+    #[test]
+    fn a_component_whose_order_is_unknown_is_left_whole_and_says_why() {
+        for (text, why) in [
+            (
+                r#"(component
+                     (import "m" (core module $m))
+                     (core module $d (memory 1) (data (i32.const 0) "D"))
+                     (core instance (instantiate $d))
+                     (core instance (instantiate $m)))"#,
+                UnknownOrder::ModuleFromOutside,
+            ),
+            (
+                r#"(component
+                     (import "c" (component $c))
+                     (core module $d (memory 1) (data (i32.const 0) "D"))
+                     (core instance (instantiate $d))
+                     (instance (instantiate $c)))"#,
+                UnknownOrder::ComponentFromOutside,
+            ),
+        ] {
+            let lifted = lift_text_component(text);
+            assert!(
+                lifted.wasm.is_none() && lifted.memories.is_empty(),
+                "{text}"
+            );
+            assert_eq!(lifted.unlifted, [Unlifted::Component(why)]);
+        }
+    }
+
+    #[test]
+    fn a_module_that_stays_whole_is_named_and_its_component_lifted() {
+        let lifted = lift_text_component(
+            r#"(component
+                 (core module $lifted (memory 1) (data (i32.const 0) "L"))
+                 (component
+                   (core module $kept (global i32 (i32.const 8)) (memory 2)
+                     (data (global.get 0) "K"))
+                   (core instance (instantiate $kept))))"#,
+        );
+        assert!(lifted.wasm.is_some());
+        let [Unlifted::Module { module, why }] = lifted.unlifted[..] else {
+            panic!("{:?}", lifted.unlifted);
+        };
+        assert_eq!(why, SegmentsKept::OffsetNotConstant(0));
+        assert!(matches!(module, ModuleAt::InComponent { index: 1, .. }));
+        assert_eq!(
+            Unlifted::Module { module, why }.to_string(),
+            format!(
+                "core module 1 (at byte {:#x}) keeps its data segments: data segment 0 reads \
+                 its offset from a global, known only at instantiation",
+                match module {
+                    ModuleAt::InComponent { offset, .. } => offset,
+                    ModuleAt::Itself => unreachable!(),
+                }
+            )
+        );
     }
 }

@@ -341,3 +341,80 @@ fn each_domain_gets_its_own_image_read_back_from_the_first() {
     first.assert_same_memories();
     other.assert_same_memories();
 }
+
+/// The memories of one instance of `component` under samepage, in creation order (its
+/// imports trap if called: instantiation calls none).
+fn component_memories(hosts: &Hosts, component: &Component) -> Vec<Vec<u8>> {
+    let mut linker = wasmtime::component::Linker::new(&hosts.engine);
+    linker
+        .define_unknown_imports_as_traps(component.wasmtime())
+        .expect("trapping imports");
+    let owner = hosts.samepage.owner(0);
+    let mut store = Store::new(&hosts.engine, owner.clone());
+    owner
+        .instantiate_component(&mut store, &linker, component)
+        .expect("component instance");
+    owner.snapshot()
+}
+
+/// Compiles `bytes` lifted, and checks that an instance's memories are, in number, order and
+/// every byte, those wasmtime makes when it copies the segments itself (the component
+/// compiled as it is).
+fn lifted_like_wasmtime(bytes: &[u8]) -> Component {
+    let hosts = hosts("(module)");
+    let lifted = Component::new(&hosts.engine, bytes).expect("lifted component");
+    let as_it_is = wasmtime::component::Component::new(&hosts.engine, bytes).expect("component");
+    let mine = component_memories(&hosts, &lifted);
+    let theirs = component_memories(&hosts, &Component::from(as_it_is));
+    assert_eq!(mine.len(), theirs.len(), "memories");
+    for (index, (mine, theirs)) in mine.iter().zip(&theirs).enumerate() {
+        assert_eq!(mine.len(), theirs.len(), "memory {index}: size");
+        if let Some(page) = (0..mine.len() / PAGE_SIZE)
+            .find(|&p| mine[p * PAGE_SIZE..][..PAGE_SIZE] != theirs[p * PAGE_SIZE..][..PAGE_SIZE])
+        {
+            panic!("memory {index}: page {page} differs from wasmtime's copy");
+        }
+    }
+    lifted
+}
+
+#[test]
+fn nested_components_memories_are_mapped_as_wasmtime_would_copy_them() {
+    let lifted = lifted_like_wasmtime(
+        br#"(component $root
+             (core module $a (memory 1) (data (i32.const 0) "module a"))
+             (component $inner
+               (import "m" (core module $given))
+               (core module $b (memory 2) (data (i32.const 70000) "module b"))
+               (component $innermost
+                 (alias outer $root $a (core module $outer))
+                 (core instance (instantiate $outer)))
+               (core instance (instantiate $given))
+               (instance (instantiate $innermost))
+               (core instance (instantiate $b)))
+             (core module $c (memory 3) (data (i32.const 4096) "module c"))
+             (core instance (instantiate $a))
+             (instance (instantiate $inner (with "m" (core module $c))))
+             (core instance (instantiate $c))
+             (instance (instantiate $inner (with "m" (core module $a)))))"#,
+    );
+    assert!(lifted.images().has_content());
+    assert!(lifted.images().unlifted().is_empty());
+}
+
+/// componentize-py's and componentize-js's components (built by
+/// `scripts/build-http-components`) nest components: their memories are mapped too.
+#[test]
+fn real_components_with_nested_components_are_lifted_like_wasmtime() {
+    for name in ["python-app.wasm", "js-app.wasm"] {
+        let path = format!(
+            "{}/../target/http-components/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}: run scripts/build-http-components"));
+        let lifted = lifted_like_wasmtime(&bytes);
+        assert!(lifted.images().has_content(), "{name}");
+        assert_eq!(lifted.images().unlifted(), [], "{name}");
+    }
+}
