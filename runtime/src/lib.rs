@@ -55,7 +55,9 @@ pub use embed::{Samepage, SamepageConfig};
 pub use error::RuntimeError;
 pub use host::{CompilationCache, Host, HostConfig, MemoryBacking};
 pub use host_state::HostState;
-pub use image::{Component, ImageError, Module, ModuleImages};
+pub use image::{
+    Component, ImageError, Module, ModuleAt, ModuleImages, SegmentsKept, UnknownOrder, Unlifted,
+};
 pub use instance::{Instance, RunOutcome, WasiOptions};
 pub use limits::{EPOCH_TICK, EpochTicker, Limits};
 pub use memory::{MemoryError, MemoryRegion};
