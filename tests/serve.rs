@@ -87,9 +87,14 @@ impl Server {
 
     /// `samepage serve COMPONENT` with `args` before it.
     fn component(args: &[&str]) -> Self {
-        let component = built(COMPONENT, "build-http-components");
+        Self::serving(COMPONENT, args)
+    }
+
+    /// `samepage serve PROGRAM` (built by scripts/build-http-components) with `args` before it.
+    fn serving(program: &str, args: &[&str]) -> Self {
+        let program = built(program, "build-http-components");
         let mut all: Vec<&str> = args.to_vec();
-        all.push(component.to_str().expect("UTF-8 path"));
+        all.push(program.to_str().expect("UTF-8 path"));
         Self::start(&all)
     }
 
@@ -378,7 +383,7 @@ fn concurrently(
 fn warm_instances_are_reused_a_trap_is_a_500_and_metrics_move() {
     // With one instance at most, each request finds the instance the last one left (its
     // response reaches the client a little before the instance is back in the pool).
-    let one = Server::component(&["--max-instances", "1"]);
+    let one = Server::component(&["--reuse", "warm", "--max-instances", "1"]);
     assert_eq!(one.get("/hello?x=1").served(), 1);
     let answer = one.get("/remember?value=kept").json();
     assert_eq!(answer["served"], 2);
@@ -403,7 +408,7 @@ fn warm_instances_are_reused_a_trap_is_a_500_and_metrics_move() {
     );
     drop(one);
 
-    let server = Server::component(&["--max-instances", "8"]);
+    let server = Server::component(&["--reuse", "warm", "--max-instances", "8"]);
     assert_eq!(server.get("/first").served(), 1);
     let before = server.metrics();
     // Each sleeps long enough for all six to be in flight at once.
@@ -483,6 +488,8 @@ fn timeouts_and_memory_limits_answer_500_and_the_server_serves_on() {
     let server = Server::component(&[
         "-W",
         "timeout=300ms,max-memory-size=96MiB",
+        "--reuse",
+        "warm",
         "--max-instances",
         "1",
     ]);
@@ -543,9 +550,10 @@ fn sigterm_drains_the_requests_in_flight() {
 #[test]
 fn a_tight_budget_evicts_the_least_recently_used_idle_instance() {
     let component = built(COMPONENT, "build-http-components");
+    // Warm, so that a's instance keeps what it grew and idles in the pool.
     let functions = format!(
-        "[[function]]\nname = \"a\"\nroute = \"/a\"\ncomponent = \"{0}\"\n\
-         [[function]]\nname = \"b\"\nroute = \"/b\"\ncomponent = \"{0}\"\n",
+        "[[function]]\nname = \"a\"\nroute = \"/a\"\ncomponent = \"{0}\"\nreuse = \"warm\"\n\
+         [[function]]\nname = \"b\"\nroute = \"/b\"\ncomponent = \"{0}\"\nreuse = \"warm\"\n",
         component.display()
     );
     // The budget must tell "a and b fit" from "a, grown, and b do not" across two server
@@ -634,7 +642,7 @@ fn tenants_share_no_page_unless_the_config_joins_them() {
     let function = |name: &str, tenant: &str| {
         format!(
             "[[function]]\nname = \"{name}\"\nroute = \"/{name}\"\ncomponent = \"{}\"\n\
-             tenant = \"{tenant}\"\nmin_instances = 1\nwarmup = \"/\"\n",
+             tenant = \"{tenant}\"\nmin_instances = 1\nwarmup = \"/\"\nreuse = \"warm\"\n",
             component.display()
         )
     };
@@ -841,9 +849,9 @@ fn pools_are_prewarmed_to_their_minimum_and_idle_instances_expire() {
         "pools",
         &format!(
             "[[function]]\nname = \"kept\"\nroute = \"/kept\"\ncomponent = \"{0}\"\n\
-             min_instances = 2\nidle_timeout = \"200ms\"\n\
+             min_instances = 2\nidle_timeout = \"200ms\"\nreuse = \"warm\"\n\
              [[function]]\nname = \"brief\"\nroute = \"/brief\"\ncomponent = \"{0}\"\n\
-             idle_timeout = \"200ms\"\n",
+             idle_timeout = \"200ms\"\nreuse = \"warm\"\n",
             small.display()
         ),
     );
@@ -924,5 +932,34 @@ fn malformed_http_is_refused_and_the_server_serves_on() {
     assert_eq!(
         metrics.of("samepage_requests_total", "small", "default"),
         1.0
+    );
+}
+
+/// What a component's instances let the next request see: `/store?value=...`, then `/read`,
+/// a few times; the values `/read` answered.
+fn read_after_store(server: &Server, rounds: usize) -> Vec<String> {
+    (0..rounds)
+        .map(|round| {
+            let secret = format!("secret-{round}");
+            let stored = server.get(&format!("/store?value={secret}"));
+            assert_eq!(
+                (stored.status, stored.body.as_str()),
+                (200, secret.as_str())
+            );
+            let read = server.get("/read");
+            assert_eq!(read.status, 200, "{}", read.body);
+            read.body
+        })
+        .collect()
+}
+
+#[test]
+fn warm_reuse_lets_the_next_request_see_what_the_last_left() {
+    // Warm reuse, asked for, keeps state across requests: the check of the default's
+    // isolation sees it here, so that it can fail.
+    let warm = Server::component(&["--reuse", "warm", "--max-instances", "1"]);
+    assert_eq!(
+        read_after_store(&warm, 3),
+        ["secret-0", "secret-1", "secret-2"]
     );
 }
