@@ -23,13 +23,27 @@
 //! copies its segments as before, and reports an out-of-bounds segment with its own error.
 //! Lifting all or nothing keeps the order of writes exactly wasmtime's.
 //!
-//! A component's core modules are lifted too. The memory creator is told nothing of which
-//! module a memory is for, so an instantiation carries the list of the memories it will
-//! create, in the order wasmtime creates them: a module's defined memories in index order,
-//! and a component's core instances in the order of its core instance section. Each entry
-//! names the memory's initial size, and the creator refuses a memory of another size rather
-//! than map an image into the wrong memory. Components with nested components are left as
-//! they are.
+//! A component's core modules are lifted too, at any depth of nested components. The memory
+//! creator is told nothing of which module a memory is for, so an instantiation carries the
+//! list of the memories it will create, in the order wasmtime creates them, each with its
+//! initial size (the creator refuses a memory of another size rather than map an image into
+//! the wrong memory; that check is a guard, the order below is the design). wasmtime inlines
+//! a component into one list of core instantiations (`inline.rs` and `dfg.rs` of
+//! `wasmtime-environ`) and runs them in that order: a component's core instance and
+//! component instance sections in section order, a nested component's instantiation
+//! contributing its own, recursively, where its `instantiate` stands, and once per
+//! `instantiate`; each core instance creates its module's defined memories in index order.
+//! The adapter modules wasmtime adds between components import their memories and create
+//! none. So the plan is made by walking the binary once (lifting each module section, and
+//! recording per component what enters its core module and component index spaces and what
+//! it instantiates), then instantiating the top-level component symbolically: core modules
+//! and components are followed through definitions, instantiation arguments, exports and
+//! outer aliases. A module or component taken from an instance's exports, or imported by the
+//! top-level component, is not followed: if one is instantiated, the order is unknown and the
+//! component is left whole, every module as it is.
+//!
+//! What is not lifted is kept, with the reason ([`Unlifted`], [`ModuleImages::unlifted`]),
+//! for the host to report.
 
 use std::collections::HashMap;
 use std::ops::Range;

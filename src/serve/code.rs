@@ -3,7 +3,9 @@
 //! Functions of one program share its compiled code, and so its module images and the pages
 //! of its code: each file is compiled once, however many functions serve it. A program that
 //! is not what its function says it is (a core module given as a component, or the other way
-//! round) is refused with the function's place in the config.
+//! round) is refused with the function's place in the config. A program some of whose data
+//! segments are copied into every instance, not mapped from a module image, is said once on
+//! stderr, with the reason.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -65,9 +67,13 @@ fn compile(
         .map_err(|error| refuse(format!("{} is not valid: {error:#}", path.display())))?;
     match (&function.program, program) {
         (Program::Proxy(_), samepage_runtime::Program::Component(component)) => {
+            say_unlifted(function, component.images());
             Ok(Code::Proxy(component))
         }
-        (Program::Wagi(_), samepage_runtime::Program::Module(module)) => Ok(Code::Wagi(module)),
+        (Program::Wagi(_), samepage_runtime::Program::Module(module)) => {
+            say_unlifted(function, module.images());
+            Ok(Code::Wagi(module))
+        }
         (Program::Proxy(_), _) => Err(refuse(format!(
             "{} is a core module, not a component: give it as `module` (WAGI)",
             path.display()
@@ -76,5 +82,22 @@ fn compile(
             "{} is a component, not a core module: give it as `component`",
             path.display()
         ))),
+    }
+}
+
+/// One line when some of a program's data is copied into every instance instead of mapped
+/// from its module image: the first reason, and how many more there are.
+fn say_unlifted(function: &FunctionConfig, images: &samepage_runtime::ModuleImages) {
+    let unlifted = images.unlifted();
+    if let Some(first) = unlifted.first() {
+        let more = match unlifted.len() - 1 {
+            0 => String::new(),
+            more => format!(" (and {more} more)"),
+        };
+        eprintln!(
+            "samepage: function {}: {}: {first}{more}",
+            function.name,
+            function.program.path().display()
+        );
     }
 }
