@@ -27,6 +27,10 @@ pub struct EngineConfig {
     /// Start the background scanner thread. Without it, passes run only when asked
     /// ([`Engine::scan_pass`]); tests use that for exact, repeatable steps.
     pub scanner: bool,
+    /// Run the scanner at the lowest priority (nice 19), so that on a busy host it takes
+    /// only the CPU the instances leave: what a host serving requests wants. Off by default,
+    /// for runs that wait for merging to finish.
+    pub scanner_yields: bool,
     /// Initial settings.
     pub knobs: Knobs,
     /// Address space reserved for the stable store's view; bounds the stable pages.
@@ -43,6 +47,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             scanner: true,
+            scanner_yields: false,
             knobs: Knobs::default(),
             stable_capacity_bytes: 64 << 30,
             merge_scope: MergeScope::All,
@@ -114,7 +119,7 @@ impl Engine {
             errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
         });
-        let scanner = ScannerThread::start(&shared, config.scanner)?;
+        let scanner = ScannerThread::start(&shared, config.scanner, config.scanner_yields)?;
         Ok(Self {
             _scanner: Arc::new(scanner),
             shared,

@@ -5,7 +5,9 @@
 //! returned from a call: its regions are looked at at once and again `park_recheck` later)
 //! or one batch of the cursor's pass, then sleeps `sleep_millisecs`, longer while every
 //! region is idle. It never waits for an owner's gate (quiescence rule 2), so it never holds
-//! up a running instance for more than the one batch that is visiting its regions. Failures
+//! up a running instance for more than the one batch that is visiting its regions. A host
+//! that serves requests runs it at the lowest priority (`EngineConfig::scanner_yields`), so
+//! that its batches take the CPU the instances leave, not theirs. Failures
 //! cannot be returned from a thread: they are counted and the last one kept
 //! ([`crate::Engine::last_error`]).
 
@@ -34,14 +36,20 @@ pub(crate) struct ScannerThread {
 }
 
 impl ScannerThread {
-    /// Starts the thread over `shared`, or none when `run` is false (a manual engine).
-    pub(crate) fn start(shared: &Arc<Shared>, run: bool) -> Result<Self, Error> {
+    /// Starts the thread over `shared`, or none when `run` is false (a manual engine); at
+    /// the lowest priority when it `yields`.
+    pub(crate) fn start(shared: &Arc<Shared>, run: bool, yields: bool) -> Result<Self, Error> {
         let thread = if run {
             let scanner_shared = shared.clone();
             Some(
                 std::thread::Builder::new()
                     .name("samepage-scan".into())
-                    .spawn(move || scanner_shared.scan_loop())
+                    .spawn(move || {
+                        if yields {
+                            yield_to_instances();
+                        }
+                        scanner_shared.scan_loop()
+                    })
                     .map_err(Error::SpawnScanner)?,
             )
         } else {
@@ -52,6 +60,13 @@ impl ScannerThread {
             thread: Mutex::new(thread),
         })
     }
+}
+
+/// Lowers the calling thread (Linux's nice value is a thread's own) to the lowest priority.
+/// Where that is refused (a seccomp filter, say), the scanner runs at the host's priority:
+/// merging still works.
+fn yield_to_instances() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
 }
 
 impl Drop for ScannerThread {

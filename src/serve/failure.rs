@@ -19,6 +19,9 @@ pub enum Failure {
     /// The guest trapped, or a command exited with a failure status.
     #[error("it trapped: {0}")]
     Trapped(String),
+    /// The handler returned without answering, or answered with a wasi:http error.
+    #[error("it did not answer: {0}")]
+    Unanswered(String),
     /// The request's time ran out in wasm (after the request timeout, when there is one).
     #[error("{}", match .0 {
         Some(after) => format!("it timed out after {after:?}"),
@@ -42,7 +45,7 @@ impl Failure {
     pub fn response(&self) -> hyper::Response<HyperOutgoingBody> {
         let (status, message) = match self {
             Failure::Instantiate(_) => (500, "the function could not be instantiated".to_owned()),
-            Failure::Trapped(_) => (500, "the function failed".to_owned()),
+            Failure::Trapped(_) | Failure::Unanswered(_) => (500, "the function failed".to_owned()),
             Failure::TimedOut(_) => (500, self.to_string()),
             Failure::BadResponse(_) => (502, self.to_string()),
             Failure::OverBudget(_) => (503, self.to_string()),

@@ -11,9 +11,13 @@
 //!   never evicts: it must not push out instances that serve.
 //! - **After a request**, by the function's `reuse`: `warm` parks the instance (a new one is
 //!   first settled: merged at once and its cost measured); `reset` retires it and makes its
-//!   replacement off the next request's path; `fresh` retires it. A trap or a timeout
-//!   retires it whatever the `reuse`: its state is not to be trusted.
-//! - **Expire**: idle instances above `min_instances` are retired after `idle_timeout`.
+//!   replacement after the response, off the next request's path, while the pool keeper
+//!   keeps as many ready as were in flight at once lately; `fresh` retires it. A trap or a
+//!   timeout retires it whatever the `reuse`: its state is not to be trusted; a reused
+//!   instance's failure may switch its function from `warm` to `reset` (see
+//!   [`Pools::serve_proxy`]).
+//! - **Expire**: idle instances above what the function keeps (`min_instances` alive, or
+//!   for `reset` its recent demand ready) are retired after `idle_timeout`.
 //! - **Evict**: while the host is over its budget (instances grow as they serve), idle
 //!   instances are retired, least recently parked first.
 //!
@@ -27,9 +31,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use parking_lot::{Condvar, Mutex};
 use samepage_runtime::measure::pss_bytes;
 use samepage_runtime::{Samepage, StoreOwner};
 
+use super::answer::{self, Answer};
 use super::budget::{Budget, Room};
 use super::code::Code;
 use super::config::Reuse;
@@ -48,8 +54,37 @@ pub struct Pools {
     wagi_linker: wasmtime::Linker<WagiState>,
     pub functions: Vec<Arc<Function>>,
     pub budget: Budget,
+    /// Wakes the pool keeper when a request used an instance up.
+    keeper: Alarm,
     /// Set when the server drains: the pools stop topping up and replacing.
     draining: AtomicBool,
+}
+
+/// How long a function's peak of requests in flight is remembered: one to two periods
+/// (see [`super::pool::Demand`]).
+const DEMAND_PERIOD: Duration = Duration::from_secs(10);
+
+/// A wake-up call for a thread that naps between rounds.
+#[derive(Default)]
+struct Alarm {
+    rung: Mutex<bool>,
+    bell: Condvar,
+}
+
+impl Alarm {
+    fn wake(&self) {
+        *self.rung.lock() = true;
+        self.bell.notify_one();
+    }
+
+    /// Sleeps up to `most`, or until woken (at once if woken since the last nap).
+    fn nap(&self, most: Duration) {
+        let mut rung = self.rung.lock();
+        if !*rung {
+            self.bell.wait_for(&mut rung, most);
+        }
+        *rung = false;
+    }
 }
 
 impl Pools {
@@ -68,6 +103,7 @@ impl Pools {
             wagi_linker,
             functions,
             budget,
+            keeper: Alarm::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -79,6 +115,7 @@ impl Pools {
     /// Stops making instances ahead of requests: the server is draining.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Release);
+        self.keeper.wake();
     }
 
     pub fn draining(&self) -> bool {
@@ -87,12 +124,20 @@ impl Pools {
 
     /// Serves `request` with an instance of `function` (on a blocking thread, holding one of
     /// the function's permits), then parks, replaces or retires it by the function's `reuse`.
+    ///
+    /// A reused instance that fails the request (answers 5xx or a wasi:http error, sends
+    /// nothing, traps or times out) is not trusted again. When the request can be sent twice
+    /// ([`replayable`]), it is served again by a fresh instance; if that one answers it, the
+    /// failure was the reuse's, and the function gives warm reuse up for instances of their
+    /// own per request (logged once). A request that cannot be sent twice gets the failure,
+    /// and the function gives reuse up on the reused instance's word.
     pub fn serve_proxy(
         &self,
         function: &Function,
         request: hyper::Request<WasiBody>,
-        sender: ResponseSender,
+        client: ResponseSender,
     ) -> Result<(), Failure> {
+        let _demand = function.demand.enter();
         let (mut instance, room) = match function.take_idle() {
             Some(instance) => {
                 function
@@ -106,12 +151,88 @@ impl Pools {
                 (self.instantiate(function)?, Some(room))
             }
         };
-        if let Err(failure) = instance.handle(request, sender) {
-            count_failure(function, &failure);
-            function.retire(instance);
+        // Warm reuse is what can fail a request a fresh instance would serve.
+        let reused = instance.served > 0 && function.reuse() == Reuse::Warm;
+        let again = reused.then(|| replayable(&request)).flatten();
+        let (handler, watch) = answer::watch(client, again.is_some());
+        let handled = instance.handle(request, handler);
+        let (failure, client) = match (handled, watch.finish()) {
+            (Ok(()), Answer::Sent(_)) => {
+                self.after_request(function, instance, room);
+                return Ok(());
+            }
+            (Err(failure), answer) => {
+                count_failure(function, &failure);
+                (failure, held_client(answer))
+            }
+            (Ok(()), Answer::Held { client, why }) => {
+                let failure = Failure::Unanswered(why);
+                count_failure(function, &failure);
+                (failure, Some(client))
+            }
+        };
+        function.retire(instance);
+        drop(room);
+        let Some(client) = client else {
+            // The client has the head of a response already; the failure is the log's.
+            return Err(failure);
+        };
+        if !reused {
+            let _ = client.send(Ok(failure.response()));
             return Err(failure);
         }
-        match function.config.reuse {
+        let Some(again) = again else {
+            let _ = client.send(Ok(failure.response()));
+            give_up_reuse(function, &failure, false);
+            return Err(failure);
+        };
+        function.counters.retries.fetch_add(1, Ordering::Relaxed);
+        eprintln!(
+            "samepage: function {}: a reused instance failed a request ({failure}); serving \
+             it again with a fresh instance",
+            function.config.name
+        );
+        if self.serve_fresh(function, again, client)? {
+            give_up_reuse(function, &failure, true);
+        }
+        Ok(())
+    }
+
+    /// Serves `request` with a new instance, forwarding whatever it answers; `true` when it
+    /// answered without a 5xx.
+    fn serve_fresh(
+        &self,
+        function: &Function,
+        request: hyper::Request<WasiBody>,
+        client: ResponseSender,
+    ) -> Result<bool, Failure> {
+        let room = self.cold_start(function)?;
+        let mut instance = self.instantiate(function)?;
+        let (handler, watch) = answer::watch(client, false);
+        let handled = instance.handle(request, handler);
+        match (handled, watch.finish()) {
+            (Ok(()), Answer::Sent(status)) => {
+                self.after_request(function, instance, Some(room));
+                Ok(!status.is_server_error())
+            }
+            (handled, answer) => {
+                let failure = handled
+                    .err()
+                    .unwrap_or_else(|| Failure::Unanswered("it sent no response".into()));
+                count_failure(function, &failure);
+                function.retire(instance);
+                if let Some(client) = held_client(answer) {
+                    let _ = client.send(Ok(failure.response()));
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// Parks, replaces or retires an instance that served a request, by the function's
+    /// `reuse` as it stands now.
+    fn after_request(&self, function: &Function, instance: ProxyInstance, room: Option<Room<'_>>) {
+        match function.reuse() {
             Reuse::Warm => {
                 // Parked first: a request that takes it while it is merged waits only for
                 // the owner's guard, not for a cold start.
@@ -124,9 +245,16 @@ impl Pools {
             Reuse::Reset => {
                 drop(room);
                 function.retire(instance);
-                if !self.draining() {
-                    // Over budget, the next request makes its own (evicting as it may).
-                    let _ = self.prewarm(function);
+                // Its replacement is made here, after the response, while this request still
+                // holds its permit (so within `max_instances`); the pool keeper makes any
+                // more that the recent demand asks for.
+                if self.draining() || function.ready_shortfall() == 0 {
+                    return;
+                }
+                // Over budget, the next request makes its own (evicting as it may).
+                let _ = self.prewarm(function);
+                if function.ready_shortfall() > 0 {
+                    self.keeper.wake();
                 }
             }
             Reuse::Fresh => {
@@ -136,7 +264,6 @@ impl Pools {
                 function.retire(instance);
             }
         }
-        Ok(())
     }
 
     /// Runs a WAGI command for `request` in an instance of its own, made and retired here.
@@ -171,46 +298,54 @@ impl Pools {
     /// Fills every pool to its `min_instances` before serving.
     pub fn prewarm_all(&self) {
         for function in &self.functions {
-            let want = function.config.min_instances;
-            while function.live() < want {
-                let Ok(permit) = function.permits.clone().try_acquire_owned() else {
-                    break;
-                };
-                let made = self.prewarm(function);
-                drop(permit);
-                if let Err(failure) = made {
-                    eprintln!(
-                        "samepage: function {}: {} of {want} instances pre-warmed: {failure}",
-                        function.config.name,
-                        function.live()
-                    );
-                    break;
-                }
+            if let Err(failure) = self.top_up(function) {
+                eprintln!(
+                    "samepage: function {}: {} of {} instances pre-warmed: {failure}",
+                    function.config.name,
+                    function.live(),
+                    function.config.min_instances
+                );
             }
         }
     }
 
     /// Until the server drains: expires idle instances, keeps the budget, and tops the
-    /// pools up to their minimum, four times a second.
+    /// pools up (to their minimum, and to their recent demand where each request takes an
+    /// instance of its own), four times a second and whenever a request used an instance up.
     pub fn keep(&self) {
+        let mut period_start = Instant::now();
         while !self.draining() {
-            std::thread::sleep(Duration::from_millis(250));
+            self.keeper.nap(Duration::from_millis(250));
             let now = Instant::now();
+            if now.duration_since(period_start) >= DEMAND_PERIOD {
+                period_start = now;
+                for function in &self.functions {
+                    function.demand.roll();
+                }
+            }
             for function in &self.functions {
                 expire(function, now);
             }
             self.budget.enforce(|| self.evict_least_recent());
             for function in &self.functions {
-                if function.live() >= function.config.min_instances {
-                    continue;
-                }
-                let Ok(permit) = function.permits.clone().try_acquire_owned() else {
-                    continue;
-                };
-                let _ = self.prewarm(function);
-                drop(permit);
+                // Over budget or at its maximum, requests make their own (evicting as they
+                // may); the next round tries again.
+                let _ = self.top_up(function);
             }
         }
+    }
+
+    /// Makes instances of `function` ahead of requests while it is short of them and a
+    /// permit is free.
+    fn top_up(&self, function: &Function) -> Result<(), Failure> {
+        while function.ready_shortfall() > 0 && !self.draining() {
+            let Ok(permit) = function.permits.clone().try_acquire_owned() else {
+                return Ok(());
+            };
+            self.prewarm(function)?;
+            drop(permit);
+        }
+        Ok(())
     }
 
     /// Counts a cold start of `function` and makes room for its new instance, evicting idle
@@ -237,10 +372,9 @@ impl Pools {
             return Err(Failure::Internal("a WAGI function has no pool".into()));
         };
         // An instance that serves one request is not merged first.
-        let owner = self.samepage.owner_merging_on_instantiate(
-            function.config.domain,
-            function.config.reuse == Reuse::Warm,
-        );
+        let owner = self
+            .samepage
+            .owner_merging_on_instantiate(function.config.domain, function.reuse() == Reuse::Warm);
         function.born(&owner);
         ProxyInstance::new(
             &self.engine,
@@ -292,10 +426,10 @@ impl Pools {
 }
 
 /// Retires `function`'s idle instances that have been idle `idle_timeout` by `now`, oldest
-/// first, keeping `min_instances` live.
+/// first, keeping those it keeps (see [`Function::has_surplus`]).
 fn expire(function: &Function, now: Instant) {
     let config = &function.config;
-    while function.live() > config.min_instances
+    while function.has_surplus()
         && let Some(instance) =
             function.take_oldest_if(|since| now.duration_since(since) >= config.idle_timeout)
     {
@@ -325,14 +459,56 @@ fn measure_cost(function: &Function, room: &Room<'_>) {
     }
 }
 
-/// Counts a request whose instance trapped or timed out.
+/// Counts a request whose instance trapped, answered nothing or timed out.
 fn count_failure(function: &Function, failure: &Failure) {
     let counter = match failure {
         Failure::TimedOut(_) => &function.counters.timeouts,
-        Failure::Trapped(_) => &function.counters.traps,
+        Failure::Trapped(_) | Failure::Unanswered(_) => &function.counters.traps,
         _ => return,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The client's channel when the client has no response yet.
+fn held_client(answer: Answer) -> Option<ResponseSender> {
+    match answer {
+        Answer::Held { client, .. } => Some(client),
+        Answer::Sent(_) => None,
+    }
+}
+
+/// A copy of `request` to serve again, when sending it twice is safe: an idempotent method
+/// without side effects by definition (GET, HEAD) and no body, which has been read.
+fn replayable(request: &hyper::Request<WasiBody>) -> Option<hyper::Request<WasiBody>> {
+    use hyper::body::Body;
+    let safe = matches!(*request.method(), hyper::Method::GET | hyper::Method::HEAD);
+    if !safe || request.body().size_hint().exact() != Some(0) {
+        return None;
+    }
+    let mut again = hyper::Request::new(full_body(Bytes::new()));
+    *again.method_mut() = request.method().clone();
+    *again.uri_mut() = request.uri().clone();
+    *again.version_mut() = request.version();
+    *again.headers_mut() = request.headers().clone();
+    Some(again)
+}
+
+/// Gives `function`'s warm reuse up after `failure` of a reused instance, with one line in
+/// the log; `proven` when a fresh instance then served the request.
+fn give_up_reuse(function: &Function, failure: &Failure, proven: bool) {
+    if function.config.reuse != Reuse::Warm || !function.give_up_reuse() {
+        return;
+    }
+    eprintln!(
+        "samepage: function {}: a reused instance failed a request ({failure}){}: switched to \
+         per-request instances",
+        function.config.name,
+        if proven {
+            " that a fresh one served"
+        } else {
+            ""
+        }
+    );
 }
 
 /// Sends a pre-warmed instance a GET for `path` and waits for its response's body.

@@ -10,7 +10,8 @@
 //!   saves them under `/proc/PID/ksm_stat`'s names (`ksm_merging_pages`, `ksm_zero_pages`,
 //!   `ksm_process_profit`);
 //! - per function: requests, responses by class, cold and warm starts, pre-warmed
-//!   instances, evictions, expiries, traps, timeouts, refusals over budget, and a histogram
+//!   instances, evictions, expiries, traps, timeouts, refusals over budget, warm reuse given
+//!   up and requests served again after a reused instance failed them, and a histogram
 //!   of the time from a request's arrival to its response's head;
 //! - the host: its PSS and its memory budget.
 //!
@@ -189,13 +190,23 @@ const FUNCTION_COUNTERS: &[(&str, &str, CounterField)] = &[
     ),
     (
         "samepage_traps",
-        "Requests whose instance trapped (answered 500, instance dropped).",
+        "Requests whose instance trapped or did not answer (answered 500, instance dropped).",
         |c| &c.traps,
     ),
     (
         "samepage_timeouts",
         "Requests that ran out of time (answered 500, instance dropped).",
         |c| &c.timeouts,
+    ),
+    (
+        "samepage_reuse_fallbacks",
+        "Times warm reuse was given up for an instance per request (at most once).",
+        |c| &c.reuse_fallbacks,
+    ),
+    (
+        "samepage_retries",
+        "Requests a reused instance failed, served again by a fresh instance.",
+        |c| &c.retries,
     ),
     (
         "samepage_over_budget",

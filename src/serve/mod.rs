@@ -8,7 +8,13 @@
 //!
 //! Every instance's memories are samepage's: memfds, module images mapped, registered with
 //! one merge engine. Each tenant is a merge domain unless the config joins tenants, so no
-//! page is shared between tenants by default.
+//! page is shared between tenants by default. With `--dedup off` they are wasmtime's own,
+//! as a host without samepage has them (copy-on-write images, pooling allocator).
+//!
+//! Each request to a component gets an instance of its own by default, as `wasmtime serve`
+//! gives every wasi:http 0.2 request (`reuse = "reset"`); warm reuse, which keeps state
+//! across requests, is a function's choice (`answer.rs` and `lifecycle.rs` say what happens
+//! when a reused instance fails).
 //!
 //! This file is the server's front: the listener, dispatch (a request to its function, then
 //! to a blocking thread with one of the function's permits, at most `max_instances` at
@@ -20,6 +26,7 @@
 //! SIGTERM and SIGINT stop accepting, let the requests in flight finish (up to the drain
 //! timeout), and exit 0.
 
+mod answer;
 mod budget;
 mod code;
 pub(crate) mod config;
@@ -81,12 +88,13 @@ pub struct ServeArgs {
     /// 2GiB; idle instances are evicted, least recently used first, to stay within it.
     #[arg(long, value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
-    /// Merge instances' memories (off: memfd memories never merged, to compare with).
+    /// Merge instances' memories (off: wasmtime's own memories, copy-on-write images and
+    /// pooling allocator, as a host without samepage runs them).
     #[arg(long, value_enum)]
     pub dedup: Option<Switch>,
 
-    /// What becomes of an instance after a request [default: warm for a component, fresh
-    /// for a WAGI command, the only choice there].
+    /// What becomes of an instance after a request [default: reset for a component (an
+    /// instance per request, made ahead), fresh for a WAGI command, the only choice there].
     #[arg(long, value_enum, help_heading = "One component")]
     pub reuse: Option<Reuse>,
     /// Instances kept ready, made before serving.
@@ -215,18 +223,24 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     let mut wasm_config = wasmtime::Config::new();
-    let samepage = Samepage::configure(
-        &mut wasm_config,
-        SamepageConfig {
-            dedup: config.dedup,
-            engine_config: EngineConfig {
-                knobs: config.knobs.clone(),
-                ..EngineConfig::default()
+    let samepage = if config.dedup {
+        Samepage::configure(
+            &mut wasm_config,
+            SamepageConfig {
+                dedup: true,
+                // The scanner takes only the CPU that requests leave.
+                engine_config: EngineConfig {
+                    scanner_yields: true,
+                    knobs: config.knobs.clone(),
+                    ..EngineConfig::default()
+                },
+                merge_on_instantiate: true,
             },
-            merge_on_instantiate: config.dedup,
-        },
-    )
-    .context("starting the merge engine")?;
+        )
+        .context("starting the merge engine")?
+    } else {
+        Samepage::without_merging(&mut wasm_config)
+    };
     let timeouts = config.functions.iter().any(|f| f.request_timeout.is_some());
     if timeouts {
         wasm_config.epoch_interruption(true);

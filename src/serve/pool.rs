@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -23,7 +23,7 @@ use samepage_runtime::StoreOwner;
 use tokio::sync::Semaphore;
 
 use super::code::Code;
-use super::config::FunctionConfig;
+use super::config::{FunctionConfig, Reuse};
 use super::proxy::ProxyInstance;
 
 /// One function: its configuration, code, pool and counters.
@@ -39,6 +39,11 @@ pub struct Function {
     owners: Mutex<BTreeMap<OwnerId, StoreOwner>>,
     /// Bytes of PSS the function's last new instance added, merged; 0 until one was made.
     cost: AtomicU64,
+    /// Set once a reused instance failed a request that a fresh one then served: the
+    /// function's requests get instances of their own from then on, whatever `reuse` says.
+    per_request: AtomicBool,
+    /// Requests in flight and their recent peak: how many ready instances to keep.
+    pub demand: Demand,
     /// Read at each scrape; never reset.
     pub counters: FunctionCounters,
     /// Seconds from a request's arrival to its response's head.
@@ -72,10 +77,57 @@ pub struct FunctionCounters {
     pub timeouts: AtomicU64,
     /// Requests refused because no instance could be made within the memory budget.
     pub over_budget: AtomicU64,
+    /// Times warm reuse was given up for per-request instances (at most once).
+    pub reuse_fallbacks: AtomicU64,
+    /// Requests a reused instance failed that were served again by a fresh instance.
+    pub retries: AtomicU64,
     /// Responses by class: 2xx, 4xx, 5xx (others go with 2xx).
     pub responses_2xx: AtomicU64,
     pub responses_4xx: AtomicU64,
     pub responses_5xx: AtomicU64,
+}
+
+/// A function's requests in flight, and the most there were at once lately: the number of
+/// ready instances worth keeping when each request takes one. The window is two periods of
+/// the pool keeper's [`Demand::roll`], so a burst is remembered for one to two periods.
+#[derive(Default)]
+pub struct Demand {
+    in_flight: AtomicUsize,
+    /// The peak of the current period and of the one before it.
+    peak: AtomicUsize,
+    previous_peak: AtomicUsize,
+}
+
+impl Demand {
+    /// Counts a request in flight until the guard is dropped.
+    pub fn enter(&self) -> DemandGuard<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+        DemandGuard(self)
+    }
+
+    /// The most requests in flight at once over the last one to two periods.
+    pub fn recent_peak(&self) -> usize {
+        self.peak
+            .load(Ordering::Acquire)
+            .max(self.previous_peak.load(Ordering::Acquire))
+    }
+
+    /// Starts a new period: the current peak becomes the previous one.
+    pub fn roll(&self) {
+        let now = self.in_flight.load(Ordering::Acquire);
+        let ended = self.peak.swap(now, Ordering::AcqRel);
+        self.previous_peak.store(ended, Ordering::Release);
+    }
+}
+
+/// A request counted in flight by [`Demand::enter`].
+pub struct DemandGuard<'a>(&'a Demand);
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Instances of a function, and what merging saves them.
@@ -112,10 +164,64 @@ impl Function {
             permits,
             owners: Mutex::new(BTreeMap::new()),
             cost: AtomicU64::new(0),
+            per_request: AtomicBool::new(false),
+            demand: Demand::default(),
             counters: FunctionCounters::default(),
             // 0.5 ms to about 16 s.
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         }
+    }
+
+    /// What becomes of the function's instances after a request: its `reuse`, unless warm
+    /// reuse was given up.
+    pub fn reuse(&self) -> Reuse {
+        if self.per_request.load(Ordering::Acquire) {
+            Reuse::Reset
+        } else {
+            self.config.reuse
+        }
+    }
+
+    /// Gives warm reuse up for instances of their own per request, once; `true` the first
+    /// time. Idle instances already parked keep whatever an earlier request left, so they go.
+    pub fn give_up_reuse(&self) -> bool {
+        if self.per_request.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.counters
+            .reuse_fallbacks
+            .fetch_add(1, Ordering::Relaxed);
+        let parked: Vec<Parked> = self.idle.lock().drain(..).collect();
+        for parked in parked {
+            self.retire(parked.instance);
+        }
+        true
+    }
+
+    /// How many more instances the pool keeper should make ahead of requests. A function
+    /// whose instances serve many requests keeps `min_instances` alive; one whose requests
+    /// each take an instance of their own keeps that many ready, or as many as were in
+    /// flight at once lately if more. Never past `max_instances` alive.
+    pub fn ready_shortfall(&self) -> usize {
+        let short = match self.reuse() {
+            Reuse::Reset => self.ready_target().saturating_sub(self.idle_count()),
+            Reuse::Warm | Reuse::Fresh => self.config.min_instances.saturating_sub(self.live()),
+        };
+        short.min(self.config.max_instances.saturating_sub(self.live()))
+    }
+
+    /// Whether the function has more instances than it keeps: idle ones may then expire.
+    pub fn has_surplus(&self) -> bool {
+        match self.reuse() {
+            Reuse::Reset => self.idle_count() > self.ready_target(),
+            Reuse::Warm | Reuse::Fresh => self.live() > self.config.min_instances,
+        }
+    }
+
+    /// The ready instances a function whose requests each take one keeps.
+    fn ready_target(&self) -> usize {
+        let target = self.config.min_instances.max(self.demand.recent_peak());
+        target.min(self.config.max_instances)
     }
 
     /// The most recently parked idle instance, if any.

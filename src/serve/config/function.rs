@@ -61,11 +61,15 @@ impl Location {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Reuse {
-    /// Parked in its function's pool, to serve a later request as it is (execution
-    /// environment reuse): what it built at start-up or in earlier requests stays.
+    /// Parked in its function's pool to serve later requests as it is: state is kept
+    /// across requests (what it built at start-up or in earlier requests stays, and one
+    /// request may see what another left). For components built for it, such as
+    /// componentize-py's; one whose reused instance fails a request a fresh one serves is
+    /// switched to `reset`.
     Warm,
-    /// Each request sees an instance as it was just instantiated, from its module image,
-    /// and the next one is instantiated off the request path, after the response.
+    /// Each request gets an instance of its own, as just instantiated (wasi:http 0.2's
+    /// contract, as `wasmtime serve` keeps it), taken from a few made ahead of demand off
+    /// the request path: the default for a component.
     Reset,
     /// Each request instantiates on its own path, as `wasmtime serve` does.
     Fresh,
@@ -162,7 +166,7 @@ impl FunctionConfig {
                 env: Vec::new(),
                 dirs: Vec::new(),
                 // Decided in `build`, by the program, unless set.
-                reuse: Reuse::Warm,
+                reuse: Reuse::Reset,
                 min_instances: 0,
                 max_instances: DEFAULT_MAX_INSTANCES,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -189,7 +193,7 @@ impl FunctionConfig {
 /// Makes a [`FunctionConfig`]. Each setter's `None` keeps the default.
 pub struct FunctionBuilder {
     config: FunctionConfig,
-    /// The `reuse` asked for; by default, `warm` for a component and `fresh` for a WAGI
+    /// The `reuse` asked for; by default, `reset` for a component and `fresh` for a WAGI
     /// command, the only one it can have.
     reuse: Option<Reuse>,
 }
@@ -274,7 +278,7 @@ impl FunctionBuilder {
         let wagi = matches!(config.program, Program::Wagi(_));
         config.reuse = self
             .reuse
-            .unwrap_or(if wagi { Reuse::Fresh } else { Reuse::Warm });
+            .unwrap_or(if wagi { Reuse::Fresh } else { Reuse::Reset });
         if config.min_instances > config.max_instances {
             return Err(Contradiction::MinAboveMax {
                 min: config.min_instances,
@@ -303,7 +307,7 @@ mod tests {
         let component = build(Program::Proxy("a.wasm".into()))
             .build()
             .expect("valid");
-        assert_eq!(component.reuse, Reuse::Warm);
+        assert_eq!(component.reuse, Reuse::Reset);
         assert_eq!(component.route.prefix, "/");
         assert_eq!(component.tenant, DEFAULT_TENANT);
         assert_eq!(component.max_instances, DEFAULT_MAX_INSTANCES);
