@@ -29,18 +29,11 @@ struct DensityRun {
     stopped: String,
 }
 
-/// What the trace sizes its budget by: the host alone and an instance's PSS, merging on and
-/// off, in bytes.
-pub(super) struct DensityFigures {
-    pub(super) base: [f64; 2],
-    pub(super) per_instance: [f64; 2],
-}
-
 pub(super) fn density(
     rounds: u32,
     params: &Params,
     component: &Component,
-) -> Result<(String, Vec<Vec<String>>, DensityFigures)> {
+) -> Result<(String, Vec<Vec<String>>, ())> {
     // The host alone, each way: what the instances are counted above, and its start time.
     let mut base = Vec::new();
     for mode in ["on", "off"] {
@@ -77,7 +70,6 @@ pub(super) fn density(
         median(runs.iter().map(field).collect())
     };
     let mut rows = Vec::new();
-    let mut per_instance = [0.0; 2];
     for (index, mode) in ["on", "off"].into_iter().enumerate() {
         let r = &runs[index];
         let (base_pss, base_ready) = base[index];
@@ -88,14 +80,13 @@ pub(super) fn density(
         let mut stopped: Vec<&str> = r.iter().map(|d| d.stopped.as_str()).collect();
         stopped.sort_unstable();
         stopped.dedup();
-        per_instance[index] = (pss - base_pss) / instances.max(1.0);
         let counts: Vec<f64> = r.iter().map(|d| d.instances).collect();
         rows.push(vec![
             mode.to_owned(),
             format!("**{}**", spread(&counts, |v| format!("{v:.0}"))),
             mib(pss),
             mib(base_pss),
-            mib(per_instance[index]),
+            mib((pss - base_pss) / instances.max(1.0)),
             format!("{:.1} s", med(r, |d| d.ready_seconds) - base_ready),
             if map_budget > 0.0 {
                 format!(
@@ -180,11 +171,7 @@ pub(super) fn density(
             100.0 * vmas / map_budget
         );
     }
-    let figures = DensityFigures {
-        base: [base[0].0, base[1].0],
-        per_instance,
-    };
-    Ok((text, targets, figures))
+    Ok((text, targets, ()))
 }
 
 fn density_run(component: &Component, mode: &str, budget: &str) -> Result<DensityRun> {

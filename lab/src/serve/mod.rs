@@ -186,11 +186,11 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
                     .map(|(text, targets)| (text, targets, ()))
             },
         );
-        let density = part(&mut report, &mut local, "Density", || {
+        part(&mut report, &mut local, "Density", || {
             density::density(rounds, &params, component)
         });
         part(&mut report, &mut local, "Cold starts on a trace", || {
-            trace::trace(rounds, &params, component, density.as_ref(), &scratch, out)
+            trace::trace(rounds, &params, component, &scratch, out)
                 .map(|(text, targets)| (text, targets, ()))
         });
         targets.extend(local.into_iter().map(|mut row| {
@@ -214,7 +214,13 @@ fn part<T>(
     title: &str,
     run: impl FnOnce() -> Result<(String, Vec<Vec<String>>, T)>,
 ) -> Option<T> {
-    match run() {
+    let started = std::time::Instant::now();
+    let result = run();
+    eprintln!(
+        "bench: serve: {title}: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    match result {
         Ok((text, rows, value)) => {
             report.push_str(&text);
             targets.extend(rows);

@@ -7,11 +7,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use plotters::prelude::SeriesLabelPosition;
 
 use super::arrivals::{Arrival, TRACE_FUNCTIONS, TRACE_RATE, TRACE_SEED, TRACE_ZIPF_S, schedule};
-use super::density::DensityFigures;
 use super::http::get;
 use super::metrics::{Metrics, scrape};
 use super::server::Host;
@@ -23,13 +22,9 @@ use crate::{mib, table};
 const TRACE_TENANTS: usize = 2;
 /// Requests of the trace.
 pub(super) const TRACE_REQUESTS: usize = 600;
-/// The trace's memory budget is the host alone (the larger of merging on's and off's, from
-/// the density part) and room for this many instances as merging off holds them (its PSS per
-/// instance, from the density part): fewer than the functions.
-const TRACE_ROOM_INSTANCES: f64 = 6.0;
-/// The least room above the host alone, so that the host can start whatever an instance
-/// costs.
-const TRACE_ROOM_LEAST_MIB: f64 = 16.0;
+/// The trace's memory budget: the host alone serving the trace's functions (the larger of
+/// merging on's and off's) and this much room for instances.
+const TRACE_ROOM_MIB: u64 = 48;
 /// Most instances of each function in the trace.
 const TRACE_MAX_INSTANCES: u32 = 8;
 /// How often the trace's server metrics are scraped (for the plot and peak PSS).
@@ -37,8 +32,11 @@ const TRACE_SCRAPE_EVERY: Duration = Duration::from_millis(500);
 
 /// The trace's config: one function per route, the same component, tenants alternating,
 /// each function in `samepage serve`'s default reuse.
-fn trace_config(component: &Path, budget_mib: u64) -> String {
-    let mut config = format!("[server]\nmemory_budget = \"{budget_mib}MiB\"\n\n");
+fn trace_config(component: &Path, budget_mib: Option<u64>) -> String {
+    let mut config = match budget_mib {
+        Some(budget) => format!("[server]\nmemory_budget = \"{budget}MiB\"\n\n"),
+        None => String::new(),
+    };
     for k in 0..TRACE_FUNCTIONS {
         let _ = write!(
             config,
@@ -99,20 +97,23 @@ pub(super) fn trace(
     rounds: u32,
     params: &Params,
     component: &Component,
-    density: Option<&DensityFigures>,
     scratch: &Path,
     out: &Path,
 ) -> Result<(String, Vec<Vec<String>>)> {
-    let Some(density) = density else {
-        bail!("the trace's memory budget is sized by the density part's figures, and it failed");
-    };
-    let room =
-        (TRACE_ROOM_INSTANCES * density.per_instance[1]).max(TRACE_ROOM_LEAST_MIB * 1048576.0);
-    let budget_mib = ((density.base[0].max(density.base[1]) + room) / 1048576.0).ceil() as u64;
     let plan = schedule(params.trace_requests);
     let config = scratch.join(format!("trace-{}.toml", component.key));
-    std::fs::write(&config, trace_config(&component.path, budget_mib))?;
+    // The host alone, serving the functions with no instance, each way.
+    std::fs::write(&config, trace_config(&component.path, None))?;
     let config = config.to_str().context("a UTF-8 path")?.to_owned();
+    let mut alone = [0.0; 2];
+    for (index, mode) in ["on", "off"].into_iter().enumerate() {
+        let mut host = Host::samepage(&["--config", &config, "--dedup", mode])?;
+        std::thread::sleep(Duration::from_secs(1));
+        alone[index] = host.metrics()?.sum("samepage_host_pss_bytes");
+        host.stop()?;
+    }
+    let budget_mib = (alone[0].max(alone[1]) / 1048576.0).ceil() as u64 + TRACE_ROOM_MIB;
+    std::fs::write(&config, trace_config(&component.path, Some(budget_mib)))?;
     let mut runs: [Vec<TraceRun>; 2] = [Vec::new(), Vec::new()];
     for round in 0..rounds as usize {
         for k in 0..2 {
@@ -229,10 +230,9 @@ pub(super) fn trace(
          (`[[function]]`s f0 … f{} on routes /f0 … /f{}, `samepage serve`'s default reuse, \
          `min_instances = 0`, `max_instances = {TRACE_MAX_INSTANCES}`), in {TRACE_TENANTS} \
          tenants (f0, f2, … in t0; f1, f3, … in t1; each tenant its own merge domain), in one \
-         memory budget of {budget_mib} MiB: the host alone (the larger of merging on's and \
-         off's, from the density part) and room for {TRACE_ROOM_INSTANCES:.0} instances as \
-         merging off holds them ({} each, from the density part; at least \
-         {TRACE_ROOM_LEAST_MIB:.0} MiB), fewer than the functions. The trace is {} requests \
+         memory budget of {budget_mib} MiB: the host alone serving these functions with no \
+         instance ({} merging on, {} off, one start each) and {TRACE_ROOM_MIB} MiB for \
+         instances. The trace is {} requests \
          with Poisson arrivals at {TRACE_RATE} requests/s (exponential gaps; {:.1} s in \
          all), each to function k with Zipf weight 1/(k+1)^{TRACE_ZIPF_S} ({}), drawn by \
          splitmix64 from seed {TRACE_SEED:#x}: the same trace for every run. Each request is \
@@ -247,7 +247,8 @@ pub(super) fn trace(
          {} component]({plot})\n\n",
         TRACE_FUNCTIONS - 1,
         TRACE_FUNCTIONS - 1,
-        mib(density.per_instance[1]),
+        mib(alone[0]),
+        mib(alone[1]),
         plan.len(),
         plan.last().map_or(0.0, |a| a.at),
         shares.join(", "),
