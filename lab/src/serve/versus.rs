@@ -60,6 +60,9 @@ struct Run {
     open_peak: f64,
     /// samepage's cold starts during the closed-loop run, and its requests.
     cold: Option<(f64, f64)>,
+    /// samepage's functions switched from reuse to per-request instances, and requests
+    /// retried on a fresh instance, over the server's life.
+    fallbacks: Option<(f64, f64)>,
 }
 
 /// Returns the section, its target rows, and the default's closed-loop requests/s (its peak
@@ -117,6 +120,16 @@ pub(super) fn versus(
                 Offer::Rate(rate),
             )?;
             let open_samples = sampler.stop();
+            let fallbacks = match host.admin {
+                Some(_) => {
+                    let m = host.metrics()?;
+                    Some((
+                        m.sum("samepage_reuse_fallbacks_total"),
+                        m.sum("samepage_retries_total"),
+                    ))
+                }
+                None => None,
+            };
             host.stop()?;
             let peak = |s: &[u64]| s.iter().copied().max().unwrap_or(0) as f64;
             runs[index].push(Run {
@@ -126,6 +139,7 @@ pub(super) fn versus(
                 open_peak: peak(&open_samples),
                 open,
                 cold,
+                fallbacks,
             });
         }
     }
@@ -273,6 +287,24 @@ pub(super) fn versus(
             &open_rows
         )
     );
+    for server in [Server::Default, Server::Fresh, Server::Warm] {
+        let r = &runs[server as usize];
+        let switched = r
+            .iter()
+            .filter(|x| x.fallbacks.is_some_and(|f| f.0 > 0.0))
+            .count();
+        let retried: f64 = r.iter().filter_map(|x| x.fallbacks).map(|f| f.1).sum();
+        if switched > 0 || retried > 0.0 {
+            let _ = writeln!(
+                text,
+                "{}: switched from reuse to per-request instances in {switched} of {} runs \
+                 (`samepage_reuse_fallbacks_total`), {retried:.0} requests retried on a fresh \
+                 instance (`samepage_retries_total`).\n",
+                server.label(),
+                r.len()
+            );
+        }
+    }
     let met = |ok: bool| if ok { "met" } else { "**missed**" };
     let _ = writeln!(
         text,
