@@ -214,26 +214,43 @@ impl Engine {
             let owner = state.region_owner(id).ok_or(Error::UnknownRegion(id))?;
             self.check_image(image, &owner, len)?;
         }
-        state.reset_region(guard.quiescent(), id, image.map(|image| image.id))
+        state.reset_region(guard.quiescent(), id, image.map(|image| image.id), None)
+    }
+
+    /// [`Engine::reset_region`], and the region shortened to `len` bytes (page-aligned) if
+    /// it grew past them: pages past `len` become reserved address space again, as they were
+    /// before the region grew over them, and their memfd pages are punched, so that a growth
+    /// later maps zeros there. For a host that reuses a memory for a new instance of the same
+    /// module (the memory as it was registered). The caller shortens its own mapping's
+    /// length to match ([`crate::MemfdMapping::reset`] does both).
+    pub fn reset_region_to(
+        &self,
+        guard: &OwnerGuard,
+        region: impl Into<RegionId>,
+        image: Option<&MemoryImage>,
+        len: usize,
+    ) -> Result<(), Error> {
+        reset_to(&self.shared, guard, region.into(), image, len)
+    }
+
+    /// Hands `region` over from the owner whose guard is `from` to `to`, in the same domain:
+    /// from then on `to`'s guard is the one that keeps the engine off the region, and the
+    /// region counts as `to`'s. Its pages and their sharing stay as they are; the advice the
+    /// old owner gave is dropped (advice is the owner's word about its own data). For a host
+    /// that reuses a memory, reset to its image, for a new instance: `to` must not be able to
+    /// reach the region before this returns (a new instance's memories are not in use before
+    /// its instantiation has them).
+    pub fn reassign_region(
+        &self,
+        handle: &mut RegionHandle,
+        from: &OwnerGuard,
+        to: &Owner,
+    ) -> Result<(), Error> {
+        handle.reassign(from, to)
     }
 
     fn check_image(&self, image: &MemoryImage, owner: &Owner, len: usize) -> Result<(), Error> {
-        if !Arc::ptr_eq(&image.shared, &self.shared) {
-            return Err(Error::ForeignImage);
-        }
-        if image.domain() != owner.domain() {
-            return Err(Error::ImageDomain {
-                image: image.domain(),
-                region: owner.domain(),
-            });
-        }
-        if image.len() > len {
-            return Err(Error::ImageTooLong {
-                image: image.len(),
-                region: len,
-            });
-        }
-        Ok(())
+        check_image(&self.shared, image, owner, len)
     }
 
     /// Merges what can be merged in `range` (bytes, page-aligned) of `region` now, without
@@ -305,6 +322,14 @@ impl Engine {
         self.shared.state.lock().region_len(region.into())
     }
 
+    /// The current length of `region` in bytes while `owner` owns it; `None` once it is
+    /// unregistered or handed to another owner ([`Engine::reassign_region`]).
+    pub fn owned_region_len(&self, region: impl Into<RegionId>, owner: OwnerId) -> Option<usize> {
+        let id = region.into();
+        let state = self.shared.state.lock();
+        (state.region_owner(id)?.id() == owner).then(|| state.region_len(id))?
+    }
+
     /// Unmerges every region whose owner is quiescent, in the calling thread; returns how many
     /// regions were busy (and still hold merged pages).
     pub fn unmerge_all(&self) -> Result<usize, Error> {
@@ -364,9 +389,93 @@ impl Engine {
     }
 }
 
+/// Refuses an image of another engine, of another domain than `owner`'s, or longer than
+/// `len` bytes.
+fn check_image(
+    shared: &Arc<Shared>,
+    image: &MemoryImage,
+    owner: &Owner,
+    len: usize,
+) -> Result<(), Error> {
+    if !Arc::ptr_eq(&image.shared, shared) {
+        return Err(Error::ForeignImage);
+    }
+    if image.domain() != owner.domain() {
+        return Err(Error::ImageDomain {
+            image: image.domain(),
+            region: owner.domain(),
+        });
+    }
+    if image.len() > len {
+        return Err(Error::ImageTooLong {
+            image: image.len(),
+            region: len,
+        });
+    }
+    Ok(())
+}
+
+/// [`Engine::reset_region_to`], for the engine behind `shared`.
+fn reset_to(
+    shared: &Arc<Shared>,
+    guard: &OwnerGuard,
+    id: RegionId,
+    image: Option<&MemoryImage>,
+    len: usize,
+) -> Result<(), Error> {
+    let mut state = shared.state.lock();
+    let current = state.region_len(id).ok_or(Error::UnknownRegion(id))?;
+    state.checked_pages(guard, id, 0..current)?;
+    if !len.is_multiple_of(PAGE_SIZE) {
+        return Err(Error::Unaligned { base: 0, len });
+    }
+    if let Some(image) = image {
+        let owner = state.region_owner(id).ok_or(Error::UnknownRegion(id))?;
+        check_image(shared, image, &owner, len.min(current))?;
+    }
+    state.reset_region(
+        guard.quiescent(),
+        id,
+        image.map(|image| image.id),
+        Some(len),
+    )
+}
+
 impl RegionHandle {
     pub fn id(&self) -> RegionId {
         self.region.id
+    }
+
+    /// [`Engine::reset_region_to`] of this region.
+    pub fn reset_to(
+        &self,
+        guard: &OwnerGuard,
+        image: Option<&MemoryImage>,
+        len: usize,
+    ) -> Result<(), Error> {
+        reset_to(&self.shared, guard, self.region.id, image, len)
+    }
+
+    /// [`Engine::reassign_region`] of this region.
+    pub fn reassign(&mut self, from: &OwnerGuard, to: &Owner) -> Result<(), Error> {
+        let id = self.region.id;
+        if from.owner() != self.region.owner.id() {
+            return Err(Error::WrongOwner(id));
+        }
+        if to.domain() != self.region.owner.domain() {
+            return Err(Error::OwnerDomain {
+                region: id,
+                domain: self.region.owner.domain(),
+                owner: to.domain(),
+            });
+        }
+        let region = Arc::new(self.region.with_owner(to.clone()));
+        self.shared
+            .state
+            .lock()
+            .reassign_region(id, region.clone())?;
+        self.region = region;
+        Ok(())
     }
 
     /// Records that the owner grew the region in place to `len` bytes. Call with the owner's

@@ -24,6 +24,14 @@ pub enum Error {
     UnknownRegion(RegionId),
     #[error("the guard belongs to another owner than region {0:?}")]
     WrongOwner(RegionId),
+    #[error("region {region:?} is of domain {domain}; it cannot go to an owner of domain {owner}")]
+    OwnerDomain {
+        region: RegionId,
+        domain: u32,
+        owner: u32,
+    },
+    #[error("the mapping is not registered with an engine")]
+    NotRegistered,
     #[error("range {range:?} is outside region {region:?} of {len} bytes, or not page-aligned")]
     OutOfRange {
         region: RegionId,

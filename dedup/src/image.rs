@@ -54,6 +54,12 @@ impl MemoryImage {
         }
     }
 
+    /// The engine's number for the image, never reused while the process runs: two images
+    /// with the same number are the same image.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Bytes from the start of a region that the image covers.
     pub fn len(&self) -> usize {
         self.len

@@ -17,9 +17,11 @@
 //!   dropped before the reservation is unmapped);
 //! - nothing else maps inside the reservation, so `MAP_FIXED` over its unused part discards
 //!   nobody's memory;
-//! - the length only grows, by the owner with its guard held; the memfd is never shorter than
-//!   the length (a mapped page past the end of its file raises `SIGBUS`): it is sealed against
-//!   shrinking from its creation.
+//! - the length grows only by the owner with its guard held, and shrinks only in a reset
+//!   ([`MemfdMapping::reset`]), which leaves nothing of what the owner wrote; the memfd is
+//!   never shorter than the length (a mapped page past the end of its file raises `SIGBUS`):
+//!   it is sealed against shrinking from its creation, and stays as long as the longest the
+//!   mapping ever was (its pages past the length are punched, so a later growth maps zeros).
 
 use std::io;
 use std::sync::Arc;
@@ -60,6 +62,8 @@ pub struct MemfdMapping {
     base: *mut u8,
     /// Accessible bytes.
     len: usize,
+    /// Bytes of the memfd: the longest `len` has been (the file cannot shrink).
+    file_len: usize,
     /// Bytes `len` can grow to in place.
     capacity: usize,
     /// Bytes reserved from `base`: the capacity and the guard region after it.
@@ -152,6 +156,7 @@ impl MemfdMapping {
             memfd: Arc::new(memfd),
             base: base.cast(),
             len: 0,
+            file_len: 0,
             capacity,
             reservation,
             handle: None,
@@ -195,6 +200,32 @@ impl MemfdMapping {
         &self.memfd
     }
 
+    /// Puts the mapping back to `image` (zeros without one) and `len` bytes, with the owner's
+    /// `guard` held: [`Engine::reset_region_to`], which frees what the owner wrote in time
+    /// proportional to it, and this mapping's length shortened to match. `len` must not be
+    /// shorter than the image. Only for a registered mapping; on an error the mapping is part
+    /// reset: drop it (or reset it again) rather than hand it to anyone.
+    pub fn reset(
+        &mut self,
+        guard: &crate::OwnerGuard,
+        image: Option<&MemoryImage>,
+        len: usize,
+    ) -> Result<(), MappingError> {
+        let len = aligned(len)?;
+        let handle = self.handle.as_ref().ok_or(Error::NotRegistered)?;
+        handle.reset_to(guard, image, len)?;
+        self.len = self.len.min(len);
+        Ok(())
+    }
+
+    /// Hands the registered mapping over from the owner whose guard is `from` to `to` (same
+    /// domain): [`Engine::reassign_region`].
+    pub fn reassign(&mut self, from: &crate::OwnerGuard, to: &Owner) -> Result<(), MappingError> {
+        let handle = self.handle.as_mut().ok_or(Error::NotRegistered)?;
+        handle.reassign(from, to)?;
+        Ok(())
+    }
+
     /// Grows the accessible range to `len` bytes in place; on failure nothing changed. Only
     /// the owner grows its mapping, with its guard held (rule 1 of [`crate::quiesce`]): wasm's
     /// `memory.grow` runs inside the instance, which holds it.
@@ -216,10 +247,13 @@ impl MemfdMapping {
                 capacity: self.capacity,
             });
         }
-        self.memfd
-            .as_file()
-            .set_len(len as u64)
-            .map_err(|source| MappingError::Resize { bytes: len, source })?;
+        if len > self.file_len {
+            self.memfd
+                .as_file()
+                .set_len(len as u64)
+                .map_err(|source| MappingError::Resize { bytes: len, source })?;
+            self.file_len = len;
+        }
         // SAFETY: the new range lies inside our reservation (within the capacity) past the
         // accessible end, so it replaces only `PROT_NONE` reservation that nobody else maps
         // (module invariants), never memory anyone uses; the memfd was just made long enough.

@@ -120,8 +120,9 @@ impl Owner {
         self.entries.load(Ordering::Acquire)
     }
 
-    /// The scanner's side of rule 2: the gate if it is free right now, else `None`.
-    pub(crate) fn try_enter(&self) -> Option<OwnerGuard> {
+    /// The gate if it is free right now, else `None`: the scanner's side of rule 2, and a
+    /// host's when it must not wait (it may hold the gate itself further up its stack).
+    pub fn try_enter(&self) -> Option<OwnerGuard> {
         self.gate.try_lock_arc().map(|gate| OwnerGuard {
             owner: self.id,
             _gate: gate,

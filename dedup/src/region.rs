@@ -3,7 +3,10 @@
 //! A region is `len` bytes at `base`, mapped `MAP_SHARED` from offset 0 of its memfd. The
 //! engine may replace any page of it by a `MAP_PRIVATE` mapping of a stable page, and later
 //! put the region's own memfd page back; the owner sees the same bytes throughout. A region
-//! may grow (wasm `memory.grow`) but never moves or shrinks while registered.
+//! may grow (wasm `memory.grow`) but never moves while registered; it shrinks only inside a
+//! reset ([`crate::Engine::reset_region_to`]), under its owner's gate, when nothing is left
+//! of what the owner wrote. A region changes owner only between owners
+//! ([`crate::Engine::reassign_region`]), both gates' worth of quiescence held.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -41,6 +44,18 @@ impl Region {
             memfd,
             base,
             len: AtomicUsize::new(len),
+        }
+    }
+
+    /// The same region (id, memfd, base, length) under another owner: what the records and
+    /// the handle hold once [`crate::Engine::reassign_region`] handed the region over.
+    pub(crate) fn with_owner(&self, owner: Owner) -> Self {
+        Self {
+            id: self.id,
+            owner,
+            memfd: self.memfd.clone(),
+            base: self.base,
+            len: AtomicUsize::new(self.len()),
         }
     }
 

@@ -45,6 +45,36 @@ fn replace_pages(
     Ok(())
 }
 
+/// Makes pages `first..first + count` of the region inaccessible address space again
+/// (`PROT_NONE`, nothing behind it), as they were before the region grew over them: for a
+/// reset that shrinks the region, once nothing of what the owner wrote is left there.
+pub(crate) fn reserve(
+    q: Quiescent<'_>,
+    region: &Region,
+    first: usize,
+    count: usize,
+) -> Result<(), Error> {
+    region.check_token(q);
+    // SAFETY: the range lies inside the region's reservation (callers bound it by the length
+    // read under the gate), which only the region's mapping uses; the owner cannot touch it
+    // meanwhile (the token), and it is about to lose the range: the caller shortens the
+    // region's length right after, under the same token.
+    crate::faults::check(Syscall::Mmap)
+        .and_then(|()| unsafe {
+            rustix::mm::mmap_anonymous(
+                region.page_addr(first) as *mut _,
+                count * PAGE_SIZE,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+            )
+        })
+        .map_err(|e| Error::Remap {
+            region: region.id,
+            source: e.into(),
+        })?;
+    Ok(())
+}
+
 /// Maps `count` stable pages starting at `slot` of `stable` over the region's pages starting
 /// at `first`, copy-on-write. The caller has checked that the region's bytes there equal the
 /// stable pages' bytes, under the same token.

@@ -14,6 +14,7 @@ mod cow_fault;
 mod defaults;
 mod density;
 mod engine;
+mod instantiate;
 pub mod ksm;
 mod merge_now;
 pub mod plot;
@@ -48,6 +49,9 @@ pub enum Suite {
     Density,
     /// Peak memory of a run, merging while the instances start against merging after.
     Start,
+    /// Time per instantiation of real programs against wasmtime's pooling allocator with
+    /// copy-on-write images, in one process.
+    Instantiate,
     /// `samepage serve` on a Python component: warm instances in a memory budget, latency
     /// under load (oha), against `wasmtime serve`, cold starts on a trace; merging on and off.
     Serve,
@@ -114,6 +118,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Suite::MergeNow => merge_now::suite()?,
             Suite::Density => density::suite(args.rounds)?,
             Suite::Start => start::suite(args.rounds)?,
+            Suite::Instantiate => instantiate::suite()?,
             Suite::Serve => serve::suite(args.rounds, &args.out)?,
             #[cfg(feature = "spec-suite")]
             Suite::Spec => spec::suite(&args.out)?,

@@ -48,6 +48,7 @@ mod limits;
 pub mod measure;
 mod memory;
 mod program;
+mod slots;
 mod stdio;
 mod store;
 
@@ -62,6 +63,7 @@ pub use instance::{Instance, RunOutcome, WasiOptions};
 pub use limits::{EPOCH_TICK, EpochTicker, Limits};
 pub use memory::{MemoryError, MemoryRegion};
 pub use program::{Program, is_component};
+pub use slots::IDLE_SLOTS;
 pub use stdio::{GuestOutput, HostStream};
-pub use store::{ComponentRef, HasStoreOwner, ModuleRef, StoreOwner};
+pub use store::{ComponentPre, ComponentRef, HasStoreOwner, ModulePre, ModuleRef, StoreOwner};
 pub use wasmtime::Val;

@@ -32,14 +32,21 @@
 //! instance's memories, on the instantiating thread; the scope also collects the memories
 //! created, each a [`MemoryRegion`], which become the store owner's regions
 //! ([`crate::StoreOwner`]).
+//!
+//! A merged memory is not made from nothing when a ready one fits: the creator takes it from
+//! its [`SlotPool`] (`crate::slots` states how and why that is sound), and a dropped memory
+//! goes back there, reset to its image.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
+
+use std::sync::Arc;
 
 use samepage_dedup::{Engine, MappingError, MemfdMapping, Owner, PAGE_SIZE, RegionId};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
 use crate::image::ImagePlan;
+use crate::slots::{IDLE_SLOTS, SlotKey, SlotPool};
 
 /// Why a linear memory could not be created or grown.
 #[derive(Debug, thiserror::Error)]
@@ -213,11 +220,23 @@ fn capacity_of(
 pub(crate) struct MemfdMemoryCreator {
     /// The engine that merges the memories' pages; `None` keeps them memfd-backed but unmerged.
     dedup: Option<Engine>,
+    /// Ready memories to reuse, when merging (`crate::slots`).
+    slots: Option<Arc<SlotPool>>,
 }
 
 impl MemfdMemoryCreator {
+    /// A creator keeping up to [`IDLE_SLOTS`] ready memories when it merges.
     pub(crate) fn new(dedup: Option<Engine>) -> Self {
-        Self { dedup }
+        Self::with_idle_slots(dedup, IDLE_SLOTS)
+    }
+
+    /// A creator keeping up to `idle_slots` ready memories when it merges (none with 0).
+    pub(crate) fn with_idle_slots(dedup: Option<Engine>, idle_slots: usize) -> Self {
+        let slots = dedup
+            .as_ref()
+            .filter(|_| idle_slots > 0)
+            .map(|_| SlotPool::new(idle_slots));
+        Self { dedup, slots }
     }
 
     fn create(
@@ -246,7 +265,10 @@ impl MemfdMemoryCreator {
                 capacity,
                 guard_size_in_bytes,
             )?;
-            return Ok(MemfdMemory { mapping });
+            return Ok(MemfdMemory {
+                mapping: Some(mapping),
+                release: None,
+            });
         }
         let owner = match (&self.dedup, current_owner()) {
             (Some(_), None) => return Err(MemoryError::NoOwner),
@@ -270,26 +292,48 @@ impl MemfdMemoryCreator {
             }
             None => None,
         };
-        let mapping = MemfdMapping::with_image(
-            self.dedup.as_ref().map(|engine| (engine, image)),
-            &owner,
-            "samepage-linear-memory",
-            minimum,
+        let key = SlotKey {
+            domain: owner.domain(),
+            image: image.map(|image| image.id()),
+            len: minimum,
             capacity,
-            guard_size_in_bytes,
-        )?;
+            guard: guard_size_in_bytes,
+        };
+        let reused = self.slots.as_ref().and_then(|pool| pool.take(&key, &owner));
+        let mapping = match reused {
+            Some(mapping) => mapping,
+            None => MemfdMapping::with_image(
+                self.dedup.as_ref().map(|engine| (engine, image)),
+                &owner,
+                "samepage-linear-memory",
+                minimum,
+                capacity,
+                guard_size_in_bytes,
+            )?,
+        };
         if let Some(handle) = mapping.region() {
             record_created(MemoryRegion {
                 base: mapping.as_ptr() as usize,
                 id: handle.id(),
             });
         }
-        Ok(MemfdMemory { mapping })
+        let release = self.slots.as_ref().map(|pool| Release {
+            pool: pool.clone(),
+            key,
+            owner,
+            image: plan,
+        });
+        Ok(MemfdMemory {
+            mapping: Some(mapping),
+            release,
+        })
     }
 }
 
-// SAFETY: every memory handed out is zero-filled (a fresh memfd), never moves within its
-// capacity, and keeps its guard region inaccessible; see the invariants of `MemfdMemory`.
+// SAFETY: every memory handed out is zero-filled (a fresh memfd) or its module image, as a
+// fresh one made with that image is (a slot reset to it, `crate::slots` invariant 1), never
+// moves within its capacity, and keeps its guard region inaccessible; see the invariants of
+// `MemfdMemory`.
 unsafe impl MemoryCreator for MemfdMemoryCreator {
     fn new_memory(
         &self,
@@ -316,9 +360,47 @@ unsafe impl MemoryCreator for MemfdMemoryCreator {
     }
 }
 
-/// A linear memory: a [`MemfdMapping`] that wasmtime drives.
+/// A linear memory: a [`MemfdMapping`] that wasmtime drives, given back to its slot pool
+/// when dropped.
 pub(crate) struct MemfdMemory {
-    mapping: MemfdMapping,
+    /// Always `Some` but while being dropped.
+    mapping: Option<MemfdMapping>,
+    /// Where the memory goes when dropped, if to a pool.
+    release: Option<Release>,
+}
+
+/// What a pooled memory needs to go back to its pool.
+struct Release {
+    pool: Arc<SlotPool>,
+    key: SlotKey,
+    /// The owner it was made for, whose guard the reset takes.
+    owner: Owner,
+    /// The plan it was made under and its index there: its image, kept alive to reset to.
+    image: Option<(ImagePlan, usize)>,
+}
+
+impl MemfdMemory {
+    fn mapping(&self) -> &MemfdMapping {
+        self.mapping.as_ref().expect("taken only in drop")
+    }
+
+    fn mapping_mut(&mut self) -> &mut MemfdMapping {
+        self.mapping.as_mut().expect("taken only in drop")
+    }
+}
+
+impl Drop for MemfdMemory {
+    fn drop(&mut self) {
+        if let (Some(mapping), Some(release)) = (self.mapping.take(), self.release.take()) {
+            let image = release
+                .image
+                .as_ref()
+                .and_then(|(plan, index)| plan.image_of(*index));
+            release
+                .pool
+                .give_back(release.key, mapping, &release.owner, image);
+        }
+    }
 }
 
 // SAFETY: `byte_size` bytes at `as_ptr` are mapped readable and writable, growth up to
@@ -326,20 +408,22 @@ pub(crate) struct MemfdMemory {
 // inaccessible for as long as the memory lives (invariants of `MemfdMapping`).
 unsafe impl LinearMemory for MemfdMemory {
     fn byte_size(&self) -> usize {
-        self.mapping.len()
+        self.mapping().len()
     }
 
     fn byte_capacity(&self) -> usize {
-        self.mapping.capacity()
+        self.mapping().capacity()
     }
 
     fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
-        self.mapping.grow(new_size).map_err(MemoryError::from)?;
+        self.mapping_mut()
+            .grow(new_size)
+            .map_err(MemoryError::from)?;
         Ok(())
     }
 
     fn as_ptr(&self) -> *mut u8 {
-        self.mapping.as_ptr()
+        self.mapping().as_ptr()
     }
 }
 
@@ -403,7 +487,7 @@ mod tests {
         write(&mut memory, 2 * WASM_PAGE + 5, 9);
         let mut read = [0; 1];
         memory
-            .mapping
+            .mapping()
             .memfd()
             .as_file()
             .read_at(&mut read, (2 * WASM_PAGE + 5) as u64)
@@ -421,7 +505,7 @@ mod tests {
         write(&mut memory, 0, 1);
 
         let error = memory
-            .mapping
+            .mapping_mut()
             .grow(17 * WASM_PAGE)
             .expect_err("beyond 1 MiB");
 

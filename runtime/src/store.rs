@@ -96,6 +96,91 @@ impl<'a> From<&'a crate::Component> for ComponentRef<'a> {
     }
 }
 
+/// A module pre-linked for instantiation, with its images: what
+/// [`StoreOwner::instantiate_pre`] takes. Type-checking the imports and resolving them
+/// happens once, in [`ModulePre::new`]; each instantiation only creates and initialises.
+/// Cheap to clone.
+pub struct ModulePre<T: 'static> {
+    pre: wasmtime::InstancePre<T>,
+    images: Option<Arc<ModuleImages>>,
+}
+
+impl<T: 'static> Clone for ModulePre<T> {
+    fn clone(&self) -> Self {
+        Self {
+            pre: self.pre.clone(),
+            images: self.images.clone(),
+        }
+    }
+}
+
+impl<T: 'static> ModulePre<T> {
+    /// Resolves `module`'s imports in `linker` once.
+    pub fn new(linker: &wasmtime::Linker<T>, module: &crate::Module) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            pre: linker
+                .instantiate_pre(module.wasmtime())
+                .map_err(RuntimeError::Instantiate)?,
+            images: Some(module.images().clone()),
+        })
+    }
+
+    /// The wasmtime `InstancePre` (its module's lifted segments are empty: instantiate it
+    /// through [`StoreOwner::instantiate_pre`], which maps the images).
+    pub fn wasmtime(&self) -> &wasmtime::InstancePre<T> {
+        &self.pre
+    }
+}
+
+/// A plain `InstancePre`, whose module keeps its data segments (wasmtime copies them).
+impl<T: 'static> From<wasmtime::InstancePre<T>> for ModulePre<T> {
+    fn from(pre: wasmtime::InstancePre<T>) -> Self {
+        Self { pre, images: None }
+    }
+}
+
+/// [`ModulePre`] for components: what [`StoreOwner::instantiate_component_pre`] takes.
+pub struct ComponentPre<T: 'static> {
+    pre: wasmtime::component::InstancePre<T>,
+    images: Option<Arc<ModuleImages>>,
+}
+
+impl<T: 'static> Clone for ComponentPre<T> {
+    fn clone(&self) -> Self {
+        Self {
+            pre: self.pre.clone(),
+            images: self.images.clone(),
+        }
+    }
+}
+
+impl<T: 'static> ComponentPre<T> {
+    /// Resolves `component`'s imports in `linker` once.
+    pub fn new(
+        linker: &wasmtime::component::Linker<T>,
+        component: &crate::Component,
+    ) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            pre: linker
+                .instantiate_pre(component.wasmtime())
+                .map_err(RuntimeError::Instantiate)?,
+            images: Some(component.images().clone()),
+        })
+    }
+
+    /// The wasmtime `InstancePre` (see [`ModulePre::wasmtime`]).
+    pub fn wasmtime(&self) -> &wasmtime::component::InstancePre<T> {
+        &self.pre
+    }
+}
+
+/// A plain component `InstancePre` (wasmtime copies its data segments).
+impl<T: 'static> From<wasmtime::component::InstancePre<T>> for ComponentPre<T> {
+    fn from(pre: wasmtime::component::InstancePre<T>) -> Self {
+        Self { pre, images: None }
+    }
+}
+
 /// Store data that holds a [`StoreOwner`]: what host functions that need the owner (the guest
 /// API's) ask of a store's data.
 pub trait HasStoreOwner {
@@ -181,7 +266,7 @@ impl StoreOwner {
         let regions = self.shared.regions.lock();
         regions
             .iter()
-            .filter_map(|region| engine.region_len(region.id))
+            .filter_map(|region| engine.owned_region_len(region.id, self.owner().id()))
             .map(|len| len as u64)
             .sum()
     }
@@ -197,11 +282,13 @@ impl StoreOwner {
             regions
                 .iter()
                 .filter_map(|region| {
-                    let len = engine.region_len(region.id)?;
-                    // SAFETY: a registered region is `len` readable bytes at `base` for as
-                    // long as it stays registered, which the store (alive behind `&self`'s
-                    // store data) keeps it; the guard held here keeps the owner from writing
-                    // and the engine from remapping while the bytes are copied.
+                    let len = engine.owned_region_len(region.id, self.owner().id())?;
+                    // SAFETY: a region registered under this owner is `len` readable bytes at
+                    // `base` for as long as it stays so, which the store (alive behind
+                    // `&self`'s store data) keeps it: a memory dropped with its store goes to
+                    // another owner (a slot's) or is unregistered, and is then skipped here;
+                    // the guard held here keeps the owner from writing, and the engine from
+                    // remapping or handing the region over, while the bytes are copied.
                     let bytes =
                         unsafe { std::slice::from_raw_parts(region.base as *const u8, len) };
                     Some(bytes.to_vec())
@@ -290,6 +377,37 @@ impl StoreOwner {
         self.drive(store);
         self.creating(store, memories, images, |store| {
             linker.instantiate(store, component)
+        })
+    }
+
+    /// [`StoreOwner::instantiate`] from a pre-linked module: the imports were resolved once,
+    /// in [`ModulePre::new`].
+    pub fn instantiate_pre<T>(
+        &self,
+        store: &mut Store<T>,
+        pre: &ModulePre<T>,
+    ) -> Result<wasmtime::Instance, RuntimeError> {
+        let memories = pre.pre.module().resources_required().num_memories;
+        self.drive(store);
+        self.creating(store, memories, pre.images.as_deref(), |store| {
+            pre.pre.instantiate(store)
+        })
+    }
+
+    /// [`StoreOwner::instantiate_component`] from a pre-linked component.
+    pub fn instantiate_component_pre<T>(
+        &self,
+        store: &mut Store<T>,
+        pre: &ComponentPre<T>,
+    ) -> Result<wasmtime::component::Instance, RuntimeError> {
+        let memories = pre
+            .pre
+            .component()
+            .resources_required()
+            .map_or(0, |resources| resources.num_memories);
+        self.drive(store);
+        self.creating(store, memories, pre.images.as_deref(), |store| {
+            pre.pre.instantiate(store)
         })
     }
 

@@ -298,14 +298,18 @@ impl MergeState {
     /// Puts region `id` back as it was when made with `image` (or empty without one), in time
     /// proportional to what changed: every page leaves its stable slot, one mapping of the
     /// region's memfd replaces whatever lay over it (private copies with it), the memfd's
-    /// pages with data are punched, and the image is mapped again.
+    /// pages with data are punched, and the image is mapped again. With `shrink_to` (bytes,
+    /// page-aligned, no longer than the region), pages past it become reserved address space
+    /// again and the region that length: the region as it was registered, if it grew since.
     pub(crate) fn reset_region(
         &mut self,
         q: Quiescent<'_>,
         id: RegionId,
         image: Option<u64>,
+        shrink_to: Option<usize>,
     ) -> Result<(), Error> {
         let pages = self.cover_length(id)?;
+        let keep = shrink_to.map_or(pages, |len| (len / PAGE_SIZE).min(pages));
         let record = self.records.region_mut(id);
         let records = std::mem::take(&mut record.pages);
         let vmas = std::mem::take(&mut record.vmas);
@@ -315,7 +319,15 @@ impl MergeState {
         record.visit.1 = false;
         self.budget.remove(vmas);
         let mut result = self.forget_records(&records);
-        remap::map_own(q, &region, 0, pages)?;
+        if keep < pages {
+            // The pages past the new end were the owner's own memfd or merged pages, whose
+            // records are gone: no sharer is left there, so dropping the mappings loses
+            // nothing anyone tracks (their memfd pages are punched below).
+            remap::reserve(q, &region, keep, pages - keep)?;
+            region.set_len(keep * PAGE_SIZE);
+            self.records.region_mut(id).len = keep;
+        }
+        remap::map_own(q, &region, 0, keep)?;
         let written = crate::memfds::data_extents(&region.memfd, 0..pages)
             .map_err(|source| Error::DataExtents { region: id, source })?;
         for run in written {

@@ -132,6 +132,28 @@ impl MergeState {
         self.records.add(region);
     }
 
+    /// Puts `region` (a region already registered under its id, with another owner) in the
+    /// records: see [`crate::Engine::reassign_region`].
+    pub(crate) fn reassign_region(
+        &mut self,
+        id: RegionId,
+        region: Arc<Region>,
+    ) -> Result<(), Error> {
+        let record = self
+            .records
+            .regions
+            .get_mut(&id)
+            .ok_or(Error::UnknownRegion(id))?;
+        record.region = region;
+        // The new owner's gate entries say nothing of a visit under the old one, and the old
+        // owner's advice is not the new one's word.
+        record.quiet_at = None;
+        record.visit = (0, false);
+        record.advice = Default::default();
+        self.counters.host_awake = true;
+        Ok(())
+    }
+
     /// Forgets a region whose owner is about to unmap it: releases its sharing without
     /// touching its mapping.
     pub(crate) fn remove_region(&mut self, id: RegionId) -> Result<(), Error> {
