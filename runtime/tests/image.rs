@@ -47,7 +47,12 @@ struct Hosts {
 }
 
 fn hosts(text: &str) -> Hosts {
+    hosts_with(text, |_| {})
+}
+
+fn hosts_with(text: &str, configure: fn(&mut Config)) -> Hosts {
     let mut config = Config::new();
+    configure(&mut config);
     let samepage = Samepage::configure(
         &mut config,
         SamepageConfig {
@@ -361,7 +366,11 @@ fn component_memories(hosts: &Hosts, component: &Component) -> Vec<Vec<u8>> {
 /// every byte, those wasmtime makes when it copies the segments itself (the component
 /// compiled as it is).
 fn lifted_like_wasmtime(bytes: &[u8]) -> Component {
-    let hosts = hosts("(module)");
+    // Only memories are compared: code compiled unoptimised keeps the real components' four
+    // compilations short.
+    let hosts = hosts_with("(module)", |config| {
+        config.cranelift_opt_level(wasmtime::OptLevel::None);
+    });
     let lifted = Component::new(&hosts.engine, bytes).expect("lifted component");
     let as_it_is = wasmtime::component::Component::new(&hosts.engine, bytes).expect("component");
     let mine = component_memories(&hosts, &lifted);
