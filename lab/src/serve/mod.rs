@@ -43,6 +43,9 @@ use crate::child::median;
 /// Concurrent connections of every `oha` load, against every server.
 const CONNECTIONS: u32 = 16;
 
+/// The JavaScript component, built by `scripts/build-http-components`.
+const JS_PATH: &str = "target/http-components/js-app.wasm";
+
 /// Longest any one request may take, the trace's and oha's.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -117,7 +120,7 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
     let params = Params::get();
     let tools = install_tools()?;
     let python = python_component()?;
-    let js = repo_path("target/http-components/js-app.wasm");
+    let js = repo_path(JS_PATH);
     let scratch = std::env::temp_dir().join(format!("samepage-serve-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
 
@@ -154,9 +157,8 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
         );
         let _ = writeln!(
             report,
-            "**The JavaScript component was not measured**: `{}` was missing when the suite \
-             ran (`scripts/build-http-components` builds it).\n",
-            "target/http-components/js-app.wasm"
+            "**The JavaScript component was not measured**: `{JS_PATH}` was missing when the \
+             suite ran (`scripts/build-http-components` builds it).\n"
         );
     }
     if let Some(only) = &params.only {
