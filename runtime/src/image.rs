@@ -110,7 +110,7 @@ impl std::fmt::Display for ModuleAt {
 /// be lifted, by its index in the module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SegmentsKept {
-    #[error("data segment {0} reads its offset from a global, known only at instantiation")]
+    #[error("data segment {0}'s offset is not a constant: it is computed at instantiation")]
     OffsetNotConstant(u32),
     #[error("data segment {0} is for an imported memory")]
     ImportedMemory(u32),
@@ -1114,16 +1114,11 @@ mod tests {
         };
         assert_eq!(why, SegmentsKept::OffsetNotConstant(0));
         assert!(matches!(module, ModuleAt::InComponent { index: 1, .. }));
-        assert_eq!(
-            Unlifted::Module { module, why }.to_string(),
-            format!(
-                "core module 1 (at byte {:#x}) keeps its data segments: data segment 0 reads \
-                 its offset from a global, known only at instantiation",
-                match module {
-                    ModuleAt::InComponent { offset, .. } => offset,
-                    ModuleAt::Itself => unreachable!(),
-                }
-            )
+        let text = Unlifted::Module { module, why }.to_string();
+        assert!(
+            text.starts_with("core module 1 (at byte 0x")
+                && text.contains(") keeps its data segments: data segment 0's offset is not"),
+            "{text}"
         );
     }
 }
