@@ -1,14 +1,16 @@
 //! `samepage serve` through its binary, with a real HTTP/1.1 client on ephemeral loopback
-//! ports: a real Python wasi:http component (`examples/http/app.py`) and a small one written
-//! in the text format (`examples/http/small.wat`), both built by
-//! `scripts/build-http-components`, and a C WAGI program (`examples/guests/wagi-c`, built
-//! by `scripts/build-c-guests`).
+//! ports: a real Python wasi:http component (`examples/http/app.py`), a real JavaScript one
+//! (`examples/http/app.js`, componentize-js) and a small one written in the text format
+//! (`examples/http/small.wat`), all built by `scripts/build-http-components`, and a C WAGI
+//! program (`examples/guests/wagi-c`, built by `scripts/build-c-guests`).
 //!
-//! Concurrent requests; warm, reset and fresh reuse; a trap and a timeout answer 500 and the
-//! next request succeeds; the memory limit; eviction under a tight budget; no sharing across
-//! tenants unless joined; routes by host name and path; pool minimums and idle expiry;
-//! malformed HTTP refused; `/metrics` parses as Prometheus text and its counters move;
-//! `/healthz`; SIGTERM drains; a bad config is refused with its line; WAGI.
+//! Concurrent requests; warm, reset and fresh reuse; an instance per request by default, so
+//! that no request sees what another left; a component that fails on a reused instance is
+//! switched to per-request instances and its GETs served again; a trap and a timeout answer
+//! 500 and the next request succeeds; the memory limit; eviction under a tight budget; no
+//! sharing across tenants unless joined; routes by host name and path; pool minimums and
+//! idle expiry; malformed HTTP refused; `/metrics` parses as Prometheus text and its
+//! counters move; `/healthz`; SIGTERM drains; a bad config is refused with its line; WAGI.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 const COMPONENT: &str = "target/http-components/python-app.wasm";
 const SMALL: &str = "target/http-components/small.wasm";
+const JS: &str = "target/http-components/js-app.wasm";
 const WAGI: &str = "target/c-guests/wagi-cgi.wasm";
 
 fn root() -> &'static Path {
@@ -329,6 +332,28 @@ impl Metrics {
             .unwrap_or_else(|| panic!("no sample {series} in {:#?}", self.samples.keys()))
     }
 
+    /// `function`'s sample of `name`, whatever its other labels.
+    fn function(&self, name: &str, function: &str) -> f64 {
+        let label = format!("function=\"{function}\"");
+        let found: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(series, _)| {
+                series.split('{').next() == Some(name)
+                    && series.split(['{', ',', '}']).any(|l| l == label)
+            })
+            .map(|(_, value)| *value)
+            .collect();
+        match found[..] {
+            [value] => value,
+            _ => panic!(
+                "{} samples {name} of {function} in {:#?}",
+                found.len(),
+                self.samples.keys()
+            ),
+        }
+    }
+
     /// A function's sample of `name`, in tenant `tenant`.
     fn of(&self, name: &str, function: &str, tenant: &str) -> f64 {
         self.get(&format!(
@@ -395,17 +420,26 @@ fn warm_instances_are_reused_a_trap_is_a_500_and_metrics_move() {
         "{}",
         trapped.body
     );
-    // The trapped instance is gone; a new one serves the next request from scratch.
+    // The trap was on a reused instance, so the GET was served again by a fresh one, which
+    // trapped too: reuse was not the cause, and the function stays warm. The trapped
+    // instances are gone; a new one serves the next request from scratch, and is reused.
     let after = one.get("/after-the-trap").json();
     assert_eq!(
         (after["served"].as_u64(), &after["remembered"]),
         (Some(1), &serde_json::Value::Null)
     );
+    assert_eq!(one.get("/still-warm").served(), 2);
+    let metrics = one.metrics();
+    let of = |name| metrics.of(name, "python-app", "default");
     assert_eq!(
-        one.metrics()
-            .of("samepage_traps_total", "python-app", "default"),
-        1.0
+        (
+            of("samepage_traps_total"),
+            of("samepage_retries_total"),
+            of("samepage_reuse_fallbacks_total")
+        ),
+        (2.0, 1.0, 0.0)
     );
+    assert!(!one.stderr.lock().contains(SWITCHED));
     drop(one);
 
     let server = Server::component(&["--reuse", "warm", "--max-instances", "8"]);
@@ -508,14 +542,18 @@ fn timeouts_and_memory_limits_answer_500_and_the_server_serves_on() {
     let grown = server.get("/grow?mb=200");
     assert_eq!(grown.status, 500, "{}", grown.body);
     assert_eq!(server.get("/grow?mb=8").json()["held_mb"], 8);
+    // Each failure was on a reused instance, so each GET was served again by a fresh one,
+    // which failed the same way: two timeouts, two traps, and the function stays warm.
     let metrics = server.metrics();
+    let of = |name| metrics.of(name, "python-app", "default");
     assert_eq!(
-        metrics.of("samepage_timeouts_total", "python-app", "default"),
-        1.0
-    );
-    assert_eq!(
-        metrics.of("samepage_traps_total", "python-app", "default"),
-        1.0
+        (
+            of("samepage_timeouts_total"),
+            of("samepage_traps_total"),
+            of("samepage_retries_total"),
+            of("samepage_reuse_fallbacks_total")
+        ),
+        (2.0, 2.0, 2.0, 0.0)
     );
 }
 
@@ -550,10 +588,14 @@ fn sigterm_drains_the_requests_in_flight() {
 #[test]
 fn a_tight_budget_evicts_the_least_recently_used_idle_instance() {
     let component = built(COMPONENT, "build-http-components");
-    // Warm, so that a's instance keeps what it grew and idles in the pool.
+    // Warm, so that a's instance keeps what it grew and idles in the pool; one instance of
+    // each at most, so that a request waits for the last one's instance to be parked rather
+    // than making a second.
     let functions = format!(
         "[[function]]\nname = \"a\"\nroute = \"/a\"\ncomponent = \"{0}\"\nreuse = \"warm\"\n\
-         [[function]]\nname = \"b\"\nroute = \"/b\"\ncomponent = \"{0}\"\nreuse = \"warm\"\n",
+         max_instances = 1\n\
+         [[function]]\nname = \"b\"\nroute = \"/b\"\ncomponent = \"{0}\"\nreuse = \"warm\"\n\
+         max_instances = 1\n",
         component.display()
     );
     // The budget must tell "a and b fit" from "a, grown, and b do not" across two server
@@ -935,6 +977,132 @@ fn malformed_http_is_refused_and_the_server_serves_on() {
     );
 }
 
+/// `workers` clients at once, each sending `each` requests one after the other, the `n`th
+/// request of all for `path(n)`; the answers in the order of `n`.
+fn in_parallel(
+    server: &Server,
+    workers: usize,
+    each: usize,
+    path: impl Fn(usize) -> String + Sync,
+) -> Vec<(String, Response)> {
+    let mut answers: Vec<(usize, String, Response)> = std::thread::scope(|scope| {
+        let path = &path;
+        let clients: Vec<_> = (0..workers)
+            .map(|worker| {
+                scope.spawn(move || {
+                    (0..each)
+                        .map(|i| {
+                            let n = worker * each + i;
+                            let asked = path(n);
+                            let response = server.get(&asked);
+                            (n, asked, response)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client"))
+            .collect()
+    });
+    answers.sort_by_key(|(n, _, _)| *n);
+    answers
+        .into_iter()
+        .map(|(_, asked, response)| (asked, response))
+        .collect()
+}
+
+/// Every answer of the JavaScript component is its own request's, from an instance that
+/// served no other (StarlingMonkey serves one request per instance).
+fn assert_answered_right_by_fresh_instances(answers: &[(String, Response)]) {
+    for (asked, response) in answers {
+        assert_eq!(response.status, 200, "{asked}: {}", response.body);
+        assert_eq!(
+            response.header("content-type"),
+            "application/json",
+            "{asked}"
+        );
+        let answer = response.json();
+        assert_eq!(answer["path"], asked.as_str(), "{asked}: {answer}");
+        assert_eq!(answer["served"], 1, "{asked}: {answer}");
+        assert_eq!(
+            answer["stored"],
+            serde_json::Value::Null,
+            "{asked}: {answer}"
+        );
+    }
+}
+
+const SWITCHED: &str = "switched to per-request instances";
+
+#[test]
+fn a_javascript_component_is_served_right_by_default() {
+    // componentize-js's runtime answers one request per instance: served with no option,
+    // every request gets an instance of its own, and every answer is right.
+    let server = Server::serving(JS, &[]);
+    let answers = in_parallel(&server, 8, 25, |n| format!("/js/{n}"));
+    assert_eq!(answers.len(), 200);
+    assert_answered_right_by_fresh_instances(&answers);
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.of("samepage_responses_2xx_total", "js-app", "default"),
+        200.0
+    );
+    assert_eq!(
+        metrics.of("samepage_responses_5xx_total", "js-app", "default"),
+        0.0
+    );
+    assert_eq!(
+        metrics.function("samepage_reuse_fallbacks_total", "js-app"),
+        0.0
+    );
+    assert!(!server.stderr.lock().contains(SWITCHED));
+}
+
+#[test]
+fn a_component_that_fails_on_a_reused_instance_is_switched_to_per_request_instances() {
+    // Warm reuse forced on a component that cannot serve twice: the first reused instance
+    // fails its request, the function goes to per-request instances (said once), and the
+    // GET is served again on a fresh instance, so that no client sees the failure.
+    let server = Server::serving(JS, &["--reuse", "warm"]);
+    let sequential: Vec<(String, Response)> = (0..50)
+        .map(|n| {
+            let asked = format!("/sequential/{n}");
+            let response = server.get(&asked);
+            (asked, response)
+        })
+        .collect();
+    assert_answered_right_by_fresh_instances(&sequential);
+    let concurrent = in_parallel(&server, 10, 5, |n| format!("/concurrent/{n}"));
+    assert_answered_right_by_fresh_instances(&concurrent);
+
+    let stderr = server.stderr.lock().clone();
+    let said: Vec<&str> = stderr.lines().filter(|l| l.contains(SWITCHED)).collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert!(
+        said[0].contains("js-app"),
+        "the function is named: {}",
+        said[0]
+    );
+    assert!(
+        said[0].len() > SWITCHED.len() + "js-app".len() + 16,
+        "the reason is given: {}",
+        said[0]
+    );
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.function("samepage_reuse_fallbacks_total", "js-app"),
+        1.0
+    );
+    let retries = metrics.function("samepage_retries_total", "js-app");
+    assert!(retries >= 1.0, "{retries} retries");
+    assert_eq!(
+        metrics.of("samepage_responses_2xx_total", "js-app", "default"),
+        100.0
+    );
+}
+
 /// What a component's instances let the next request see: `/store?value=...`, then `/read`,
 /// a few times; the values `/read` answered.
 fn read_after_store(server: &Server, rounds: usize) -> Vec<String> {
@@ -951,6 +1119,22 @@ fn read_after_store(server: &Server, rounds: usize) -> Vec<String> {
             read.body
         })
         .collect()
+}
+
+#[test]
+fn by_default_no_request_sees_what_another_left() {
+    // Under the default, each request has an instance of its own: what one stores, the
+    // next never reads, even with one instance at a time.
+    for program in [COMPONENT, JS] {
+        for args in [&[][..], &["--max-instances", "1"][..]] {
+            let server = Server::serving(program, args);
+            let read = read_after_store(&server, 3);
+            assert!(
+                read.iter().all(String::is_empty),
+                "{program} {args:?}: the next request read {read:?}"
+            );
+        }
+    }
 }
 
 #[test]
