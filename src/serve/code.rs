@@ -10,17 +10,47 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use samepage_runtime::Samepage;
+use samepage_runtime::{ComponentPre, Samepage};
 
 use super::config::{ConfigError, FunctionConfig, Program};
+use super::proxy::ProxyState;
 
 /// What a function runs, compiled; clones share the compiled code and its module images.
 #[derive(Clone)]
 pub enum Code {
     /// A `wasi:http/proxy` component, instantiated into a pool.
-    Proxy(samepage_runtime::Component),
+    Proxy(ProxyCode),
     /// A WAGI command, instantiated once per request.
     Wagi(samepage_runtime::Module),
+}
+
+/// A proxy component, compiled, and linked once against the host's WASI and wasi:http: each
+/// instance is made from the `InstancePre`, with no import to resolve.
+#[derive(Clone)]
+pub struct ProxyCode {
+    component: samepage_runtime::Component,
+    /// `None` when linking failed: instantiation then links each time, and fails with
+    /// wasmtime's reason, as a component the host cannot satisfy always did.
+    pre: Option<ComponentPre<ProxyState>>,
+}
+
+impl ProxyCode {
+    /// Links `component` once against the proxy linker of `engine`.
+    fn new(engine: &wasmtime::Engine, component: samepage_runtime::Component) -> Self {
+        let pre = super::proxy::linker(engine)
+            .ok()
+            .and_then(|linker| ComponentPre::new(&linker, &component).ok());
+        Self { component, pre }
+    }
+
+    pub fn component(&self) -> &samepage_runtime::Component {
+        &self.component
+    }
+
+    /// The component pre-linked, when its imports are the host's.
+    pub fn pre(&self) -> Option<&ComponentPre<ProxyState>> {
+        self.pre.as_ref()
+    }
 }
 
 /// The code of each of `functions`, in their order, each program compiled once.
@@ -68,7 +98,7 @@ fn compile(
     match (&function.program, program) {
         (Program::Proxy(_), samepage_runtime::Program::Component(component)) => {
             say_unlifted(function, component.images());
-            Ok(Code::Proxy(component))
+            Ok(Code::Proxy(ProxyCode::new(engine, component)))
         }
         (Program::Wagi(_), samepage_runtime::Program::Module(module)) => {
             say_unlifted(function, module.images());

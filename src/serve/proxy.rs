@@ -11,6 +11,7 @@ use wasmtime_wasi_http::p2::bindings::sync::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::code::ProxyCode;
 use super::config::FunctionConfig;
 use super::failure::Failure;
 use super::wasi::wasi_context;
@@ -98,12 +99,13 @@ pub struct ProxyInstance {
 }
 
 impl ProxyInstance {
-    /// Instantiates `component` in a new store with `owner`'s memories and the function's
-    /// environment, directories and memory limit.
+    /// Instantiates `code` in a new store with `owner`'s memories and the function's
+    /// environment, directories and memory limit: from its `InstancePre` (linked once, when
+    /// the code was compiled), or through `linker` when it has none.
     pub fn new(
         engine: &wasmtime::Engine,
         linker: &Linker<ProxyState>,
-        component: &samepage_runtime::Component,
+        code: &ProxyCode,
         owner: StoreOwner,
         function: &FunctionConfig,
     ) -> Result<Self, Failure> {
@@ -124,9 +126,11 @@ impl ProxyInstance {
         limits
             .apply(&mut store)
             .map_err(|error| Failure::Instantiate(format!("{error:#}")))?;
-        let instance = owner
-            .instantiate_component(&mut store, linker, component)
-            .map_err(|error| Failure::Instantiate(crate::cli::causes_once(&error.into())))?;
+        let instance = match code.pre() {
+            Some(pre) => owner.instantiate_component_pre(&mut store, pre),
+            None => owner.instantiate_component(&mut store, linker, code.component()),
+        }
+        .map_err(|error| Failure::Instantiate(crate::cli::causes_once(&error.into())))?;
         let proxy = Proxy::new(&mut store, &instance).map_err(|error| {
             Failure::Instantiate(format!(
                 "the component does not export wasi:http/incoming-handler: {error:#}"
