@@ -124,6 +124,7 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
     let scratch = std::env::temp_dir().join(format!("samepage-serve-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
 
+    let load_before = load_average();
     let mut report = String::from(ABOUT);
     let _ = writeln!(
         report,
@@ -204,6 +205,13 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
         "## Targets\n\n{}\n",
         table(&["component", "target", "figures", "met"], &targets)
     ));
+    let _ = writeln!(
+        report,
+        "The machine's load average (over a minute, `/proc/loadavg`) was {load_before} when \
+         the suite began and {} when it ended (its own server and load generator count in \
+         it).\n",
+        load_average()
+    );
     std::fs::remove_dir_all(&scratch).ok();
     Ok(report)
 }
@@ -302,6 +310,14 @@ fn default_reuse() -> String {
         }
         None => text,
     }
+}
+
+/// The one-minute load average.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn ms(seconds: f64) -> String {

@@ -182,9 +182,10 @@ pub(super) fn trace(
             ms(med(&|r| percentile(&r.ok_latencies(), 0.50))),
             spread(&p99s, ms),
             format!(
-                "{} → {}",
+                "{} → {} → {}",
                 mib(med(&|r| r.base_pss)),
-                mib(med(&TraceRun::peak_pss))
+                mib(med(&TraceRun::peak_pss)),
+                mib(med(&|r| r.end.sum("samepage_host_pss_bytes")))
             ),
             format!("{:.0}", med(&|r| r.end.sum("samepage_function_instances"))),
         ]);
@@ -193,7 +194,7 @@ pub(super) fn trace(
         median(runs[0].iter().map(TraceRun::share_cold).collect()),
         median(runs[1].iter().map(TraceRun::share_cold).collect()),
     );
-    let budget_column = format!("host PSS: alone → peak (budget {budget_mib} MiB)");
+    let budget_column = format!("host PSS: alone → peak → end (budget {budget_mib} MiB)");
     let plot = format!("serve-cold-starts-{}.svg", component.key);
     crate::plot::lines(
         &out.join(&plot),
