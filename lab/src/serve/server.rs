@@ -185,10 +185,41 @@ impl Drop for Host {
     }
 }
 
+/// One reading of a process's PSS, in bytes: all of it, and its anonymous, file-backed and
+/// shared-memory (memfd, tmpfs) parts, as `smaps_rollup` splits it.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Pss {
+    pub(super) total: f64,
+    pub(super) anon: f64,
+    pub(super) file: f64,
+    pub(super) shmem: f64,
+}
+
+impl Pss {
+    /// The largest of `samples` by total (zero for none).
+    pub(super) fn peak(samples: &[Self]) -> Self {
+        samples
+            .iter()
+            .copied()
+            .max_by(|a, b| a.total.total_cmp(&b.total))
+            .unwrap_or_default()
+    }
+
+    /// "anon / file / shmem" in MiB.
+    pub(super) fn parts(&self) -> String {
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            self.anon / 1048576.0,
+            self.file / 1048576.0,
+            self.shmem / 1048576.0
+        )
+    }
+}
+
 /// Samples a process's PSS on a thread until stopped.
 pub(super) struct PssSampler {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<u64>>,
+    thread: std::thread::JoinHandle<Vec<Pss>>,
 }
 
 impl PssSampler {
@@ -211,17 +242,30 @@ impl PssSampler {
         Self { stop, thread }
     }
 
-    /// Stops sampling (after one last sample) and returns the samples, in bytes.
-    pub(super) fn stop(self) -> Vec<u64> {
+    /// Stops sampling (after one last sample) and returns the samples.
+    pub(super) fn stop(self) -> Vec<Pss> {
         self.stop.store(true, Ordering::Release);
         self.thread.join().expect("the PSS sampler panicked")
     }
 }
 
 /// A process's PSS, from `/proc/PID/smaps_rollup`.
-fn pss_of(pid: u32) -> Option<u64> {
+fn pss_of(pid: u32) -> Option<Pss> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    samepage_runtime::measure::pss_in_rollup(&rollup)
+    let field = |name: &str| -> f64 {
+        rollup
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb * 1024.0)
+    };
+    Some(Pss {
+        total: samepage_runtime::measure::pss_in_rollup(&rollup)? as f64,
+        anon: field("Pss_Anon:"),
+        file: field("Pss_File:"),
+        shmem: field("Pss_Shmem:"),
+    })
 }
 
 /// A process's CPU time so far, in seconds: all of it, and its merge scanner's thread's

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::oha::{Load, Offer, error_cell, oha};
-use super::server::{Host, PSS_EVERY, PssSampler};
+use super::server::{Host, PSS_EVERY, Pss, PssSampler};
 use super::{CONNECTIONS, Component, Params, Tools, ms, spread, yes_no};
 use crate::child::median;
 use crate::{mib, table};
@@ -53,8 +53,8 @@ impl Server {
 /// One server's measured runs in one round.
 struct Run {
     closed: Load,
-    /// PSS during the closed-loop run: its peak and at its end, in bytes.
-    closed_peak: f64,
+    /// PSS during the closed-loop run: its peak and at its end.
+    closed_peak: Pss,
     closed_end: f64,
     open: Load,
     open_peak: f64,
@@ -131,12 +131,11 @@ pub(super) fn versus(
                 None => None,
             };
             host.stop()?;
-            let peak = |s: &[u64]| s.iter().copied().max().unwrap_or(0) as f64;
             runs[index].push(Run {
-                closed_peak: peak(&samples),
-                closed_end: samples.last().copied().unwrap_or(0) as f64,
+                closed_peak: Pss::peak(&samples),
+                closed_end: samples.last().map_or(0.0, |s| s.total),
                 closed,
-                open_peak: peak(&open_samples),
+                open_peak: Pss::peak(&open_samples).total,
                 open,
                 cold,
                 fallbacks,
@@ -170,7 +169,8 @@ pub(super) fn versus(
             spread(&of(server, |x| x.closed.p99), ms),
             error_cell(r.iter().map(|x| &x.closed)),
             cold,
-            spread(&of(server, |x| x.closed_peak), mib),
+            spread(&of(server, |x| x.closed_peak.total), mib),
+            median_parts(r),
             mib(med(server, |x| x.closed_end)),
         ]);
         open_rows.push(vec![
@@ -185,7 +185,7 @@ pub(super) fn versus(
 
     let rps = |s| med(s, |x| x.closed.rps);
     let p99 = |s| med(s, |x| x.closed.p99);
-    let pss = |s| med(s, |x| x.closed_peak);
+    let pss = |s| med(s, |x| x.closed_peak.total);
     let wt = Server::Wasmtime;
     let fresh_rps = rps(Server::Fresh) / rps(wt);
     let fresh_pss = pss(Server::Fresh) / pss(wt);
@@ -258,7 +258,9 @@ pub(super) fn versus(
          would start it (merging on, samepage's default). Cold starts are samepage's \
          requests that found no ready instance during the closed-loop runs (summed over \
          rounds). Memory is the server process's PSS (`/proc/PID/smaps_rollup`), sampled \
-         every {} ms during each measured run: its peak, and at the closed-loop run's \
+         every {} ms during each measured run: its peak (and the peak's split into anonymous \
+         memory, file mappings such as the compiled code, and shared memory such as memfd \
+         memories, from the round with the median peak), and at the closed-loop run's \
          end.\n\nClosed loop, {CONNECTIONS} connections:\n\n{}\n",
         params.warmup.as_secs_f64(),
         params.load.as_secs_f64(),
@@ -274,6 +276,7 @@ pub(super) fn versus(
                 "errors",
                 "cold starts",
                 "PSS peak",
+                "its anon / file / shmem (MiB)",
                 "PSS at end",
             ],
             &closed_rows
@@ -322,4 +325,13 @@ pub(super) fn versus(
         pss(Server::Warm) / pss(wt),
     );
     Ok((text, targets, rps(Server::Default)))
+}
+
+/// The anon / file / shmem split of the round whose closed-loop peak is the median.
+fn median_parts(runs: &[Run]) -> String {
+    let mut peaks: Vec<&Pss> = runs.iter().map(|x| &x.closed_peak).collect();
+    peaks.sort_by(|a, b| a.total.total_cmp(&b.total));
+    peaks
+        .get(peaks.len() / 2)
+        .map_or_else(|| "-".into(), |p| p.parts())
 }
