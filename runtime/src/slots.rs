@@ -204,3 +204,58 @@ impl Idle {
         Some(slot)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use samepage_dedup::{Engine, EngineConfig, Knobs, PAGE_SIZE};
+
+    use super::*;
+
+    #[test]
+    fn the_pool_keeps_at_most_its_limit_and_hands_slots_to_their_new_owner() {
+        let engine = Engine::new(EngineConfig::manual(Knobs::default())).expect("engine");
+        let pool = SlotPool::new(2);
+        let key = SlotKey {
+            domain: 0,
+            image: None,
+            len: 4 * PAGE_SIZE,
+            capacity: 16 * PAGE_SIZE,
+            guard: PAGE_SIZE,
+        };
+        for _ in 0..3 {
+            let owner = Owner::new(0);
+            let mapping = MemfdMapping::new(
+                Some(&engine),
+                &owner,
+                "test",
+                key.len,
+                key.capacity,
+                key.guard,
+            )
+            .expect("mapping");
+            pool.give_back(key, mapping, &owner, None);
+        }
+        assert_eq!(pool.idle(), 2, "the oldest idle slot went");
+        let owner = Owner::new(0);
+        let mapping = pool.take(&key, &owner).expect("an idle slot");
+        assert_eq!(pool.idle(), 1);
+        let region = mapping.region().expect("registered").id();
+        // The region is the new owner's: its guard is the one the engine takes.
+        let guard = owner.enter();
+        engine
+            .reset_region(&guard, region, None)
+            .expect("the new owner's guard");
+        drop(guard);
+        let stranger = Owner::new(0);
+        let error = engine
+            .reset_region(&stranger.enter(), region, None)
+            .expect_err("not the stranger's");
+        assert!(
+            matches!(error, samepage_dedup::Error::WrongOwner(_)),
+            "{error}"
+        );
+        // Another domain never gets it.
+        let other = SlotKey { domain: 1, ..key };
+        assert!(pool.take(&other, &Owner::new(1)).is_none());
+    }
+}

@@ -150,7 +150,6 @@ impl MergeState {
         record.quiet_at = None;
         record.visit = (0, false);
         record.advice = Default::default();
-        self.counters.host_awake = true;
         Ok(())
     }
 
