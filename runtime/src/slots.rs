@@ -25,8 +25,8 @@
 //!   reservation and the mappings of its image's runs (counted in the engine's map-count
 //!   budget as any region's), and no memory of its own: its written pages were punched.
 //!   It shares its image's stable pages, which therefore stay while it does, even once the
-//!   module is gone (its key then matches no new memory, and it is the first to be evicted
-//!   as others are released). When the map-count budget is short, mapping an image into a
+//!   module is gone: its key then matches no new memory, and it goes once it is the oldest
+//!   idle slot of a full pool. When the map-count budget is short, mapping an image into a
 //!   slot writes the image's bytes into the slot's memfd instead, as for any new region.
 //!
 //! Invariants, which keep merging sound across reuse:
