@@ -13,7 +13,12 @@
 //!    segment. wasmtime then writes nothing at instantiation; segment indices are unchanged,
 //!    and an empty passive segment behaves exactly as an active segment does after
 //!    instantiation (which drops it): `memory.init` of it traps unless it copies nothing,
-//!    and `data.drop` does nothing.
+//!    and `data.drop` does nothing. A module without a data count section cannot name a
+//!    segment from its code (`memory.init` and `data.drop` need that section to validate),
+//!    so there the lifted segments are left out altogether: wasmtime keeps a base and a
+//!    length in every instance's `VMContext` for each passive segment and writes them at
+//!    each instantiation, which for CPython's 24,171 segments costs more than the rest of
+//!    its instantiation.
 //! 3. The first instantiation in a domain builds the engine's image of each memory
 //!    ([`samepage_dedup::MemoryImage`]); the memory creator maps it into each new memory,
 //!    whose pages start merged.
@@ -471,20 +476,31 @@ fn constant_offset(expr: &wasmparser::ConstExpr<'_>) -> Option<u64> {
     matches!(ops.read().ok()?, Operator::End).then_some(offset)
 }
 
-/// `wasm` with every active data segment turned into an empty passive one; every other
-/// section copied as it is.
+/// `wasm` with every active data segment turned into an empty passive one, or left out
+/// where no code can name a segment (no data count section); every other section copied as
+/// it is.
 fn rewrite_data(wasm: &[u8]) -> Result<Vec<u8>, ImageError> {
+    let payloads = Parser::new(0)
+        .parse_all(wasm)
+        .collect::<Result<Vec<_>, _>>()?;
+    let indices_named = payloads
+        .iter()
+        .any(|payload| matches!(payload, Payload::DataCountSection { .. }));
     let mut module = wasm_encoder::Module::new();
-    for payload in Parser::new(0).parse_all(wasm) {
-        let payload = payload?;
-        if let Payload::DataSection(section) = &payload {
+    for payload in &payloads {
+        if let Payload::DataSection(section) = payload {
             let mut data = wasm_encoder::DataSection::new();
             for segment in section.clone() {
                 let segment = segment?;
                 match segment.kind {
-                    DataKind::Active { .. } => data.passive([0u8; 0]),
-                    DataKind::Passive => data.passive(segment.data.iter().copied()),
-                };
+                    DataKind::Active { .. } if indices_named => {
+                        data.passive([0u8; 0]);
+                    }
+                    DataKind::Active { .. } => {}
+                    DataKind::Passive => {
+                        data.passive(segment.data.iter().copied());
+                    }
+                }
             }
             module.section(&data);
         } else if let Some((id, range)) = payload.as_section() {
@@ -927,22 +943,53 @@ mod tests {
         assert_eq!(first.len(), 2 * PAGE_SIZE);
         assert_eq!(&first[4096..4099], b"aXY");
         assert_eq!(memories[1].content.as_ref().expect("content")[10], b'z');
-        let rewritten = lifted.expect("lifted");
-        let module = Parser::new(0)
-            .parse_all(&rewritten)
-            .find_map(|payload| match payload.expect("parses") {
+        // No code names a segment (no data count section): the lifted ones are left out.
+        assert_eq!(segments(&lifted.expect("lifted")), [(true, 7)]);
+    }
+
+    /// The kinds and lengths of `wasm`'s data segments.
+    fn segments(wasm: &[u8]) -> Vec<(bool, usize)> {
+        Parser::new(0)
+            .parse_all(wasm)
+            .filter_map(|payload| match payload.expect("parses") {
                 Payload::DataSection(section) => Some(section),
                 _ => None,
             })
-            .expect("a data section");
-        let kinds: Vec<(bool, usize)> = module
-            .into_iter()
+            .flatten()
             .map(|data| {
                 let data = data.expect("segment");
                 (matches!(data.kind, DataKind::Passive), data.data.len())
             })
-            .collect();
-        assert_eq!(kinds, [(true, 0), (true, 0), (true, 0), (true, 7)]);
+            .collect()
+    }
+
+    #[test]
+    fn lifted_segments_are_left_out_where_no_code_can_name_them() {
+        // Code that names a segment needs the data count section: segments stay, emptied,
+        // so that the indices hold.
+        let named = lift(
+            r#"(module (memory 1) (data (i32.const 0) "ab") (data "passive")
+                 (func (data.drop 1)))"#,
+        );
+        let named = named.wasm.expect("lifted");
+        assert_eq!(segments(&named), [(true, 0), (true, 7)]);
+        // Without it, no segment is named and the lifted ones go.
+        let unnamed =
+            lift(r#"(module (memory 1) (data (i32.const 0) "ab") (data (i32.const 9) "c"))"#);
+        assert_eq!(
+            unnamed.memories[0].content.as_ref().expect("content")[9],
+            b'c'
+        );
+        let unnamed = unnamed.wasm.expect("lifted");
+        assert!(
+            !Parser::new(0)
+                .parse_all(&unnamed)
+                .any(|payload| matches!(payload, Ok(Payload::DataCountSection { .. })))
+        );
+        assert_eq!(segments(&unnamed), []);
+        wasmparser::Validator::new()
+            .validate_all(&unnamed)
+            .expect("the rewritten module validates");
     }
 
     #[test]
