@@ -48,6 +48,7 @@ use samepage_dedup::{DomainId, EngineConfig, Owner};
 use crate::RuntimeError;
 use crate::memory::{GC_HEAP_GUARD_BYTES, MemfdMemoryCreator};
 use crate::program::{self, Program};
+use crate::slots::SlotPool;
 use crate::store::StoreOwner;
 
 /// How samepage is set up under a wasmtime engine.
@@ -80,6 +81,8 @@ impl Default for SamepageConfig {
 pub struct Samepage {
     dedup: Option<samepage_dedup::Engine>,
     merge_on_instantiate: bool,
+    /// The memory creator's ready memories (`crate::slots`), when it keeps them.
+    slots: Option<Arc<SlotPool>>,
 }
 
 impl Samepage {
@@ -94,8 +97,10 @@ impl Samepage {
         } else {
             None
         };
+        let creator = MemfdMemoryCreator::new(dedup.clone());
+        let slots = creator.slots();
         config
-            .with_host_memory(Arc::new(MemfdMemoryCreator::new(dedup.clone())))
+            .with_host_memory(Arc::new(creator))
             .memory_init_cow(false)
             .memory_may_move(false)
             .gc_heap_guard_size(GC_HEAP_GUARD_BYTES as u64)
@@ -103,6 +108,7 @@ impl Samepage {
         Ok(Self {
             dedup,
             merge_on_instantiate: settings.merge_on_instantiate,
+            slots,
         })
     }
 
@@ -119,7 +125,15 @@ impl Samepage {
         Self {
             dedup: None,
             merge_on_instantiate: false,
+            slots: None,
         }
+    }
+
+    /// Drops the memories kept ready for new instances (`crate::slots`), with their
+    /// descriptors, reservations and mappings; how many there were. For a host that goes
+    /// quiet, or a check that nothing is left registered once every store is gone.
+    pub fn release_idle_slots(&self) -> usize {
+        self.slots.as_ref().map_or(0, |slots| slots.release_all())
     }
 
     /// The merge engine, when merging is on: for its statistics and knobs.

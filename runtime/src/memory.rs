@@ -239,6 +239,11 @@ impl MemfdMemoryCreator {
         Self { dedup, slots }
     }
 
+    /// Its pool of ready memories, when it keeps one.
+    pub(crate) fn slots(&self) -> Option<Arc<SlotPool>> {
+        self.slots.clone()
+    }
+
     fn create(
         &self,
         ty: &MemoryType,

@@ -183,6 +183,17 @@ impl SlotPool {
         drop(evicted);
     }
 
+    /// Drops every idle slot (unregistered, then unmapped); how many there were.
+    pub(crate) fn release_all(&self) -> usize {
+        let released: Vec<IdleSlot> = {
+            let mut pool = self.idle.lock();
+            pool.count = 0;
+            pool.by_key.drain().flat_map(|(_, slots)| slots).collect()
+        };
+        // Unregistered and unmapped outside the pool's lock.
+        released.len()
+    }
+
     /// Idle slots kept now.
     #[cfg(test)]
     pub(crate) fn idle(&self) -> usize {

@@ -286,6 +286,9 @@ impl SamepageSide {
         drop(cx);
         drop(owner);
         drop(owners);
+        // The file's memories wait, reset, for the next file's instances: let them go, so
+        // that any region still registered is one leaked.
+        self.samepage.release_idle_slots();
         check_audit(&engine, "after the file's store was dropped", &mut problems);
         let stats = engine.stats();
         if stats.regions != 0 {
