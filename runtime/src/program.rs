@@ -25,6 +25,17 @@ pub enum Program {
     Component(Component),
 }
 
+impl Program {
+    /// Its module images: what of its data is mapped into each instance, and what is not
+    /// and why ([`crate::ModuleImages::unlifted`]).
+    pub fn images(&self) -> &std::sync::Arc<crate::ModuleImages> {
+        match self {
+            Program::Module(module) => module.images(),
+            Program::Component(component) => component.images(),
+        }
+    }
+}
+
 /// Compiles `bytes` as a module or a component, told apart by the header; with `lift`,
 /// data segments are lifted into module images ([`crate::image`]), else wasmtime keeps them.
 pub(crate) fn compile(engine: &Engine, bytes: &[u8], lift: bool) -> wasmtime::Result<Program> {

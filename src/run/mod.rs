@@ -107,6 +107,15 @@ pub fn run(args: RunArgs) -> Result<Finished> {
     let module = host
         .load(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
+    // Data copied into every instance rather than mapped from an image costs each instance
+    // its pages until merged: the report says which and why.
+    let unlifted = module.images().unlifted().iter().map(|unlifted| {
+        format!(
+            "{}: copied into every instance, not mapped: {unlifted}",
+            args.module.display()
+        )
+    });
+    let unlifted: Vec<String> = unlifted.collect();
     release_compiler_garbage();
     // The peak the report gives is that of running the instances, not of compiling.
     if let Some(cgroup) = &mut cgroup {
@@ -201,7 +210,10 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         scanner_cpu_seconds: settled.last.cpu_seconds,
         idle_cpu_percent,
         pss_trace: settled.pss_trace,
-        problems: std::mem::take(&mut started.problems),
+        problems: unlifted
+            .into_iter()
+            .chain(std::mem::take(&mut started.problems))
+            .collect(),
         per_instance,
         per_domain,
     };
