@@ -324,18 +324,13 @@ const NOTES: &str = "\n## Where the time goes\n\n\
     its idle owner to the instance's under the engine's lock. Without slots every \
     instantiation made its memories from nothing (37 µs for Flite, 57 µs for Yosys on this \
     machine, most of it the image's mappings and the engine's records of its pages).\n\
-    - **Data segments left in the module.** samepage lifts a module's data segments into its \
-    image and compiles the module with each lifted segment turned into an empty *passive* \
-    segment (`runtime/src/image.rs`). wasmtime gives every passive segment an entry in each \
-    instance's `VMContext` and fills it at every instantiation (`initialize_vmctx`, one base \
-    and one length per segment): CPython has 24,171 data segments and the componentize-py \
-    component's main module 2,177, so each of their instances pays for that many entries \
-    (12 bytes each: a `VMContext` 290 KB larger for CPython). wasmtime's copy-on-write images keep no entry \
-    for an active segment. A module without a data count section cannot name a segment \
-    from its code (`memory.init` and `data.drop` need that section), so its lifted \
-    segments can be left out of the compiled module altogether; measured with that change \
-    in a scratch tree on the same machine: CPython 6.2 µs against 2.6 µs, the component \
-    994 µs against 700 µs.\n\
+    - **Data segments.** samepage lifts a module's data segments into its image \
+    (`runtime/src/image.rs`). Where code can name a segment (the module has a data count \
+    section), each lifted one stays as an empty *passive* segment, and wasmtime fills an \
+    entry (a base and a length) in each instance's `VMContext` for every passive segment at \
+    every instantiation; where it cannot, as in CPython (24,171 segments) and the \
+    componentize-py component's main module (2,177), the lifted segments are left out of \
+    the compiled module. Before that, CPython took 68.5 µs per instance against 2.6 µs.\n\
     - **The on-demand allocator.** samepage's memories need wasmtime's on-demand instance \
     allocator (the pooling allocator never calls a memory creator), so every instance's \
     `VMContext` and tables are allocated and zeroed from the heap, where the pooling \
