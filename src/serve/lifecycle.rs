@@ -137,7 +137,7 @@ impl Pools {
         request: hyper::Request<WasiBody>,
         client: ResponseSender,
     ) -> Result<(), Failure> {
-        let _demand = function.demand.enter();
+        let demand = function.demand.enter();
         let (mut instance, room) = match function.take_idle() {
             Some(instance) => {
                 function
@@ -156,7 +156,11 @@ impl Pools {
         let again = reused.then(|| replayable(&request)).flatten();
         let (handler, watch) = answer::watch(client, again.is_some());
         let handled = instance.handle(request, handler);
-        let (failure, client) = match (handled, watch.finish()) {
+        let answer = watch.finish();
+        // The request is no longer in flight once its handler returned: what follows (a
+        // replacement made, a merge) must not count as demand for ready instances.
+        drop(demand);
+        let (failure, client) = match (handled, answer) {
             (Ok(()), Answer::Sent(_)) => {
                 self.after_request(function, instance, room);
                 return Ok(());
@@ -326,7 +330,7 @@ impl Pools {
             for function in &self.functions {
                 expire(function, now);
             }
-            self.budget.enforce(|| self.evict_least_recent());
+            self.budget.enforce(|| self.make_memory());
             for function in &self.functions {
                 // Over budget or at its maximum, requests make their own (evicting as they
                 // may); the next round tries again.
@@ -356,7 +360,7 @@ impl Pools {
             .cold_starts
             .fetch_add(1, Ordering::Relaxed);
         self.budget
-            .make_room(function.expected_cost(), || self.evict_least_recent())
+            .make_room(function.expected_cost(), || self.make_memory())
             .map_err(|over| {
                 function
                     .counters
@@ -389,6 +393,7 @@ impl Pools {
     /// Makes one instance of `function` ahead of requests, within the budget without
     /// evicting, sends it the function's warm-up request, merges it and parks it.
     fn prewarm(&self, function: &Function) -> Result<(), Failure> {
+        let _making = function.making();
         let room = self.budget.make_room(function.expected_cost(), || false)?;
         let mut instance = self.instantiate(function)?;
         if let Some(path) = &function.config.warmup
@@ -401,6 +406,13 @@ impl Pools {
         function.counters.prewarmed.fetch_add(1, Ordering::Relaxed);
         function.park(instance);
         Ok(())
+    }
+
+    /// Frees memory for the budget: retires the least recently parked idle instance of all
+    /// functions or, with none idle, lets the memories kept ready for new instances go;
+    /// `false` when there was neither.
+    fn make_memory(&self) -> bool {
+        self.evict_least_recent() || self.samepage.release_idle_slots() > 0
     }
 
     /// Retires the least recently parked idle instance of all functions; `false` when none
