@@ -44,9 +44,6 @@ pub struct Function {
     per_request: AtomicBool,
     /// Requests in flight and their recent peak: how many ready instances to keep.
     pub demand: Demand,
-    /// Instances being made ahead of requests: counted with the ready ones, so that
-    /// replacements made at the same moment do not overshoot the target.
-    making: AtomicUsize,
     /// Read at each scrape; never reset.
     pub counters: FunctionCounters,
     /// Seconds from a request's arrival to its response's head.
@@ -90,8 +87,9 @@ pub struct FunctionCounters {
     pub responses_5xx: AtomicU64,
 }
 
-/// A function's requests in flight, and the most there were at once lately: the number of
-/// ready instances worth keeping when each request takes one. The window is two periods of
+/// A function's requests in flight (each until its instance's replacement is made), and the
+/// most there were at once lately: the number of ready instances worth keeping when each
+/// request takes one. The window is two periods of
 /// the pool keeper's [`Demand::roll`], so a burst is remembered for one to two periods.
 #[derive(Default)]
 pub struct Demand {
@@ -133,15 +131,6 @@ impl Drop for DemandGuard<'_> {
     }
 }
 
-/// An instance counted as being made by [`Function::making`].
-pub struct MakingGuard<'a>(&'a AtomicUsize);
-
-impl Drop for MakingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Instances of a function, and what merging saves them.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {
@@ -178,7 +167,6 @@ impl Function {
             cost: AtomicU64::new(0),
             per_request: AtomicBool::new(false),
             demand: Demand::default(),
-            making: AtomicUsize::new(0),
             counters: FunctionCounters::default(),
             // 0.5 ms to about 16 s.
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -217,18 +205,10 @@ impl Function {
     /// flight at once lately if more. Never past `max_instances` alive.
     pub fn ready_shortfall(&self) -> usize {
         let short = match self.reuse() {
-            Reuse::Reset => self
-                .ready_target()
-                .saturating_sub(self.idle_count() + self.making.load(Ordering::Acquire)),
+            Reuse::Reset => self.ready_target().saturating_sub(self.idle_count()),
             Reuse::Warm | Reuse::Fresh => self.config.min_instances.saturating_sub(self.live()),
         };
         short.min(self.config.max_instances.saturating_sub(self.live()))
-    }
-
-    /// Counts an instance being made ahead of requests until the guard is dropped.
-    pub fn making(&self) -> MakingGuard<'_> {
-        self.making.fetch_add(1, Ordering::AcqRel);
-        MakingGuard(&self.making)
     }
 
     /// Whether the function has more instances than it keeps: idle ones may then expire.
