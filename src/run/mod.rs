@@ -116,7 +116,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         )
     });
     let unlifted: Vec<String> = unlifted.collect();
-    release_compiler_garbage();
+    crate::resources::release_compiler_garbage();
     // The peak the report gives is that of running the instances, not of compiling.
     if let Some(cgroup) = &mut cgroup {
         cgroup.reset_peak();
@@ -235,17 +235,5 @@ fn repair_ksm(ksm: &KsmSysfs) {
         ),
         Ok(None) => {}
         Err(error) => eprintln!("warning: {error:#}"),
-    }
-}
-
-/// Gives the memory that compiling the module freed back to the system. Cranelift compiles
-/// on several threads, and glibc keeps what each thread freed in that thread's arena: tens
-/// of MiB for a large module, which would otherwise sit in the host for its whole life (and
-/// in every mode's figures, by chance more in one run than in another).
-fn release_compiler_garbage() {
-    // SAFETY: malloc_trim only returns free heap memory to the kernel; it has no
-    // preconditions and touches no memory in use.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
