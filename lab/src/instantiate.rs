@@ -325,7 +325,7 @@ const NOTES: &str = "\n## Where the time goes\n\n\
     instantiation made its memories from nothing (37 µs for Flite, 57 µs for Yosys on this \
     machine, most of it the image's mappings and the engine's records of its pages).\n\
     - **Data segments.** samepage lifts a module's data segments into its image \
-    (`runtime/src/image.rs`). Where code can name a segment (the module has a data count \
+    (`runtime/src/image/`). Where code can name a segment (the module has a data count \
     section), each lifted one stays as an empty *passive* segment, and wasmtime fills an \
     entry (a base and a length) in each instance's `VMContext` for every passive segment at \
     every instantiation; where it cannot, as in CPython (24,171 segments) and the \
