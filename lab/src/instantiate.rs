@@ -14,7 +14,9 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
-use samepage_runtime::{ComponentPre, ModulePre, Program, Samepage, SamepageConfig, StoreOwner};
+use samepage_runtime::{
+    ComponentPre, Lifetime, ModulePre, Program, Samepage, SamepageConfig, StoreOwner,
+};
 
 use super::{repo_path, table};
 
@@ -114,7 +116,7 @@ impl SamepageSide {
 
 impl Side for SamepageSide {
     fn instantiate(&self) -> Result<Box<dyn std::any::Any>> {
-        let owner = self.samepage.owner_merging_on_instantiate(0, false);
+        let owner = self.samepage.owner_for(0, Lifetime::OneCall);
         let mut store = wasmtime::Store::new(&self.engine, owner.clone());
         match &self.pre {
             Pre::Module(pre) => {

@@ -222,7 +222,7 @@ impl Host {
         let owner = match &self.samepage {
             Some(samepage) => samepage.owner(domain),
             // wasmtime's own memories: the owner only counts calls, nobody merges.
-            None => StoreOwner::new(Owner::new(domain), None, false),
+            None => StoreOwner::new(Owner::new(domain), None, false, false),
         };
         let mut store = Store::new(
             &self.engine,

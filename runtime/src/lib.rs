@@ -52,7 +52,7 @@ mod slots;
 mod stdio;
 mod store;
 
-pub use embed::{Samepage, SamepageConfig};
+pub use embed::{Lifetime, Samepage, SamepageConfig};
 pub use error::RuntimeError;
 pub use host::{CompilationCache, Host, HostConfig, MemoryBacking};
 pub use host_state::HostState;

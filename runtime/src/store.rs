@@ -11,7 +11,7 @@
 //!   inside that call, guard held, so they may read and write guest memory freely; a host
 //!   function that calls back into wasm nests (the hook counts depth and never takes the gate
 //!   twice). When the outermost call returns, the engine hears that the owner parked (scan on
-//!   park).
+//!   park), unless the store's instances serve one call each ([`crate::Lifetime`]).
 //! - **Instantiation is an owner writing.** wasmtime creates the memories and writes data
 //!   segments inside `instantiate`; the owner's scope names the owner to the memory creator
 //!   and holds the guard throughout, and the memories it created become this owner's
@@ -210,6 +210,8 @@ struct OwnerState {
     regions: Mutex<Vec<MemoryRegion>>,
     /// Merge new memories right after instantiation (see [`crate::SamepageConfig`]).
     merge_on_instantiate: bool,
+    /// Tell the engine when the outermost call returns (see [`crate::Lifetime`]).
+    announce_parks: bool,
     /// The images the store's memories were made from, for resets.
     images: Mutex<Option<ImagePlan>>,
 }
@@ -225,7 +227,12 @@ struct Held {
 }
 
 impl StoreOwner {
-    pub(crate) fn new(owner: Owner, dedup: Option<Engine>, merge_on_instantiate: bool) -> Self {
+    pub(crate) fn new(
+        owner: Owner,
+        dedup: Option<Engine>,
+        merge_on_instantiate: bool,
+        announce_parks: bool,
+    ) -> Self {
         Self {
             shared: Arc::new(OwnerState {
                 owner,
@@ -233,6 +240,7 @@ impl StoreOwner {
                 held: Mutex::new(Held::default()),
                 regions: Mutex::new(Vec::new()),
                 merge_on_instantiate,
+                announce_parks,
                 images: Mutex::new(None),
             }),
         }
@@ -552,7 +560,7 @@ impl StoreOwner {
             return;
         }
         held.guard = None;
-        let parked = std::mem::take(&mut held.ran);
+        let parked = std::mem::take(&mut held.ran) && self.shared.announce_parks;
         drop(held);
         if parked && let Some(engine) = &self.shared.dedup {
             engine.parked(&self.shared.owner);

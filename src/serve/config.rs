@@ -72,6 +72,8 @@ pub struct ServeConfig {
     pub knobs: Knobs,
     /// Longest SIGTERM waits for the requests in flight.
     pub drain_timeout: Duration,
+    /// Handlers that run at once; more wait in arrival order (`running.rs`).
+    pub running_handlers: usize,
     pub functions: Vec<FunctionConfig>,
 }
 
@@ -85,6 +87,7 @@ impl ServeConfig {
             dedup: true,
             knobs: Knobs::default(),
             drain_timeout: Duration::from_secs(30),
+            running_handlers: super::running::RunSlots::per_cpu(),
             functions,
         }
     }
@@ -110,6 +113,7 @@ struct ServerTable {
     admin_addr: Option<Spanned<String>>,
     memory_budget: Option<Spanned<Size>>,
     drain_timeout: Option<Spanned<String>>,
+    running_handlers: Option<Spanned<u64>>,
 }
 
 /// A size as a number of bytes or a string with a unit.
@@ -179,6 +183,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
         admin_addr: None,
         memory_budget: None,
         drain_timeout: None,
+        running_handlers: None,
     });
     let addr = server
         .addr
@@ -199,6 +204,18 @@ pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
         .drain_timeout
         .as_ref()
         .map(|text| at.duration(text))
+        .transpose()?;
+
+    let running_handlers = server
+        .running_handlers
+        .as_ref()
+        .map(|count| match usize::try_from(*count.get_ref()) {
+            Ok(count) if count > 0 => Ok(count),
+            _ => Err(at.error(
+                count.span(),
+                "running_handlers must be at least 1".to_owned(),
+            )),
+        })
         .transpose()?;
 
     let (dedup, knobs) = match &file.engine {
@@ -240,6 +257,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
     config.dedup = dedup;
     config.knobs = knobs;
     config.drain_timeout = drain_timeout.unwrap_or(config.drain_timeout);
+    config.running_handlers = running_handlers.unwrap_or(config.running_handlers);
     Ok(config)
 }
 

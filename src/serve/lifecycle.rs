@@ -33,7 +33,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use parking_lot::{Condvar, Mutex};
 use samepage_runtime::measure::pss_bytes;
-use samepage_runtime::{Samepage, StoreOwner};
+use samepage_runtime::{Lifetime, Samepage, StoreOwner};
 
 use super::answer::{self, Answer};
 use super::budget::{Budget, Room};
@@ -280,7 +280,7 @@ impl Pools {
         let _room = self.cold_start(function)?;
         let owner = self
             .samepage
-            .owner_merging_on_instantiate(function.config.domain, false);
+            .owner_for(function.config.domain, Lifetime::OneCall);
         function.born(&owner);
         let ran = wagi::run(
             &self.engine,
@@ -373,10 +373,11 @@ impl Pools {
         let Code::Proxy(component) = &function.code else {
             return Err(Failure::Internal("a WAGI function has no pool".into()));
         };
-        // An instance that serves one request is not merged first.
-        let owner = self
-            .samepage
-            .owner_merging_on_instantiate(function.config.domain, function.reuse() == Reuse::Warm);
+        let lifetime = match function.reuse() {
+            Reuse::Warm => Lifetime::Kept,
+            Reuse::Reset | Reuse::Fresh => Lifetime::OneCall,
+        };
+        let owner = self.samepage.owner_for(function.config.domain, lifetime);
         function.born(&owner);
         ProxyInstance::new(
             &self.engine,
@@ -389,7 +390,8 @@ impl Pools {
     }
 
     /// Makes one instance of `function` ahead of requests, within the budget without
-    /// evicting, sends it the function's warm-up request, merges it and parks it.
+    /// evicting, sends it the function's warm-up request, merges it (unless it will serve
+    /// one request and no warm-up wrote to it) and parks it.
     fn prewarm(&self, function: &Function) -> Result<(), Failure> {
         let room = self.budget.make_room(function.expected_cost(), || false)?;
         let mut instance = self.instantiate(function)?;
@@ -399,7 +401,13 @@ impl Pools {
             function.retire(instance);
             return Err(failure);
         }
-        settle_new(function, &instance.owner, room);
+        if function.reuse() == Reuse::Warm || function.config.warmup.is_some() {
+            settle_new(function, &instance.owner, room);
+        } else {
+            // An instance that will serve one request holds its images, mapped, and what
+            // instantiation wrote: merging that would cost more than it saves.
+            measure_cost(function, &room);
+        }
         function.counters.prewarmed.fetch_add(1, Ordering::Relaxed);
         function.park(instance);
         Ok(())

@@ -36,6 +36,7 @@ mod metrics;
 mod pool;
 mod proxy;
 mod response;
+mod running;
 mod wagi;
 mod wasi;
 
@@ -63,6 +64,7 @@ use lifecycle::Pools;
 use metrics::{Figures, ServerCounters};
 use pool::Function;
 use response::{full_body, text_response};
+use running::RunSlots;
 
 use crate::cli::{LimitSetting, Switch, parse_bytes, parse_dir, parse_env};
 
@@ -204,6 +206,8 @@ impl ServeArgs {
 struct Server {
     pools: Arc<Pools>,
     counters: Arc<ServerCounters>,
+    /// What a request takes before its handler runs: about one per CPU.
+    running: RunSlots,
     /// Advances the epoch for request timeouts, when a function has one.
     _ticker: Option<EpochTicker>,
 }
@@ -271,6 +275,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             Budget::new(config.memory_budget),
         )),
         counters: Arc::default(),
+        running: RunSlots::new(config.running_handlers),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -461,12 +466,13 @@ impl Server {
         let Ok(permit) = function.permits.clone().acquire_owned().await else {
             return Failure::Internal("the function's pool is closed".into()).response();
         };
+        let running = self.running.take().await;
         let request =
             request.map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let (pools, function) = (self.pools.clone(), function.clone());
         let handled = tokio::task::spawn_blocking(move || {
-            let _held = (permit, in_flight);
+            let _held = (permit, running, in_flight);
             let served = pools.serve_proxy(&function, request, sender);
             if let Err(failure) = &served {
                 eprintln!("samepage: function {}: {failure}", function.config.name);
@@ -511,6 +517,7 @@ impl Server {
         let Ok(permit) = function.permits.clone().acquire_owned().await else {
             return Failure::Internal("the function's pool is closed".into()).response();
         };
+        let running = self.running.take().await;
         let request = wagi::CgiRequest {
             method: parts.method.to_string(),
             uri: parts.uri,
@@ -521,7 +528,7 @@ impl Server {
         };
         let (pools, function) = (self.pools.clone(), function.clone());
         let ran = tokio::task::spawn_blocking(move || {
-            let _held = (permit, in_flight);
+            let _held = (permit, running, in_flight);
             let ran = pools.run_wagi(&function, &request);
             if let Err(failure) = &ran {
                 eprintln!("samepage: function {}: {failure}", function.config.name);
