@@ -102,11 +102,12 @@ impl Headroom {
     }
 }
 
-/// Gives the memory that compiling freed back to the system. Cranelift compiles
-/// on several threads, and glibc keeps what each thread freed in that thread's arena: tens
-/// of MiB for a large module, which would otherwise sit in the host for its whole life (and
-/// in every mode's figures, by chance more in one run than in another).
-pub fn release_compiler_garbage() {
+/// Gives the heap memory that is free back to the system. glibc keeps what each thread
+/// freed in that thread's arena: after compiling (Cranelift compiles on several threads),
+/// tens of MiB for a large module, which would otherwise sit in the host for its whole life
+/// (and in every mode's figures, by chance more in one run than in another); after a burst
+/// of requests, what each handler thread's store and instance held.
+pub fn return_free_heap() {
     // SAFETY: malloc_trim only returns free heap memory to the kernel; it has no
     // preconditions and touches no memory in use.
     unsafe {

@@ -116,7 +116,7 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         )
     });
     let unlifted: Vec<String> = unlifted.collect();
-    crate::resources::release_compiler_garbage();
+    crate::resources::return_free_heap();
     // The peak the report gives is that of running the instances, not of compiling.
     if let Some(cgroup) = &mut cgroup {
         cgroup.reset_peak();

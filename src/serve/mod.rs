@@ -254,7 +254,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .context("setting up the compilation cache")?;
     let engine = wasmtime::Engine::new(&wasm_config).map_err(wasm("starting wasmtime"))?;
     let codes = code::compile_all(&engine, &samepage, &config.functions)?;
-    crate::resources::release_compiler_garbage();
+    crate::resources::return_free_heap();
     let functions = config
         .functions
         .into_iter()
