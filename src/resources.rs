@@ -107,10 +107,9 @@ impl Headroom {
 /// tens of MiB for a large module, which would otherwise sit in the host for its whole life
 /// (and in every mode's figures, by chance more in one run than in another); after a burst
 /// of requests, what each handler thread's store and instance held.
-pub fn return_free_heap() {
+/// Returns whether any was given back.
+pub fn return_free_heap() -> bool {
     // SAFETY: malloc_trim only returns free heap memory to the kernel; it has no
     // preconditions and touches no memory in use.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    unsafe { libc::malloc_trim(0) == 1 }
 }

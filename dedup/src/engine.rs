@@ -168,12 +168,15 @@ impl Engine {
         let region = Arc::new(Region::new(owner.clone(), memfd, base, len));
         let mut state = self.shared.state.lock();
         state.add_region(region.clone());
-        if let Some(image) = image {
-            let mapped = state.map_image(Quiescent::unpublished(owner), region.id, image.id);
-            if let Err(error) = mapped {
-                let _ = state.remove_region(region.id);
-                return Err(error);
+        match image {
+            Some(image) => {
+                let mapped = state.map_image(Quiescent::unpublished(owner), region.id, image.id);
+                if let Err(error) = mapped {
+                    let _ = state.remove_region(region.id);
+                    return Err(error);
+                }
             }
+            None => state.note_pristine(region.id, None),
         }
         drop(state);
         self.shared.wake.notify_all();

@@ -14,7 +14,7 @@
 //!
 //! | kind | call | where |
 //! | --- | --- | --- |
-//! | [`Syscall::Mmap`] | `mmap(MAP_FIXED)` over a region's pages; the stable store's read-only view | `remap.rs`, `memfds.rs` |
+//! | [`Syscall::Mmap`] | `mmap(MAP_FIXED)` over a region's pages, or `madvise(MADV_DONTNEED)` of a reset in place; the stable store's read-only view | `remap.rs`, `memfds.rs` |
 //! | [`Syscall::Fallocate`] | `fallocate(PUNCH_HOLE)` of a region's or the stable memfd | `memfds.rs` |
 //! | [`Syscall::Pwrite`] | writes into a memfd: a new stable page, a restored page, an image page | `stable/mod.rs`, `remap.rs`, `state/image.rs` |
 //! | [`Syscall::PagemapRead`] | reading `/proc/self/pagemap` | `pagemap.rs` |

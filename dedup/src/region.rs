@@ -34,6 +34,10 @@ pub(crate) struct Region {
     /// Accessible bytes, a multiple of the page size. Changed only by the owner under its
     /// gate, so a reader holding the gate sees a length that stays put.
     len: AtomicUsize,
+    /// How many times the engine changed what backs the region's pages (every call in
+    /// [`crate::remap`] that maps, reserves or fills private copies counts one): equal
+    /// counts mean the same mappings, which lets a reset skip remapping what did not move.
+    layout: AtomicU64,
 }
 
 impl Region {
@@ -44,6 +48,7 @@ impl Region {
             memfd,
             base,
             len: AtomicUsize::new(len),
+            layout: AtomicU64::new(0),
         }
     }
 
@@ -56,6 +61,7 @@ impl Region {
             memfd: self.memfd.clone(),
             base: self.base,
             len: AtomicUsize::new(self.len()),
+            layout: AtomicU64::new(self.layout()),
         }
     }
 
@@ -65,6 +71,16 @@ impl Region {
 
     pub(crate) fn set_len(&self, len: usize) {
         self.len.store(len, Ordering::Release);
+    }
+
+    /// The count of the engine's changes to what backs the region's pages so far.
+    pub(crate) fn layout(&self) -> u64 {
+        self.layout.load(Ordering::Acquire)
+    }
+
+    /// Counts a change to what backs the region's pages; only [`crate::remap`] makes them.
+    pub(crate) fn note_layout_change(&self) {
+        self.layout.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Refuses a token of another owner: it would let the engine remap memory that someone

@@ -23,6 +23,7 @@ fn replace_pages(
     file: impl AsFd,
     offset: u64,
 ) -> Result<(), Error> {
+    region.note_layout_change();
     // SAFETY: the range lies inside the region's mapping (callers bound it by the length
     // read under the gate), which the engine is allowed to replace (module contract); the
     // owner cannot touch it meanwhile (callers hold its token); and the new pages hold the
@@ -55,6 +56,7 @@ pub(crate) fn reserve(
     count: usize,
 ) -> Result<(), Error> {
     region.check_token(q);
+    region.note_layout_change();
     // SAFETY: the range lies inside the region's reservation (callers bound it by the length
     // read under the gate), which only the region's mapping uses; the owner cannot touch it
     // meanwhile (the token), and it is about to lose the range: the caller shortens the
@@ -168,6 +170,8 @@ pub(crate) fn fill_private_from_own(
     count: usize,
 ) -> Result<(), Error> {
     region.check_token(q);
+    // Private copies now lie where the window's stable pages were mapped.
+    region.note_layout_change();
     // SAFETY: the range lies inside the region's mapping (caller's bound); the owner cannot
     // touch it (the token); what is written is the owner's own bytes, read from its memfd.
     let target = unsafe {
@@ -180,5 +184,35 @@ pub(crate) fn fill_private_from_own(
         .map_err(|source| Error::PrivateCopy {
             region: region.id,
             source,
+        })
+}
+
+/// Drops every private copy in pages `first..first + count`: a page of a `MAP_PRIVATE`
+/// window that its owner wrote reads its stable page again, and a page of the region's own
+/// `MAP_SHARED` memfd mapping loses only its page-table entry (the memfd keeps its bytes).
+/// For a reset, whose caller then punches what the owner wrote into the memfd: the owner is
+/// to see the mapped pages as they were before it wrote.
+pub(crate) fn drop_private_copies(
+    q: Quiescent<'_>,
+    region: &Region,
+    first: usize,
+    count: usize,
+) -> Result<(), Error> {
+    region.check_token(q);
+    // SAFETY: the range lies inside the region's mapping (caller's bound), which the engine
+    // is allowed to change (module contract); the owner cannot touch it meanwhile (the
+    // token), and what it will read there afterwards is what the caller's reset promises
+    // (the mapped file's pages). No memory the process uses besides the region is affected.
+    crate::faults::check(Syscall::Mmap)
+        .and_then(|()| unsafe {
+            rustix::mm::madvise(
+                region.page_addr(first) as *mut _,
+                count * PAGE_SIZE,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        })
+        .map_err(|e| Error::Remap {
+            region: region.id,
+            source: e.into(),
         })
 }

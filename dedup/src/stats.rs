@@ -141,6 +141,9 @@ declare_stats! {
     /// Region visits skipped because the owner had not run since a visit found nothing left
     /// to do in the region (the owner's gate counts its entries).
     regions_idle_skips: u64, ksm: None;
+    /// Resets of a region whose mappings had not changed since its image was mapped: only
+    /// what the owner wrote was dropped, nothing remapped.
+    regions_reset_in_place: u64, ksm: None;
     /// Bytes saved by merging and zero pages, minus the metadata kept for it (KSM
     /// `general_profit`).
     general_profit_bytes: i64, ksm: Some("general_profit");

@@ -225,3 +225,45 @@ fn memories_of_other_domains_and_sizes_never_share_a_slot() {
     assert_eq!(pair.base(), base);
     pair.check();
 }
+
+#[test]
+fn a_slot_that_nothing_merged_is_reset_in_place_to_exactly_the_image() {
+    let hosts = hosts();
+    let dedup = hosts.samepage.dedup().expect("merging");
+    let in_place = || dedup.stats().regions_reset_in_place;
+    let mut first = hosts.pair();
+    // Image pages written (their copy-on-write copies), zero pages between and after them,
+    // all within the memory's minimum: nothing merged, nothing grown.
+    first.fill(0, 4, 0x5a5a_5a5a);
+    first.fill(40, 12, 0x0bad_cafe);
+    first.check();
+    let base = first.base();
+    let before = in_place();
+    drop(first);
+    assert_eq!(in_place(), before + 1, "nothing moved: reset in place");
+    let mut reused = hosts.pair();
+    assert_eq!(reused.base(), base, "the dropped memory's slot is reused");
+    reused.check();
+    hosts.merge();
+
+    // Once merging moved its pages, the next reset maps the image again.
+    let mut other = hosts.pair();
+    for pair in [&mut reused, &mut other] {
+        pair.fill(1, 2, 0x7777_7777);
+        pair.fill(3, 1, 0x1234_5678);
+    }
+    hosts.merge();
+    assert!(reused.owner.stats().pages_merged > 0, "merging moved pages");
+    let before = in_place();
+    drop(reused);
+    assert_eq!(in_place(), before, "merged pages: remapped");
+    let mut again = hosts.pair();
+    assert_eq!(again.base(), base);
+    again.check();
+    other.check();
+    // And the slot, reset in place or not, writes and merges as a new memory does.
+    again.fill(0, 8, 0x5a5a_5a5a);
+    hosts.merge();
+    again.check();
+    other.check();
+}

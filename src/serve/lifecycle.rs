@@ -433,10 +433,13 @@ impl Pools {
     }
 
     /// Frees memory for the budget: retires the least recently parked idle instance of all
-    /// functions or, with none idle, lets the memories kept ready for new instances go;
-    /// `false` when there was neither.
+    /// functions or, with none idle, lets the memories kept ready for new instances go, or
+    /// returns the free heap memory that requests left in the malloc arenas; `false` when
+    /// there was none of these.
     fn make_memory(&self) -> bool {
-        self.evict_least_recent() || self.samepage.release_idle_slots() > 0
+        self.evict_least_recent()
+            || self.samepage.release_idle_slots() > 0
+            || crate::resources::return_free_heap()
     }
 
     /// Retires the least recently parked idle instance of all functions; `false` when none

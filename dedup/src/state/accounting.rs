@@ -41,6 +41,8 @@ pub(super) struct Counters {
     pub(super) longest_period_last_pass: u64,
     /// Times a region was passed over as idle (`RegionPages::quiet_at`).
     pub(super) regions_idle_skips: u64,
+    /// Resets that only dropped what the owner wrote (`super::image`).
+    pub(super) regions_reset_in_place: u64,
     /// Hole punches that failed (memory left allocated, no data affected).
     pub(super) punch_failures: u64,
     /// Pages visited in the pass in progress.
@@ -185,6 +187,7 @@ impl MergeState {
             pages_skipped: self.counters.pages_skipped,
             smart_scan_horizon: self.counters.smart_scan_horizon,
             regions_idle_skips: self.counters.regions_idle_skips,
+            regions_reset_in_place: self.counters.regions_reset_in_place,
             punch_failures: self.counters.punch_failures,
             stable_node_chains,
             stable_node_dups,

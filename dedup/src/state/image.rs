@@ -13,6 +13,14 @@
 //! `max_page_sharing` sharers gets a *copy*: the same bytes in fresh slots, which the stable
 //! index chains as dups, pinned by the image too. When the map-count budget cannot pay for a
 //! segment's mapping, its bytes are written into the region's memfd instead.
+//!
+//! Resetting a region to its image (a memory kept for the next instance) comes in two
+//! kinds. If nothing changed the region's mappings since its image was mapped whole (no
+//! merge, no page given back, no growth: [`Pristine`]), the reset only drops what the owner
+//! wrote, with one `madvise(MADV_DONTNEED)` over the region (its private copies of image
+//! pages) and a punch of its memfd's written extents, as wasmtime resets a pooled slot.
+//! Otherwise every page leaves its stable slot, the region's own memfd is mapped over it
+//! whole, the written extents are punched, and the image is mapped again.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -20,11 +28,12 @@ use std::os::unix::fs::FileExt;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::quiesce::{DomainId, Quiescent};
-use crate::region::RegionId;
+use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, Slot};
 use crate::{Error, PAGE_SIZE, remap};
 
 use super::MergeState;
+use super::records::{PageRecord, Pristine, SEEN};
 
 /// The module images the state holds.
 #[derive(Default)]
@@ -193,13 +202,16 @@ impl MergeState {
 
     /// Maps image `image` into region `id` from its first page, whose pages map the region's
     /// own memfd and hold zeros there (a fresh region, or one just reset); `q` proves its
-    /// gate held, or that it is being registered.
+    /// gate held, or that it is being registered. Then the region is [`Pristine`] if every
+    /// run was mapped.
     pub(crate) fn map_image(
         &mut self,
         q: Quiescent<'_>,
         id: RegionId,
         image: u64,
     ) -> Result<(), Error> {
+        self.records.region_mut(id).pristine = None;
+        let mut whole = true;
         let segments = self.images.by_number[&image].segments.len();
         for index in 0..segments {
             let (page, len) = {
@@ -212,6 +224,7 @@ impl MergeState {
             let region = region.region.clone();
             if !self.budget_allows(delta, len) {
                 // No mappings to spare: the region gets the bytes in its own memfd instead.
+                whole = false;
                 for n in 0..len {
                     crate::faults::check(crate::faults::Syscall::Pwrite)
                         .map_err(std::io::Error::from)
@@ -230,7 +243,20 @@ impl MergeState {
             self.note_window(id, page, &vec![true; len], first);
             self.reconcile_edges(id, page..page + len);
         }
+        if whole {
+            self.note_pristine(id, Some(image));
+        }
         Ok(())
+    }
+
+    /// Takes note that region `id`'s mappings are, as of now, what mapping `image` (or
+    /// none) whole left.
+    pub(crate) fn note_pristine(&mut self, id: RegionId, image: Option<u64>) {
+        let record = self.records.region_mut(id);
+        record.pristine = Some(Pristine {
+            layout: record.region.layout(),
+            image,
+        });
     }
 
     /// The first copy of segment `index` of `image` with room for a sharer on every page;
@@ -310,6 +336,14 @@ impl MergeState {
     ) -> Result<(), Error> {
         let pages = self.cover_length(id)?;
         let keep = shrink_to.map_or(pages, |len| (len / PAGE_SIZE).min(pages));
+        let record = self.records.region(id);
+        let unmoved = Pristine {
+            layout: record.region.layout(),
+            image,
+        };
+        if keep == pages && record.pristine == Some(unmoved) {
+            return self.reset_in_place(q, id, pages);
+        }
         let record = self.records.region_mut(id);
         let records = std::mem::take(&mut record.pages);
         let vmas = std::mem::take(&mut record.vmas);
@@ -318,7 +352,7 @@ impl MergeState {
         record.quiet_at = None;
         record.visit.1 = false;
         self.budget.remove(vmas);
-        let mut result = self.forget_records(&records);
+        let result = self.forget_records(&records);
         if keep < pages {
             // The pages past the new end were the owner's own memfd or merged pages, whose
             // records are gone: no sharer is left there, so dropping the mappings loses
@@ -328,15 +362,67 @@ impl MergeState {
             self.records.region_mut(id).len = keep;
         }
         remap::map_own(q, &region, 0, keep)?;
-        let written = crate::memfds::data_extents(&region.memfd, 0..pages)
-            .map_err(|source| Error::DataExtents { region: id, source })?;
-        for run in written {
-            crate::memfds::punch_region(q, &region, run.start, run.len())
-                .map_err(|source| Error::Punch { region: id, source })?;
+        punch_written(q, &region, pages)?;
+        match image {
+            Some(image) => result.and(self.map_image(q, id, image)),
+            None => {
+                self.note_pristine(id, None);
+                result
+            }
         }
-        if let Some(image) = image {
-            result = result.and(self.map_image(q, id, image));
-        }
-        result
     }
+
+    /// [`MergeState::reset_region`] of a region whose mappings are as its image left them
+    /// ([`Pristine`]) and whose length did not change: what the owner wrote is dropped
+    /// (private copies of image pages, and its own memfd's pages), and nothing is remapped.
+    /// The image's pages stay mapped and shared; the records of every other page go, and
+    /// those of the image's pages read as just mapped.
+    fn reset_in_place(
+        &mut self,
+        q: Quiescent<'_>,
+        id: RegionId,
+        pages: usize,
+    ) -> Result<(), Error> {
+        let region = self.records.region(id).region.clone();
+        remap::drop_private_copies(q, &region, 0, pages)?;
+        punch_written(q, &region, pages)?;
+        let record = self.records.region_mut(id);
+        record.quiet_at = None;
+        record.visit.1 = false;
+        let stable = &self.stable;
+        let (records, counts) = self.records.pages_and_flags(id);
+        records.update_existing(0..pages, |_, record| match record.slot() {
+            Some(slot) => {
+                debug_assert!(record.shares(), "a pristine region holds no private copy");
+                record.set_checksum(stable.node(slot).map_or(0, |node| node.key.1));
+                record.set_misses(0);
+                counts.set_flags(record, SEEN);
+            }
+            None => {
+                counts.set_flags(record, 0);
+                *record = PageRecord::default();
+            }
+        });
+        self.counters.regions_reset_in_place += 1;
+        Ok(())
+    }
+}
+
+/// Punches what the owner wrote into the region's memfd among pages `0..pages`.
+fn punch_written(q: Quiescent<'_>, region: &Region, pages: usize) -> Result<(), Error> {
+    let written = crate::memfds::data_extents(&region.memfd, 0..pages).map_err(|source| {
+        Error::DataExtents {
+            region: region.id,
+            source,
+        }
+    })?;
+    for run in written {
+        crate::memfds::punch_region(q, region, run.start, run.len()).map_err(|source| {
+            Error::Punch {
+                region: region.id,
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }

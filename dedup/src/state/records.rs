@@ -269,6 +269,23 @@ pub(super) struct RegionPages {
     /// smart scan looks at only on every 32nd pass: pages that may yet merge with a stable
     /// page made since, unlike shared pages and holes.
     pub(super) holds_back: bool,
+    /// The region's mappings as its registration or last reset left them, if the image
+    /// was mapped whole; see [`Pristine`].
+    pub(super) pristine: Option<Pristine>,
+}
+
+/// What a region's mappings were right after its registration or a reset mapped its image
+/// whole (every run onto its stable pages, none written into the memfd for want of
+/// mappings). While [`Region::layout`] still reads `layout`, nothing has been merged,
+/// given back or grown over since: every page maps the image's stable page or the region's
+/// own memfd, as then, and a reset to the same image needs to drop only what the owner
+/// wrote (`super::image`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Pristine {
+    /// [`Region::layout`] then.
+    pub(super) layout: u64,
+    /// The image then mapped, or `None` for zeros.
+    pub(super) image: Option<u64>,
 }
 
 impl RegionPages {
@@ -392,6 +409,7 @@ impl Records {
                 quiet_at: None,
                 visit: (0, false),
                 holds_back: false,
+                pristine: None,
             },
         );
     }
