@@ -10,7 +10,8 @@
 //!   in the background), sent the function's warm-up request, merged and parked. Pre-warming
 //!   never evicts: it must not push out instances that serve.
 //! - **After a request**, by the function's `reuse`: `warm` parks the instance (a new one is
-//!   first settled: merged at once and its cost measured); `reset` retires it and makes its
+//!   then settled by the pool keeper, off every request's path: merged at once and its cost
+//!   measured); `reset` retires it and makes its
 //!   replacement after the response, off the next request's path, while the pool keeper
 //!   keeps as many ready as were in flight at once lately; `fresh` retires it. A trap or a
 //!   timeout retires it whatever the `reuse`: its state is not to be trusted; a reused
@@ -54,8 +55,10 @@ pub struct Pools {
     wagi_linker: wasmtime::Linker<WagiState>,
     pub functions: Vec<Arc<Function>>,
     pub budget: Budget,
-    /// Wakes the pool keeper when a request used an instance up.
+    /// Wakes the pool keeper when a request used an instance up or left one to merge.
     keeper: Alarm,
+    /// New warm instances that served their first request, for the pool keeper to merge.
+    unsettled: Mutex<Vec<Unsettled>>,
     /// Set when the server drains: the pools stop topping up and replacing.
     draining: AtomicBool,
 }
@@ -63,6 +66,14 @@ pub struct Pools {
 /// How long a function's peak of requests in flight is remembered: one to two periods
 /// (see [`super::pool::Demand`]).
 const DEMAND_PERIOD: Duration = Duration::from_secs(10);
+
+/// A new warm instance to merge, and what its cost is measured from.
+struct Unsettled {
+    function: Arc<Function>,
+    owner: StoreOwner,
+    /// The host's PSS before it was made, under a budget.
+    pss_before: Option<u64>,
+}
 
 /// A wake-up call for a thread that naps between rounds.
 #[derive(Default)]
@@ -104,6 +115,7 @@ impl Pools {
             functions,
             budget,
             keeper: Alarm::default(),
+            unsettled: Mutex::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -133,7 +145,7 @@ impl Pools {
     /// and the function gives reuse up on the reused instance's word.
     pub fn serve_proxy(
         &self,
-        function: &Function,
+        function: &Arc<Function>,
         request: hyper::Request<WasiBody>,
         client: ResponseSender,
     ) -> Result<(), Failure> {
@@ -204,7 +216,7 @@ impl Pools {
     /// answered without a 5xx.
     fn serve_fresh(
         &self,
-        function: &Function,
+        function: &Arc<Function>,
         request: hyper::Request<WasiBody>,
         client: ResponseSender,
     ) -> Result<bool, Failure> {
@@ -233,7 +245,12 @@ impl Pools {
 
     /// Parks, replaces or retires an instance that served a request, by the function's
     /// `reuse` as it stands now.
-    fn after_request(&self, function: &Function, instance: ProxyInstance, room: Option<Room<'_>>) {
+    fn after_request(
+        &self,
+        function: &Arc<Function>,
+        instance: ProxyInstance,
+        room: Option<Room<'_>>,
+    ) {
         match function.reuse() {
             Reuse::Warm => {
                 // Parked first: a request that takes it while it is merged waits only for
@@ -241,7 +258,14 @@ impl Pools {
                 let owner = instance.owner.clone();
                 function.park(instance);
                 if let Some(room) = room {
-                    settle_new(function, &owner, room);
+                    // Merged by the pool keeper, off every request's path. The room goes
+                    // now: until merged, the instance's PSS counts it whole.
+                    self.unsettled.lock().push(Unsettled {
+                        function: function.clone(),
+                        owner,
+                        pss_before: room.pss_before,
+                    });
+                    self.keeper.wake();
                 }
             }
             Reuse::Reset => {
@@ -311,9 +335,9 @@ impl Pools {
         }
     }
 
-    /// Until the server drains: expires idle instances, keeps the budget, and tops the
-    /// pools up (to their minimum, and to their recent demand where each request takes an
-    /// instance of its own), four times a second and whenever a request used an instance up.
+    /// Until the server drains: merges new warm instances, expires idle instances, keeps
+    /// the budget, and tops the pools up (to their minimum, and to their recent demand where each request takes an
+    /// instance of its own), four times a second and whenever a request used an instance up or left one to merge.
     pub fn keep(&self) {
         let mut period_start = Instant::now();
         // Requests counted at the last round, and at the last return of free heap memory.
@@ -329,6 +353,14 @@ impl Pools {
                 trimmed = requests;
             }
             seen = requests;
+            let unsettled = std::mem::take(&mut *self.unsettled.lock());
+            for new in unsettled {
+                merge_new(&new.function, &new.owner);
+                if let Some(before) = new.pss_before {
+                    let after = pss_bytes().unwrap_or(before);
+                    new.function.measured_cost(after.saturating_sub(before));
+                }
+            }
             let now = Instant::now();
             if now.duration_since(period_start) >= DEMAND_PERIOD {
                 period_start = now;
@@ -480,13 +512,18 @@ fn expire(function: &Function, now: Instant) {
 /// Merges a new instance at once and, under a budget, records what it added to the host's
 /// PSS; then gives back the room it was promised.
 fn settle_new(function: &Function, owner: &StoreOwner, room: Room<'_>) {
+    merge_new(function, owner);
+    measure_cost(function, &room);
+}
+
+/// Merges a new instance's memories now, rather than when the scanner comes round.
+fn merge_new(function: &Function, owner: &StoreOwner) {
     if let Err(error) = owner.merge_now() {
         eprintln!(
             "samepage: function {}: merging a new instance: {error}",
             function.config.name
         );
     }
-    measure_cost(function, &room);
 }
 
 /// Records what the instance `room` was made for added to the host's PSS, when there is a
