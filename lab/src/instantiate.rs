@@ -340,10 +340,13 @@ const NOTES: &str = "\n## Where the time goes\n\n\
     5,903, Flite's 143. wasmtime's own on-demand allocator (with its copy-on-write images) \
     takes 12.9 µs per Yosys instance on this machine.\n\
     - **Drop.** A released slot is reset to its image before it goes idle, in the dropping \
-    thread: the engine forgets the records of every page (the image's pages included), maps \
-    the memfd back, punches what was written, and maps the image's runs again, so a drop \
-    costs in proportion to the image's pages and runs, not only to what the instance \
-    touched. The pooling allocator's drop is a `madvise` of what was touched.\n";
+    thread. A slot whose mappings nothing moved since its image was mapped (no merge, no \
+    growth) is reset in place, as the pooling allocator resets its slots: \
+    one `madvise(MADV_DONTNEED)` over the memory drops what the instance wrote over image \
+    pages, and what it wrote into its memfd is punched (a `SEEK_DATA` walk finds it); the \
+    engine's records of the image's pages stay. Otherwise the engine forgets every page's \
+    record, maps the memfd back, punches what was written and maps the image's runs again. \
+    The pooling allocator's drop is a `madvise` of what was touched.\n";
 
 const ABOUT: &str = "# Instantiation: samepage against wasmtime's pooling allocator\n\n\
     Time per instantiation of real programs, samepage (`Samepage::configure`, memories from \
