@@ -10,11 +10,14 @@
 //! - **Release.** When a memory is dropped (its store went), the memory's owner's guard is
 //!   taken (without waiting: a guard held elsewhere, by the scanner for a batch or by the
 //!   dropping thread itself, makes the memory go the ordinary way, unmapped), and the memory
-//!   is reset with [`MemfdMapping::reset`]: every page leaves its stable slot, what the
-//!   instance wrote is punched out of the memfd, the length goes back to the memory's
-//!   minimum (pages past it become reserved address space again), and the module image is
-//!   mapped again — in time proportional to what the instance touched, as
-//!   `StoreOwner::reset_memories` does. The region is then handed to an *idle owner* of its
+//!   is reset with [`MemfdMapping::reset`], in time proportional to what the instance
+//!   touched, as `StoreOwner::reset_memories` does. If nothing moved its mappings since the
+//!   image was mapped (no merge, no growth: an instance that served one request, say), the
+//!   reset is in place, as wasmtime resets a pooled slot: what the instance wrote over image
+//!   pages is dropped with one `madvise(MADV_DONTNEED)`, and what it wrote into the memfd is
+//!   punched. Otherwise every page leaves its stable slot, what the instance wrote is
+//!   punched out of the memfd, the length goes back to the memory's minimum (pages past it
+//!   become reserved address space again), and the module image is mapped again. The region is then handed to an *idle owner* of its
 //!   own ([`MemfdMapping::reassign`]), in the same domain, and kept, keyed by what it was made
 //!   for ([`SlotKey`]: domain, image, minimum, capacity, guard).
 //! - **Reuse.** A memory the creator is asked for whose key has an idle slot takes it: the
