@@ -28,22 +28,31 @@ fn replace_pages(
     // read under the gate), which the engine is allowed to replace (module contract); the
     // owner cannot touch it meanwhile (callers hold its token); and the new pages hold the
     // bytes the owner saw, so nothing it can observe changes.
+    change_backing(region, || unsafe {
+        mmap(
+            region.page_addr(first) as *mut _,
+            count * PAGE_SIZE,
+            ProtFlags::READ | ProtFlags::WRITE,
+            sharing | MapFlags::FIXED,
+            file,
+            offset,
+        )
+        .map(drop)
+    })
+}
+
+/// Makes `call`, a system call that changes what backs the region's pages (unless fault
+/// injection fails it first), and gives its error as the engine's.
+fn change_backing(
+    region: &Region,
+    call: impl FnOnce() -> rustix::io::Result<()>,
+) -> Result<(), Error> {
     crate::faults::check(Syscall::Mmap)
-        .and_then(|()| unsafe {
-            mmap(
-                region.page_addr(first) as *mut _,
-                count * PAGE_SIZE,
-                ProtFlags::READ | ProtFlags::WRITE,
-                sharing | MapFlags::FIXED,
-                file,
-                offset,
-            )
-        })
+        .and_then(|()| call())
         .map_err(|e| Error::Remap {
             region: region.id,
             source: e.into(),
-        })?;
-    Ok(())
+        })
 }
 
 /// Makes pages `first..first + count` of the region inaccessible address space again
@@ -61,20 +70,15 @@ pub(crate) fn reserve(
     // read under the gate), which only the region's mapping uses; the owner cannot touch it
     // meanwhile (the token), and it is about to lose the range: the caller shortens the
     // region's length right after, under the same token.
-    crate::faults::check(Syscall::Mmap)
-        .and_then(|()| unsafe {
-            rustix::mm::mmap_anonymous(
-                region.page_addr(first) as *mut _,
-                count * PAGE_SIZE,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
-            )
-        })
-        .map_err(|e| Error::Remap {
-            region: region.id,
-            source: e.into(),
-        })?;
-    Ok(())
+    change_backing(region, || unsafe {
+        rustix::mm::mmap_anonymous(
+            region.page_addr(first) as *mut _,
+            count * PAGE_SIZE,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+        )
+        .map(drop)
+    })
 }
 
 /// Maps `count` stable pages starting at `slot` of `stable` over the region's pages starting
@@ -199,20 +203,16 @@ pub(crate) fn drop_private_copies(
     count: usize,
 ) -> Result<(), Error> {
     region.check_token(q);
+    // The mappings stay as they are: not a change of layout (`Region::layout`).
     // SAFETY: the range lies inside the region's mapping (caller's bound), which the engine
     // is allowed to change (module contract); the owner cannot touch it meanwhile (the
     // token), and what it will read there afterwards is what the caller's reset promises
     // (the mapped file's pages). No memory the process uses besides the region is affected.
-    crate::faults::check(Syscall::Mmap)
-        .and_then(|()| unsafe {
-            rustix::mm::madvise(
-                region.page_addr(first) as *mut _,
-                count * PAGE_SIZE,
-                rustix::mm::Advice::LinuxDontNeed,
-            )
-        })
-        .map_err(|e| Error::Remap {
-            region: region.id,
-            source: e.into(),
-        })
+    change_backing(region, || unsafe {
+        rustix::mm::madvise(
+            region.page_addr(first) as *mut _,
+            count * PAGE_SIZE,
+            rustix::mm::Advice::LinuxDontNeed,
+        )
+    })
 }
