@@ -1147,3 +1147,36 @@ fn warm_reuse_lets_the_next_request_see_what_the_last_left() {
         ["secret-0", "secret-1", "secret-2"]
     );
 }
+
+#[test]
+fn a_handler_that_waits_holds_its_turn_to_run_for_one_quantum_at_most() {
+    let component = built(COMPONENT, "build-http-components");
+    // One handler runs at a time; three sleep for 4 s each (a handler that waits, as on a
+    // slow client). A request sent while they sleep is answered long before they wake: each
+    // gave its turn up after 50 ms.
+    let server = Server::config(
+        "running-handlers",
+        &format!(
+            "[server]\nrunning_handlers = 1\n\
+             [[function]]\nname = \"py\"\nroute = \"/\"\ncomponent = \"{}\"\nmin_instances = 4\n",
+            component.display()
+        ),
+    );
+    std::thread::scope(|scope| {
+        let sleepers: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| server.get("/sleep?ms=4000")))
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let asked = Instant::now();
+        let answer = server.get("/");
+        let waited = asked.elapsed();
+        assert_eq!(answer.status, 200);
+        assert!(
+            waited < Duration::from_millis(2500),
+            "a request waited {waited:?} behind handlers that sleep"
+        );
+        for sleeper in sleepers {
+            assert_eq!(sleeper.join().expect("sleeper").status, 200);
+        }
+    });
+}
