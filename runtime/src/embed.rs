@@ -113,15 +113,16 @@ impl Samepage {
     }
 
     /// Configures `config` as a host without samepage runs wasmtime: its own memories, with
-    /// its copy-on-write module images and its pooling allocator (with its default limits,
-    /// as `wasmtime serve` sets it up), nothing merged. The handle compiles as wasmtime does
-    /// and makes owners that register nothing: the baseline that merging is measured against.
-    pub fn without_merging(config: &mut wasmtime::Config) -> Self {
-        config.memory_init_cow(true).allocation_strategy(
-            wasmtime::InstanceAllocationStrategy::Pooling(
-                wasmtime::PoolingAllocationConfig::default(),
-            ),
-        );
+    /// its copy-on-write module images and its pooling allocator with `pooling`'s limits,
+    /// nothing merged. The handle compiles as wasmtime does and makes owners that register
+    /// nothing: the baseline that merging is measured against.
+    pub fn without_merging(
+        config: &mut wasmtime::Config,
+        pooling: wasmtime::PoolingAllocationConfig,
+    ) -> Self {
+        config
+            .memory_init_cow(true)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
         Self {
             dedup: None,
             merge_on_instantiate: false,
