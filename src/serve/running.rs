@@ -35,7 +35,7 @@ pub struct RunSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
 
 impl RunSlots {
     /// Longest a handler holds its slot: several times a computing handler's time on the
-    /// bundled components (about 4 ms of CPU for Python, 1 for JavaScript), well below a
+    /// bundled components (about 5 ms of CPU for Python, 2 for JavaScript), well below a
     /// request timeout.
     pub const QUANTUM: Duration = Duration::from_millis(50);
 
