@@ -292,6 +292,26 @@ mod tests {
     }
 
     #[test]
+    fn a_pinned_page_outlives_its_last_private_copy() {
+        let mut store = store();
+        // An image's page, shared, then written by its sharer: a private copy over it.
+        let slot = publish(&mut store, KEY, 7, 1);
+        store.pin(slot);
+        store.add_copy(slot);
+        store.drop_sharer(slot).expect("pinned: nothing to free");
+        store.drop_copy(slot);
+        // Nothing maps it now, but the image still needs it.
+        assert!(store.node(slot).is_some_and(|node| node.content));
+        assert_eq!(store.page(slot), &bytes(7)[..]);
+        assert_eq!(store.lookup(KEY, &bytes(7)), Some(slot));
+        store.unpin(slot).expect("unpin");
+        assert!(
+            store.node(slot).is_none_or(|node| !node.content),
+            "freed with its pin"
+        );
+    }
+
+    #[test]
     fn a_full_page_becomes_a_chain_and_dups_fill_before_new_ones() {
         let mut store = store();
         let first = publish(&mut store, KEY, 7, LIMIT);

@@ -233,11 +233,12 @@ impl StableStore {
         self.node_mut(slot).copies += 1;
     }
 
-    /// Records that a private copy over `slot` went; frees the slot when nothing covers it.
+    /// Records that a private copy over `slot` went; frees the slot when nothing covers it
+    /// and no image pins it (an image's page stays for instances still to come).
     pub(crate) fn drop_copy(&mut self, slot: Slot) {
         let node = self.node_mut(slot);
         node.copies -= 1;
-        if node.copies == 0 && node.sharers == 0 {
+        if node.copies == 0 && node.sharers == 0 && node.pins == 0 {
             self.free(slot, 1);
         }
     }
