@@ -158,13 +158,13 @@ impl Samepage {
 
     /// [`Samepage::owner`], for a store whose instances live as long as `lifetime` says.
     pub fn owner_for(&self, domain: DomainId, lifetime: Lifetime) -> StoreOwner {
-        let merging = self.dedup.is_some();
-        let kept = lifetime == Lifetime::Kept;
+        let merge_on_instantiate =
+            self.dedup.is_some() && lifetime == Lifetime::Kept && self.merge_on_instantiate;
         StoreOwner::new(
             Owner::new(domain),
             self.dedup.clone(),
-            merging && kept && self.merge_on_instantiate,
-            kept,
+            merge_on_instantiate,
+            lifetime,
         )
     }
 }

@@ -11,7 +11,7 @@ use wasmtime::{Linker, Store};
 use wasmtime_wasi::p1;
 
 use crate::RuntimeError;
-use crate::embed::{Samepage, SamepageConfig};
+use crate::embed::{Lifetime, Samepage, SamepageConfig};
 use crate::host_state::HostState;
 use crate::instance::{Instance, InstanceHandle, WasiOptions};
 use crate::limits::{EpochTicker, Limits};
@@ -222,7 +222,7 @@ impl Host {
         let owner = match &self.samepage {
             Some(samepage) => samepage.owner(domain),
             // wasmtime's own memories: the owner only counts calls, nobody merges.
-            None => StoreOwner::new(Owner::new(domain), None, false, false),
+            None => StoreOwner::new(Owner::new(domain), None, false, Lifetime::Kept),
         };
         let mut store = Store::new(
             &self.engine,

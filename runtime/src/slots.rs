@@ -17,9 +17,10 @@
 //!   pages is dropped with one `madvise(MADV_DONTNEED)`, and what it wrote into the memfd is
 //!   punched. Otherwise every page leaves its stable slot, what the instance wrote is
 //!   punched out of the memfd, the length goes back to the memory's minimum (pages past it
-//!   become reserved address space again), and the module image is mapped again. The region is then handed to an *idle owner* of its
-//!   own ([`MemfdMapping::reassign`]), in the same domain, and kept, keyed by what it was made
-//!   for ([`SlotKey`]: domain, image, minimum, capacity, guard).
+//!   become reserved address space again), and the module image is mapped again. The region
+//!   is then handed to an *idle owner* of its own ([`MemfdMapping::reassign`]), in the same
+//!   domain, and kept, keyed by what it was made for ([`SlotKey`]: domain, image, minimum,
+//!   capacity, guard).
 //! - **Reuse.** A memory the creator is asked for whose key has an idle slot takes it: the
 //!   idle owner's guard is taken and the region handed to the new instance's owner. No system
 //!   call is made: the slot reads exactly what a new memory made with the same image reads.
@@ -193,8 +194,10 @@ impl SlotPool {
             pool.count = 0;
             pool.by_key.drain().flat_map(|(_, slots)| slots).collect()
         };
+        let count = released.len();
         // Unregistered and unmapped outside the pool's lock.
-        released.len()
+        drop(released);
+        count
     }
 
     /// Idle slots kept now.

@@ -42,6 +42,7 @@ use samepage_dedup::{Engine, Owner, OwnerGuard, OwnerStats, RegionId};
 use wasmtime::{CallHook, Store};
 
 use crate::RuntimeError;
+use crate::embed::Lifetime;
 use crate::image::{ImagePlan, ModuleImages};
 use crate::memory::{MemoryRegion, OwnerScope};
 
@@ -210,8 +211,8 @@ struct OwnerState {
     regions: Mutex<Vec<MemoryRegion>>,
     /// Merge new memories right after instantiation (see [`crate::SamepageConfig`]).
     merge_on_instantiate: bool,
-    /// Tell the engine when the outermost call returns (see [`crate::Lifetime`]).
-    announce_parks: bool,
+    /// How long its instances live: a kept one's parks are announced to the engine.
+    lifetime: Lifetime,
     /// The images the store's memories were made from, for resets.
     images: Mutex<Option<ImagePlan>>,
 }
@@ -231,7 +232,7 @@ impl StoreOwner {
         owner: Owner,
         dedup: Option<Engine>,
         merge_on_instantiate: bool,
-        announce_parks: bool,
+        lifetime: Lifetime,
     ) -> Self {
         Self {
             shared: Arc::new(OwnerState {
@@ -240,7 +241,7 @@ impl StoreOwner {
                 held: Mutex::new(Held::default()),
                 regions: Mutex::new(Vec::new()),
                 merge_on_instantiate,
-                announce_parks,
+                lifetime,
                 images: Mutex::new(None),
             }),
         }
@@ -560,7 +561,7 @@ impl StoreOwner {
             return;
         }
         held.guard = None;
-        let parked = std::mem::take(&mut held.ran) && self.shared.announce_parks;
+        let parked = std::mem::take(&mut held.ran) && self.shared.lifetime == Lifetime::Kept;
         drop(held);
         if parked && let Some(engine) = &self.shared.dedup {
             engine.parked(&self.shared.owner);

@@ -109,13 +109,17 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         .with_context(|| format!("loading {}", args.module.display()))?;
     // Data copied into every instance rather than mapped from an image costs each instance
     // its pages until merged: the report says which and why.
-    let unlifted = module.images().unlifted().iter().map(|unlifted| {
-        format!(
-            "{}: copied into every instance, not mapped: {unlifted}",
-            args.module.display()
-        )
-    });
-    let unlifted: Vec<String> = unlifted.collect();
+    let unlifted: Vec<String> = module
+        .images()
+        .unlifted()
+        .iter()
+        .map(|unlifted| {
+            format!(
+                "{}: copied into every instance, not mapped: {unlifted}",
+                args.module.display()
+            )
+        })
+        .collect();
     crate::resources::return_free_heap();
     // The peak the report gives is that of running the instances, not of compiling.
     if let Some(cgroup) = &mut cgroup {

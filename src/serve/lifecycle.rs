@@ -11,9 +11,9 @@
 //!   never evicts: it must not push out instances that serve.
 //! - **After a request**, by the function's `reuse`: `warm` parks the instance (a new one is
 //!   then settled by the pool keeper, off every request's path: merged at once and its cost
-//!   measured); `reset` retires it and makes its
-//!   replacement after the response, off the next request's path, while the pool keeper
-//!   keeps as many ready as were in flight at once lately; `fresh` retires it. A trap or a
+//!   measured); `reset` retires it and makes its replacement after the response, off the
+//!   next request's path, while the pool keeper keeps as many ready as were in flight at
+//!   once lately; `fresh` retires it. A trap or a
 //!   timeout retires it whatever the `reuse`: its state is not to be trusted; a reused
 //!   instance's failure may switch its function from `warm` to `reset` (see
 //!   [`Pools::serve_proxy`]).
@@ -335,9 +335,11 @@ impl Pools {
         }
     }
 
-    /// Until the server drains: merges new warm instances, expires idle instances, keeps
-    /// the budget, and tops the pools up (to their minimum, and to their recent demand where each request takes an
-    /// instance of its own), four times a second and whenever a request used an instance up or left one to merge.
+    /// Until the server drains: merges new warm instances, returns free heap memory once
+    /// requests pause, expires idle instances, keeps the budget, and tops the pools up (to
+    /// their minimum, and to their recent demand where each request takes an instance of its
+    /// own), four times a second and whenever a request used an instance up or left one to
+    /// merge.
     pub fn keep(&self) {
         let mut period_start = Instant::now();
         // Requests counted at the last round, and at the last return of free heap memory.
@@ -353,14 +355,7 @@ impl Pools {
                 trimmed = requests;
             }
             seen = requests;
-            let unsettled = std::mem::take(&mut *self.unsettled.lock());
-            for new in unsettled {
-                merge_new(&new.function, &new.owner);
-                if let Some(before) = new.pss_before {
-                    let after = pss_bytes().unwrap_or(before);
-                    new.function.measured_cost(after.saturating_sub(before));
-                }
-            }
+            self.settle_unsettled();
             let now = Instant::now();
             if now.duration_since(period_start) >= DEMAND_PERIOD {
                 period_start = now;
@@ -377,6 +372,16 @@ impl Pools {
                 // may); the next round tries again.
                 let _ = self.top_up(function);
             }
+        }
+    }
+
+    /// Merges the new warm instances that served their first request, and records what
+    /// each added to the host's PSS.
+    fn settle_unsettled(&self) {
+        let unsettled = std::mem::take(&mut *self.unsettled.lock());
+        for new in unsettled {
+            merge_new(&new.function, &new.owner);
+            measure_cost_since(&new.function, new.pss_before);
         }
     }
 
@@ -529,7 +534,13 @@ fn merge_new(function: &Function, owner: &StoreOwner) {
 /// Records what the instance `room` was made for added to the host's PSS, when there is a
 /// budget to measure against.
 fn measure_cost(function: &Function, room: &Room<'_>) {
-    if let Some(before) = room.pss_before {
+    measure_cost_since(function, room.pss_before);
+}
+
+/// Records what a new instance of `function` added to the host's PSS since it read
+/// `pss_before` (none without a budget).
+fn measure_cost_since(function: &Function, pss_before: Option<u64>) {
+    if let Some(before) = pss_before {
         let after = pss_bytes().unwrap_or(before);
         function.measured_cost(after.saturating_sub(before));
     }

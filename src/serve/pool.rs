@@ -89,8 +89,8 @@ pub struct FunctionCounters {
 
 /// A function's requests in flight (each until its instance's replacement is made), and the
 /// most there were at once lately: the number of ready instances worth keeping when each
-/// request takes one. The window is two periods of
-/// the pool keeper's [`Demand::roll`], so a burst is remembered for one to two periods.
+/// request takes one. The window is two periods of the pool keeper's [`Demand::roll`], so a
+/// burst is remembered for one to two periods.
 #[derive(Default)]
 pub struct Demand {
     in_flight: AtomicUsize,
