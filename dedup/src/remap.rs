@@ -191,6 +191,21 @@ pub(crate) fn fill_private_from_own(
         })
 }
 
+/// Writes `bytes` (whole pages) over the region's pages from `first`, just mapped over
+/// stable slots, as private copies: the owner's own bytes of those pages, read out under the
+/// same token before the remap (a compacted stretch's own pages, `state::compact`).
+pub(crate) fn write_private(q: Quiescent<'_>, region: &Region, first: usize, bytes: &[u8]) {
+    region.check_token(q);
+    // Private copies now lie where the stable pages were mapped.
+    region.note_layout_change();
+    // SAFETY: the range lies inside the region's mapping (caller's bound, as `bytes` is
+    // whole pages of it); the owner cannot touch it (the token); what is written is the
+    // owner's own bytes, which it saw there before the remap.
+    let target =
+        unsafe { std::slice::from_raw_parts_mut(region.page_addr(first) as *mut u8, bytes.len()) };
+    target.copy_from_slice(bytes);
+}
+
 /// Drops every private copy in pages `first..first + count`: a page of a `MAP_PRIVATE`
 /// window that its owner wrote reads its stable page again, and a page of the region's own
 /// `MAP_SHARED` memfd mapping loses only its page-table entry (the memfd keeps its bytes).

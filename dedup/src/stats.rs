@@ -144,6 +144,9 @@ declare_stats! {
     /// Resets of a region whose mappings had not changed since its image was mapped: only
     /// what the owner wrote was dropped, nothing remapped.
     regions_reset_in_place: u64, ksm: None;
+    /// Stretches of a region that merges had cut into many mappings, mapped onto one copy
+    /// of their layout shared by the regions that map the same pages there.
+    stretches_compacted: u64, ksm: None;
     /// Bytes saved by merging and zero pages, minus the metadata kept for it (KSM
     /// `general_profit`).
     general_profit_bytes: i64, ksm: Some("general_profit");

@@ -14,16 +14,27 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[test]
-fn owners_writing_under_merging_agree_with_their_shadows_and_the_kernel() {
+fn stress((pages, max_map_count): (usize, Option<u64>)) -> samepage_stress::run::Report {
     let report = run(
         &Config {
             until: Until::Rounds(env_or("SAMEPAGE_STRESS_ROUNDS", 300)),
             seed: env_or("SAMEPAGE_STRESS_SEED", 0x5eed),
             writes_per_owner: 48,
+            pages,
+            max_map_count,
         },
         |_| {},
     );
     assert!(report.peak_sharing > 0, "merging happened");
     eprintln!("stress: {report:?}");
+    report
+}
+
+/// Both runs in one test: the kernel's view is the process's, which a run beside it would
+/// disturb.
+#[test]
+fn owners_writing_under_merging_and_compaction_agree_with_their_shadows_and_the_kernel() {
+    stress(Config::SMALL_REGIONS);
+    let crowded = stress(Config::CROWDED_MAPPINGS);
+    assert!(crowded.stretches_compacted > 0, "compaction happened");
 }

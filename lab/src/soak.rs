@@ -11,10 +11,15 @@ use samepage_stress::run::{Config, MAX_SHARING, REGIONS, Report, Until, run};
 const WRITES_PER_OWNER: u32 = 1024;
 
 pub fn suite(writes: u64, seed: u64) -> Result<String> {
+    // Regions long enough to hold stretches, under a map-count limit that merges crowd: the
+    // run covers compaction as well as merges.
+    let (pages, max_map_count) = Config::CROWDED_MAPPINGS;
     let config = Config {
         until: Until::Writes(writes),
         seed,
         writes_per_owner: WRITES_PER_OWNER,
+        pages,
+        max_map_count,
     };
     let mut printed = Instant::now();
     // Unwind safety: nothing the closure touches outlives a failed run but the progress clock.
@@ -42,9 +47,14 @@ pub fn suite(writes: u64, seed: u64) -> Result<String> {
 
 fn markdown(report: &Report, seed: u64) -> String {
     let seconds = report.elapsed.as_secs_f64();
+    let (pages, limit) = Config::CROWDED_MAPPINGS;
+    let limit = limit.map_or_else(|| "the system's".into(), |limit| limit.to_string());
     format!(
         "# Soak: the merge engine under differential stress\n\n\
-         {REGIONS} regions in two domains, `max_page_sharing` {MAX_SHARING}. In each round every \
+         {REGIONS} regions of {pages} pages in two domains, `max_page_sharing` {MAX_SHARING}, \
+         under a map-count limit of {limit} mappings, which merges crowd, so that the engine \
+         compacts the regions they leave in pieces onto layout copies all along. In each \
+         round every \
          owner makes {WRITES_PER_OWNER} writes in its own thread (content shared across \
          regions, unique content, zeros, eight-byte writes into merged pages), reading each \
          page back at once, while a scanner thread runs passes; then one of merge-now, \
@@ -61,6 +71,7 @@ fn markdown(report: &Report, seed: u64) -> String {
                 "rounds",
                 "pages compared at checkpoints",
                 "peak pages_sharing",
+                "stretches compacted",
                 "divergences",
                 "time",
                 "writes/s",
@@ -71,6 +82,7 @@ fn markdown(report: &Report, seed: u64) -> String {
                 report.rounds.to_string(),
                 report.pages_checked.to_string(),
                 report.peak_sharing.to_string(),
+                report.stretches_compacted.to_string(),
                 "0".into(),
                 format!("{seconds:.0} s"),
                 format!("{:.0}", report.writes as f64 / seconds),

@@ -12,15 +12,13 @@
 use std::fs::File;
 use std::time::{Duration, Instant};
 
-use samepage_dedup::{Advice, Engine, Knobs, Owner, PAGE_SIZE};
+use samepage_dedup::{Advice, Engine, EngineConfig, Knobs, Owner, PAGE_SIZE};
 
 use crate::kernel::checkpoint;
-use crate::{Random, TestRegion, manual_engine, page_content};
+use crate::{Random, TestRegion, page_content};
 
 /// The sharing limit the run holds the engine to: small, so that chains of dups form.
 pub const MAX_SHARING: u32 = 3;
-/// Pages of each region when it is made.
-const PAGES: usize = 96;
 /// Regions the run writes in, half in each of two domains.
 pub const REGIONS: usize = 8;
 
@@ -38,6 +36,19 @@ pub struct Config {
     pub seed: u64,
     /// Writes each owner makes in a round, while the scanner runs.
     pub writes_per_owner: u32,
+    /// Pages of each region when it is made.
+    pub pages: usize,
+    /// The engine's `vm.max_map_count` (`None`: the system's). A small one crowds the map
+    /// budget, so that the engine compacts the regions merges leave in pieces.
+    pub max_map_count: Option<u64>,
+}
+
+impl Config {
+    /// Regions of 96 pages under the system's map-count limit: merges, never compaction.
+    pub const SMALL_REGIONS: (usize, Option<u64>) = (96, None);
+    /// Regions of 384 pages (three stretches each) under a limit of 3,000 mappings, which
+    /// merges crowd: the engine compacts regions all along.
+    pub const CROWDED_MAPPINGS: (usize, Option<u64>) = (384, Some(3_000));
 }
 
 /// What a run did, so far or in all.
@@ -51,12 +62,14 @@ pub struct Report {
     pub pages_checked: u64,
     /// Highest `pages_sharing` seen at a checkpoint.
     pub peak_sharing: u64,
+    /// Stretches the engine compacted onto layout copies.
+    pub stretches_compacted: u64,
     pub elapsed: Duration,
 }
 
-fn new_region(engine: &Engine, domain: u32) -> TestRegion {
-    let mut region = TestRegion::with_owner(engine, Owner::new(domain), PAGES);
-    region.fill(domain_seed(domain), 0..PAGES);
+fn new_region(engine: &Engine, domain: u32, pages: usize) -> TestRegion {
+    let mut region = TestRegion::with_owner(engine, Owner::new(domain), pages);
+    region.fill(domain_seed(domain), 0..pages);
     region
 }
 
@@ -69,17 +82,22 @@ fn domain_seed(domain: u32) -> u64 {
 pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
     let started = Instant::now();
     let seed = config.seed;
-    let engine = manual_engine(Knobs {
-        max_page_sharing: MAX_SHARING,
-        ..Knobs::default()
-    });
+    let engine = Engine::new(EngineConfig {
+        stable_capacity_bytes: 4 << 30,
+        max_map_count: config.max_map_count,
+        ..EngineConfig::manual(Knobs {
+            max_page_sharing: MAX_SHARING,
+            ..Knobs::default()
+        })
+    })
+    .expect("engine");
     let pagemap = File::open("/proc/self/pagemap").expect("pagemap");
     let check = |regions: &[TestRegion], step: &str| {
         checkpoint(&engine, regions, &pagemap, MAX_SHARING, step).1
     };
     let mut random = Random(seed);
     let mut regions: Vec<TestRegion> = (0..REGIONS)
-        .map(|n| new_region(&engine, n as u32 % 2))
+        .map(|n| new_region(&engine, n as u32 % 2, config.pages))
         .collect();
     let mut report = Report::default();
     let done = |report: &Report| match config.until {
@@ -98,7 +116,9 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
         );
         report.writes += u64::from(config.writes_per_owner) * regions.len() as u64;
         engine.scan_pass().expect("pass");
-        report.peak_sharing = report.peak_sharing.max(engine.stats().pages_sharing);
+        let stats = engine.stats();
+        report.peak_sharing = report.peak_sharing.max(stats.pages_sharing);
+        report.stretches_compacted = stats.stretches_compacted;
         report.pages_checked += check(&regions, &step);
         let operation = between_rounds(&engine, &mut regions, &mut random, &check, &step);
         report.pages_checked += check(&regions, &format!("{step}, after operation {operation}"));
@@ -184,7 +204,7 @@ fn between_rounds(
                 .expect("merge-now");
         }
         1 => {
-            let first = random.below(PAGES - 8);
+            let first = random.below(regions[at].pages() - 8);
             regions[at]
                 .advise(engine, first..first + 8, Advice::Unmergeable)
                 .expect("advise");
@@ -215,7 +235,7 @@ fn between_rounds(
         }
         5 => {
             let domain = regions[at].owner.domain();
-            regions[at] = new_region(engine, domain);
+            regions[at] = new_region(engine, domain, regions[at].pages());
         }
         _ => {}
     }

@@ -43,6 +43,8 @@ pub(super) struct Counters {
     pub(super) regions_idle_skips: u64,
     /// Resets that only dropped what the owner wrote (`super::image`).
     pub(super) regions_reset_in_place: u64,
+    /// Stretches mapped onto a layout copy (`super::compact`).
+    pub(super) stretches_compacted: u64,
     /// Hole punches that failed (memory left allocated, no data affected).
     pub(super) punch_failures: u64,
     /// Pages visited in the pass in progress.
@@ -188,6 +190,7 @@ impl MergeState {
             smart_scan_horizon: self.counters.smart_scan_horizon,
             regions_idle_skips: self.counters.regions_idle_skips,
             regions_reset_in_place: self.counters.regions_reset_in_place,
+            stretches_compacted: self.counters.stretches_compacted,
             punch_failures: self.counters.punch_failures,
             stable_node_chains,
             stable_node_dups,
@@ -213,6 +216,10 @@ impl MergeState {
                     }
                 }
             }
+        }
+        // Layout copies count a private copy over each slot they hold no page in.
+        for slot in self.layout_copy_holds() {
+            mapped.entry(slot).or_default().1 += 1;
         }
         let (chains, dups, index_sound) = self.stable.walk_index();
         let mut audit = Audit {

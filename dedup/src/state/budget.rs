@@ -102,6 +102,12 @@ impl MapBudget {
         self.max_map_count * u64::from(knobs.map_budget_percent) / 100
     }
 
+    /// Whether the engine's mappings have passed a quarter of its share: from then on,
+    /// regions that merges left in pieces are compacted (`super::compact`).
+    pub(super) fn crowded(&self, knobs: &Knobs) -> bool {
+        self.vmas * 4 >= self.share(knobs)
+    }
+
     /// Whether `delta` more mappings for a run of `run` pages fit.
     fn allows(&mut self, knobs: &Knobs, delta: i64, run: usize) -> bool {
         if delta <= 0 {

@@ -22,6 +22,8 @@
 //!    private copy in a window) that is about to merge elsewhere.
 //!
 //! Beside the journey: [`budget`] decides whether a merge may spend the mappings it costs;
+//! [`compact`] maps a region's stretches that merges left in pieces onto layout copies,
+//! once mappings run short;
 //! [`accounting`] derives the counters, per-owner figures and the audit from the records.
 //!
 //! [`MergeState`] holds one part per concern, each a type of its own in its step's file with
@@ -46,6 +48,7 @@
 mod accounting;
 mod advice;
 mod budget;
+mod compact;
 mod image;
 mod merge;
 mod records;
@@ -64,6 +67,7 @@ use crate::{Error, Knobs};
 pub use accounting::Audit;
 use accounting::Counters;
 use budget::MapBudget;
+use compact::LayoutCopies;
 use image::Images;
 use merge::DeferredPunches;
 use records::{COPY, PageTable, Records};
@@ -100,6 +104,8 @@ pub(crate) struct MergeState {
     deferred: DeferredPunches,
     /// Module images ([`image`]).
     images: Images,
+    /// Copies of stretches' layouts that fragmented regions map ([`compact`]).
+    layout_copies: LayoutCopies,
 }
 
 impl MergeState {
@@ -124,6 +130,7 @@ impl MergeState {
             scope,
             deferred: DeferredPunches::new(punch_after_calls),
             images: Images::default(),
+            layout_copies: LayoutCopies::default(),
         }
     }
 

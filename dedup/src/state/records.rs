@@ -272,6 +272,9 @@ pub(super) struct RegionPages {
     /// The region's mappings as its registration or last reset left them, if the image
     /// was mapped whole; see [`Pristine`].
     pub(super) pristine: Option<Pristine>,
+    /// [`Region::layout`] when [`super::compact`] last looked at the region: it looks again
+    /// only once the region's mappings changed.
+    pub(super) compacted_at: Option<u64>,
 }
 
 /// What a region's mappings were right after its registration or a reset mapped its image
@@ -410,6 +413,7 @@ impl Records {
                 visit: (0, false),
                 holds_back: false,
                 pristine: None,
+                compacted_at: None,
             },
         );
     }

@@ -167,7 +167,8 @@ impl MergeState {
             if start == 0 {
                 let idle = record.quiet_at == Some(entries);
                 if idle && !visit_idle {
-                    // The owner has not run since a visit found nothing to do here.
+                    // The owner has not run since a visit found nothing to do here; its
+                    // mappings may still want compacting, if they crowd the budget now.
                     self.counters.regions_idle_skips += 1;
                     if self.counters.host_awake && record.holds_back {
                         // Something that may make its pages mergeable happened since: the
@@ -175,8 +176,10 @@ impl MergeState {
                         self.counters
                             .looked_at_again_within(Knobs::SMART_SCAN_LONGEST_SKIP);
                     }
+                    let compacted = self.compact_region(guard.quiescent(), id);
                     budget -= 1;
                     pass_ended |= self.advance_region(id);
+                    compacted?;
                     continue;
                 }
                 record.visit = (entries, true);
@@ -197,7 +200,11 @@ impl MergeState {
                 Some(last) if left == 0 => last.end,
                 _ => pages,
             };
-            let result = self.scan_spans(guard.quiescent(), id, &spans, Visit::Scan);
+            let mut result = self.scan_spans(guard.quiescent(), id, &spans, Visit::Scan);
+            if end >= pages && result.is_ok() {
+                // The whole region visited: what its merges left in pieces is compacted.
+                result = self.compact_region(guard.quiescent(), id);
+            }
             drop(guard);
             budget -= (budget - left).max(1);
             if end >= pages {
@@ -261,7 +268,10 @@ impl MergeState {
             .full_scans
             .is_multiple_of(Knobs::SMART_SCAN_LONGEST_SKIP)
             && std::mem::take(&mut self.counters.host_awake);
-        if let Err(error) = self.prune_image_copies() {
+        if let Err(error) = self
+            .prune_image_copies()
+            .and(self.forget_unused_layout_copies())
+        {
             // Only a punch of a freed page can fail: memory of the stable store stays
             // allocated, and nothing else changes.
             let _ = error;
@@ -305,6 +315,9 @@ impl MergeState {
             return Ok(false);
         };
         self.visit_whole(&guard, &ids, Visit::Park)?;
+        for id in ids {
+            self.compact_region(guard.quiescent(), id)?;
+        }
         Ok(true)
     }
 
