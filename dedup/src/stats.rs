@@ -157,6 +157,8 @@ declare_stats! {
     pages_tracked: u64, ksm: None;
     /// Stable pages that module images hold for instances to come, shared or not.
     image_pages: u64, ksm: None;
+    /// Stable pages that layout copies hold (see `stretches_compacted`), shared or not.
+    layout_copy_pages: u64, ksm: None;
     /// Registered regions.
     regions: u64, ksm: None;
     /// Merges (runs remapped) in the last complete pass; zero means the pass found nothing new.

@@ -176,7 +176,11 @@ impl MergeState {
             pages_skipped_map_budget: self.counters.pages_skipped_map_budget,
             regions_busy_skips: self.counters.regions_busy_skips,
             metadata_bytes,
-            image_pages: self.stable.pinned_pages(),
+            image_pages: self
+                .stable
+                .pinned_pages()
+                .saturating_sub(self.layout_copies.pinned),
+            layout_copy_pages: self.layout_copies.pinned,
             pages_tracked: self
                 .records
                 .regions

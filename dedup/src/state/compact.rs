@@ -70,6 +70,8 @@ pub(super) struct LayoutCopies {
     /// Hash of a stretch's contents (see [`stretch_hash`]) -> the copies made for it; more
     /// than one when a copy's pages reached `max_page_sharing`.
     by_hash: HashMap<u64, Vec<LayoutCopy>>,
+    /// Stable pages the copies pin ([`LayoutCopy::hold`]): what compaction costs.
+    pub(super) pinned: u64,
 }
 
 /// A layout copy: contiguous slots, one per page of a stretch.
@@ -381,6 +383,7 @@ impl MergeState {
                 keys: keys.into_boxed_slice(),
             };
             copy.hold(&mut self.stable);
+            self.layout_copies.pinned += copy.keys.iter().flatten().count() as u64;
             self.layout_copies
                 .by_hash
                 .entry(hash)
@@ -421,6 +424,7 @@ impl MergeState {
         });
         let mut result = Ok(());
         for copy in unused {
+            self.layout_copies.pinned -= copy.keys.iter().flatten().count() as u64;
             result = copy.release(&mut self.stable).and(result);
         }
         result
