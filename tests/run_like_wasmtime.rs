@@ -198,6 +198,32 @@ fn invoke_calls_an_export_with_typed_arguments() {
 }
 
 #[test]
+fn instances_run_side_by_side_each_on_a_thread_of_its_own() {
+    // Four guests that never end, each stopped by a timeout of 2 s: one after another they
+    // would take at least 8 s; side by side, about 2 s. (The bound is far from both: this
+    // checks that they overlap, it is not a benchmark.)
+    let started = Instant::now();
+    let run = samepage(&[
+        "run",
+        "--instances",
+        "4",
+        "-W",
+        "timeout=2s",
+        "examples/guests/loop.wat",
+    ]);
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(6), "{elapsed:?}");
+    assert_eq!(run.status.code(), Some(134));
+    let stderr = text(&run.stderr);
+    for n in 0..4 {
+        assert!(
+            stderr.contains(&format!("instance {n} timed out: still running after 2s")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_looping_guest_is_stopped_by_a_timeout_and_by_fuel() {
     let started = Instant::now();
     let timed = samepage(&["run", "-W", "timeout=200ms", "examples/guests/loop.wat"]);

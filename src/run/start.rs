@@ -1,8 +1,12 @@
-//! Starting a run's instances, one after another, within the host's limits.
+//! Starting a run's instances side by side, within the host's limits.
 //!
-//! Each instance is created, then run (a command's `_start` or `wasi:cli/run`, a reactor's
-//! `_initialize`, or the `--invoke`d function), and kept. After the first one the run knows
-//! what an instance costs, and checks the whole run against the limits before starting the
+//! Instances are created one after another; each then runs (a command's `_start` or
+//! `wasi:cli/run`, or the `--invoke`d function) on a thread of its own, as `--instances`
+//! separate `wasmtime run` processes would, and is kept once its run returns (a reactor,
+//! once `_initialize` returned). The next is created once the last returned, or after
+//! [`START_STAGGER`] if it runs on: short runs are merged as they end, one after another,
+//! and long ones run side by side. After the first one the run knows
+//! what an instance costs, and checks the whole run against the limits before creating the
 //! others:
 //!
 //! - **descriptors**: every linear memory keeps its memfd open; a run that needs more than
@@ -285,75 +289,123 @@ pub fn start_instances(
         instantiate_and_run_seconds: 0.0,
     };
     let all_started = Instant::now();
-    for n in 0..args.instances {
-        if n == 1 {
-            descriptors_after_first = open_descriptors()?;
-            warn_if_too_big(&watch, per_instance_bytes, args.instances, merging);
-        }
-        if n == 2 {
-            check_descriptors(
-                args.instances - 1,
-                descriptors_after_first,
-                open_descriptors()?,
-            )?;
-        }
-        let used = watch.used()?;
-        if let Some(headroom) = &watch.headroom
-            && n >= 1
-            && used + per_instance_bytes > headroom.bytes / 10 * 9
-        {
-            started.stopped_early = true;
-            started.problems.push(format!(
-                "stopped after {n} of {} instances: they use {:.1} MiB of the {:.1} MiB \
-                 available ({}), and another would take about {:.1} MiB",
-                args.instances,
-                mib(used),
-                mib(headroom.bytes),
-                headroom.source,
-                mib(per_instance_bytes)
-            ));
-            break;
-        }
-        let tight = watch
-            .headroom
-            .as_ref()
-            .is_some_and(|headroom| used > headroom.bytes / 2);
-        (wasi.stdout, wasi.stderr) = stdio.outputs(n);
-        let domain = n % args.tenants;
-        let record = start_one(host, program, args, &wasi, n, domain, &mut started);
-        // What an instance costs before anything merges it: the most any one has added, as
-        // it ran (scan on park may merge it right after).
-        per_instance_bytes = per_instance_bytes.max(watch.used()?.saturating_sub(used));
-        if let Some(instance) = &record.instance {
-            if merging
-                && tight
-                && let Err(error) = instance.store_owner().merge_now()
+    std::thread::scope(|scope| -> Result<()> {
+        let mut running = Vec::new();
+        for n in 0..args.instances {
+            if n == 1 {
+                descriptors_after_first = open_descriptors()?;
+                warn_if_too_big(&watch, per_instance_bytes, args.instances, merging);
+            }
+            if n == 2 {
+                check_descriptors(
+                    args.instances - 1,
+                    descriptors_after_first,
+                    open_descriptors()?,
+                )?;
+            }
+            let used = watch.used()?;
+            if let Some(headroom) = &watch.headroom
+                && n >= 1
+                && used + per_instance_bytes > headroom.bytes / 10 * 9
             {
-                // The scanner merges it later; the instance is unaffected.
-                started
-                    .problems
-                    .push(format!("instance {n} could not be merged at once: {error}"));
+                started.stopped_early = true;
+                started.problems.push(format!(
+                    "stopped after {n} of {} instances: they use {:.1} MiB of the {:.1} MiB \
+                     available ({}), and another would take about {:.1} MiB",
+                    args.instances,
+                    mib(used),
+                    mib(headroom.bytes),
+                    headroom.source,
+                    mib(per_instance_bytes)
+                ));
+                break;
             }
-            if let Ending::Invoked(results) = &record.ending {
-                stdio.print_results(n, results);
+            let tight = watch
+                .headroom
+                .as_ref()
+                .is_some_and(|headroom| used > headroom.bytes / 2);
+            (wasi.stdout, wasi.stderr) = stdio.outputs(n);
+            let domain = n % args.tenants;
+            let began = Instant::now();
+            let created = create_one(host, program, &wasi, n, domain);
+            started.instantiate_seconds += began.elapsed().as_secs_f64();
+            match created {
+                Ok(instance) => {
+                    let progress = progress.clone();
+                    // Dropped when the run returns, which ends the wait below at once.
+                    let (returned, returns) = std::sync::mpsc::channel::<()>();
+                    let run = move || {
+                        let outcome = run_one(instance, args, n, domain, merging && tight);
+                        progress.inc(1);
+                        drop(returned);
+                        outcome
+                    };
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("instance {n}"))
+                        .stack_size(GUEST_THREAD_STACK)
+                        .spawn_scoped(scope, run);
+                    match spawned {
+                        Ok(handle) => {
+                            running.push(handle);
+                            let _ = returns.recv_timeout(START_STAGGER);
+                        }
+                        Err(error) => {
+                            // Its instance went with the closure: the run has no room for it.
+                            started.records.push(Record {
+                                index: n,
+                                domain,
+                                instance: None,
+                                ending: Ending::Failed(format!(
+                                    "could not get a thread to run on: {error}"
+                                )),
+                            });
+                            started.stopped_early = n + 1 < args.instances;
+                            break;
+                        }
+                    }
+                }
+                Err(record) => {
+                    // What keeps one instance from being created (address space, memory,
+                    // descriptors) keeps the rest from it too; a reactor whose
+                    // `_initialize` ended is that instance's own answer.
+                    let uncreatable = record.ending.is_failure();
+                    progress.inc(1);
+                    started.records.push(record);
+                    if uncreatable {
+                        started.stopped_early = n + 1 < args.instances;
+                        break;
+                    }
+                }
             }
+            // What an instance costs before anything merges it: the most any one creation
+            // added, with what the instances already running wrote meanwhile.
+            per_instance_bytes = per_instance_bytes.max(watch.used()?.saturating_sub(used));
+        }
+        for handle in running {
+            let (record, problem) = handle.join().map_err(|_| {
+                anyhow::anyhow!("an instance's thread panicked (a bug in samepage)")
+            })?;
+            started.problems.extend(problem);
+            started.records.push(record);
+        }
+        Ok(())
+    })?;
+    started.records.sort_by_key(|record| record.index);
+    for record in &started.records {
+        if let Ending::Invoked(results) = &record.ending {
+            stdio.print_results(record.index, results);
         }
         match &record.ending {
             Ending::Ran(RunOutcome::Exited(0)) | Ending::Ready | Ending::Invoked(_) => {}
             // A guest's exit status is its own answer, which the run's status carries: said
             // again only beside a report, as `wasmtime run` does not say it.
             Ending::Ran(RunOutcome::Exited(_)) if !args.wants_report() => {}
-            Ending::Ran(outcome) => started.problems.push(format!("instance {n} {outcome}")),
-            Ending::Failed(message) => started.problems.push(format!("instance {n} {message}")),
-        }
-        // What keeps one instance from being created (address space, memory, descriptors)
-        // keeps the rest from it too.
-        let uncreatable = record.ending.is_failure();
-        started.records.push(record);
-        progress.inc(1);
-        if uncreatable {
-            started.stopped_early = n + 1 < args.instances;
-            break;
+            Ending::Ran(outcome) => started
+                .problems
+                .push(format!("instance {} {outcome}", record.index)),
+            Ending::Failed(message) => started
+                .problems
+                .push(format!("instance {} {message}", record.index)),
         }
     }
     started.instantiate_and_run_seconds = all_started.elapsed().as_secs_f64();
@@ -368,37 +420,49 @@ pub fn start_instances(
     Ok(started)
 }
 
-/// Creates instance `n` in tenant `domain` and runs it.
-fn start_one(
+/// How long the next instance waits for the one before it to return: a guest that returns
+/// sooner (most commands that compute and exit) is parked, and merged, before the next one
+/// writes its memory, so the run's peak is one unmerged instance, not all of them; a guest
+/// that runs longer runs on beside the next ones, which start this much apart.
+const START_STAGGER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Stack of the thread each instance runs on: what `wasmtime run` has on Linux's main
+/// thread, so that a guest that runs there runs here. Reserved, not used, until touched.
+const GUEST_THREAD_STACK: usize = 8 << 20;
+
+/// Creates instance `n` in tenant `domain`; what became of it when it could not be.
+fn create_one(
     host: &Host,
     program: &Program,
-    args: &RunArgs,
     wasi: &samepage_runtime::WasiOptions,
     n: u32,
     domain: u32,
-    started: &mut Started,
-) -> Record {
-    let began = Instant::now();
-    let instantiated = host.instantiate_in(program, wasi, domain);
-    started.instantiate_seconds += began.elapsed().as_secs_f64();
-    let mut instance = match instantiated {
-        Ok(instance) => instance,
-        Err(error) => {
-            return Record {
-                index: n,
-                domain,
-                instance: None,
-                ending: match error {
-                    // A reactor's `_initialize` that exited, trapped or met a limit.
-                    samepage_runtime::RuntimeError::Ended { outcome, .. } => Ending::Ran(outcome),
-                    samepage_runtime::RuntimeError::Call { .. } => {
-                        Ending::Ran(RunOutcome::Trapped(error.to_string()))
-                    }
-                    error => Ending::Failed(format!("could not be created: {error}")),
-                },
-            };
-        }
-    };
+) -> Result<Instance, Record> {
+    host.instantiate_in(program, wasi, domain)
+        .map_err(|error| Record {
+            index: n,
+            domain,
+            instance: None,
+            ending: match error {
+                // A reactor's `_initialize` that exited, trapped or met a limit.
+                samepage_runtime::RuntimeError::Ended { outcome, .. } => Ending::Ran(outcome),
+                samepage_runtime::RuntimeError::Call { .. } => {
+                    Ending::Ran(RunOutcome::Trapped(error.to_string()))
+                }
+                error => Ending::Failed(format!("could not be created: {error}")),
+            },
+        })
+}
+
+/// Runs instance `n` (its command, or the `--invoke`d function), on a thread of its own; with
+/// `merge_after`, merges it once it ran. Returns its record, and a line if the merge failed.
+fn run_one(
+    mut instance: Instance,
+    args: &RunArgs,
+    n: u32,
+    domain: u32,
+    merge_after: bool,
+) -> (Record, Option<String>) {
     let ending = match &args.invoke {
         Some(function) => match instance.invoke(function, &args.args) {
             Ok(results) => Ending::Invoked(results.iter().map(display_value).collect()),
@@ -416,12 +480,18 @@ fn start_one(
         }
         None => Ending::Ready,
     };
-    Record {
+    // The scanner merges it later if this fails; the instance is unaffected.
+    let problem = merge_after
+        .then(|| instance.store_owner().merge_now().err())
+        .flatten()
+        .map(|error| format!("instance {n} could not be merged at once: {error}"));
+    let record = Record {
         index: n,
         domain,
         instance: Some(instance),
         ending,
-    }
+    };
+    (record, problem)
 }
 
 /// A result as `wasmtime run --invoke` prints it.
