@@ -31,16 +31,18 @@ fn regions_made_from_an_image_start_merged_without_a_copy() {
     let bytes = image_bytes(1, 64);
     let image = engine.image(0, &bytes).expect("image");
     let stats = engine.stats();
-    assert_eq!(stats.image_pages, 48, "the non-zero pages, once");
+    // The non-zero pages and the zero pages between them (runs of one, bridged so that each
+    // region maps the image with one mapping); the last page's zeros need nothing.
+    assert_eq!(stats.image_pages, 63, "the image's pages, once");
     assert_eq!(stats.pages_shared, 0, "no sharer yet");
     let regions: Vec<TestRegion> = (0..4)
         .map(|_| TestRegion::with_image(&engine, Owner::new(0), 128, &image, &bytes))
         .collect();
     let stats = engine.stats();
-    assert_eq!(stats.pages_shared, 48);
+    assert_eq!(stats.pages_shared, 63);
     assert_eq!(
         stats.pages_sharing,
-        3 * 48,
+        3 * 63,
         "four sharers of every image page"
     );
     for region in &regions {
@@ -52,11 +54,47 @@ fn regions_made_from_an_image_start_merged_without_a_copy() {
     assert!(engine.audit().index_sound);
     // The image lives on without regions, and goes with its last holder.
     drop(regions);
-    assert_eq!(engine.stats().image_pages, 48);
-    assert_eq!(engine.audit().stable_pages, 48);
+    assert_eq!(engine.stats().image_pages, 63);
+    assert_eq!(engine.audit().stable_pages, 63);
     drop(image);
     assert_eq!(engine.stats().image_pages, 0);
     assert_eq!(engine.audit().stable_pages, 0);
+}
+
+#[test]
+fn short_zero_runs_join_an_images_segments_and_long_ones_split_them() {
+    let engine = manual_engine(Knobs::default());
+    // 8 pages of data, 32 of zeros, 8 of data, 4 of zeros, 8 of data.
+    let mut bytes = Vec::new();
+    for page in 0..60 {
+        let zero = (8..40).contains(&page) || (48..52).contains(&page);
+        bytes.extend(if zero {
+            vec![0; PAGE_SIZE]
+        } else {
+            page_content(5, page)
+        });
+    }
+    let image = engine.image(0, &bytes).expect("image");
+    assert_eq!(
+        engine.stats().image_pages,
+        28,
+        "the data and the 4 zero pages between two runs of it; not the 32"
+    );
+    let before = engine.stats().vmas;
+    let region = TestRegion::with_image(&engine, Owner::new(0), 64, &image, &bytes);
+    settle(&engine);
+    // Two segments (8 pages; 20 with the 4 zero pages taken in) in the region's own
+    // mapping: four mappings, as the kernel counts them, and the engine with it. A zero run
+    // left out would add two more.
+    assert_eq!(region.mappings(), 4);
+    assert_eq!(
+        engine.stats().vmas - before,
+        3,
+        "the engine counts what the kernel does"
+    );
+    assert_eq!(region.own_resident_pages(), 0, "nothing was copied in");
+    region.assert_matches_shadow();
+    assert!(engine.audit().mismatched_slots.is_empty());
 }
 
 #[test]
@@ -124,12 +162,13 @@ fn images_of_two_modules_share_the_pages_where_they_agree_within_a_domain_only()
     second[12 * PAGE_SIZE..].copy_from_slice(&image_bytes(5, 16)[12 * PAGE_SIZE..]);
     let a = engine.image(0, &first).expect("image");
     let b = engine.image(0, &second).expect("image");
-    // 12 non-zero pages of the first, plus the 3 non-zero of the second's last four.
-    assert_eq!(engine.stats().image_pages, 12 + 3);
+    // The first's 12 non-zero pages and the 3 zero pages between them (its last page, zeros,
+    // needs nothing), plus the 3 non-zero of the second's last four.
+    assert_eq!(engine.stats().image_pages, 15 + 3);
     let other_tenant = engine.image(1, &first).expect("image");
     assert_eq!(
         engine.stats().image_pages,
-        12 + 3 + 12,
+        15 + 3 + 15,
         "no sharing across domains"
     );
     let ra = TestRegion::with_image(&engine, Owner::new(0), 16, &a, &first);
@@ -140,8 +179,8 @@ fn images_of_two_modules_share_the_pages_where_they_agree_within_a_domain_only()
     }
     assert_eq!(
         engine.stats().pages_sharing,
-        9,
-        "the pages both modules hold"
+        12,
+        "the pages both modules hold: their first 12, zeros between them included"
     );
     let error = MemfdMapping::with_image(
         Some((&engine, Some(&a))),
@@ -189,8 +228,8 @@ fn a_full_image_page_gets_a_copy_and_the_sharing_limit_holds() {
     assert!(audit.mismatched_slots.is_empty() && audit.index_sound);
     assert_eq!(
         engine.stats().pages_shared,
-        3 * 6,
-        "three copies of six pages"
+        3 * 7,
+        "three copies of seven pages (six of data, the zeros between them)"
     );
     for (n, region) in regions.iter_mut().enumerate() {
         region.write(n * PAGE_SIZE, b"mine");
