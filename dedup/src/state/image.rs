@@ -84,8 +84,7 @@ fn is_zero(page: &[u8]) -> bool {
 /// end on: runs of at most this many zero pages between two non-zero ones. Each such run
 /// left out would split every instance's mapping of the image in two, with a piece of its
 /// memfd between (two mappings an instance, and a page of zeros allocated in its memfd if
-/// read); taken in, it costs its pages once. Measured on the JavaScript component
-/// (componentize-js): its image was 59 runs, 119 mappings an instance.
+/// read); taken in, it costs its pages once.
 const MAX_ZERO_BRIDGE: usize = 16;
 
 /// Which of an image's zero pages (`zero`) its segments take in: those of runs no longer
