@@ -12,12 +12,12 @@
 //!
 //! Compaction looks at a region in aligned stretches of [`STRETCH_PAGES`] pages. A stretch
 //! that the records say is cut into at least three mappings, at least half of whose pages
-//! share stable pages, and none of whose pages is a hole or advised against merging, is
-//! mapped instead onto a layout copy: contiguous slots that hold, page for page, the bytes
-//! of the stable pages the stretch shares, with one mapping. Its other pages (pages of its
-//! memfd, private copies in a merged window, shared pages its owner wrote since) become
-//! private copies of their bytes over the copy's slots (`COPY`, as in a merged window),
-//! which cost what they cost before.
+//! share stable pages or are holes (an eighth at least sharing), and none of whose pages is
+//! advised against merging, is mapped instead onto a layout copy: contiguous slots that
+//! hold, page for page, the bytes of the stable pages the stretch shares and zeros for its
+//! holes, with one mapping. Its other pages (pages of its memfd, private copies in a merged
+//! window, shared pages its owner wrote since) become private copies of their bytes over
+//! the copy's slots (`COPY`, as in a merged window), which cost what they cost before.
 //!
 //! Instances that went through the same requests map the same sequence of stable pages, so
 //! a layout copy is found again by the hash of the stretch's sequence of contents (a page
@@ -63,6 +63,13 @@ pub(super) const STRETCH_PAGES: usize = 128;
 /// A stretch is compacted only if the records cut it into at least this many mappings: a
 /// stretch of two already costs one boundary, which compacting would move, not remove.
 const MIN_PIECES: i64 = 3;
+
+/// A stretch is compacted only if at least this fraction (one in this many) of its pages
+/// share stable pages; its holes count with them towards half, as pages of zeros in the
+/// copy. Measured on the JavaScript component: its instances' stretches were mostly holes
+/// (its image's zero pages) around a few dozen image pages, and left as they were they kept
+/// about 48 mappings an instance, enough to fill the map budget at 484 instances.
+const MIN_SHARED_DIVISOR: usize = 8;
 
 /// The layout copies made so far, by the hash of their sequence of contents.
 #[derive(Default)]
@@ -217,8 +224,9 @@ impl MergeState {
     }
 
     /// What pages `range` of region `id` map, if compacting them would save mappings: they
-    /// are in at least [`MIN_PIECES`] pieces, none is advised against merging, and at least
-    /// half of them share stable pages their owner has not written.
+    /// are in at least [`MIN_PIECES`] pieces, none is advised against merging, at least half
+    /// of them share stable pages their owner has not written or are holes, and at least
+    /// one in [`MIN_SHARED_DIVISOR`] shares.
     fn stretch_to_compact(
         &mut self,
         id: RegionId,
@@ -269,13 +277,15 @@ impl MergeState {
             keys.push(key);
             slots.push(slot);
         }
-        // Mostly holes, or mostly bytes of its own: the copy would cost more than it saves.
+        // Mostly bytes of its own (the copy would save little memory beside mappings), or
+        // hardly any stable page among holes (a copy of zeros for a few pages).
         let shared = slots
             .iter()
             .zip(&keys)
             .filter(|(slot, key)| matches!((slot, key), (Some((_, false)), Some(_))))
             .count();
-        if shared * 2 < keys.len() {
+        let keyed = keys.iter().filter(|key| key.is_some()).count();
+        if keyed * 2 < keys.len() || shared * MIN_SHARED_DIVISOR < keys.len() {
             return Ok(None);
         }
         Ok(Some(Stretch { keys, slots }))
