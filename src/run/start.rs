@@ -327,7 +327,7 @@ pub fn start_instances(
             (wasi.stdout, wasi.stderr) = stdio.outputs(n);
             let domain = n % args.tenants;
             let began = Instant::now();
-            let created = create_one(host, program, &wasi, n, domain);
+            let created = create_one(host, program, &wasi, domain);
             started.instantiate_seconds += began.elapsed().as_secs_f64();
             match created {
                 Ok(instance) => {
@@ -364,13 +364,18 @@ pub fn start_instances(
                         }
                     }
                 }
-                Err(record) => {
+                Err(ending) => {
                     // What keeps one instance from being created (address space, memory,
                     // descriptors) keeps the rest from it too; a reactor whose
                     // `_initialize` ended is that instance's own answer.
-                    let uncreatable = record.ending.is_failure();
+                    let uncreatable = ending.is_failure();
                     progress.inc(1);
-                    started.records.push(record);
+                    started.records.push(Record {
+                        index: n,
+                        domain,
+                        instance: None,
+                        ending,
+                    });
                     if uncreatable {
                         started.stopped_early = n + 1 < args.instances;
                         break;
@@ -430,27 +435,21 @@ const START_STAGGER: std::time::Duration = std::time::Duration::from_millis(50);
 /// thread, so that a guest that runs there runs here. Reserved, not used, until touched.
 const GUEST_THREAD_STACK: usize = 8 << 20;
 
-/// Creates instance `n` in tenant `domain`; what became of it when it could not be.
+/// Creates an instance in tenant `domain`; how it ended when it could not be.
 fn create_one(
     host: &Host,
     program: &Program,
     wasi: &samepage_runtime::WasiOptions,
-    n: u32,
     domain: u32,
-) -> Result<Instance, Record> {
+) -> Result<Instance, Ending> {
     host.instantiate_in(program, wasi, domain)
-        .map_err(|error| Record {
-            index: n,
-            domain,
-            instance: None,
-            ending: match error {
-                // A reactor's `_initialize` that exited, trapped or met a limit.
-                samepage_runtime::RuntimeError::Ended { outcome, .. } => Ending::Ran(outcome),
-                samepage_runtime::RuntimeError::Call { .. } => {
-                    Ending::Ran(RunOutcome::Trapped(error.to_string()))
-                }
-                error => Ending::Failed(format!("could not be created: {error}")),
-            },
+        .map_err(|error| match error {
+            // A reactor's `_initialize` that exited, trapped or met a limit.
+            samepage_runtime::RuntimeError::Ended { outcome, .. } => Ending::Ran(outcome),
+            samepage_runtime::RuntimeError::Call { .. } => {
+                Ending::Ran(RunOutcome::Trapped(error.to_string()))
+            }
+            error => Ending::Failed(format!("could not be created: {error}")),
         })
 }
 
