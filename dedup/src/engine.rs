@@ -13,6 +13,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::advice::{Advice, MergeScope};
 use crate::image::MemoryImage;
 use crate::pagemap::Pagemap;
+use crate::protect::{Protector, RunningMergesOff};
 use crate::quiesce::{DomainId, Owner, OwnerGuard, OwnerId, Quiescent};
 use crate::region::{Region, RegionId};
 use crate::scanner::ScannerThread;
@@ -103,6 +104,7 @@ impl Engine {
         }
         let stable = StableStore::new(config.stable_capacity_bytes, config.knobs.max_page_sharing)?;
         let pagemap = Pagemap::open().map_err(Error::Pagemap)?;
+        let protector = Protector::open();
         let shared = Arc::new(Shared {
             state: Mutex::new(MergeState::new(
                 stable,
@@ -111,6 +113,7 @@ impl Engine {
                 config.merge_scope,
                 config.scanner,
                 config.max_map_count,
+                protector,
             )),
             wake: Condvar::new(),
             shutdown: Mutex::new(false),
@@ -372,6 +375,19 @@ impl Engine {
         self.shared.state.lock().set_knobs(knobs)?;
         self.shared.wake.notify_all();
         Ok(())
+    }
+
+    /// Whether the engine merges owners while their guest code runs (they lend their gate
+    /// for it: [`OwnerGuard::lend`]); if not, why: the `merge_running` knob, or the kernel
+    /// (no `userfaultfd`, or one that cannot write-protect shared memory). Without it the
+    /// engine merges parked owners only, as it always did.
+    pub fn running_merges(&self) -> Result<(), RunningMergesOff> {
+        self.shared.state.lock().running_merges().map(drop)
+    }
+
+    /// How long writes waited on write-protect windows so far.
+    pub fn wait_figures(&self) -> crate::WaitFigures {
+        self.shared.state.lock().wait_figures()
     }
 
     pub fn stats(&self) -> Stats {

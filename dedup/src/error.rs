@@ -72,6 +72,11 @@ pub enum Error {
     StableWrite(#[source] io::Error),
     #[error("freeing stable pages nobody shares any more failed: {0}")]
     StablePunch(#[source] io::Error),
+    #[error("write-protecting pages of running region {region:?} failed: {source}")]
+    Protect {
+        region: RegionId,
+        source: crate::ProtectError,
+    },
     #[error("remapping region {region:?} failed: {source}")]
     Remap { region: RegionId, source: io::Error },
     #[error("copying merged pages of region {region:?} back into its memfd failed: {source}")]

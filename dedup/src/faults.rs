@@ -18,6 +18,7 @@
 //! | [`Syscall::Fallocate`] | `fallocate(PUNCH_HOLE)` of a region's or the stable memfd | `memfds.rs` |
 //! | [`Syscall::Pwrite`] | writes into a memfd: a new stable page, a restored page, an image page | `stable/mod.rs`, `remap.rs`, `state/image.rs` |
 //! | [`Syscall::PagemapRead`] | reading `/proc/self/pagemap` | `pagemap.rs` |
+//! | [`Syscall::Userfaultfd`] | opening the engine's `userfaultfd`, registering a region with it | `protect.rs` |
 
 use rustix::io::Errno;
 
@@ -28,6 +29,7 @@ pub enum Syscall {
     Fallocate,
     Pwrite,
     PagemapRead,
+    Userfaultfd,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -43,8 +45,8 @@ mod armed {
     }
 
     thread_local! {
-        pub(super) static ARMED: [Cell<Option<Armed>>; 4] = const {
-            [const { Cell::new(None) }; 4]
+        pub(super) static ARMED: [Cell<Option<Armed>>; 5] = const {
+            [const { Cell::new(None) }; 5]
         };
     }
 
@@ -54,6 +56,7 @@ mod armed {
             Syscall::Fallocate => 1,
             Syscall::Pwrite => 2,
             Syscall::PagemapRead => 3,
+            Syscall::Userfaultfd => 4,
         }
     }
 }

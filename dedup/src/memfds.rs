@@ -122,7 +122,7 @@ pub(crate) fn punch_region(
     first: usize,
     count: usize,
 ) -> io::Result<()> {
-    region.check_token(q);
+    region.check_token(q, first, count);
     punch(region.memfd.as_file(), first, count)
 }
 

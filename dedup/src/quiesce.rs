@@ -29,6 +29,20 @@
 //!    [`crate::Engine::register_with_image`] promises that nobody touches the range before the
 //!    call returns (its address has not been handed out yet), so the engine maps the module
 //!    image into it then, with a token made for that alone (`Quiescent::unpublished`).
+//! 7. **A running owner may lend its gate to running merges.** While its guest code runs, an
+//!    owner may [`OwnerGuard::lend`] its gate: it keeps the gate (rules 1 to 3 hold for
+//!    everyone else as before), but gives up its *host lock*, which it holds whenever its
+//!    host code runs. The scanner may then take the host lock ([`Owner::try_running`]) and,
+//!    holding it, remap pages of the owner's regions only inside write-protect windows
+//!    (`crate::protect`): a window makes its pages unwritable before the engine compares
+//!    them, and every remap inside it keeps what a reader sees unchanged at every instant,
+//!    since the guest goes on reading. Before its host code runs again (a host function, the
+//!    return of the call), the owner takes the host lock back ([`LentGate::reclaim`]),
+//!    waiting for at most one window: so the kernel never writes guest memory on the host's
+//!    behalf (`read(2)` into it) while a window is open, which an unprivileged
+//!    `userfaultfd` would fail with `EFAULT`. The token of a window
+//!    ([`crate::protect::Window::quiescent`]) covers the window's pages only, and `remap`
+//!    refuses any other page with it.
 //!
 //! The kernel does the rest: a sharer's mapping of a stable page is `MAP_PRIVATE`, so a write
 //! by the instance (with its guard held, by rule 1) takes a copy-on-write fault and never
@@ -40,8 +54,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::ops::Range;
+use std::sync::atomic::AtomicBool;
+
 use parking_lot::lock_api::ArcMutexGuard;
 use parking_lot::{Mutex, RawMutex};
+
+use crate::region::RegionId;
 
 /// Identifies the tenant a region belongs to: pages merge only within one domain.
 pub type DomainId = u32;
@@ -59,6 +78,11 @@ pub struct Owner {
     domain: DomainId,
     /// Held while the owner may write its regions (rule 1).
     gate: Arc<Mutex<()>>,
+    /// Held with the gate while the owner's host code may run; free while its guest code
+    /// runs with the gate lent (rule 7), and then taken by the scanner for each window.
+    host: Arc<Mutex<()>>,
+    /// Whether the gate is lent (rule 7). Changed only with `host` held by the owner.
+    lent: Arc<AtomicBool>,
     /// Times the owner took its gate. By rule 1, a region whose owner has not taken it since
     /// the engine last looked cannot have changed: the scanner skips such regions when that
     /// look found nothing left to do.
@@ -70,8 +94,23 @@ pub struct Owner {
 /// Owned (not borrowed) so that an embedder can keep it inside the object that runs the
 /// instance, across threads.
 pub struct OwnerGuard {
+    owner: Owner,
+    gate: ArcMutexGuard<RawMutex, ()>,
+    _host: ArcMutexGuard<RawMutex, ()>,
+}
+
+/// The gate of an owner whose guest code runs, lent to running merges (rule 7): the owner
+/// still holds the gate, but not its host lock. [`LentGate::reclaim`] gives the guard back.
+pub struct LentGate {
+    owner: Owner,
+    gate: ArcMutexGuard<RawMutex, ()>,
+}
+
+/// The scanner's hold on a running owner's host lock (rule 7): while it lives, the owner's
+/// host code cannot run, and its guest code may, so pages may change only inside windows.
+pub(crate) struct RunningGuard {
     owner: OwnerId,
-    _gate: ArcMutexGuard<RawMutex, ()>,
+    _host: ArcMutexGuard<RawMutex, ()>,
 }
 
 /// A token that a region's gate is held by the party about to remap it. Only this module
@@ -79,6 +118,10 @@ pub struct OwnerGuard {
 #[derive(Clone, Copy)]
 pub(crate) struct Quiescent<'a> {
     owner: OwnerId,
+    /// `None` while the owner is parked: every page of its regions may be remapped. Else its
+    /// guest code runs (rule 7), and only these pages of this region may be: a window's, or
+    /// none at all for the scanner's [`RunningGuard`] itself.
+    window: Option<(RegionId, usize, usize)>,
     _held: std::marker::PhantomData<&'a OwnerGuard>,
 }
 
@@ -91,6 +134,8 @@ impl Owner {
             id: OwnerId(NEXT_OWNER.fetch_add(1, Ordering::Relaxed)),
             domain,
             gate: Arc::new(Mutex::new(())),
+            host: Arc::new(Mutex::new(())),
+            lent: Arc::new(AtomicBool::new(false)),
             entries: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -109,8 +154,11 @@ impl Owner {
         let gate = self.gate.lock_arc();
         self.entries.fetch_add(1, Ordering::AcqRel);
         OwnerGuard {
-            owner: self.id,
-            _gate: gate,
+            owner: self.clone(),
+            gate,
+            // Free whenever the gate is: only a gate holder lends it, and only the scanner
+            // takes it from a lent gate, never waiting.
+            _host: self.host.lock_arc(),
         }
     }
 
@@ -123,29 +171,105 @@ impl Owner {
     /// The gate if it is free right now, else `None`: the scanner's side of rule 2, and a
     /// host's when it must not wait (it may hold the gate itself further up its stack).
     pub fn try_enter(&self) -> Option<OwnerGuard> {
-        self.gate.try_lock_arc().map(|gate| OwnerGuard {
+        let gate = self.gate.try_lock_arc()?;
+        let host = self.host.try_lock_arc()?;
+        Some(OwnerGuard {
+            owner: self.clone(),
+            gate,
+            _host: host,
+        })
+    }
+
+    /// The host lock of an owner whose guest code runs with its gate lent, if it is free right
+    /// now (rule 7): the scanner's way in to merge a running owner's pages in windows.
+    pub(crate) fn try_running(&self) -> Option<RunningGuard> {
+        let host = self.host.try_lock_arc()?;
+        self.lent.load(Ordering::Acquire).then(|| RunningGuard {
             owner: self.id,
-            _gate: gate,
+            _host: host,
         })
     }
 }
 
 impl OwnerGuard {
     pub fn owner(&self) -> OwnerId {
-        self.owner
+        self.owner.id
     }
 
     pub(crate) fn quiescent(&self) -> Quiescent<'_> {
         Quiescent {
+            owner: self.owner.id,
+            window: None,
+            _held: std::marker::PhantomData,
+        }
+    }
+
+    /// Lends the gate to running merges while the owner's guest code runs, and no host code
+    /// of it (rule 7). Only for an owner of an engine that merges running owners
+    /// ([`crate::Engine::merges_running`]); on another, the lent gate merely stays held.
+    pub fn lend(self) -> LentGate {
+        self.owner.lent.store(true, Ordering::Release);
+        LentGate {
             owner: self.owner,
+            gate: self.gate,
+        }
+    }
+}
+
+impl LentGate {
+    /// Takes the host lock back before the owner's host code runs (rule 7); waits at most
+    /// for the window the scanner has open on the owner's pages.
+    pub fn reclaim(self) -> OwnerGuard {
+        let host = self.owner.host.lock_arc();
+        self.owner.lent.store(false, Ordering::Release);
+        OwnerGuard {
+            owner: self.owner,
+            gate: self.gate,
+            _host: host,
+        }
+    }
+
+    pub fn owner(&self) -> OwnerId {
+        self.owner.id
+    }
+}
+
+impl RunningGuard {
+    /// The token that opens windows on the owner's regions; by itself it lets nothing be
+    /// remapped.
+    pub(crate) fn quiescent(&self) -> Quiescent<'_> {
+        Quiescent {
+            owner: self.owner,
+            window: Some((RegionId(0), 0, 0)),
             _held: std::marker::PhantomData,
         }
     }
 }
 
-impl Quiescent<'_> {
+impl<'a> Quiescent<'a> {
     pub(crate) fn owner(&self) -> OwnerId {
         self.owner
+    }
+
+    /// Whether the owner's guest code may be running: then only a window's pages may be
+    /// remapped, with the window's own token.
+    pub(crate) fn running(&self) -> bool {
+        self.window.is_some()
+    }
+
+    /// The region and pages the token lets be remapped, when the owner may be running.
+    pub(crate) fn window(&self) -> Option<(RegionId, Range<usize>)> {
+        self.window.map(|(region, start, end)| (region, start..end))
+    }
+
+    /// The token of a window over `pages` of `region`: made only by
+    /// [`crate::protect::Window::quiescent`], once the pages are write-protected.
+    pub(crate) fn window_of(owner: OwnerId, region: RegionId, pages: Range<usize>) -> Self {
+        Quiescent {
+            owner,
+            window: Some((region, pages.start, pages.end)),
+            _held: std::marker::PhantomData,
+        }
     }
 }
 
@@ -156,6 +280,7 @@ impl Quiescent<'static> {
     pub(crate) fn unpublished(owner: &Owner) -> Self {
         Quiescent {
             owner: owner.id,
+            window: None,
             _held: std::marker::PhantomData,
         }
     }
@@ -164,7 +289,7 @@ impl Quiescent<'static> {
 impl std::fmt::Debug for OwnerGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OwnerGuard")
-            .field("owner", &self.owner)
+            .field("owner", &self.owner.id)
             .finish()
     }
 }

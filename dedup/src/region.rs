@@ -8,11 +8,12 @@
 //! of what the owner wrote. A region changes owner only between owners
 //! ([`crate::Engine::reassign_region`]), both gates' worth of quiescence held.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use memfd::Memfd;
 
+use crate::protect::{ProtectError, Protector};
 use crate::quiesce::{Owner, Quiescent};
 
 /// Identifies a region for as long as the process runs (ids are never reused).
@@ -38,6 +39,11 @@ pub(crate) struct Region {
     /// [`crate::remap`] that maps, reserves or fills private copies counts one): equal
     /// counts mean the same mappings, which lets a reset skip remapping what did not move.
     layout: AtomicU64,
+    /// The `userfaultfd` the region is registered with, once a window was opened on it
+    /// (`crate::protect`).
+    watched_by: OnceLock<Arc<Protector>>,
+    /// Bytes from `base` registered with it; every remap below keeps them registered.
+    watched_len: AtomicUsize,
 }
 
 impl Region {
@@ -49,6 +55,8 @@ impl Region {
             base,
             len: AtomicUsize::new(len),
             layout: AtomicU64::new(0),
+            watched_by: OnceLock::new(),
+            watched_len: AtomicUsize::new(0),
         }
     }
 
@@ -62,6 +70,8 @@ impl Region {
             base: self.base,
             len: AtomicUsize::new(self.len()),
             layout: AtomicU64::new(self.layout()),
+            watched_by: self.watched_by.clone(),
+            watched_len: AtomicUsize::new(self.watched_len.load(Ordering::Acquire)),
         }
     }
 
@@ -69,8 +79,18 @@ impl Region {
         self.len.load(Ordering::Acquire)
     }
 
+    /// Sets the length (growth, or a reset's shrink). A region registered whole with the
+    /// engine's `userfaultfd` gets what it grew by registered too, so that its new mapping
+    /// can join the one before it, as it did before the registration.
     pub(crate) fn set_len(&self, len: usize) {
-        self.len.store(len, Ordering::Release);
+        let old = self.len.swap(len, Ordering::AcqRel);
+        if let Some(by) = self.watched_by.get()
+            && len > old
+            && self.watched_len.load(Ordering::Acquire) >= old
+            && by.register(self.base + old, len - old).is_ok()
+        {
+            self.watched_len.store(len, Ordering::Release);
+        }
     }
 
     /// The count of the engine's changes to what backs the region's pages so far.
@@ -85,13 +105,76 @@ impl Region {
 
     /// Refuses a token of another owner: it would let the engine remap memory that someone
     /// may be writing. Engine code never builds one; this catches it if it ever does.
-    pub(crate) fn check_token(&self, q: Quiescent<'_>) {
+    pub(crate) fn check_owner(&self, q: Quiescent<'_>) {
         assert_eq!(
             q.owner(),
             self.owner.id(),
             "remap of region {:?} without its owner's gate",
             self.id
         );
+    }
+
+    /// Refuses a token that does not let pages `first..first + count` be remapped: another
+    /// owner's, or a window's (rule 7 of [`crate::quiesce`]) that does not cover them.
+    pub(crate) fn check_token(&self, q: Quiescent<'_>, first: usize, count: usize) {
+        self.check_owner(q);
+        if let Some((region, pages)) = q.window() {
+            assert!(
+                region == self.id && pages.start <= first && first + count <= pages.end,
+                "remap of pages {first}..{} of region {:?} outside the window {pages:?} of \
+                 region {region:?}",
+                first + count,
+                self.id
+            );
+        }
+    }
+
+    /// Registers the region with `protector` up to its length, unless it is already.
+    pub(crate) fn watch(&self, protector: &Arc<Protector>) -> Result<(), ProtectError> {
+        let len = self.len();
+        let by = self.watched_by.get_or_init(|| protector.clone());
+        debug_assert!(Arc::ptr_eq(by, protector), "one engine per region");
+        if self.watched_len.load(Ordering::Acquire) < len {
+            by.register(self.base, len)?;
+            self.watched_len.store(len, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// After a remap of pages `first..first + count`: registers the new mapping if the region
+    /// is registered there, so that it stays registered whole (`crate::protect`), and inside
+    /// a window (`protect`) write-protects it again. A failed registration leaves the new
+    /// mapping unregistered (a later window registers the region whole again), which inside
+    /// a window is an error: the pages could not be protected.
+    pub(crate) fn rewatch(
+        &self,
+        first: usize,
+        count: usize,
+        protect: bool,
+    ) -> Result<(), ProtectError> {
+        let Some(by) = self.watched_by.get() else {
+            return Ok(());
+        };
+        let (addr, len) = (self.page_addr(first), count * crate::PAGE_SIZE);
+        if (first + count) * crate::PAGE_SIZE > self.watched_len.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let registered = by.register(addr, len);
+        if registered.is_err() {
+            self.watched_len
+                .fetch_min(first * crate::PAGE_SIZE, Ordering::AcqRel);
+        }
+        match protect {
+            true => registered.and_then(|()| by.protect(addr, len)),
+            false => Ok(()),
+        }
+    }
+
+    /// After pages from `first` on became reservation again (a reset that shrinks the
+    /// region): they are no longer registered.
+    pub(crate) fn unwatch_from(&self, first: usize) {
+        self.watched_len
+            .fetch_min(first * crate::PAGE_SIZE, Ordering::AcqRel);
     }
 
     /// Address of page `index`.

@@ -13,9 +13,12 @@ use crate::region::Region;
 use crate::{Error, PAGE_SIZE};
 
 /// Maps `count` pages of `file` from `offset` over the region's pages from `first`, in
-/// place of whatever mapped them. Callers hold the owner's token (checked) and map pages
-/// that hold the bytes the owner saw there.
+/// place of whatever mapped them. Callers hold the owner's token `q` (checked) and map pages
+/// that hold the bytes the owner saw there. Inside a window (the owner runs), the new mapping
+/// is write-protected again at once: the window's later steps may compare and remap these
+/// pages again, and they must not change meanwhile.
 fn replace_pages(
+    q: Quiescent<'_>,
     region: &Region,
     first: usize,
     count: usize,
@@ -26,8 +29,9 @@ fn replace_pages(
     region.note_layout_change();
     // SAFETY: the range lies inside the region's mapping (callers bound it by the length
     // read under the gate), which the engine is allowed to replace (module contract); the
-    // owner cannot touch it meanwhile (callers hold its token); and the new pages hold the
-    // bytes the owner saw, so nothing it can observe changes.
+    // owner cannot write it meanwhile (callers hold its token: parked, or a window that
+    // write-protects the range); and the new pages hold the bytes the owner saw, so nothing
+    // it can observe changes, even if it reads them meanwhile.
     change_backing(region, || unsafe {
         mmap(
             region.page_addr(first) as *mut _,
@@ -38,7 +42,13 @@ fn replace_pages(
             offset,
         )
         .map(drop)
-    })
+    })?;
+    region
+        .rewatch(first, count, q.running())
+        .map_err(|source| Error::Protect {
+            region: region.id,
+            source,
+        })
 }
 
 /// Makes `call`, a system call that changes what backs the region's pages (unless fault
@@ -64,7 +74,7 @@ pub(crate) fn reserve(
     first: usize,
     count: usize,
 ) -> Result<(), Error> {
-    region.check_token(q);
+    region.check_token(q, first, count);
     region.note_layout_change();
     // SAFETY: the range lies inside the region's reservation (callers bound it by the length
     // read under the gate), which only the region's mapping uses; the owner cannot touch it
@@ -78,7 +88,9 @@ pub(crate) fn reserve(
             MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
         )
         .map(drop)
-    })
+    })?;
+    region.unwatch_from(first);
+    Ok(())
 }
 
 /// Maps `count` stable pages starting at `slot` of `stable` over the region's pages starting
@@ -92,9 +104,10 @@ pub(crate) fn map_stable(
     stable: impl AsFd,
     slot: u64,
 ) -> Result<(), Error> {
-    region.check_token(q);
+    region.check_token(q, first, count);
     // The new pages hold the same bytes (the caller compared them under the same token).
     replace_pages(
+        q,
         region,
         first,
         count,
@@ -114,7 +127,7 @@ pub(crate) fn restore_own(
     first: usize,
     count: usize,
 ) -> Result<(), Error> {
-    region.check_token(q);
+    region.check_token(q, first, count);
     // SAFETY: the token keeps the owner from writing, so the bytes stay as read; the range is
     // inside the mapping (caller's bound).
     let bytes = unsafe { region.pages(first..first + count) };
@@ -135,6 +148,7 @@ pub(crate) fn restore_own(
     // would pass it over as a hole until the owner next touched it, so that unmerged pages
     // never merged again. Every page has data now, so populating allocates nothing.
     replace_pages(
+        q,
         region,
         first,
         count,
@@ -153,8 +167,9 @@ pub(crate) fn map_own(
     first: usize,
     count: usize,
 ) -> Result<(), Error> {
-    region.check_token(q);
+    region.check_token(q, first, count);
     replace_pages(
+        q,
         region,
         first,
         count,
@@ -173,7 +188,7 @@ pub(crate) fn fill_private_from_own(
     first: usize,
     count: usize,
 ) -> Result<(), Error> {
-    region.check_token(q);
+    region.check_token(q, first, count);
     // Private copies now lie where the window's stable pages were mapped.
     region.note_layout_change();
     // SAFETY: the range lies inside the region's mapping (caller's bound); the owner cannot
@@ -195,7 +210,7 @@ pub(crate) fn fill_private_from_own(
 /// stable slots, as private copies: the owner's own bytes of those pages, read out under the
 /// same token before the remap (a compacted stretch's own pages, `state::compact`).
 pub(crate) fn write_private(q: Quiescent<'_>, region: &Region, first: usize, bytes: &[u8]) {
-    region.check_token(q);
+    region.check_token(q, first, bytes.len() / PAGE_SIZE);
     // Private copies now lie where the stable pages were mapped.
     region.note_layout_change();
     // SAFETY: the range lies inside the region's mapping (caller's bound, as `bytes` is
@@ -217,7 +232,7 @@ pub(crate) fn drop_private_copies(
     first: usize,
     count: usize,
 ) -> Result<(), Error> {
-    region.check_token(q);
+    region.check_token(q, first, count);
     // The mappings stay as they are: not a change of layout (`Region::layout`).
     // SAFETY: the range lies inside the region's mapping (caller's bound), which the engine
     // is allowed to change (module contract); the owner cannot touch it meanwhile (the

@@ -184,6 +184,22 @@ declare_stats! {
     scanner_cpu_ns: u64, ksm: None;
     /// The map-count budget in mappings (share of `vm.max_map_count`).
     map_budget: u64, ksm: None;
+    /// 1 when owners are merged while their guest code runs (write-protect windows), 0 when
+    /// only parked owners are ([`crate::Engine::running_merges`] says why).
+    merges_running: u64, ksm: None;
+    /// Visits of a running owner's region, in write-protect windows.
+    regions_running_visits: u64, ksm: None;
+    /// Write-protect windows opened on running owners' pages.
+    wp_windows: u64, ksm: None;
+    /// Writes that met a window and waited for it to close.
+    wp_waiters: u64, ksm: None;
+    /// Median, over windows some write waited on, of how long the window was open (a bound
+    /// on the wait), in nanoseconds, to within a fifth.
+    wp_wait_p50_ns: u64, ksm: None;
+    /// The 99th percentile of the same.
+    wp_wait_p99_ns: u64, ksm: None;
+    /// The longest of the same.
+    wp_wait_max_ns: u64, ksm: None;
 }
 
 /// What merging saves one owner, as Linux's `/proc/PID/ksm_stat`

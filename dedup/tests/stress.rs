@@ -14,7 +14,10 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn stress((pages, max_map_count): (usize, Option<u64>)) -> samepage_stress::run::Report {
+fn stress(
+    (pages, max_map_count): (usize, Option<u64>),
+    running: bool,
+) -> samepage_stress::run::Report {
     let report = run(
         &Config {
             until: Until::Rounds(env_or("SAMEPAGE_STRESS_ROUNDS", 300)),
@@ -22,6 +25,7 @@ fn stress((pages, max_map_count): (usize, Option<u64>)) -> samepage_stress::run:
             writes_per_owner: 48,
             pages,
             max_map_count,
+            running,
         },
         |_| {},
     );
@@ -30,11 +34,17 @@ fn stress((pages, max_map_count): (usize, Option<u64>)) -> samepage_stress::run:
     report
 }
 
-/// Both runs in one test: the kernel's view is the process's, which a run beside it would
-/// disturb.
+/// Every run in one test: the kernel's view is the process's, which a run beside it would
+/// disturb. Owners parked between their writes, then owners writing with their gates lent
+/// while the scanner merges them in write-protect windows.
 #[test]
 fn owners_writing_under_merging_and_compaction_agree_with_their_shadows_and_the_kernel() {
-    stress(Config::SMALL_REGIONS);
-    let crowded = stress(Config::CROWDED_MAPPINGS);
+    stress(Config::SMALL_REGIONS, false);
+    let crowded = stress(Config::CROWDED_MAPPINGS, false);
     assert!(crowded.stretches_compacted > 0, "compaction happened");
+    for shape in [Config::SMALL_REGIONS, Config::CROWDED_MAPPINGS] {
+        let running = stress(shape, true);
+        assert!(running.running_visits > 0, "running owners were visited");
+        assert!(running.windows.1 > 0, "writes met windows: {running:?}");
+    }
 }

@@ -20,6 +20,7 @@ pub fn suite(writes: u64, seed: u64) -> Result<String> {
         writes_per_owner: WRITES_PER_OWNER,
         pages,
         max_map_count,
+        running: true,
     };
     let mut printed = Instant::now();
     // Unwind safety: nothing the closure touches outlives a failed run but the progress clock.

@@ -100,9 +100,15 @@ impl TestRegion {
     /// Writes `bytes` at `offset` with the owner's guard held, and into the shadow.
     pub fn write(&mut self, offset: usize, bytes: &[u8]) {
         let _guard = self.owner.enter();
+        self.write_running(offset, bytes);
+    }
+
+    /// Writes `bytes` at `offset`, and into the shadow, while the caller holds the owner's
+    /// gate lent (as guest code writes while the engine may merge it in windows).
+    pub fn write_running(&mut self, offset: usize, bytes: &[u8]) {
         self.shadow[offset..offset + bytes.len()].copy_from_slice(bytes);
         // SAFETY: in bounds (indexing the shadow, as long as the mapping, checked the range),
-        // with the guard held.
+        // with the gate held or lent by the caller, who is the only writer.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -144,6 +150,12 @@ impl TestRegion {
     /// Whether page `page`, read with the owner's guard held, is its shadow copy.
     pub fn page_matches_shadow(&self, page: usize) -> bool {
         let _guard = self.owner.enter();
+        self.page_matches_shadow_running(page)
+    }
+
+    /// Whether page `page` is its shadow copy, read while the caller holds the owner's gate
+    /// lent: the engine may be merging it meanwhile.
+    pub fn page_matches_shadow_running(&self, page: usize) -> bool {
         let range = page * PAGE_SIZE..(page + 1) * PAGE_SIZE;
         // SAFETY: the page lies inside the accessible mapping (the shadow, as long, is indexed
         // by the same range below) and is read under the guard.

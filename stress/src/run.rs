@@ -10,6 +10,7 @@
 //! choices (the threads' interleaving aside).
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use samepage_dedup::{Advice, Engine, EngineConfig, Knobs, Owner, PAGE_SIZE};
@@ -41,6 +42,10 @@ pub struct Config {
     /// The engine's `vm.max_map_count` (`None`: the system's). A small one crowds the map
     /// budget, so that the engine compacts the regions merges leave in pieces.
     pub max_map_count: Option<u64>,
+    /// Owners lend their gates while they write (rule 7 of `quiesce`), so the scanner merges
+    /// their pages in write-protect windows while they write; they go on writing until the
+    /// scanner's passes end.
+    pub running: bool,
 }
 
 impl Config {
@@ -64,6 +69,13 @@ pub struct Report {
     pub peak_sharing: u64,
     /// Stretches the engine compacted onto layout copies.
     pub stretches_compacted: u64,
+    /// Visits of running owners' regions, in write-protect windows.
+    pub running_visits: u64,
+    /// Write-protect windows opened, and writes that waited on one.
+    pub windows: (u64, u64),
+    /// How long windows that a write waited on were open (bounds on the waits), in
+    /// nanoseconds: p50, p99, longest.
+    pub waits_ns: [u64; 3],
     pub elapsed: Duration,
 }
 
@@ -87,10 +99,16 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
         max_map_count: config.max_map_count,
         ..EngineConfig::manual(Knobs {
             max_page_sharing: MAX_SHARING,
+            merge_running: config.running,
             ..Knobs::default()
         })
     })
     .expect("engine");
+    if config.running {
+        engine
+            .running_merges()
+            .expect("running merges on this kernel");
+    }
     let pagemap = File::open("/proc/self/pagemap").expect("pagemap");
     let check = |regions: &[TestRegion], step: &str| {
         checkpoint(&engine, regions, &pagemap, MAX_SHARING, step).1
@@ -107,18 +125,24 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
     while !done(&report) {
         let round = report.rounds;
         let step = format!("seed {seed:#x}, round {round}");
-        write_while_scanning(
+        report.writes += write_while_scanning(
             &engine,
             &mut regions,
             &mut random,
-            config.writes_per_owner,
+            (config.writes_per_owner, config.running),
             &step,
         );
-        report.writes += u64::from(config.writes_per_owner) * regions.len() as u64;
         engine.scan_pass().expect("pass");
         let stats = engine.stats();
         report.peak_sharing = report.peak_sharing.max(stats.pages_sharing);
         report.stretches_compacted = stats.stretches_compacted;
+        report.running_visits = stats.regions_running_visits;
+        report.windows = (stats.wp_windows, stats.wp_waiters);
+        report.waits_ns = [
+            stats.wp_wait_p50_ns,
+            stats.wp_wait_p99_ns,
+            stats.wp_wait_max_ns,
+        ];
         report.pages_checked += check(&regions, &step);
         let operation = between_rounds(&engine, &mut regions, &mut random, &check, &step);
         report.pages_checked += check(&regions, &format!("{step}, after operation {operation}"));
@@ -130,48 +154,84 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
 }
 
 /// Owners write in their own threads, each write read back at once, while a scanner thread
-/// runs passes.
+/// runs passes. Running owners (`running`) write with their gates lent, at least `writes`
+/// times and until the passes end (at most 64 times as many), and check a page chosen at
+/// random after every write too; returns the writes made.
 fn write_while_scanning(
     engine: &Engine,
     regions: &mut [TestRegion],
     random: &mut Random,
-    writes: u32,
+    (writes, running): (u32, bool),
     step: &str,
-) {
+) -> u64 {
     let seeds: Vec<u64> = regions.iter().map(|_| random.next_u64()).collect();
+    let scanning = AtomicBool::new(true);
+    let made = AtomicU64::new(0);
     std::thread::scope(|scope| {
         let scanner = scope.spawn(|| {
             for _ in 0..3 {
                 engine.scan_pass().expect("pass");
             }
+            scanning.store(false, Ordering::Release);
         });
         let writers: Vec<_> = regions
             .iter_mut()
             .zip(seeds)
             .enumerate()
             .map(|(n, (region, seed))| {
+                let (scanning, made) = (&scanning, &made);
                 scope.spawn(move || {
                     let mut random = Random(seed);
                     let domain_seed = domain_seed(region.owner.domain());
                     let pages = region.pages();
-                    for _ in 0..writes {
+                    let lent = running.then(|| region.owner.enter().lend());
+                    let write = |region: &mut TestRegion, offset: usize, bytes: &[u8]| {
+                        if running {
+                            region.write_running(offset, bytes)
+                        } else {
+                            region.write(offset, bytes)
+                        }
+                    };
+                    let matches = |region: &TestRegion, page: usize| {
+                        if running {
+                            region.page_matches_shadow_running(page)
+                        } else {
+                            region.page_matches_shadow(page)
+                        }
+                    };
+                    let mut count = 0;
+                    while count < writes
+                        || (running && count < writes * 64 && scanning.load(Ordering::Acquire))
+                    {
+                        count += 1;
                         let page = random.below(pages);
                         match random.below(4) {
-                            0 => region.write(page * PAGE_SIZE, &page_content(domain_seed, page)),
-                            1 => region
-                                .write(page * PAGE_SIZE, &page_content(random.next_u64(), page)),
-                            2 => region.write(page * PAGE_SIZE, &[0; PAGE_SIZE]),
+                            0 => write(region, page * PAGE_SIZE, &page_content(domain_seed, page)),
+                            1 => write(
+                                region,
+                                page * PAGE_SIZE,
+                                &page_content(random.next_u64(), page),
+                            ),
+                            2 => write(region, page * PAGE_SIZE, &[0; PAGE_SIZE]),
                             _ => {
                                 let offset = page * PAGE_SIZE + random.below(PAGE_SIZE - 8);
-                                region.write(offset, &random.next_u64().to_le_bytes());
+                                write(region, offset, &random.next_u64().to_le_bytes());
                             }
                         }
                         assert!(
-                            region.page_matches_shadow(page),
+                            matches(region, page),
                             "{step}: region {n} page {page} differs from its shadow right after \
                              a write"
                         );
+                        let other = random.below(pages);
+                        assert!(
+                            !running || matches(region, other),
+                            "{step}: region {n} page {other} differs from its shadow while its \
+                             owner runs"
+                        );
                     }
+                    made.fetch_add(u64::from(count), Ordering::Relaxed);
+                    drop(lent.map(|lent| lent.reclaim()));
                     std::thread::yield_now();
                 })
             })
@@ -181,6 +241,7 @@ fn write_while_scanning(
         }
         scanner.join().expect("scanner");
     });
+    made.into_inner()
 }
 
 /// With every owner quiescent: one of the engine's other paths, chosen at random (or none).

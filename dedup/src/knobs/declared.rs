@@ -216,6 +216,15 @@ pub static KNOBS: &[Knob] = &[
         set: |k, v| k.scan_on_park = switch(v),
     },
     Knob {
+        name: "merge_running",
+        origin: Origin::Samepage,
+        values: Values::Switch,
+        help: "merge instances while their code runs, write-protecting a few pages at a time",
+        old_flags: &[],
+        get: |k| KnobValue::Switch(k.merge_running),
+        set: |k, v| k.merge_running = switch(v),
+    },
+    Knob {
         name: "park_recheck_millisecs",
         origin: Origin::Samepage,
         values: Values::Number(Knobs::PARK_RECHECK_MILLISECS),

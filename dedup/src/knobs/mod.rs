@@ -65,6 +65,9 @@ pub struct Knobs {
     /// How long after a park the engine looks again: pages unchanged since the first look
     /// are settled and merge.
     pub park_recheck: Duration,
+    /// Merge the pages of owners whose guest code is running, in write-protect windows
+    /// (rule 7 of [`crate::quiesce`]), where the kernel allows it; else only parked owners.
+    pub merge_running: bool,
 }
 
 impl Default for Knobs {
@@ -81,6 +84,7 @@ impl Default for Knobs {
             advisor: Advisor::default(),
             scan_on_park: true,
             park_recheck: Duration::from_millis(200),
+            merge_running: true,
         }
     }
 }

@@ -29,6 +29,8 @@ pub(super) struct Counters {
     pub(super) pages_skipped_map_budget: u64,
     /// Times a region was passed over because its owner was running.
     pub(super) regions_busy_skips: u64,
+    /// Times a running owner's region was visited in write-protect windows.
+    pub(super) regions_running_visits: u64,
     /// Page visits smart scan skipped (KSM `pages_skipped`).
     pub(super) pages_skipped: u64,
     /// The `full_scans` by which every page has been looked at again since the last news
@@ -164,6 +166,7 @@ impl MergeState {
             as u64;
         let saved = self.stable.pages_sharing() + self.records.zero_pages();
         let (stable_node_chains, stable_node_dups) = self.stable.chain_counts();
+        let waits = self.wait_figures();
         Stats {
             general_profit_bytes: (saved * PAGE_SIZE as u64) as i64 - metadata_bytes as i64,
             pages_shared: self.stable.pages_shared(),
@@ -201,6 +204,13 @@ impl MergeState {
             map_budget: self.budget.share(&self.knobs),
             scanner_cpu_ns: 0,
             errors: 0,
+            merges_running: u64::from(self.merges_running()),
+            regions_running_visits: self.counters.regions_running_visits,
+            wp_windows: waits.windows,
+            wp_waiters: waits.waiters,
+            wp_wait_p50_ns: waits.percentile(0.5).as_nanos() as u64,
+            wp_wait_p99_ns: waits.percentile(0.99).as_nanos() as u64,
+            wp_wait_max_ns: waits.longest.as_nanos() as u64,
         }
     }
 

@@ -26,7 +26,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::layout::{grow_window, runs_of};
 use crate::pagemap::PageBacking;
-use crate::quiesce::{OwnerGuard, Quiescent};
+use crate::protect::Window;
+use crate::quiesce::{OwnerGuard, Quiescent, RunningGuard};
 use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, Slot};
 use crate::{Error, remap};
@@ -62,6 +63,40 @@ impl DeferredPunches {
     }
 }
 
+/// A merge partner's pages held still ([`MergeState::hold_partner`]).
+enum PartnerHold {
+    /// By the token of the page that matched (same owner, and inside its window if any).
+    Same,
+    /// By the gate of the partner's parked owner.
+    Parked(OwnerGuard),
+    /// By a window on them, under the same running owner's hold as the page that matched.
+    Window(Window),
+    /// By a window on them under the host lock of the partner's running owner (the window
+    /// closes first: fields drop in order).
+    Running { window: Window, _host: RunningGuard },
+}
+
+impl PartnerHold {
+    /// The partner's token; `None` for [`PartnerHold::Same`], whose token is the caller's.
+    fn quiescent(&self) -> Option<Quiescent<'_>> {
+        match self {
+            PartnerHold::Same => None,
+            PartnerHold::Parked(guard) => Some(guard.quiescent()),
+            PartnerHold::Window(window) | PartnerHold::Running { window, .. } => {
+                Some(window.quiescent())
+            }
+        }
+    }
+}
+
+/// What a page that differs does to a growing window: bridged as a private copy of its own
+/// bytes while the owner is parked (`Some(false)`), but the end of the window while it runs
+/// (`None`), since the copy would be filled in only after the stable page is mapped, and a
+/// read meanwhile would see the stable page's bytes (`crate::protect`).
+fn bridge_unless_running(share: bool, q: Quiescent<'_>) -> Option<bool> {
+    (share || !q.running()).then_some(share)
+}
+
 impl MergeState {
     /// Merges the window starting at `page` onto the stable slots starting at `slot`: it
     /// extends while the next region page equals the next stable page, and bridges differing
@@ -91,13 +126,13 @@ impl MergeState {
             {
                 return Ok(None);
             }
-            Ok(Some(
-                self.stable.has_room_at(next_slot)
-                    && (visit == Visit::Now
-                        || (record.has(SEEN) && record.checksum() == node.key.1))
-                    // SAFETY: gate held (`q`), `next` below the length read under it.
-                    && unsafe { region.page(next) } == self.stable.page(next_slot),
-            ))
+            let share = self.stable.has_room_at(next_slot)
+                && (visit == Visit::Now
+                    || (record.has(SEEN) && record.checksum() == node.key.1))
+                // SAFETY: gate held (`q`, a window's if the owner runs), `next` below the
+                // length read under it and, if the owner runs, inside the window (`end`).
+                && unsafe { region.page(next) } == self.stable.page(next_slot);
+            Ok(bridge_unless_running(share, q))
         })?;
         self.map_window(q, id, page, &shares, slot)?;
         Ok(shares.len())
@@ -133,24 +168,19 @@ impl MergeState {
         {
             return Ok(None);
         }
-        let other_guard: Option<OwnerGuard>;
-        let other_q = if other_region.owner.id() == q.owner() {
-            q
-        } else {
-            match other_region.owner.try_enter() {
-                Some(guard) => {
-                    other_guard = Some(guard);
-                    other_guard.as_ref().expect("just set").quiescent()
-                }
-                None => {
-                    self.counters.regions_busy_skips += 1;
-                    return Ok(None);
-                }
-            }
+        // Runs within one region must not overlap.
+        let mut limit = (end - page).min(other_pages - partner.page);
+        if partner.region == id {
+            limit = limit.min(page.abs_diff(partner.page));
+        }
+        let Some(hold) = self.hold_partner(q, &other_region, partner.page, &mut limit)? else {
+            self.counters.regions_busy_skips += 1;
+            return Ok(None);
         };
+        let other_q = hold.quiescent().unwrap_or(q);
         let region = self.records.region(id).region.clone();
         // SAFETY: both gates are held (`q`, `other_q`), both pages below the lengths read
-        // under them.
+        // under them and inside the windows, if the owners run.
         let (content, other_content) =
             unsafe { (region.page(page), other_region.page(partner.page)) };
         if content != other_content {
@@ -165,11 +195,7 @@ impl MergeState {
         }
 
         // Extend the run while both next pages are unmerged, resident, unchanged since the
-        // partner's last visit and equal. Runs within one region must not overlap.
-        let mut limit = (end - page).min(other_pages - partner.page);
-        if partner.region == id {
-            limit = limit.min(page.abs_diff(partner.page));
-        }
+        // partner's last visit and equal.
         // The partner's backing, read a chunk at a time as the run grows: most runs are short.
         let mut other_backing: Vec<PageBacking> = Vec::new();
         let mut keys = vec![Some(key)];
@@ -217,7 +243,7 @@ impl MergeState {
                 // SAFETY: as above.
                 && next == unsafe { other_region.page(partner.page + n) };
             keys.push(share.then_some(next_key));
-            Ok(Some(share))
+            Ok(bridge_unless_running(share, q).and(bridge_unless_running(share, other_q)))
         })?;
         keys.truncate(shares.len());
         let run = keys.len();
@@ -261,6 +287,49 @@ impl MergeState {
         }
         self.map_window(q, id, page, &shares, slot)?;
         Ok(Some(run))
+    }
+
+    /// What keeps pages `first..first + limit` of `other`, a merge partner's, from changing
+    /// while they are compared and remapped: the token `q` already, the partner's gate if it
+    /// is parked, or a window if its guest code runs (rule 7 of `quiesce`); `limit` shrinks
+    /// so that two windows on one region never overlap. `None` when the partner's owner is
+    /// busy.
+    fn hold_partner(
+        &self,
+        q: Quiescent<'_>,
+        other: &Arc<Region>,
+        first: usize,
+        limit: &mut usize,
+    ) -> Result<Option<PartnerHold>, Error> {
+        if other.owner.id() == q.owner() {
+            let Some((region, pages)) = q.window() else {
+                return Ok(Some(PartnerHold::Same));
+            };
+            if region == other.id && pages.contains(&first) {
+                *limit = (*limit).min(pages.end - first);
+                return Ok(Some(PartnerHold::Same));
+            }
+            if region == other.id && first < pages.start {
+                *limit = (*limit).min(pages.start - first);
+            }
+            let window = self.open_window(q, other, first..first + *limit)?;
+            return Ok(Some(PartnerHold::Window(window)));
+        }
+        if let Some(guard) = other.owner.try_enter() {
+            return Ok(Some(PartnerHold::Parked(guard)));
+        }
+        let running = match self.merges_running() {
+            true => other.owner.try_running(),
+            false => None,
+        };
+        let Some(running) = running else {
+            return Ok(None);
+        };
+        let window = self.open_window(running.quiescent(), other, first..first + *limit)?;
+        Ok(Some(PartnerHold::Running {
+            window,
+            _host: running,
+        }))
     }
 
     /// Maps the window of region `id` from `page` onto the stable slots from `slot` with one

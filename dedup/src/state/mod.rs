@@ -56,10 +56,13 @@ mod release;
 mod scan;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::advice::MergeScope;
 use crate::pagemap::Pagemap;
+use crate::protect::{ProtectError, Protector, RunningMergesOff, WaitFigures, Window};
+use crate::quiesce::Quiescent;
 use crate::region::{Region, RegionId};
 use crate::stable::{ContentKey, StableStore};
 use crate::{Error, Knobs};
@@ -106,6 +109,8 @@ pub(crate) struct MergeState {
     images: Images,
     /// Copies of stretches' layouts that fragmented regions map ([`compact`]).
     layout_copies: LayoutCopies,
+    /// The `userfaultfd` that write-protects running owners' pages, or why there is none.
+    protector: Result<Arc<Protector>, ProtectError>,
 }
 
 impl MergeState {
@@ -116,6 +121,7 @@ impl MergeState {
         scope: MergeScope,
         punch_after_calls: bool,
         max_map_count: Option<u64>,
+        protector: Result<Arc<Protector>, ProtectError>,
     ) -> Self {
         Self {
             records: Records::default(),
@@ -131,7 +137,47 @@ impl MergeState {
             deferred: DeferredPunches::new(punch_after_calls),
             images: Images::default(),
             layout_copies: LayoutCopies::default(),
+            protector,
         }
+    }
+
+    /// Why running owners are not merged, if they are not: the knob is off, or the kernel
+    /// does not let the engine write-protect their pages.
+    pub(crate) fn running_merges(&self) -> Result<&Arc<Protector>, RunningMergesOff> {
+        match &self.protector {
+            _ if !self.knobs.merge_running => Err(RunningMergesOff::Knob),
+            Ok(protector) => Ok(protector),
+            Err(error) => Err(RunningMergesOff::Kernel(error.clone())),
+        }
+    }
+
+    pub(crate) fn merges_running(&self) -> bool {
+        self.running_merges().is_ok()
+    }
+
+    /// The write-protect windows' figures so far.
+    pub(crate) fn wait_figures(&self) -> WaitFigures {
+        self.protector
+            .as_ref()
+            .map(|p| p.waits())
+            .unwrap_or_default()
+    }
+
+    /// Write-protects pages `pages` of `region` for a merge while its owner runs.
+    pub(crate) fn open_window(
+        &self,
+        q: Quiescent<'_>,
+        region: &Arc<Region>,
+        pages: Range<usize>,
+    ) -> Result<Window, Error> {
+        self.protector
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|protector| Window::open(protector, q, region, pages))
+            .map_err(|source| Error::Protect {
+                region: region.id,
+                source,
+            })
     }
 
     pub(crate) fn add_region(&mut self, region: Arc<Region>) {

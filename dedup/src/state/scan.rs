@@ -35,6 +35,7 @@ use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::pagemap::{PageBacking, Pagemap};
+use crate::protect::{WINDOW_PAGES, Window};
 use crate::quiesce::{Owner, OwnerGuard, Quiescent};
 use crate::region::{Region, RegionId};
 use crate::{Error, Knobs, MergeNowReport, PAGE_SIZE};
@@ -155,16 +156,34 @@ impl MergeState {
             };
             let region = self.records.region(id).region.clone();
             let start = self.cursor.page;
-            let Some(guard) = region.owner.try_enter() else {
-                self.counters.regions_busy_skips += 1;
-                budget -= 1;
-                pass_ended |= self.advance_region(id);
-                continue;
+            let guard = region.owner.try_enter();
+            // An owner whose guest code runs, with its gate lent (rule 7 of `quiesce`), is
+            // visited in write-protect windows.
+            let running = match &guard {
+                None if self.merges_running() => region.owner.try_running(),
+                _ => None,
+            };
+            let q = match (&guard, &running) {
+                (Some(guard), _) => guard.quiescent(),
+                (None, Some(running)) => running.quiescent(),
+                (None, None) => {
+                    self.counters.regions_busy_skips += 1;
+                    budget -= 1;
+                    pass_ended |= self.advance_region(id);
+                    continue;
+                }
             };
             let entries = region.owner.entries();
             let visit_idle = self.counters.visit_idle_regions;
             let record = self.records.region_mut(id);
-            if start == 0 {
+            if q.running() {
+                // Its pages may change until it parks: no visit of it counts as quiet.
+                record.visit = (entries, false);
+                if start == 0 {
+                    self.counters.regions_running_visits += 1;
+                    self.counters.host_awake = true;
+                }
+            } else if start == 0 {
                 let idle = record.quiet_at == Some(entries);
                 if idle && !visit_idle {
                     // The owner has not run since a visit found nothing to do here; its
@@ -176,7 +195,7 @@ impl MergeState {
                         self.counters
                             .looked_at_again_within(Knobs::SMART_SCAN_LONGEST_SKIP);
                     }
-                    let compacted = self.compact_region(guard.quiescent(), id);
+                    let compacted = self.compact_region(q, id);
                     budget -= 1;
                     pass_ended |= self.advance_region(id);
                     compacted?;
@@ -200,12 +219,13 @@ impl MergeState {
                 Some(last) if left == 0 => last.end,
                 _ => pages,
             };
-            let mut result = self.scan_spans(guard.quiescent(), id, &spans, Visit::Scan);
-            if end >= pages && result.is_ok() {
-                // The whole region visited: what its merges left in pieces is compacted.
-                result = self.compact_region(guard.quiescent(), id);
+            let mut result = self.scan_spans(q, id, &spans, Visit::Scan);
+            if end >= pages && result.is_ok() && !q.running() {
+                // The whole region visited: what its merges left in pieces is compacted
+                // (only while its owner is parked: see `protect`).
+                result = self.compact_region(q, id);
             }
-            drop(guard);
+            drop((running, guard));
             budget -= (budget - left).max(1);
             if end >= pages {
                 let record = self.records.region_mut(id);
@@ -367,7 +387,7 @@ impl MergeState {
     }
 
     /// Visits `spans` (in order, within the length) of region `id`, whose gate `q` proves
-    /// held.
+    /// held. A running owner's spans are visited a window at a time (`crate::protect`).
     fn scan_spans(
         &mut self,
         q: Quiescent<'_>,
@@ -376,11 +396,30 @@ impl MergeState {
         visit: Visit,
     ) -> Result<(), Error> {
         let region = self.records.region(id).region.clone();
-        for range in spans.iter().cloned() {
+        let piece = if q.running() {
+            WINDOW_PAGES
+        } else {
+            usize::MAX
+        };
+        let pieces = spans.iter().flat_map(|span| {
+            (span.start..span.end)
+                .step_by(piece)
+                .map(move |start| start..span.end.min(start.saturating_add(piece)))
+        });
+        for range in pieces {
             self.counters.pages_scanned += range.len() as u64;
             self.counters.pages_visited_this_pass += range.len() as u64;
+            // Read before the window opens: the kernel shows a write-protected hole as a
+            // swapped page. What the owner can change meanwhile only makes the reading
+            // cautious (a hole it writes is passed over, a merged page it writes is given
+            // back on the next visit).
             self.backing
                 .read(&mut self.pagemap, &region, range.clone())?;
+            let window = match q.running() {
+                true => Some(self.open_window(q, &region, range.clone())?),
+                false => None,
+            };
+            let q = window.as_ref().map_or(q, Window::quiescent);
             self.release_written(q, id, range.clone())?;
             let mut page = range.start;
             while page < range.end {
