@@ -63,6 +63,10 @@ pub struct SamepageConfig {
     /// the module's data segments: instances then start out sharing them, as with wasmtime's
     /// copy-on-write instantiation (which memfd memories cannot use).
     pub merge_on_instantiate: bool,
+    /// Merge instances while their wasm code runs, not only between calls, where the merge
+    /// engine can ([`samepage_dedup::Engine::running_merges`]); each owner may still opt out
+    /// ([`StoreOwner::merge_while_running`]).
+    pub merge_while_running: bool,
 }
 
 impl Default for SamepageConfig {
@@ -71,6 +75,7 @@ impl Default for SamepageConfig {
             dedup: true,
             engine_config: EngineConfig::default(),
             merge_on_instantiate: true,
+            merge_while_running: true,
         }
     }
 }
@@ -81,6 +86,8 @@ impl Default for SamepageConfig {
 pub struct Samepage {
     dedup: Option<samepage_dedup::Engine>,
     merge_on_instantiate: bool,
+    /// Whether new owners merge while their wasm code runs.
+    merge_while_running: bool,
     /// The memory creator's ready memories (`crate::slots`), when it keeps them.
     slots: Option<Arc<SlotPool>>,
 }
@@ -108,6 +115,7 @@ impl Samepage {
         Ok(Self {
             dedup,
             merge_on_instantiate: settings.merge_on_instantiate,
+            merge_while_running: settings.merge_while_running,
             slots,
         })
     }
@@ -126,6 +134,7 @@ impl Samepage {
         Self {
             dedup: None,
             merge_on_instantiate: false,
+            merge_while_running: false,
             slots: None,
         }
     }
@@ -160,12 +169,14 @@ impl Samepage {
     pub fn owner_for(&self, domain: DomainId, lifetime: Lifetime) -> StoreOwner {
         let merge_on_instantiate =
             self.dedup.is_some() && lifetime == Lifetime::Kept && self.merge_on_instantiate;
-        StoreOwner::new(
+        let owner = StoreOwner::new(
             Owner::new(domain),
             self.dedup.clone(),
             merge_on_instantiate,
             lifetime,
-        )
+        );
+        owner.merge_while_running(self.merge_while_running);
+        owner
     }
 }
 

@@ -127,6 +127,8 @@ impl Host {
                     dedup: config.dedup,
                     engine_config: config.engine_config,
                     merge_on_instantiate: config.merge_on_instantiate,
+                    // The engine's `merge_running` knob decides.
+                    merge_while_running: true,
                 },
             )?),
             MemoryBacking::WasmtimeDefault => None,

@@ -36,9 +36,10 @@
 //! in memory, needs no such care.)
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
-use samepage_dedup::{Engine, Owner, OwnerGuard, OwnerStats, RegionId};
+use samepage_dedup::{Engine, LentGate, Owner, OwnerGuard, OwnerStats, RegionId};
 use wasmtime::{CallHook, Store};
 
 use crate::RuntimeError;
@@ -207,6 +208,9 @@ struct OwnerState {
     dedup: Option<Engine>,
     /// The guard while the owner runs, and how deeply calls nest.
     held: Mutex<Held>,
+    /// Lend the gate to the engine's running merges while wasm runs (rule 7 of
+    /// `samepage_dedup::quiesce`): set only when the engine merges running owners.
+    merge_while_running: AtomicBool,
     /// The store's memories, in creation order.
     regions: Mutex<Vec<MemoryRegion>>,
     /// Merge new memories right after instantiation (see [`crate::SamepageConfig`]).
@@ -221,8 +225,10 @@ struct OwnerState {
 struct Held {
     /// Calls into wasm (and host accesses) in progress.
     depth: u32,
-    /// The owner's guard, while `depth > 0`.
+    /// The owner's guard, while `depth > 0` and host code may run.
     guard: Option<OwnerGuard>,
+    /// The same, lent to running merges while wasm runs.
+    lent: Option<LentGate>,
     /// Whether wasm ran since the guard was taken: then its release is a park.
     ran: bool,
 }
@@ -239,6 +245,7 @@ impl StoreOwner {
                 owner,
                 dedup,
                 held: Mutex::new(Held::default()),
+                merge_while_running: AtomicBool::new(false),
                 regions: Mutex::new(Vec::new()),
                 merge_on_instantiate,
                 lifetime,
@@ -322,12 +329,53 @@ impl StoreOwner {
     /// What samepage's call hook does, for an embedder whose own hook calls it.
     pub fn on_call(&self, hook: CallHook) -> wasmtime::Result<()> {
         match hook {
-            CallHook::CallingWasm => self.enter(true),
-            CallHook::ReturningFromWasm => self.leave(),
-            // Host functions called by wasm run inside the call, with the guard held.
-            CallHook::CallingHost | CallHook::ReturningFromHost => {}
+            CallHook::CallingWasm => {
+                self.enter(true);
+                self.lend();
+            }
+            CallHook::ReturningFromWasm => {
+                self.reclaim();
+                self.leave();
+            }
+            // Host functions called by wasm run inside the call, with the guard held: taken
+            // back from running merges first, so that no write of theirs (the kernel's
+            // included, as `fd_read` makes) meets a write-protected page.
+            CallHook::CallingHost => self.reclaim(),
+            CallHook::ReturningFromHost => self.lend(),
         }
         Ok(())
+    }
+
+    /// Lets the merge engine merge this owner's memories while its wasm code runs, or not
+    /// (then only while it is parked, between calls). It takes effect from the next call into
+    /// wasm, and only if the engine can ([`samepage_dedup::Engine::running_merges`]); returns
+    /// whether it is on.
+    pub fn merge_while_running(&self, on: bool) -> bool {
+        let on = on
+            && self
+                .dedup()
+                .is_some_and(|engine| engine.running_merges().is_ok());
+        self.shared.merge_while_running.store(on, Ordering::Relaxed);
+        on
+    }
+
+    /// Lends the guard to running merges, if this owner merges while running.
+    fn lend(&self) {
+        if !self.shared.merge_while_running.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut held = self.shared.held.lock();
+        if let Some(guard) = held.guard.take() {
+            held.lent = Some(guard.lend());
+        }
+    }
+
+    /// Takes the guard back from running merges, waiting at most for one window.
+    fn reclaim(&self) {
+        let mut held = self.shared.held.lock();
+        if let Some(lent) = held.lent.take() {
+            held.guard = Some(lent.reclaim());
+        }
     }
 
     /// Installs samepage's call hook on `store` (replacing any other).
@@ -559,6 +607,11 @@ impl StoreOwner {
         held.depth = held.depth.saturating_sub(1);
         if held.depth > 0 {
             return;
+        }
+        if let Some(lent) = held.lent.take() {
+            // A call that ended without its return hook (it cannot, but a guard left lent
+            // would keep the scanner merging a parked owner in windows).
+            drop(lent.reclaim());
         }
         held.guard = None;
         let parked = std::mem::take(&mut held.ran) && self.shared.lifetime == Lifetime::Kept;

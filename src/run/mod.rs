@@ -196,6 +196,13 @@ pub fn run(args: RunArgs) -> Result<Finished> {
         linear_memory_bytes,
         instantiate_seconds: started.instantiate_seconds,
         instantiate_and_run_seconds: started.instantiate_and_run_seconds,
+        merging: match host.dedup().map(|engine| engine.running_merges()) {
+            None => "none".into(),
+            Some(Ok(())) => "running".into(),
+            Some(Err(why)) => format!("parked only: {why}"),
+        },
+        last_started_seconds: started.last_started_seconds,
+        sharing_while_running: std::mem::take(&mut started.sharing_while_running),
         merged_while_starting: merging_while_starting && args.dedup == DedupMode::On,
         pss_bytes_after_instantiate: pss_bytes_before,
         pss_bytes_before,

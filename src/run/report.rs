@@ -36,6 +36,15 @@ pub struct RunReport {
     pub instantiate_seconds: f64,
     /// Wall time to create and run every instance.
     pub instantiate_and_run_seconds: f64,
+    /// Which instances the engine merges: `running` (also while their code runs, in
+    /// write-protect windows), or `parked only` and why (the `merge_running` knob, or a
+    /// kernel that does not let it write-protect their memory).
+    pub merging: String,
+    /// When the last instance started, in seconds since the first began to be created.
+    pub last_started_seconds: f64,
+    /// (seconds since the first instance began to be created, `pages_sharing`) every 25 ms
+    /// while instances ran: merging of running instances.
+    pub sharing_while_running: Vec<(f64, u64)>,
     /// Whether the scanner merged while the instances started (`--merge-while-starting`):
     /// then `pss_bytes_before` already reflects some merging.
     pub merged_while_starting: bool,

@@ -93,6 +93,11 @@ pub struct Started {
     pub instantiate_seconds: f64,
     /// Wall time to create and run every instance.
     pub instantiate_and_run_seconds: f64,
+    /// When the last instance started, in seconds since the first began to be created.
+    pub last_started_seconds: f64,
+    /// (seconds since the first instance began to be created, `pages_sharing`), sampled
+    /// every [`SHARING_SAMPLE`] while instances run.
+    pub sharing_while_running: Vec<(f64, u64)>,
 }
 
 impl Started {
@@ -287,6 +292,8 @@ pub fn start_instances(
         problems: Vec::new(),
         instantiate_seconds: 0.0,
         instantiate_and_run_seconds: 0.0,
+        last_started_seconds: 0.0,
+        sharing_while_running: Vec::new(),
     };
     let all_started = Instant::now();
     std::thread::scope(|scope| -> Result<()> {
@@ -386,6 +393,17 @@ pub fn start_instances(
             // added, with what the instances already running wrote meanwhile.
             per_instance_bytes = per_instance_bytes.max(watch.used()?.saturating_sub(used));
         }
+        started.last_started_seconds = all_started.elapsed().as_secs_f64();
+        // How far merging gets while the guests run (running merges, `samepage_dedup::quiesce`
+        // rule 7), until the last one returns.
+        if let Some(engine) = host.dedup() {
+            while running.iter().any(|handle| !handle.is_finished()) {
+                let sharing = engine.stats().pages_sharing;
+                let at = all_started.elapsed().as_secs_f64();
+                started.sharing_while_running.push((at, sharing));
+                std::thread::sleep(SHARING_SAMPLE);
+            }
+        }
         for handle in running {
             let (record, problem) = handle.join().map_err(|_| {
                 anyhow::anyhow!("an instance's thread panicked (a bug in samepage)")
@@ -430,6 +448,9 @@ pub fn start_instances(
 /// writes its memory, so the run's peak is one unmerged instance, not all of them; a guest
 /// that runs longer runs on beside the next ones, which start this much apart.
 const START_STAGGER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How often the run samples `pages_sharing` while instances run.
+const SHARING_SAMPLE: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// Stack of the thread each instance runs on: what `wasmtime run` has on Linux's main
 /// thread, so that a guest that runs there runs here. Reserved, not used, until touched.

@@ -239,6 +239,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                     ..EngineConfig::default()
                 },
                 merge_on_instantiate: true,
+                // Requests that run long are merged while they run (the engine's
+                // `merge_running` knob decides).
+                merge_while_running: true,
             },
         )
         .context("starting the merge engine")?
