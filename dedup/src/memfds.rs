@@ -123,6 +123,9 @@ pub(crate) fn punch_region(
     count: usize,
 ) -> io::Result<()> {
     region.check_token(q, first, count);
+    region
+        .check_protected(q)
+        .map_err(|error| io::Error::other(error.to_string()))?;
     punch(region.memfd.as_file(), first, count)
 }
 

@@ -95,6 +95,11 @@ pub enum ProtectError {
         len: usize,
         errno: Errno,
     },
+    #[error(
+        "pages remapped in a write-protect window could not be protected again; the window's \
+         later remaps were refused"
+    )]
+    Lost,
 }
 
 /// Why the engine merges parked owners only ([`crate::Engine::running_merges`]).
@@ -304,6 +309,7 @@ impl Window {
         region.watch(protector)?;
         let (addr, len) = (region.page_addr(pages.start), pages.len() * PAGE_SIZE);
         protector.protect(addr, len)?;
+        region.window_opened();
         Ok(Self {
             protector: protector.clone(),
             region: region.clone(),
@@ -336,6 +342,7 @@ impl Drop for Window {
             }
         }
         self.protector.wake(addr, len);
+        self.region.window_closed();
         self.protector
             .waits
             .lock()

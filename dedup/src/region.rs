@@ -8,7 +8,7 @@
 //! of what the owner wrote. A region changes owner only between owners
 //! ([`crate::Engine::reassign_region`]), both gates' worth of quiescence held.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use memfd::Memfd;
@@ -44,6 +44,12 @@ pub(crate) struct Region {
     watched_by: OnceLock<Arc<Protector>>,
     /// Bytes from `base` registered with it; every remap below keeps them registered.
     watched_len: AtomicUsize,
+    /// Set when a window could not write-protect pages it remapped again: a later remap in
+    /// the window would rely on pages that can change meanwhile, so remaps under windows'
+    /// tokens are refused until every window on the region closed.
+    protection_lost: AtomicBool,
+    /// Windows open on the region (at most two: a visit's and a merge partner's).
+    open_windows: AtomicUsize,
 }
 
 impl Region {
@@ -57,6 +63,8 @@ impl Region {
             layout: AtomicU64::new(0),
             watched_by: OnceLock::new(),
             watched_len: AtomicUsize::new(0),
+            protection_lost: AtomicBool::new(false),
+            open_windows: AtomicUsize::new(0),
         }
     }
 
@@ -72,6 +80,8 @@ impl Region {
             layout: AtomicU64::new(self.layout()),
             watched_by: self.watched_by.clone(),
             watched_len: AtomicUsize::new(self.watched_len.load(Ordering::Acquire)),
+            protection_lost: AtomicBool::new(self.protection_lost.load(Ordering::Acquire)),
+            open_windows: AtomicUsize::new(self.open_windows.load(Ordering::Acquire)),
         }
     }
 
@@ -126,6 +136,40 @@ impl Region {
                 first + count,
                 self.id
             );
+        }
+    }
+
+    /// Refuses a remap under a window's token once the window lost its protection of pages
+    /// it remapped (`protection_lost`).
+    pub(crate) fn check_protected(&self, q: Quiescent<'_>) -> Result<(), crate::Error> {
+        match q.running() && self.protection_lost.load(Ordering::Acquire) {
+            true => Err(crate::Error::Protect {
+                region: self.id,
+                source: ProtectError::Lost,
+            }),
+            false => Ok(()),
+        }
+    }
+
+    pub(crate) fn note_protection_lost(&self) {
+        self.protection_lost.store(true, Ordering::Release);
+    }
+
+    /// Whether a window open on the region lost its protection of pages it remapped.
+    pub(crate) fn protection_lost(&self) -> bool {
+        self.protection_lost.load(Ordering::Acquire)
+    }
+
+    /// A window opens on the region.
+    pub(crate) fn window_opened(&self) {
+        self.open_windows.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A window on the region closed: once none is open, no remap relies on a protection
+    /// that was lost.
+    pub(crate) fn window_closed(&self) {
+        if self.open_windows.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.protection_lost.store(false, Ordering::Release);
         }
     }
 

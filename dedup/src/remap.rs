@@ -26,6 +26,7 @@ fn replace_pages(
     file: impl AsFd,
     offset: u64,
 ) -> Result<(), Error> {
+    region.check_protected(q)?;
     region.note_layout_change();
     // SAFETY: the range lies inside the region's mapping (callers bound it by the length
     // read under the gate), which the engine is allowed to replace (module contract); the
@@ -43,12 +44,12 @@ fn replace_pages(
         )
         .map(drop)
     })?;
-    region
-        .rewatch(first, count, q.running())
-        .map_err(|source| Error::Protect {
-            region: region.id,
-            source,
-        })
+    // The remap stands whatever happens next; pages a window could not protect again are
+    // noted, and refuse the window's later remaps.
+    if region.rewatch(first, count, q.running()).is_err() {
+        region.note_protection_lost();
+    }
+    Ok(())
 }
 
 /// Makes `call`, a system call that changes what backs the region's pages (unless fault

@@ -353,3 +353,73 @@ fn an_owner_panicking_with_its_guard_held_is_merged_afterwards() {
     a.assert_matches_shadow();
     assert!(engine.audit().mismatched_slots.is_empty());
 }
+
+/// Owners whose gates are lent (their guest code runs): a `userfaultfd` the engine cannot
+/// open leaves it merging parked owners only, and saying so; every failing registration of a
+/// region with it is reported, leaves memory intact and merging going.
+#[test]
+fn every_failing_userfaultfd_call_leaves_running_owners_intact() {
+    let lend_all = |running: &[TestRegion]| -> Vec<samepage_dedup::LentGate> {
+        running.iter().map(|r| r.owner.enter().lend()).collect()
+    };
+    let intact_while_running = |running: &[TestRegion], step: &str| {
+        for (n, region) in running.iter().enumerate() {
+            for page in 0..region.pages() {
+                assert!(
+                    region.page_matches_shadow_running(page),
+                    "{step}: region {n} page {page}"
+                );
+            }
+        }
+    };
+
+    fail_nth(Syscall::Userfaultfd, 1, Errno::PERM);
+    let engine = manual();
+    assert!(
+        matches!(
+            engine.running_merges(),
+            Err(samepage_dedup::RunningMergesOff::Kernel(_))
+        ),
+        "{:?}",
+        engine.running_merges()
+    );
+    let mut running = regions(&engine);
+    let lent = lend_all(&running);
+    for _ in 0..3 {
+        engine.scan_pass().expect("pass");
+    }
+    assert_eq!(
+        engine.stats().pages_sharing,
+        0,
+        "nothing merged while running"
+    );
+    assert!(engine.stats().regions_busy_skips > 0);
+    drop(lent.into_iter().map(|l| l.reclaim()).collect::<Vec<_>>());
+    assert_merging_goes_on(&engine, &mut running, "without userfaultfd");
+    assert_sound(&engine, &running, "without userfaultfd");
+
+    let mut fired = 0;
+    for nth in 1.. {
+        let engine = manual();
+        engine.running_merges().expect("userfaultfd on this kernel");
+        let mut running = regions(&engine);
+        let lent = lend_all(&running);
+        fail_nth(Syscall::Userfaultfd, nth, Errno::NOMEM);
+        let errors: Vec<_> = (0..3).filter_map(|_| engine.scan_pass().err()).collect();
+        let unfired = take_unfired(Syscall::Userfaultfd);
+        let step = format!("registration {nth} failing");
+        intact_while_running(&running, &step);
+        assert!(engine.stats().wp_windows > 0, "{step}: windows opened");
+        drop(lent.into_iter().map(|l| l.reclaim()).collect::<Vec<_>>());
+        assert_sound(&engine, &running, &step);
+        assert_merging_goes_on(&engine, &mut running, &step);
+        if unfired {
+            assert!(errors.is_empty(), "no fault, yet {errors:?}");
+            break;
+        }
+        assert!(!errors.is_empty(), "{step}: the failure went unreported");
+        fired += 1;
+    }
+    assert!(fired > 0, "running merges register regions");
+    eprintln!("Userfaultfd: {fired} registrations failed and recovered");
+}

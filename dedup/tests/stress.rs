@@ -26,6 +26,7 @@ fn stress(
             pages,
             max_map_count,
             running,
+            keep_writing: 64,
         },
         |_| {},
     );

@@ -9,6 +9,9 @@ use anyhow::{Result, bail};
 use samepage_stress::run::{Config, MAX_SHARING, REGIONS, Report, Until, run};
 
 const WRITES_PER_OWNER: u32 = 1024;
+/// A running owner writes at most this many times `WRITES_PER_OWNER` in a round while the
+/// scanner's passes go on: enough to overlap them, few enough that the run is many rounds.
+const KEEP_WRITING: u32 = 8;
 
 pub fn suite(writes: u64, seed: u64) -> Result<String> {
     // Regions long enough to hold stretches, under a map-count limit that merges crowd: the
@@ -21,6 +24,7 @@ pub fn suite(writes: u64, seed: u64) -> Result<String> {
         pages,
         max_map_count,
         running: true,
+        keep_writing: KEEP_WRITING,
     };
     let mut printed = Instant::now();
     // Unwind safety: nothing the closure touches outlives a failed run but the progress clock.
@@ -56,16 +60,21 @@ fn markdown(report: &Report, seed: u64) -> String {
          under a map-count limit of {limit} mappings, which merges crowd, so that the engine \
          compacts the regions they leave in pieces onto layout copies all along. In each \
          round every \
-         owner makes {WRITES_PER_OWNER} writes in its own thread (content shared across \
-         regions, unique content, zeros, eight-byte writes into merged pages), reading each \
-         page back at once, while a scanner thread runs passes; then one of merge-now, \
+         owner makes at least {WRITES_PER_OWNER} writes in its own thread (content shared \
+         across regions, unique content, zeros, eight-byte writes into merged pages) with its \
+         gate lent, as guest code runs, and goes on writing until the scanner thread's passes \
+         end (at most {KEEP_WRITING} times as many): the scanner merges the owners while they write, in \
+         write-protect windows. Each write is read back at once, and so is a page chosen at \
+         random; then, with every owner parked, one of merge-now, \
          advice, unmerge-all, a knob change, growth or region churn. After every round and \
          every operation, every page is compared with its shadow copy, the engine's audit \
          and accounting are checked, and so is the kernel's view (`/proc/self/maps`, \
          `/proc/self/pagemap`): sharers per stable page within the limit, no page shared \
          across domains, no mapping the engine does not know, the mapping count equal to \
-         `vmas`.\n\n{}\nA divergence stops the run with what diverged; this run ended \
-         with none.\n",
+         `vmas`.\n\nA wait is bounded by how long the window it met was open (the engine cannot see \
+         when a write began, only that one waited): the figures are those bounds, over the \
+         windows that some write waited on, to within a fifth.\n\n{}\nA divergence stops \
+         the run with what diverged; this run ended with none.\n",
         super::table(
             &[
                 "checked writes",
@@ -73,6 +82,10 @@ fn markdown(report: &Report, seed: u64) -> String {
                 "pages compared at checkpoints",
                 "peak pages_sharing",
                 "stretches compacted",
+                "running visits",
+                "windows",
+                "writes that waited",
+                "wait p50 / p99 / max",
                 "divergences",
                 "time",
                 "writes/s",
@@ -84,6 +97,15 @@ fn markdown(report: &Report, seed: u64) -> String {
                 report.pages_checked.to_string(),
                 report.peak_sharing.to_string(),
                 report.stretches_compacted.to_string(),
+                report.running_visits.to_string(),
+                report.windows.0.to_string(),
+                report.windows.1.to_string(),
+                format!(
+                    "{:.0} µs / {:.1} ms / {:.1} ms",
+                    report.waits_ns[0] as f64 / 1e3,
+                    report.waits_ns[1] as f64 / 1e6,
+                    report.waits_ns[2] as f64 / 1e6
+                ),
                 "0".into(),
                 format!("{seconds:.0} s"),
                 format!("{:.0}", report.writes as f64 / seconds),

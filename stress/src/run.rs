@@ -44,8 +44,9 @@ pub struct Config {
     pub max_map_count: Option<u64>,
     /// Owners lend their gates while they write (rule 7 of `quiesce`), so the scanner merges
     /// their pages in write-protect windows while they write; they go on writing until the
-    /// scanner's passes end.
+    /// scanner's passes end, up to `keep_writing` times `writes_per_owner`.
     pub running: bool,
+    pub keep_writing: u32,
 }
 
 impl Config {
@@ -129,7 +130,10 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
             &engine,
             &mut regions,
             &mut random,
-            (config.writes_per_owner, config.running),
+            (
+                config.writes_per_owner,
+                config.running.then_some(config.keep_writing),
+            ),
             &step,
         );
         engine.scan_pass().expect("pass");
@@ -154,19 +158,20 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
 }
 
 /// Owners write in their own threads, each write read back at once, while a scanner thread
-/// runs passes. Running owners (`running`) write with their gates lent, at least `writes`
-/// times and until the passes end (at most 64 times as many), and check a page chosen at
-/// random after every write too; returns the writes made.
+/// runs passes. Running owners (`keep_writing` given) write with their gates lent, at least
+/// `writes` times and until the passes end (at most `keep_writing` times as many), and check
+/// a page chosen at random after every write too; returns the writes made.
 fn write_while_scanning(
     engine: &Engine,
     regions: &mut [TestRegion],
     random: &mut Random,
-    (writes, running): (u32, bool),
+    (writes, keep_writing): (u32, Option<u32>),
     step: &str,
 ) -> u64 {
     let seeds: Vec<u64> = regions.iter().map(|_| random.next_u64()).collect();
     let scanning = AtomicBool::new(true);
     let made = AtomicU64::new(0);
+    let running = keep_writing.is_some();
     std::thread::scope(|scope| {
         let scanner = scope.spawn(|| {
             for _ in 0..3 {
@@ -201,7 +206,9 @@ fn write_while_scanning(
                     };
                     let mut count = 0;
                     while count < writes
-                        || (running && count < writes * 64 && scanning.load(Ordering::Acquire))
+                        || (running
+                            && count < writes * keep_writing.unwrap_or(1)
+                            && scanning.load(Ordering::Acquire))
                     {
                         count += 1;
                         let page = random.below(pages);

@@ -286,6 +286,14 @@ impl MergeState {
             return Ok(Some(run));
         }
         self.map_window(q, id, page, &shares, slot)?;
+        if matches!(hold, PartnerHold::Window(_) | PartnerHold::Running { .. })
+            && other_region.protection_lost()
+        {
+            return Err(Error::Protect {
+                region: partner.region,
+                source: crate::ProtectError::Lost,
+            });
+        }
         Ok(Some(run))
     }
 

@@ -435,6 +435,14 @@ impl MergeState {
                 }
                 page += visited;
             }
+            let lost = window.is_some() && region.protection_lost();
+            drop(window);
+            if lost {
+                return Err(Error::Protect {
+                    region: id,
+                    source: crate::ProtectError::Lost,
+                });
+            }
         }
         Ok(())
     }
