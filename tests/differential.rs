@@ -219,6 +219,9 @@ struct Figures {
     unmerge_alls: u64,
     /// The most `pages_sharing` seen at the end of a module.
     most_pages_sharing: u64,
+    /// Visits of B's regions while their instance ran (write-protect windows, running
+    /// merges), at the end of the last module: the engine's count since it started.
+    running_visits: u64,
     /// Modules that ended with a stable-node chain.
     modules_with_chains: u64,
 }
@@ -444,6 +447,7 @@ impl Sides {
 
         let stats = dedup.stats();
         figures.most_pages_sharing = figures.most_pages_sharing.max(stats.pages_sharing);
+        figures.running_visits = stats.regions_running_visits;
         if stats.stable_node_chains > 0 {
             figures.modules_with_chains += 1;
         }
