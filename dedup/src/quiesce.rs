@@ -56,6 +56,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::ops::Range;
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use parking_lot::lock_api::ArcMutexGuard;
 use parking_lot::{Mutex, RawMutex};
@@ -83,6 +84,9 @@ pub struct Owner {
     host: Arc<Mutex<()>>,
     /// Whether the gate is lent (rule 7). Changed only with `host` held by the owner.
     lent: Arc<AtomicBool>,
+    /// When the owner last took its gate, in nanoseconds since [`epoch`]: how long its call
+    /// has run, for `merge_running_after`.
+    entered_at: Arc<AtomicU64>,
     /// Times the owner took its gate. By rule 1, a region whose owner has not taken it since
     /// the engine last looked cannot have changed: the scanner skips such regions when that
     /// look found nothing left to do.
@@ -127,6 +131,12 @@ pub(crate) struct Quiescent<'a> {
 
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
+/// Nanoseconds since the first time anyone asked, on the monotonic clock.
+fn since_epoch() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
 impl Owner {
     /// A new owner in `domain`.
     pub fn new(domain: DomainId) -> Self {
@@ -136,6 +146,7 @@ impl Owner {
             gate: Arc::new(Mutex::new(())),
             host: Arc::new(Mutex::new(())),
             lent: Arc::new(AtomicBool::new(false)),
+            entered_at: Arc::new(AtomicU64::new(0)),
             entries: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -153,6 +164,7 @@ impl Owner {
     pub fn enter(&self) -> OwnerGuard {
         let gate = self.gate.lock_arc();
         self.entries.fetch_add(1, Ordering::AcqRel);
+        self.entered_at.store(since_epoch(), Ordering::Release);
         OwnerGuard {
             owner: self.clone(),
             gate,
@@ -182,9 +194,12 @@ impl Owner {
 
     /// The host lock of an owner whose guest code runs with its gate lent, if it is free right
     /// now (rule 7): the scanner's way in to merge a running owner's pages in windows.
-    pub(crate) fn try_running(&self) -> Option<RunningGuard> {
+    /// Only once its call has run for `after`: a call that ends sooner is merged once parked.
+    pub(crate) fn try_running(&self, after: Duration) -> Option<RunningGuard> {
         let host = self.host.try_lock_arc()?;
-        self.lent.load(Ordering::Acquire).then(|| RunningGuard {
+        let ran = since_epoch().saturating_sub(self.entered_at.load(Ordering::Acquire));
+        let long = ran >= after.as_nanos() as u64;
+        (long && self.lent.load(Ordering::Acquire)).then(|| RunningGuard {
             owner: self.id,
             _host: host,
         })

@@ -30,6 +30,8 @@ fn manual() -> Engine {
     engine_with(EngineConfig::manual(Knobs {
         // Pages that long matched nothing must still be looked at in every pass here.
         smart_scan: false,
+        // Owners lent their gates just now: merge them at once.
+        merge_running_after: Duration::ZERO,
         max_page_sharing: 3,
         ..Knobs::default()
     }))

@@ -101,6 +101,8 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Report)) -> Report {
         ..EngineConfig::manual(Knobs {
             max_page_sharing: MAX_SHARING,
             merge_running: config.running,
+            // The owners' writes are short: merge them from their first moment.
+            merge_running_after: Duration::ZERO,
             ..Knobs::default()
         })
     })

@@ -225,6 +225,15 @@ pub static KNOBS: &[Knob] = &[
         set: |k, v| k.merge_running = switch(v),
     },
     Knob {
+        name: "merge_running_after_millisecs",
+        origin: Origin::Samepage,
+        values: Values::Number(Knobs::MERGE_RUNNING_AFTER_MILLISECS),
+        help: "how long a call must have run before its instance is merged while it runs",
+        old_flags: &[],
+        get: |k| KnobValue::Number(millis(k.merge_running_after)),
+        set: |k, v| k.merge_running_after = Duration::from_millis(number(v)),
+    },
+    Knob {
         name: "park_recheck_millisecs",
         origin: Origin::Samepage,
         values: Values::Number(Knobs::PARK_RECHECK_MILLISECS),

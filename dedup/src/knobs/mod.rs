@@ -68,6 +68,10 @@ pub struct Knobs {
     /// Merge the pages of owners whose guest code is running, in write-protect windows
     /// (rule 7 of [`crate::quiesce`]), where the kernel allows it; else only parked owners.
     pub merge_running: bool,
+    /// How long an owner's call must have run before its pages are merged while it runs:
+    /// calls that end sooner are merged once parked, as before, rather than paying for
+    /// windows (a serverless request mostly ends well within it).
+    pub merge_running_after: Duration,
 }
 
 impl Default for Knobs {
@@ -85,6 +89,7 @@ impl Default for Knobs {
             scan_on_park: true,
             park_recheck: Duration::from_millis(200),
             merge_running: true,
+            merge_running_after: Duration::from_millis(100),
         }
     }
 }
@@ -163,6 +168,8 @@ impl Knobs {
         KnobRange::new("max_page_sharing", 2, u32::MAX as u64, "");
     pub const PARK_RECHECK_MILLISECS: KnobRange =
         KnobRange::new("park_recheck_millisecs", 0, 60_000, "ms");
+    pub const MERGE_RUNNING_AFTER_MILLISECS: KnobRange =
+        KnobRange::new("merge_running_after_millisecs", 0, 3_600_000, "ms");
     pub const ADVISOR_TARGET_SCAN_TIME: KnobRange =
         KnobRange::new("advisor_target_scan_time", 10, 3_600_000, "ms");
     pub const ADVISOR_MAX_CPU: KnobRange = KnobRange::new("advisor_max_cpu", 1, 100, "%");
@@ -189,6 +196,7 @@ impl Knobs {
         Self::MAP_BUDGET_PERCENT.check(u64::from(self.map_budget_percent))?;
         Self::MAX_PAGE_SHARING.check(u64::from(self.max_page_sharing))?;
         Self::PARK_RECHECK_MILLISECS.check(millis(self.park_recheck))?;
+        Self::MERGE_RUNNING_AFTER_MILLISECS.check(millis(self.merge_running_after))?;
         if let Some(advisor) = self.active_advisor() {
             Self::ADVISOR_TARGET_SCAN_TIME.check(millis(advisor.target_scan_time))?;
             Self::ADVISOR_MAX_CPU.check(u64::from(advisor.max_cpu_percent))?;

@@ -327,7 +327,7 @@ impl MergeState {
             return Ok(Some(PartnerHold::Parked(guard)));
         }
         let running = match self.merges_running() {
-            true => other.owner.try_running(),
+            true => other.owner.try_running(self.knobs.merge_running_after),
             false => None,
         };
         let Some(running) = running else {

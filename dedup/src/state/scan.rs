@@ -160,7 +160,9 @@ impl MergeState {
             // An owner whose guest code runs, with its gate lent (rule 7 of `quiesce`), is
             // visited in write-protect windows.
             let running = match &guard {
-                None if self.merges_running() => region.owner.try_running(),
+                None if self.merges_running() => {
+                    region.owner.try_running(self.knobs.merge_running_after)
+                }
                 _ => None,
             };
             let q = match (&guard, &running) {
