@@ -253,6 +253,8 @@ impl Sides {
             smart_scan: false,
             max_page_sharing: MAX_PAGE_SHARING,
             park_recheck: Duration::from_millis(1),
+            // Merged inside calls from their first moment (write-protect windows).
+            merge_running_after: Duration::ZERO,
             ..Knobs::default()
         };
         let samepage = Samepage::configure(
@@ -676,5 +678,9 @@ fn generated_modules_run_alike_on_samepage_memories_and_on_wasmtimes_own() {
     assert!(
         figures.pages_merged_by_merge_now > 0 && figures.most_pages_sharing > 0,
         "nothing merged: {figures:?}"
+    );
+    assert!(
+        figures.running_visits > 0,
+        "the scanner never merged inside a call: {figures:?}"
     );
 }

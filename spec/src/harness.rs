@@ -175,6 +175,8 @@ fn flat_out(zero_pages: ZeroPages) -> Knobs {
         sleep: Duration::ZERO,
         smart_scan: false,
         park_recheck: Duration::ZERO,
+        // Merged inside calls from their first moment (write-protect windows).
+        merge_running_after: Duration::ZERO,
         use_zero_pages: zero_pages.use_zero_pages(),
         ..Knobs::default()
     }
@@ -317,6 +319,7 @@ impl SamepageSide {
         MergeActivity {
             full_scans: stats.full_scans,
             pages_scanned: stats.pages_scanned,
+            running_visits: stats.regions_running_visits,
             ..self.activity
         }
     }

@@ -151,6 +151,8 @@ pub struct MergeActivity {
     /// The scanner's passes and page visits over the run.
     pub full_scans: u64,
     pub pages_scanned: u64,
+    /// Visits of regions whose instance was inside a call (write-protect windows).
+    pub running_visits: u64,
 }
 
 /// One side over every file.

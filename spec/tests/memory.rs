@@ -1,5 +1,5 @@
 //! CI: the spec tests about linear memory pass on samepage's memories, merged and unmerged
-//! between directives with the scanner flat out, exactly where they pass on wasmtime's own,
+//! between directives with the scanner flat out (inside calls too, in write-protect windows), exactly where they pass on wasmtime's own,
 //! in both zero-page modes, with the merge engine's audit clean after every file.
 
 use samepage_spec::{Memories, ZeroPages, suite};
@@ -61,6 +61,11 @@ fn memory_files_pass_on_samepage_exactly_where_they_pass_on_wasmtime() {
         assert!(
             merging.full_scans > 0,
             "{}: the scanner never finished a pass",
+            side.memories
+        );
+        assert!(
+            merging.running_visits > 0,
+            "{}: the scanner never merged inside a call",
             side.memories
         );
     }
