@@ -187,7 +187,7 @@ pub fn suite(rounds: u32, out: &Path) -> Result<String> {
                         med(r, "pages_sharing")
                     ),
                     format!("{:.0}", med(r, "vmas")),
-                    format!("{:.2} s", med(r, "instantiate_seconds")),
+                    format!("{:.2} s", med(r, "instantiate_and_run_seconds")),
                 ]
             })
             .collect();
