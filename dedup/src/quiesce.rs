@@ -165,12 +165,15 @@ impl Owner {
         let gate = self.gate.lock_arc();
         self.entries.fetch_add(1, Ordering::AcqRel);
         self.entered_at.store(since_epoch(), Ordering::Release);
+        // Free whenever the gate is, but for a window the scanner may still have open on a
+        // gate lent and given up without being reclaimed: only a gate holder lends it, and
+        // only the scanner takes it from a lent gate, never waiting.
+        let host = self.host.lock_arc();
+        self.lent.store(false, Ordering::Release);
         OwnerGuard {
             owner: self.clone(),
             gate,
-            // Free whenever the gate is: only a gate holder lends it, and only the scanner
-            // takes it from a lent gate, never waiting.
-            _host: self.host.lock_arc(),
+            _host: host,
         }
     }
 
