@@ -15,6 +15,10 @@
 //!   hold the same bytes, and such a page's content has no stable page in its domain with
 //!   room for another sharer.
 //!
+//! Some operations write while the scanner merges: the owner lends its gate (its guest code
+//! runs, rule 7 of `quiesce`) and writes in a thread of its own during passes, which merge it
+//! in write-protect windows; the same checks follow.
+//!
 //! Half the sequences run with smart scan, which also decides when idle regions are visited,
 //! and converge over its longest skip.
 //!
@@ -61,6 +65,14 @@ enum Operation {
         value: u64,
     },
     Passes(u8),
+    /// The owner of `region` runs (its gate lent, rule 7 of `quiesce`) and writes `writes`
+    /// in a thread of its own, each read back at once, while the scanner runs `passes`
+    /// passes and merges it in write-protect windows.
+    WriteWhileMerging {
+        region: usize,
+        writes: Vec<(usize, Content)>,
+        passes: u8,
+    },
     MergeNow {
         region: usize,
     },
@@ -97,6 +109,15 @@ fn content() -> impl Strategy<Value = Content> {
     ]
 }
 
+/// The bytes `content` stands for at page `page`.
+fn bytes_of(content: &Content, page: usize) -> Vec<u8> {
+    match *content {
+        Content::Common(n) => page_content(n, 0),
+        Content::Unique(seed) => page_content(seed | 1 << 63, page),
+        Content::Zero => vec![0; PAGE_SIZE],
+    }
+}
+
 fn operation() -> impl Strategy<Value = Operation> {
     let region = 0..REGIONS;
     prop_oneof![
@@ -105,6 +126,12 @@ fn operation() -> impl Strategy<Value = Operation> {
         3 => (region.clone(), any::<usize>(), any::<u64>())
             .prop_map(|(region, offset, value)| Operation::Poke { region, offset, value }),
         4 => (1..4u8).prop_map(Operation::Passes),
+        3 => (region.clone(), prop::collection::vec((0..64usize, content()), 1..24), 1..4u8)
+            .prop_map(|(region, writes, passes)| Operation::WriteWhileMerging {
+                region,
+                writes,
+                passes,
+            }),
         // Long enough for smart scan to back off every page that matches nothing, and for
         // regions to go idle.
         1 => (33..80u8).prop_map(Operation::Passes),
@@ -149,6 +176,8 @@ impl Model {
         let engine = manual_engine(Knobs {
             max_page_sharing: max_sharing,
             smart_scan,
+            // Owners that lend their gates are merged from their first moment.
+            merge_running_after: std::time::Duration::ZERO,
             ..Knobs::default()
         });
         let regions = (0..REGIONS)
@@ -173,12 +202,37 @@ impl Model {
             } => {
                 let region = &mut self.regions[region];
                 let page = page % region.pages();
-                let bytes = match *content {
-                    Content::Common(n) => page_content(n, 0),
-                    Content::Unique(seed) => page_content(seed | 1 << 63, page),
-                    Content::Zero => vec![0; PAGE_SIZE],
-                };
-                region.write(page * PAGE_SIZE, &bytes);
+                region.write(page * PAGE_SIZE, &bytes_of(content, page));
+            }
+            Operation::WriteWhileMerging {
+                region,
+                ref writes,
+                passes,
+            } => {
+                let target = &mut self.regions[region];
+                let visits = engine.stats().regions_running_visits;
+                let lent = target.owner.enter().lend();
+                std::thread::scope(|scope| {
+                    let writer = scope.spawn(|| {
+                        for (page, content) in writes {
+                            let page = page % target.pages();
+                            target.write_running(page * PAGE_SIZE, &bytes_of(content, page));
+                            assert!(
+                                target.page_matches_shadow_running(page),
+                                "page {page} of region {region} right after a write"
+                            );
+                        }
+                    });
+                    for _ in 0..passes {
+                        engine.scan_pass().expect("pass");
+                    }
+                    writer.join().expect("writer");
+                });
+                drop(lent.reclaim());
+                assert!(
+                    engine.stats().regions_running_visits > visits,
+                    "the running owner was visited"
+                );
             }
             Operation::Poke {
                 region,
