@@ -67,11 +67,13 @@ enum Operation {
     Passes(u8),
     /// The owner of `region` runs (its gate lent, rule 7 of `quiesce`) and writes `writes`
     /// in a thread of its own, each read back at once, while the scanner runs `passes`
-    /// passes and merges it in write-protect windows.
+    /// passes and merges it in write-protect windows, then (`unmerge`) unmerges everything,
+    /// the running owner in windows too.
     WriteWhileMerging {
         region: usize,
         writes: Vec<(usize, Content)>,
         passes: u8,
+        unmerge: bool,
     },
     MergeNow {
         region: usize,
@@ -126,11 +128,17 @@ fn operation() -> impl Strategy<Value = Operation> {
         3 => (region.clone(), any::<usize>(), any::<u64>())
             .prop_map(|(region, offset, value)| Operation::Poke { region, offset, value }),
         4 => (1..4u8).prop_map(Operation::Passes),
-        3 => (region.clone(), prop::collection::vec((0..64usize, content()), 1..24), 1..4u8)
-            .prop_map(|(region, writes, passes)| Operation::WriteWhileMerging {
+        3 => (
+            region.clone(),
+            prop::collection::vec((0..64usize, content()), 1..24),
+            1..4u8,
+            prop::bool::weighted(0.25)
+        )
+            .prop_map(|(region, writes, passes, unmerge)| Operation::WriteWhileMerging {
                 region,
                 writes,
                 passes,
+                unmerge,
             }),
         // Long enough for smart scan to back off every page that matches nothing, and for
         // regions to go idle.
@@ -208,6 +216,7 @@ impl Model {
                 region,
                 ref writes,
                 passes,
+                unmerge,
             } => {
                 let target = &mut self.regions[region];
                 let visits = engine.stats().regions_running_visits;
@@ -225,6 +234,9 @@ impl Model {
                     });
                     for _ in 0..passes {
                         engine.scan_pass().expect("pass");
+                    }
+                    if unmerge {
+                        assert_eq!(engine.unmerge_all().expect("unmerge-all"), 0, "busy");
                     }
                     writer.join().expect("writer");
                 });

@@ -16,11 +16,13 @@
 //! whose bytes came to match a page elsewhere, just before that merge.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::Error;
 use crate::pagemap::PageBacking;
+use crate::protect::WINDOW_PAGES;
 use crate::quiesce::Quiescent;
-use crate::region::RegionId;
+use crate::region::{Region, RegionId};
 use crate::remap;
 use crate::stable::Slot;
 
@@ -128,7 +130,8 @@ impl MergeState {
         Ok(())
     }
 
-    /// Unmerges every region whose owner is quiescent; returns how many were busy.
+    /// Unmerges every region whose owner is quiescent, or runs with its gate lent (in
+    /// write-protect windows, as the scanner merges it); returns how many were busy.
     pub(crate) fn unmerge_all(&mut self) -> Result<usize, Error> {
         let mut busy = 0;
         let ids: Vec<RegionId> = self.records.regions.keys().copied().collect();
@@ -137,8 +140,18 @@ impl MergeState {
             if !record.pages.all().any(|(_, p)| p.stable() != 0) {
                 continue;
             }
-            match record.region.clone().owner.try_enter() {
-                Some(guard) => self.unmerge_region(guard.quiescent(), id)?,
+            let region = record.region.clone();
+            if let Some(guard) = region.owner.try_enter() {
+                self.unmerge_region(guard.quiescent(), id)?;
+                continue;
+            }
+            // Any wait after a lend, as an unmerge is asked for at once.
+            let running = match self.merges_running() {
+                true => region.owner.try_running(std::time::Duration::ZERO),
+                false => None,
+            };
+            match running {
+                Some(running) => self.unmerge_running(running.quiescent(), &region)?,
                 None => {
                     self.counters.regions_busy_skips += 1;
                     busy += 1;
@@ -146,5 +159,31 @@ impl MergeState {
             }
         }
         Ok(busy)
+    }
+
+    /// Gives every merged page of `region`, whose owner runs (`q` is its running token), back
+    /// to it, a window of at most `WINDOW_PAGES` at a time: each run is copied out while its
+    /// pages are write-protected, then the memfd is mapped over it (`crate::protect`).
+    fn unmerge_running(&mut self, q: Quiescent<'_>, region: &Arc<Region>) -> Result<(), Error> {
+        let id = region.id;
+        let merged = self
+            .records
+            .region(id)
+            .pages
+            .runs(0..usize::MAX, |p| p.stable() != 0);
+        for run in merged {
+            for start in run.clone().step_by(WINDOW_PAGES) {
+                let pages = start..run.end.min(start + WINDOW_PAGES);
+                let window = self.open_window(q, region, pages.clone())?;
+                self.restore(window.quiescent(), id, pages)?;
+                if region.protection_lost() {
+                    return Err(Error::Protect {
+                        region: id,
+                        source: crate::ProtectError::Lost,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
