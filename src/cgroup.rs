@@ -224,6 +224,18 @@ fn remove(dir: &Path, parent: &Path) {
 /// bytes may be charged before one of them is full, and which cgroup that is. `None` when no
 /// cgroup limits memory.
 pub fn memory_headroom() -> Option<(u64, PathBuf)> {
+    tightest_limit(|limit, usage| limit.saturating_sub(usage))
+}
+
+/// The lowest memory limit over the process's cgroups and their ancestors (a container's
+/// limit, wherever its cgroup sits), and which cgroup sets it. `None` when none limits memory.
+pub fn memory_limit() -> Option<(u64, PathBuf)> {
+    tightest_limit(|limit, _| limit)
+}
+
+/// The least of `room(limit, usage)` over the process's memory cgroups and their ancestors
+/// that have a limit, and which cgroup gives it.
+fn tightest_limit(room: impl Fn(u64, u64) -> u64) -> Option<(u64, PathBuf)> {
     let mut tightest: Option<(u64, PathBuf)> = None;
     for (dir, version) in memory_cgroups() {
         let root = match version {
@@ -239,7 +251,7 @@ pub fn memory_headroom() -> Option<(u64, PathBuf)> {
                 continue;
             }
             let usage = read_number(&cgroup.join(version.usage())).unwrap_or(0);
-            let headroom = limit.saturating_sub(usage);
+            let headroom = room(limit, usage);
             if tightest.as_ref().is_none_or(|(room, _)| headroom < *room) {
                 tightest = Some((headroom, cgroup.to_owned()));
             }

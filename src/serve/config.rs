@@ -65,8 +65,8 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     /// Where `/metrics` and `/healthz` are served; `None` for nowhere.
     pub admin_addr: Option<SocketAddr>,
-    /// Most bytes of PSS the host may hold; `None` for no cap.
-    pub memory_budget: Option<u64>,
+    /// Most PSS the host may hold; `None` for no cap.
+    pub memory_budget: Option<MemoryBudget>,
     /// Merge instances' memories (`false`: memfd memories, never merged, to compare with).
     pub dedup: bool,
     pub knobs: Knobs,
@@ -114,6 +114,55 @@ struct ServerTable {
     memory_budget: Option<Spanned<Size>>,
     drain_timeout: Option<Spanned<String>>,
     running_handlers: Option<Spanned<u64>>,
+}
+
+/// The most memory the host may hold, as the kernel counts it (PSS, after merging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryBudget {
+    Bytes(u64),
+    /// A share, in percent, of the memory the host may use at all: the lowest memory limit
+    /// of its cgroups (a container's limit), or the machine's memory without one.
+    ShareOfLimit(u8),
+}
+
+impl MemoryBudget {
+    /// `2GiB` (or a number of bytes), or `75%`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().strip_suffix('%') {
+            Some(share) => match share.trim().parse::<u8>() {
+                Ok(share @ 1..=100) => Ok(Self::ShareOfLimit(share)),
+                _ => Err(format!(
+                    "{text:?}: a share of the memory limit is a whole percentage from 1 to 100"
+                )),
+            },
+            None => parse_bytes(text).map(Self::Bytes),
+        }
+    }
+
+    /// The budget in bytes, and what it was taken from: for a share, the cgroup limit or the
+    /// machine's memory as read now.
+    pub fn resolve(self) -> Result<(u64, String), String> {
+        let share = match self {
+            Self::Bytes(bytes) => return Ok((bytes, "as configured".to_owned())),
+            Self::ShareOfLimit(share) => u64::from(share),
+        };
+        let (limit, source) = match crate::cgroup::memory_limit() {
+            Some((limit, cgroup)) => (
+                limit,
+                format!("the memory limit of cgroup {}", cgroup.display()),
+            ),
+            None => {
+                let total = <procfs::Meminfo as procfs::Current>::current()
+                    .map_err(|error| format!("no cgroup limits memory, and {error}"))?
+                    .mem_total;
+                (total, "the machine's memory (MemTotal)".to_owned())
+            }
+        };
+        Ok((
+            limit / 100 * share,
+            format!("{share}% of {} MiB, {source}", limit >> 20),
+        ))
+    }
 }
 
 /// A size as a number of bytes or a string with a unit.
@@ -198,7 +247,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
     let memory_budget = server
         .memory_budget
         .as_ref()
-        .map(|size| at.size(size))
+        .map(|size| at.budget(size))
         .transpose()?;
     let drain_timeout = server
         .drain_timeout
@@ -324,6 +373,18 @@ impl Locator<'_> {
             Size::Bytes(bytes) => Ok(*bytes),
             Size::Text(text) => parse_bytes(text).map_err(|error| {
                 self.error(size.span(), format!("{text:?} is not a size: {error}"))
+            }),
+        }
+    }
+
+    fn budget(&self, size: &Spanned<Size>) -> Result<MemoryBudget, ConfigError> {
+        match size.get_ref() {
+            Size::Bytes(bytes) => Ok(MemoryBudget::Bytes(*bytes)),
+            Size::Text(text) => MemoryBudget::parse(text).map_err(|error| {
+                self.error(
+                    size.span(),
+                    format!("{text:?} is not a memory budget: {error}"),
+                )
             }),
         }
     }
@@ -539,6 +600,34 @@ mod tests {
     const APP: &str = "[[function]]\nname = \"app\"\nroute = \"/\"\ncomponent = \"app.wasm\"\n";
 
     #[test]
+    fn a_memory_budget_is_bytes_or_a_share_of_the_limit() {
+        assert_eq!(
+            MemoryBudget::parse("2GiB"),
+            Ok(MemoryBudget::Bytes(2 << 30))
+        );
+        assert_eq!(
+            MemoryBudget::parse("75%"),
+            Ok(MemoryBudget::ShareOfLimit(75))
+        );
+        assert_eq!(
+            MemoryBudget::parse(" 100 %"),
+            Ok(MemoryBudget::ShareOfLimit(100))
+        );
+        for wrong in ["0%", "101%", "7.5%", "lots"] {
+            assert!(MemoryBudget::parse(wrong).is_err(), "{wrong}");
+        }
+        let config = parse_text(
+            "[server]\nmemory_budget = \"80%\"\n[[function]]\nname = \"x\"\nroute = \"/x\"\ncomponent = \"x.wasm\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.memory_budget, Some(MemoryBudget::ShareOfLimit(80)));
+        let (bytes, _) = MemoryBudget::ShareOfLimit(50)
+            .resolve()
+            .expect("a limit or MemTotal");
+        assert!(bytes > 0);
+    }
+
+    #[test]
     fn a_whole_file_reads_as_written() {
         let config = parse_text(
             "[server]\naddr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:9\"\n\
@@ -552,7 +641,7 @@ mod tests {
              [[function]]\nname = \"z\"\nroute = \"/z\"\ncomponent = \"/abs/z.wasm\"\ntenant = \"c\"\n",
         )
         .expect("valid");
-        assert_eq!(config.memory_budget, Some(1 << 30));
+        assert_eq!(config.memory_budget, Some(MemoryBudget::Bytes(1 << 30)));
         assert_eq!(config.knobs.pages_to_scan, 100);
         let [x, y, z] = &config.functions[..] else {
             panic!("three functions")
@@ -634,7 +723,7 @@ mod tests {
         let config = read(&path).expect("examples/http/samepage.toml is valid");
         let names: Vec<&str> = config.functions.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["python", "small", "cgi"]);
-        assert_eq!(config.memory_budget, Some(1 << 30));
+        assert_eq!(config.memory_budget, Some(MemoryBudget::Bytes(1 << 30)));
         assert_ne!(config.functions[0].domain, config.functions[2].domain);
     }
 }

@@ -58,7 +58,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use budget::Budget;
 use code::Code;
-use config::{FunctionConfig, Location, Program, Reuse, ServeConfig};
+use config::{FunctionConfig, Location, MemoryBudget, Program, Reuse, ServeConfig};
 use failure::Failure;
 use lifecycle::Pools;
 use metrics::{Figures, ServerCounters};
@@ -66,7 +66,7 @@ use pool::Function;
 use response::{full_body, text_response};
 use running::RunSlots;
 
-use crate::cli::{LimitSetting, Switch, parse_bytes, parse_dir, parse_env};
+use crate::cli::{LimitSetting, Switch, parse_dir, parse_env};
 
 #[derive(Args, Debug)]
 #[command(
@@ -88,8 +88,10 @@ pub struct ServeArgs {
     pub admin_addr: Option<SocketAddr>,
     /// Most memory the host may hold, as the kernel counts it (PSS, after merging), such as
     /// 2GiB; idle instances are evicted, least recently used first, to stay within it.
-    #[arg(long, value_parser = parse_bytes)]
-    pub memory_budget: Option<u64>,
+    /// Or a share of the memory the host may use at all, such as 75%: of the lowest memory
+    /// limit of its cgroups (a container's), or of the machine's memory without one.
+    #[arg(long, value_parser = MemoryBudget::parse)]
+    pub memory_budget: Option<MemoryBudget>,
     /// Merge instances' memories (off: wasmtime's own memories, copy-on-write images and
     /// pooling allocator, as a host without samepage runs them).
     #[arg(long, value_enum)]
@@ -214,7 +216,14 @@ struct Server {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let config = args.serve_config()?;
-    if let Some(budget) = config.memory_budget {
+    let memory_budget = match config.memory_budget.map(MemoryBudget::resolve).transpose() {
+        Ok(resolved) => resolved.map(|(bytes, from)| {
+            eprintln!("samepage: memory budget {} MiB ({from})", bytes >> 20);
+            bytes
+        }),
+        Err(error) => bail!("cannot size the memory budget: {error}"),
+    };
+    if let Some(budget) = memory_budget {
         let pss = pss_bytes()
             .context("the memory budget is counted in PSS, which this host cannot read")?;
         if pss >= budget {
@@ -275,7 +284,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             proxy::linker(&engine).map_err(wasm("linking wasi:http"))?,
             wagi::linker(&engine).map_err(wasm("linking WASI"))?,
             functions,
-            Budget::new(config.memory_budget),
+            Budget::new(memory_budget),
         )),
         counters: Arc::default(),
         running: RunSlots::new(config.running_handlers),
