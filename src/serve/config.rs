@@ -599,6 +599,37 @@ mod tests {
 
     const APP: &str = "[[function]]\nname = \"app\"\nroute = \"/\"\ncomponent = \"app.wasm\"\n";
 
+    /// The configuration the Kubernetes deployment ships is one this server reads, and its
+    /// drain ends within the pod's grace period.
+    #[test]
+    fn the_kubernetes_config_map_holds_a_valid_configuration_that_drains_in_time() {
+        let map = include_str!("../../deploy/kubernetes/configmap.yaml");
+        let (_, block) = map
+            .split_once("samepage.toml: |\n")
+            .expect("the TOML block");
+        let toml: String = block
+            .lines()
+            .map(|line| line.strip_prefix("    ").unwrap_or(line))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let config = parse_text(&toml).expect("valid");
+        assert_eq!(config.memory_budget, Some(MemoryBudget::ShareOfLimit(75)));
+        let daemonset = include_str!("../../deploy/kubernetes/daemonset.yaml");
+        let grace: u64 = daemonset
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("terminationGracePeriodSeconds:"))
+            .expect("a grace period")
+            .trim()
+            .parse()
+            .expect("seconds");
+        assert!(
+            config.drain_timeout < Duration::from_secs(grace),
+            "{:?} against {grace} s",
+            config.drain_timeout
+        );
+        assert_eq!(config.functions.len(), 2);
+    }
+
     #[test]
     fn a_memory_budget_is_bytes_or_a_share_of_the_limit() {
         assert_eq!(
