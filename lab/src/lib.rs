@@ -9,6 +9,7 @@
 //! - [`plot`]: the SVG line charts, `samepage run --plot` among them.
 
 mod child;
+mod cluster;
 mod compare;
 mod cow_fault;
 mod defaults;
@@ -18,7 +19,7 @@ mod instantiate;
 pub mod ksm;
 mod merge_now;
 pub mod plot;
-mod serve;
+pub(crate) mod serve;
 mod soak;
 #[cfg(feature = "spec-suite")]
 mod spec;
@@ -63,6 +64,9 @@ pub enum Suite {
     /// other paths in between, every page, the audit and the kernel's view checked) until
     /// `--soak-writes` checked page writes.
     Soak,
+    /// Three `samepage serve` nodes behind NGINX on loopback: a trace routed by a consistent
+    /// hash of the function against round-robin, and a rolling restart (`--rounds` rounds).
+    Cluster,
 }
 
 /// Why the spec suite cannot run in this build.
@@ -125,6 +129,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             #[cfg(not(feature = "spec-suite"))]
             Suite::Spec => anyhow::bail!(SPEC_SUITE_MISSING),
             Suite::Soak => soak::suite(args.soak_writes, args.soak_seed)?,
+            Suite::Cluster => cluster::suite(args.rounds)?,
         };
         let path = args.out.join(format!("{name}.md"));
         std::fs::write(&path, with_header(&body, suite))

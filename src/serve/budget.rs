@@ -11,6 +11,8 @@
 //! This file only counts: which instance to evict is the lifecycle's choice, handed in as
 //! `evict`, so that the arrows run from the lifecycle down to here.
 
+use std::time::{Duration, Instant};
+
 use parking_lot::Mutex;
 use samepage_runtime::measure::pss_bytes;
 
@@ -38,7 +40,16 @@ pub struct Budget {
     /// Bytes promised to instances being made, not yet in the PSS they are measured by:
     /// cold starts at the same moment see each other's.
     pending: Mutex<u64>,
+    /// The last reading of the host's PSS and when it began (see [`Budget::pss`]).
+    reading: Mutex<Option<(Instant, u64)>>,
 }
+
+/// How old a reading of the host's PSS may be to decide on room. Reading `smaps_rollup` walks
+/// every mapping of the host, milliseconds with hundreds of instances, and the kernel reads
+/// one file at a time: without sharing readings, a burst of cold starts on every handler
+/// thread queued up behind each other's readings (measured with 24 functions at 45 requests a
+/// second: every worker thread waiting in `seq_read`, the node unable to drain).
+const READING_FRESH: Duration = Duration::from_millis(10);
 
 /// Room made for one new instance: what it was promised, given back when dropped (once the
 /// instance is made and measured, or was not made).
@@ -60,7 +71,30 @@ impl Budget {
         Self {
             limit,
             pending: Mutex::new(0),
+            reading: Mutex::new(None),
         }
+    }
+
+    /// The host's PSS as read at `not_before` or later: a reading that began since is
+    /// shared, and threads that ask during a reading wait for it rather than start another.
+    fn pss(&self, not_before: Instant) -> u64 {
+        let mut reading = self.reading.lock();
+        if let Some((at, pss)) = *reading
+            && at >= not_before
+        {
+            return pss;
+        }
+        let at = Instant::now();
+        let pss = pss_bytes().unwrap_or(0);
+        *reading = Some((at, pss));
+        pss
+    }
+
+    /// What a decision may go by: a reading at most [`READING_FRESH`] old.
+    fn fresh_enough() -> Instant {
+        Instant::now()
+            .checked_sub(READING_FRESH)
+            .unwrap_or_else(Instant::now)
     }
 
     /// Makes room for a new instance expected to add `need` bytes: calls `evict` (which drops
@@ -78,8 +112,10 @@ impl Budget {
                 pss_before: None,
             });
         };
+        // After an eviction, only a reading that began after it tells what it freed.
+        let mut not_before = Self::fresh_enough();
         loop {
-            let pss = pss_bytes().unwrap_or(0);
+            let pss = self.pss(not_before);
             {
                 let mut pending = self.pending.lock();
                 if pss + *pending + need <= budget {
@@ -94,6 +130,7 @@ impl Budget {
             if !evict() {
                 return Err(OverBudget { pss, need, budget });
             }
+            not_before = Instant::now();
         }
     }
 
@@ -103,6 +140,9 @@ impl Budget {
         let Some(budget) = self.limit else {
             return;
         };
-        while pss_bytes().unwrap_or(0) > budget && evict() {}
+        let mut not_before = Self::fresh_enough();
+        while self.pss(not_before) > budget && evict() {
+            not_before = Instant::now();
+        }
     }
 }

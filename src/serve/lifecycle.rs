@@ -366,7 +366,8 @@ impl Pools {
             for function in &self.functions {
                 expire(function, now);
             }
-            self.budget.enforce(|| self.make_memory());
+            let mut trimmed = false;
+            self.budget.enforce(|| self.make_memory(&mut trimmed));
             for function in &self.functions {
                 // Over budget or at its maximum, requests make their own (evicting as they
                 // may); the next round tries again.
@@ -414,7 +415,10 @@ impl Pools {
             .cold_starts
             .fetch_add(1, Ordering::Relaxed);
         self.budget
-            .make_room(function.expected_cost(), || self.make_memory())
+            .make_room(function.expected_cost(), {
+                let mut trimmed = false;
+                move || self.make_memory(&mut trimmed)
+            })
             .map_err(|over| {
                 function
                     .counters
@@ -471,12 +475,15 @@ impl Pools {
 
     /// Frees memory for the budget: retires the least recently parked idle instance of all
     /// functions or, with none idle, lets the memories kept ready for new instances go, or
-    /// returns the free heap memory that requests left in the malloc arenas; `false` when
-    /// there was none of these.
-    fn make_memory(&self) -> bool {
+    /// returns the free heap memory that requests left in the malloc arenas, once per search
+    /// for room (`trimmed`); `false` when there was none of these. (Once: the arenas of busy
+    /// threads always have a little to give back, and a search that counted that as room
+    /// made looped for good, reading the host's PSS and trimming, and kept the host from
+    /// draining: found by the cluster suite.)
+    fn make_memory(&self, trimmed: &mut bool) -> bool {
         self.evict_least_recent()
             || self.samepage.release_idle_slots() > 0
-            || crate::resources::return_free_heap()
+            || (!std::mem::replace(trimmed, true) && crate::resources::return_free_heap())
     }
 
     /// Retires the least recently parked idle instance of all functions; `false` when none

@@ -2,25 +2,36 @@
 //! popularity, from a seeded splitmix64, so that every run sends the same trace.
 
 /// Functions of the trace (all the same component, on routes /f0 … /f7).
-pub(super) const TRACE_FUNCTIONS: usize = 8;
+pub(crate) const TRACE_FUNCTIONS: usize = 8;
 /// The trace's mean rate (Poisson arrivals) and the Zipf exponent of the functions'
 /// popularity (function k, from 0, is drawn with weight 1 / (k + 1)^s).
-pub(super) const TRACE_RATE: f64 = 30.0;
-pub(super) const TRACE_ZIPF_S: f64 = 1.0;
-pub(super) const TRACE_SEED: u64 = 0x5a3e_9a9e_2026_0001;
+pub(crate) const TRACE_RATE: f64 = 30.0;
+pub(crate) const TRACE_ZIPF_S: f64 = 1.0;
+pub(crate) const TRACE_SEED: u64 = 0x5a3e_9a9e_2026_0001;
 
 /// One scheduled request: when (seconds from the trace's start) and to which function.
 #[derive(Clone, Copy)]
-pub(super) struct Arrival {
-    pub(super) at: f64,
-    pub(super) function: usize,
+pub(crate) struct Arrival {
+    pub(crate) at: f64,
+    pub(crate) function: usize,
 }
 
 /// The trace, the same every run: Poisson arrivals at [`TRACE_RATE`], functions drawn by
 /// Zipf popularity.
-pub(super) fn schedule(requests: usize) -> Vec<Arrival> {
-    let mut rng = SplitMix64(TRACE_SEED);
-    let weights: Vec<f64> = (1..=TRACE_FUNCTIONS)
+pub(crate) fn schedule(requests: usize) -> Vec<Arrival> {
+    schedule_over(requests, TRACE_FUNCTIONS, TRACE_RATE, TRACE_SEED)
+}
+
+/// A trace of `requests` Poisson arrivals at `rate` a second over `functions` functions
+/// drawn by Zipf popularity (exponent [`TRACE_ZIPF_S`]), from `seed`.
+pub(crate) fn schedule_over(
+    requests: usize,
+    functions: usize,
+    rate: f64,
+    seed: u64,
+) -> Vec<Arrival> {
+    let mut rng = SplitMix64(seed);
+    let weights: Vec<f64> = (1..=functions)
         .map(|rank| 1.0 / (rank as f64).powf(TRACE_ZIPF_S))
         .collect();
     let total: f64 = weights.iter().sum();
@@ -33,12 +44,9 @@ pub(super) fn schedule(requests: usize) -> Vec<Arrival> {
     let mut at = 0.0;
     (0..requests)
         .map(|_| {
-            at += -(1.0 - rng.unit()).ln() / TRACE_RATE;
+            at += -(1.0 - rng.unit()).ln() / rate;
             let u = rng.unit();
-            let function = cdf
-                .iter()
-                .position(|&c| u < c)
-                .unwrap_or(TRACE_FUNCTIONS - 1);
+            let function = cdf.iter().position(|&c| u < c).unwrap_or(functions - 1);
             Arrival { at, function }
         })
         .collect()

@@ -8,14 +8,14 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 
 /// A response: its status and its body.
-pub(super) struct Response {
-    pub(super) status: u16,
-    pub(super) body: Vec<u8>,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
 }
 
 /// An HTTP/1.1 GET on a connection of its own: the status and the body (by its length,
 /// chunked, or to the end of the connection).
-pub(super) fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response> {
+pub(crate) fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

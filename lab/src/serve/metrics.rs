@@ -9,7 +9,7 @@ use super::REQUEST_TIMEOUT;
 use super::http::get;
 
 /// Samples of an OpenMetrics exposition: (name, labels, value).
-pub(super) struct Metrics(Vec<(String, String, f64)>);
+pub(crate) struct Metrics(Vec<(String, String, f64)>);
 
 impl Metrics {
     fn parse(text: &str) -> Self {
@@ -34,7 +34,7 @@ impl Metrics {
     }
 
     /// The sum of every sample named `name` (0 when none is).
-    pub(super) fn sum(&self, name: &str) -> f64 {
+    pub(crate) fn sum(&self, name: &str) -> f64 {
         self.0
             .iter()
             .filter(|(n, _, _)| n == name)
@@ -44,7 +44,7 @@ impl Metrics {
 }
 
 /// `GET /metrics` on the admin address.
-pub(super) fn scrape(admin: SocketAddr) -> Result<Metrics> {
+pub(crate) fn scrape(admin: SocketAddr) -> Result<Metrics> {
     let response = get(admin, "/metrics", REQUEST_TIMEOUT)?;
     if response.status != 200 {
         bail!("GET /metrics answered {}", response.status);

@@ -20,14 +20,14 @@
 //! the trace's arrivals (`arrivals.rs`), the admin endpoint's metrics (`metrics.rs`), the
 //! HTTP client (`http.rs`) and the `oha` driver (`oha.rs`).
 
-mod arrivals;
+pub(crate) mod arrivals;
 mod density;
-mod http;
+pub(crate) mod http;
 mod interference;
-mod metrics;
+pub(crate) mod metrics;
 mod oha;
-mod server;
-mod trace;
+pub(crate) mod server;
+pub(crate) mod trace;
 mod versus;
 
 use std::fmt::Write as _;
@@ -47,7 +47,7 @@ const CONNECTIONS: u32 = 16;
 const JS_PATH: &str = "target/http-components/js-app.wasm";
 
 /// Longest any one request may take, the trace's and oha's.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The durations and sizes of the parts. Setting `SAMEPAGE_SERVE_BENCH_QUICK` shortens them,
 /// for a smoke test; the report says so. `SAMEPAGE_SERVE_BENCH_ONLY=python` (or `js`) runs one
@@ -273,7 +273,7 @@ fn install_tools() -> Result<Tools> {
 }
 
 /// The CPython component, built by `scripts/build-http-components` if it is missing.
-fn python_component() -> Result<PathBuf> {
+pub(crate) fn python_component() -> Result<PathBuf> {
     let component = repo_path("target/http-components/python-app.wasm");
     if !component.exists() {
         let script = repo_path("scripts/build-http-components");

@@ -18,15 +18,15 @@ use super::metrics::{Metrics, scrape};
 /// Longest a server may take from its start to serving (compiling, pre-warming).
 const START_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// How often the server's PSS is sampled during a load.
-pub(super) const PSS_EVERY: Duration = Duration::from_millis(200);
+pub(crate) const PSS_EVERY: Duration = Duration::from_millis(200);
 
 /// A server in a child process, serving.
-pub(super) struct Host {
+pub(crate) struct Host {
     child: Child,
-    pub(super) addr: SocketAddr,
-    pub(super) admin: Option<SocketAddr>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) admin: Option<SocketAddr>,
     /// From its start to its saying that it serves.
-    pub(super) ready: Duration,
+    pub(crate) ready: Duration,
     /// Everything it printed on stderr so far.
     log: Arc<Mutex<Vec<String>>>,
     name: String,
@@ -34,17 +34,17 @@ pub(super) struct Host {
 
 impl Host {
     /// `samepage serve` with `args`, on ports of loopback the kernel picks.
-    pub(super) fn samepage(args: &[&str]) -> Result<Self> {
+    pub(crate) fn samepage(args: &[&str]) -> Result<Self> {
+        Self::samepage_on("127.0.0.1:0", "127.0.0.1:0", args)
+    }
+
+    /// `samepage serve` with `args`, serving on `addr` and its admin address on `admin`
+    /// (port 0: one the kernel picks).
+    pub(crate) fn samepage_on(addr: &str, admin: &str, args: &[&str]) -> Result<Self> {
         let exe = std::env::current_exe().context("locating the samepage binary")?;
         let mut command = Command::new(exe);
         command
-            .args([
-                "serve",
-                "--addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["serve", "--addr", addr, "--admin-addr", admin])
             .args(args);
         Self::start("samepage serve", command, |line, host| {
             if let Some(addr) = line.strip_prefix("samepage: admin http://") {
@@ -58,7 +58,7 @@ impl Host {
 
     /// `wasmtime serve` with every WASI interface (componentize-py components import
     /// wasi:cli), on a free port of loopback.
-    pub(super) fn wasmtime(wasmtime: &Path, component: &Path) -> Result<Self> {
+    pub(crate) fn wasmtime(wasmtime: &Path, component: &Path) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -138,11 +138,11 @@ impl Host {
         }
     }
 
-    pub(super) fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub(super) fn log_lines(&self) -> Vec<String> {
+    pub(crate) fn log_lines(&self) -> Vec<String> {
         self.log.lock().expect("log lock").clone()
     }
 
@@ -152,12 +152,12 @@ impl Host {
         log[log.len().saturating_sub(20)..].join("\n")
     }
 
-    pub(super) fn metrics(&self) -> Result<Metrics> {
+    pub(crate) fn metrics(&self) -> Result<Metrics> {
         scrape(self.admin.context("the host has no admin address")?)
     }
 
     /// SIGTERM, then waits for it to drain and exit (a minute at most, then SIGKILL).
-    pub(super) fn stop(&mut self) -> Result<ExitStatus> {
+    pub(crate) fn stop(&mut self) -> Result<ExitStatus> {
         let pid = rustix::process::Pid::from_child(&self.child);
         rustix::process::kill_process(pid, rustix::process::Signal::TERM)
             .with_context(|| format!("stopping {}", self.name))?;
@@ -188,16 +188,16 @@ impl Drop for Host {
 /// One reading of a process's PSS, in bytes: all of it, and its anonymous, file-backed and
 /// shared-memory (memfd, tmpfs) parts, as `smaps_rollup` splits it.
 #[derive(Clone, Copy, Default)]
-pub(super) struct Pss {
-    pub(super) total: f64,
-    pub(super) anon: f64,
-    pub(super) file: f64,
-    pub(super) shmem: f64,
+pub(crate) struct Pss {
+    pub(crate) total: f64,
+    pub(crate) anon: f64,
+    pub(crate) file: f64,
+    pub(crate) shmem: f64,
 }
 
 impl Pss {
     /// The largest of `samples` by total (zero for none).
-    pub(super) fn peak(samples: &[Self]) -> Self {
+    pub(crate) fn peak(samples: &[Self]) -> Self {
         samples
             .iter()
             .copied()
@@ -206,7 +206,7 @@ impl Pss {
     }
 
     /// "anon / file / shmem" in MiB.
-    pub(super) fn parts(&self) -> String {
+    pub(crate) fn parts(&self) -> String {
         format!(
             "{:.1} / {:.1} / {:.1}",
             self.anon / 1048576.0,
@@ -217,13 +217,13 @@ impl Pss {
 }
 
 /// Samples a process's PSS on a thread until stopped.
-pub(super) struct PssSampler {
+pub(crate) struct PssSampler {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Vec<Pss>>,
 }
 
 impl PssSampler {
-    pub(super) fn start(pid: u32) -> Self {
+    pub(crate) fn start(pid: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -243,7 +243,7 @@ impl PssSampler {
     }
 
     /// Stops sampling (after one last sample) and returns the samples.
-    pub(super) fn stop(self) -> Vec<Pss> {
+    pub(crate) fn stop(self) -> Vec<Pss> {
         self.stop.store(true, Ordering::Release);
         self.thread.join().expect("the PSS sampler panicked")
     }
@@ -271,14 +271,14 @@ fn pss_of(pid: u32) -> Option<Pss> {
 /// A process's CPU time so far, in seconds: all of it, and its merge scanner's thread's
 /// (`samepage-scan`; zero for a process without one).
 #[derive(Clone, Copy, Default)]
-pub(super) struct Cpu {
-    pub(super) total: f64,
-    pub(super) scanner: f64,
+pub(crate) struct Cpu {
+    pub(crate) total: f64,
+    pub(crate) scanner: f64,
 }
 
 impl Cpu {
     /// Now, of `pid` (zero where `/proc` cannot say).
-    pub(super) fn of(pid: u32) -> Self {
+    pub(crate) fn of(pid: u32) -> Self {
         let Ok(process) = procfs::process::Process::new(pid as i32) else {
             return Self::default();
         };
@@ -299,7 +299,7 @@ impl Cpu {
     }
 
     /// What was spent from `earlier` to this.
-    pub(super) fn since(self, earlier: Self) -> Self {
+    pub(crate) fn since(self, earlier: Self) -> Self {
         Self {
             total: self.total - earlier.total,
             scanner: self.scanner - earlier.scanner,

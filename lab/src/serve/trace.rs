@@ -327,7 +327,7 @@ fn run_trace(host: &Host, plan: &[Arrival]) -> Result<(Vec<Outcome>, Vec<Sample>
 }
 
 /// The `q` quantile (0 to 1) of `values`, nearest rank; NaN for none.
-fn percentile(values: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(values: &[f64], q: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     if sorted.is_empty() {
