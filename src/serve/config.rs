@@ -383,7 +383,7 @@ impl Locator<'_> {
             Size::Text(text) => MemoryBudget::parse(text).map_err(|error| {
                 self.error(
                     size.span(),
-                    format!("{text:?} is not a memory budget: {error}"),
+                    format!("{text:?} is not a size or a share of the memory limit: {error}"),
                 )
             }),
         }
