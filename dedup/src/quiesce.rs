@@ -49,7 +49,9 @@
 //! reaches the stable page or any other sharer.
 //!
 //! Every system call that changes a region's mapping lives in the engine's `remap` module
-//! and takes a `Quiescent` token, which only this module can produce from a held gate.
+//! and takes a `Quiescent` token, which only this module produces: from a held gate, or, for
+//! a running owner, for the pages of a window that `crate::protect` has write-protected
+//! (`Quiescent::window_of`, called by `Window::quiescent` alone).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
