@@ -390,6 +390,12 @@ impl Engine {
         self.shared.state.lock().wait_figures()
     }
 
+    /// The pages saved ([`Stats::pages_sharing`]), read in constant time: for sampling it
+    /// often while instances run, where [`Engine::stats`] would walk every page record.
+    pub fn pages_sharing(&self) -> u64 {
+        self.shared.state.lock().pages_sharing()
+    }
+
     pub fn stats(&self) -> Stats {
         let mut stats = self.shared.state.lock().stats();
         stats.scanner_cpu_ns = self.shared.scanner_cpu_ns.load(Ordering::Relaxed);

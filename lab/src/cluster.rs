@@ -24,7 +24,7 @@ use crate::serve::arrivals::{Arrival, schedule_over};
 use crate::serve::http::get;
 use crate::serve::metrics::{Metrics, scrape};
 use crate::serve::server::Host;
-use crate::serve::trace::percentile;
+use crate::serve::trace::{functions_config, percentile};
 use crate::{mib, table};
 
 /// Nodes behind NGINX.
@@ -371,20 +371,8 @@ fn report(runs: &[Vec<Run>; 2], restart: &Run, budget_mib: u64, alone: f64, roun
 /// A node's configuration: the trace's functions, components and tenants in turn, within
 /// `budget_mib`.
 fn node_config(components: &[PathBuf], budget_mib: Option<u64>) -> String {
-    let mut config = match budget_mib {
-        Some(budget) => format!("[server]\nmemory_budget = \"{budget}MiB\"\n\n"),
-        None => String::new(),
-    };
-    for k in 0..FUNCTIONS {
-        let _ = write!(
-            config,
-            "[[function]]\nname = \"f{k}\"\nroute = \"/f{k}\"\ncomponent = {:?}\n\
-             tenant = \"t{}\"\nmin_instances = 0\nmax_instances = {MAX_INSTANCES}\n\n",
-            components[k % components.len()].display().to_string(),
-            k % TENANTS
-        );
-    }
-    config
+    let components: Vec<&Path> = components.iter().map(PathBuf::as_path).collect();
+    functions_config(&components, FUNCTIONS, TENANTS, MAX_INSTANCES, budget_mib)
 }
 
 fn path(path: &Path) -> Result<&str> {

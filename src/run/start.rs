@@ -398,7 +398,7 @@ pub fn start_instances(
         // rule 7), until the last one returns.
         if let Some(engine) = host.dedup() {
             while running.iter().any(|handle| !handle.is_finished()) {
-                let sharing = engine.stats().pages_sharing;
+                let sharing = engine.pages_sharing();
                 let at = all_started.elapsed().as_secs_f64();
                 started.sharing_while_running.push((at, sharing));
                 std::thread::sleep(SHARING_SAMPLE);

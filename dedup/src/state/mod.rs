@@ -151,6 +151,11 @@ impl MergeState {
         }
     }
 
+    /// `pages_sharing` alone, without the walk over every record that the other counters take.
+    pub(crate) fn pages_sharing(&self) -> u64 {
+        self.stable.pages_sharing()
+    }
+
     pub(crate) fn merges_running(&self) -> bool {
         self.running_merges().is_ok()
     }

@@ -33,17 +33,36 @@ const TRACE_SCRAPE_EVERY: Duration = Duration::from_millis(500);
 /// The trace's config: one function per route, the same component, tenants alternating,
 /// each function in `samepage serve`'s default reuse.
 fn trace_config(component: &Path, budget_mib: Option<u64>) -> String {
+    functions_config(
+        &[component],
+        TRACE_FUNCTIONS,
+        TRACE_TENANTS,
+        TRACE_MAX_INSTANCES,
+        budget_mib,
+    )
+}
+
+/// A config of `functions` functions f0, f1, … on routes /f0, /f1, …, each of
+/// `components` and of `tenants` tenants in turn, none made ahead of demand and at most
+/// `max_instances` of each, in `samepage serve`'s default reuse, within `budget_mib`.
+pub(crate) fn functions_config(
+    components: &[&Path],
+    functions: usize,
+    tenants: usize,
+    max_instances: u32,
+    budget_mib: Option<u64>,
+) -> String {
     let mut config = match budget_mib {
         Some(budget) => format!("[server]\nmemory_budget = \"{budget}MiB\"\n\n"),
         None => String::new(),
     };
-    for k in 0..TRACE_FUNCTIONS {
+    for k in 0..functions {
         let _ = write!(
             config,
             "[[function]]\nname = \"f{k}\"\nroute = \"/f{k}\"\ncomponent = {:?}\n\
-             tenant = \"t{}\"\nmin_instances = 0\nmax_instances = {TRACE_MAX_INSTANCES}\n\n",
-            component.display().to_string(),
-            k % TRACE_TENANTS
+             tenant = \"t{}\"\nmin_instances = 0\nmax_instances = {max_instances}\n\n",
+            components[k % components.len()].display().to_string(),
+            k % tenants
         );
     }
     config
